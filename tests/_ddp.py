@@ -1,0 +1,35 @@
+"""Run a script under Lightning's DDP strategy with 2 CPU processes (gloo) from a test.
+
+Inside pytest, ``strategy="ddp"`` would re-launch the whole pytest command as rank 1, so the
+tests run a standalone script in a subprocess instead. Convention: the script takes the output
+folder as its first argument and every rank writes ``rank{N}.json`` there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_ddp(script: Path, out_dir: Path, *args: str, timeout: float = 240) -> list[dict]:
+    """Run ``script out_dir *args`` and return the parsed ``rank0.json``, ``rank1.json``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    env.setdefault("TMPDIR", str(out_dir))
+    env["MASTER_PORT"] = str(29500 + (os.getpid() % 2000))
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"DDP script failed ({proc.returncode}).\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+            f"STDERR:\n{proc.stderr[-6000:]}"
+        )
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
