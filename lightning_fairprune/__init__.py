@@ -1,10 +1,32 @@
-"""lightning_fairprune: prune neural networks in PyTorch Lightning and see who lost accuracy."""
+"""lightning_fairprune: prune neural networks in PyTorch Lightning and see who lost accuracy.
+
+The callbacks (`IterativePruning`, `FairnessMonitor`, `GroupEqualizer`) and the loss module
+(`GroupEqualizedLoss`) are exported here. The plain-torch cores live in
+`lightning_fairprune.schedules`, `lightning_fairprune.pruning` and
+`lightning_fairprune.diagnostics`, usable without a Trainer.
+"""
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from lightning_fairprune.callbacks.equalizer import GroupEqualizer
+from lightning_fairprune.callbacks.monitor import FairnessMonitor
+from lightning_fairprune.callbacks.pruning import IterativePruning
+from lightning_fairprune.diagnostics import (
+    group_gradient_norms,
+    group_hessian_trace,
+    intensification_alpha,
+    measure_groups,
+    predicted_excess_loss,
+)
+from lightning_fairprune.logging import log_config, log_round, log_scalars, log_summary
+from lightning_fairprune.losses import GroupEqualizedLoss
 from lightning_fairprune.pruning.events import PruningEvent, PruningListener
+from lightning_fairprune.pruning.masks import load_masks, save_masks, sparsity_report
+from lightning_fairprune.pruning.selection import select_parameters
+from lightning_fairprune.report import write_report
+from lightning_fairprune.schedules import SCHEDULES, schedule_values
 
 try:
     __version__ = version("lightning_fairprune")
@@ -12,7 +34,27 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "SCHEDULES",
+    "FairnessMonitor",
+    "GroupEqualizedLoss",
+    "GroupEqualizer",
+    "IterativePruning",
     "PruningEvent",
     "PruningListener",
     "__version__",
+    "group_gradient_norms",
+    "group_hessian_trace",
+    "intensification_alpha",
+    "load_masks",
+    "log_config",
+    "log_round",
+    "log_scalars",
+    "log_summary",
+    "measure_groups",
+    "predicted_excess_loss",
+    "save_masks",
+    "schedule_values",
+    "select_parameters",
+    "sparsity_report",
+    "write_report",
 ]

@@ -32,7 +32,7 @@ def digits_tensors(
         keep = torch.ones(len(y), dtype=torch.bool)
         for cls, frac in minority.items():
             idx = (y == cls).nonzero().flatten()
-            drop = idx[int(round(frac * len(idx))) :]
+            drop = idx[round(frac * len(idx)) :]
             keep[drop] = False
         x, y = x[keep], y[keep]
     if n is not None:

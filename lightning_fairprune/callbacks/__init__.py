@@ -2,4 +2,8 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from lightning_fairprune.callbacks.equalizer import GroupEqualizer
+from lightning_fairprune.callbacks.monitor import FairnessMonitor
+from lightning_fairprune.callbacks.pruning import IterativePruning
+
+__all__ = ["FairnessMonitor", "GroupEqualizer", "IterativePruning"]
