@@ -154,36 +154,6 @@ def _quiet_logging(pl_module: nn.Module) -> Iterator[None]:
             pl_module.__dict__.pop(name, None)
 
 
-class _ByteMaskEnforcer(MaskEnforcer):
-    """`MaskEnforcer` multiplying by a ``uint8`` view of the bool masks.
-
-    ``param.mul_(bool_mask)`` takes PyTorch's slow type-promotion path on CPU; the same bytes
-    viewed as ``uint8`` (no copy, shared storage) multiply about 2-3x faster, which is most
-    of the per-step cost of pruning.
-    """
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        params: Mapping[str, Tensor],
-        masks: Mapping[str, Tensor],
-    ) -> None:
-        self._byte_params = dict(params)
-        self._byte_pairs: list[tuple[Tensor, Tensor]] = []
-        super().__init__(optimizer, params, masks)
-
-    def update(self, masks: Mapping[str, Tensor]) -> None:
-        super().update(masks)
-        self._byte_pairs = [
-            (p, masks[n].to(p.device).view(torch.uint8)) for n, p in self._byte_params.items()
-        ]
-
-    @torch.no_grad()
-    def enforce(self) -> None:
-        for param, mask in self._byte_pairs:
-            param.mul_(mask)
-
-
 class IterativePruning(Callback):
     """Prune a LightningModule on a schedule, by epoch or by optimizer step.
 
@@ -482,7 +452,7 @@ class IterativePruning(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._pending_masks: dict[str, Tensor] | None = None
 
-        self._enforcers: list[tuple[_ByteMaskEnforcer, list[str]]] = []
+        self._enforcers: list[tuple[MaskEnforcer, list[str]]] = []
         self._enforced_optimizers: list[int] = []
         self._warned_decay = False
 
@@ -1126,7 +1096,7 @@ class IterativePruning(Callback):
             mine = {k: p for k, p in params.items() if id(p) in held}
             if mine:
                 masks = {k: self._masks[k] for k in mine}
-                self._enforcers.append((_ByteMaskEnforcer(optimizer, mine, masks), list(mine)))
+                self._enforcers.append((MaskEnforcer(optimizer, mine, masks), list(mine)))
         self._enforced_optimizers = ids
 
     def _remove_enforcers(self) -> None:
