@@ -25,6 +25,7 @@ Differences from Lightning's ``ModelPruning``:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -832,17 +833,7 @@ class IterativePruning(Callback):
                 "sparsity": realized,
             }
         )
-        done = PruningEvent(
-            round_index=round_index,
-            num_rounds=self.num_rounds,
-            target_sparsity=float(target),
-            previous_sparsity=float(previous),
-            epoch=epoch,
-            global_step=step,
-            criterion=self._criterion_name,
-            realized_sparsity=realized,
-            layer_sparsity=layer,
-        )
+        done = dataclasses.replace(event, realized_sparsity=realized, layer_sparsity=layer)
         if trainer is not None:
             metrics: dict[str, float] = {
                 "fairprune/sparsity": realized,

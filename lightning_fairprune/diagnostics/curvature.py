@@ -496,6 +496,32 @@ def _run_pass(
     return sums, num_classes
 
 
+def _check_pass_args(num_groups: int, chunk_size: int | None, batches: Any) -> None:
+    """Validate the arguments every pass-based function shares."""
+    _check_positive_int("num_groups", num_groups)
+    if chunk_size is not None:
+        _check_positive_int("chunk_size", chunk_size)
+    _check_iterable(batches, 1)
+
+
+def _single_pass(
+    name: str,
+    model: nn.Module,
+    batches: Any,
+    num_groups: int,
+    named: Any,
+    reduce_fn: Any,
+    **pass_kwargs: Any,
+) -> tuple[Any, Tensor]:
+    """One measured pass, reduced across processes; warns about groups with no samples."""
+    with _measurement_mode(model, [p for _, p in named]):
+        sums, _ = _run_pass(model, batches, num_groups, named, **pass_kwargs)
+    sums = _reduce_sums(sums, reduce_fn)
+    counts = sums.counts.cpu()
+    _warn_missing(name, counts)
+    return sums, counts
+
+
 def _reduce_sums(sums: _Sums, reduce_fn: ReduceFn | None) -> _Sums:
     """Sum every accumulator across processes (one call for all float64 scalars)."""
     if reduce_fn is None:
@@ -637,25 +663,20 @@ def group_gradient_norms(
         >>> res.norms.shape, res.counts.tolist()
         (torch.Size([2]), [4.0, 4.0])
     """
-    _check_positive_int("num_groups", num_groups)
-    if chunk_size is not None:
-        _check_positive_int("chunk_size", chunk_size)
-    _check_iterable(batches, 1)
+    _check_pass_args(num_groups, chunk_size, batches)
     named = _resolve_params(model, params)
-    with _measurement_mode(model, [p for _, p in named]):
-        sums, _ = _run_pass(
-            model,
-            batches,
-            num_groups,
-            named,
-            loss_fn=loss_fn,
-            forward_fn=forward_fn,
-            chunk_size=chunk_size,
-            grad_sums=True,
-        )
-    sums = _reduce_sums(sums, reduce_fn)
-    counts = sums.counts.cpu()
-    _warn_missing("group_gradient_norms", counts)
+    sums, counts = _single_pass(
+        "group_gradient_norms",
+        model,
+        batches,
+        num_groups,
+        named,
+        reduce_fn,
+        loss_fn=loss_fn,
+        forward_fn=forward_fn,
+        chunk_size=chunk_size,
+        grad_sums=True,
+    )
     norms = _safe_div(
         torch.linalg.vector_norm(sums.grad_sums.to(torch.float64), dim=1).cpu(), counts
     )
@@ -854,28 +875,22 @@ def predicted_excess_loss(
         >>> predicted_excess_loss(model, [(x, y, y)], delta, num_groups=2).shape
         torch.Size([2])
     """
-    _check_positive_int("num_groups", num_groups)
-    if chunk_size is not None:
-        _check_positive_int("chunk_size", chunk_size)
-    _check_iterable(batches, 1)
+    _check_pass_args(num_groups, chunk_size, batches)
     if params is None and isinstance(delta, Mapping):
         params = list(delta.keys())
     named = _resolve_params(model, params)
-    flat_delta = _flat_delta(delta, named)
-    with _measurement_mode(model, [p for _, p in named]):
-        sums, _ = _run_pass(
-            model,
-            batches,
-            num_groups,
-            named,
-            loss_fn=loss_fn,
-            forward_fn=forward_fn,
-            chunk_size=chunk_size,
-            delta=flat_delta,
-        )
-    sums = _reduce_sums(sums, reduce_fn)
-    counts = sums.counts.cpu()
-    _warn_missing("predicted_excess_loss", counts)
+    sums, counts = _single_pass(
+        "predicted_excess_loss",
+        model,
+        batches,
+        num_groups,
+        named,
+        reduce_fn,
+        loss_fn=loss_fn,
+        forward_fn=forward_fn,
+        chunk_size=chunk_size,
+        delta=_flat_delta(delta, named),
+    )
     return _safe_div((sums.delta_lin + 0.5 * sums.delta_quad).cpu(), counts)
 
 
