@@ -585,3 +585,35 @@ def test_no_fairness_dataloader_in_fit(tmp_path):
     x, y = digits_tensors(n=32)
     with pytest.raises(ValueError, match="fairness dataloader"):
         trainer.fit(SmallCNN(), train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=16))
+
+
+class _StubTrainer:
+    def __init__(self, tmp_path, rank_zero=True):
+        self.is_global_zero = rank_zero
+        self.log_dir = str(tmp_path)
+        self.default_root_dir = str(tmp_path)
+        self.loggers = []
+        self.callbacks = []
+
+
+@pytest.mark.parametrize(("log", "rank_zero", "expected"), [
+    (True, True, 1), (False, True, 0), (True, False, 0),
+])  # fmt: skip
+def test_config_and_summary_logged_once_on_rank_zero_only(
+    tmp_path, monkeypatch, log, rank_zero, expected
+):
+    from lightning_fairprune import logging as fp_logging
+
+    calls = []
+    monkeypatch.setattr(fp_logging, "log_config", lambda *a: calls.append(("config", a)))
+    monkeypatch.setattr(fp_logging, "log_summary", lambda *a: calls.append(("summary", a)))
+    monitor = FairnessMonitor(num_probes=3, measure_end=False, log=log)
+    trainer = _StubTrainer(tmp_path, rank_zero=rank_zero)
+    monitor.setup(trainer, nn.Linear(2, 2), "fit")
+    monitor.history.append({"moment": "end", "sparsity": 0.5, "accuracy": 0.75})
+    monitor.on_train_end(trainer, nn.Linear(2, 2))
+    assert [kind for kind, _ in calls] == ["config", "summary"] * expected
+    if expected:
+        assert calls[0][1] == (trainer, "monitor", monitor.settings())
+        assert calls[0][1][2]["num_probes"] == 3
+        assert calls[1][1] == (trainer, monitor.history)

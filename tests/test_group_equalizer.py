@@ -128,6 +128,18 @@ def test_dual_steps_follow_optimizer_steps_under_gradient_accumulation(tmp_path)
             assert 8 not in logger.series(key)  # absent group: nothing logged
 
 
+def test_log_false_sends_nothing_but_still_updates(tmp_path):
+    # Lightning overwrites every callback's `.log` attribute during fit; the flag must survive.
+    dm = DigitsDataModule(batch_size=64, shuffle=False)
+    model = EqualizedCNN(lr=0.05)
+    logger = CaptureLogger()
+    eq = GroupEqualizer(dual_lr=0.1, every_n_steps=1, log=False)
+    _trainer(tmp_path, [eq], max_epochs=1, logger=logger).fit(model, dm)
+    assert eq.num_dual_steps > 0
+    assert (model.criterion.multipliers > 0).any()
+    assert logger.series("fairprune/lambda/g3") == {}
+
+
 def test_warmup_keeps_the_plain_loss_then_activates(tmp_path):
     dm = DigitsDataModule(batch_size=64, shuffle=False)
     model = EqualizedCNN(lr=0.05)

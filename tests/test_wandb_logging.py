@@ -383,3 +383,83 @@ def test_real_wandb_logger_whose_init_fails(tmp_path, wandb_env, monkeypatch):
     assert "api_key not configured" in messages[0]
     assert "could not be started" in messages[1]
     assert [metrics for _, metrics in recorder.rows] == [record_scalars(r) for r in history]
+
+
+def test_monitor_logs_its_own_config_and_final_summary(tmp_path, wandb_env):
+    from lightning_fairprune.callbacks.monitor import FairnessMonitor
+    from lightning_fairprune.callbacks.pruning import IterativePruning
+
+    pruning = IterativePruning(0.5, num_rounds=1, start=1)
+    monitor = FairnessMonitor(num_probes=1, max_batches=1, seed=3)
+    wandb_logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="fairprune-test")
+    kwargs = quiet_trainer_kwargs(tmp_path)
+    kwargs.update(logger=wandb_logger, max_epochs=2, limit_val_batches=1)
+    trainer = pl.Trainer(callbacks=[pruning, monitor], **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        trainer.fit(SmallCNN(), datamodule=DigitsDataModule(n=128, batch_size=64))
+    wandb_logger.experiment.finish()  # no log_summary/log_config here: the monitor does it
+
+    history = monitor.history
+    assert [r["moment"] for r in history] == ["dense", "after_round", "end"]
+    last = history[-1]
+    run = read_wandb_run(tmp_path / "wandb")
+    assert run.summary["fairprune/final/sparsity"] == pytest.approx(last["sparsity"])
+    assert last["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert run.summary["fairprune/final/accuracy"] == pytest.approx(last["accuracy"])
+    worst = min(r for r in last["recall"] if r is not None)
+    assert run.summary["fairprune/final/worst_group_recall"] == pytest.approx(worst)
+    assert run.summary["fairprune/final/moment_code"] == 4  # measured before the summary
+    assert run.summary["fairprune/num_records"] == len(history)
+    assert {k: run.summary[k] for k in summary_values(history)} == pytest.approx(
+        summary_values(history)
+    )
+
+    config = run.config["fairprune/monitor"]
+    assert config["num_probes"] == 1
+    assert config["max_batches"] == 1
+    assert config["seed"] == 3
+    assert config["log"] is True
+    assert config["loss_fn"] is None
+    assert config["params"] is None
+    assert config["dataloader"] is None
+
+
+def test_monitor_settings_are_plain_and_callables_named():
+    import json
+
+    from lightning_fairprune.callbacks.monitor import FairnessMonitor
+
+    settings = FairnessMonitor(
+        num_probes=2, params=("fc.*",), loss_fn=math.sqrt, history_path="h.jsonl"
+    ).settings()
+    assert json.loads(json.dumps(settings)) == settings
+    assert settings["loss_fn"] == "math.sqrt"
+    assert settings["params"] == ["fc.*"]
+    assert settings["history_path"] == "h.jsonl"
+    assert settings["num_probes"] == 2
+
+
+def test_monitor_with_log_false_sends_nothing_to_wandb(tmp_path, wandb_env):
+    # Lightning overwrites `callback.log` with the module's `log` method at fit start:
+    # `log=False` must still hold during a real fit
+    from lightning_fairprune.callbacks.monitor import FairnessMonitor
+    from lightning_fairprune.callbacks.pruning import IterativePruning
+
+    pruning = IterativePruning(0.5, num_rounds=1, start=1)
+    monitor = FairnessMonitor(num_probes=0, max_batches=1, log=False)
+    wandb_logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="fairprune-test")
+    kwargs = quiet_trainer_kwargs(tmp_path)
+    kwargs.update(logger=wandb_logger, max_epochs=2, limit_val_batches=1)
+    trainer = pl.Trainer(callbacks=[pruning, monitor], **kwargs)
+    trainer.fit(SmallCNN(), datamodule=DigitsDataModule(n=128, batch_size=64))
+    wandb_logger.experiment.finish()
+
+    assert len(monitor.history) == 3
+    run = read_wandb_run(tmp_path / "wandb")
+    assert run.rows_with("fairprune/moment_code") == []
+    # the pruner's own scalars (fairprune/sparsity, ...) are there; nothing of the monitor
+    monitor_keys = ("fairprune/final/", "fairprune/dense/", "fairprune/num_records")
+    assert not any(k.startswith(monitor_keys) for k in run.summary)
+    assert "fairprune/accuracy" not in run.summary
+    assert "fairprune/monitor" not in run.config

@@ -104,7 +104,7 @@ class GroupEqualizer(Callback):
         self.every_n_steps = every_n_steps
         self.warmup_steps = warmup_steps
         self.start_after_pruning = bool(start_after_pruning)
-        self.log = bool(log)
+        self._log_enabled = bool(log)  # not `self.log`: Lightning overwrites it
         self.loss_attr = loss_attr
         self._given_loss = loss
         self.loss: GroupEqualizedLoss | None = loss
@@ -269,7 +269,7 @@ class GroupEqualizer(Callback):
         viol = [None if math.isnan(v) else v for v in violations.cpu().tolist()]
         self.last_violations = viol
         self.last_multipliers = lam
-        if self.log:
+        if self._log_enabled:
             metrics: dict[str, float | None] = {}
             for a, value in enumerate(lam):
                 metrics[f"fairprune/lambda/g{a}"] = value

@@ -100,6 +100,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _qualified_name(value: Any) -> str | None:
+    """``module.qualname`` of a callable (its type's for other objects); ``None`` stays."""
+    if value is None:
+        return None
+    target = value if callable(value) and hasattr(value, "__qualname__") else type(value)
+    module = getattr(target, "__module__", None)
+    name = getattr(target, "__qualname__", None) or type(target).__qualname__
+    return f"{module}.{name}" if module else str(name)
+
+
 def _f64(values: Sequence[float | None]) -> Tensor:
     """A float64 tensor of plain values (None -> NaN)."""
     return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
@@ -269,7 +279,9 @@ class FairnessMonitor(Callback):
             ``<trainer.log_dir>/fairprune_history.jsonl``. Written by global rank 0 only.
         loss_fn: per-sample loss ``fn(logits, targets) -> Tensor[N]``; default cross-entropy.
         forward_fn: ``fn(model, inputs) -> logits``; default ``model(inputs)``.
-        log: send the scalars of each record to the trainer's loggers.
+        log: send the scalars of each record to the trainer's loggers; also, on global rank
+            0, put `settings` into the W&B run config (``fairprune/monitor``) in ``setup`` and
+            the final numbers of `history` into the W&B run summary at the end of training.
         name: distinguishes several monitors in one trainer (checkpoint state key).
 
     Example:
@@ -366,7 +378,10 @@ class FairnessMonitor(Callback):
         self.history_path = None if history_path is None else Path(history_path)
         self.loss_fn = loss_fn
         self.forward_fn = forward_fn
+        # Lightning replaces `callback.log` with the module's `log` method at fit start
+        # (`_attach_model_logging_functions`): the flag lives in `_log_enabled`
         self.log = log
+        self._log_enabled = log
         self.name = name
 
         self.history: list[dict[str, Any]] = []
@@ -435,6 +450,38 @@ class FairnessMonitor(Callback):
             self._resolved_path = Path(log_dir) / HISTORY_FILENAME
         self._file_synced = False
         self._loader = None
+        if self._log_enabled and bool(getattr(trainer, "is_global_zero", True)):
+            fp_logging.log_config(trainer, "monitor", self.settings())
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor settings as plain JSON values (callables by qualified name).
+
+        Example:
+            >>> s = FairnessMonitor(num_probes=2, params=["fc.*"]).settings()
+            >>> s["num_probes"], s["params"], s["dataloader"], s["loss_fn"]
+            (2, ['fc.*'], None, None)
+        """
+        return {
+            "dataloader": _qualified_name(self.dataloader),
+            "num_groups": self.num_groups,
+            "max_batches": self.max_batches,
+            "group_fn": _qualified_name(self.group_fn),
+            "input_key": self.input_key,
+            "target_key": self.target_key,
+            "group_key": self.group_key,
+            "params": _plain(self.params),
+            "num_probes": self.num_probes,
+            "gradient_norms": self.gradient_norms,
+            "predict_excess_loss": self.predict_excess_loss,
+            "seed": self.seed,
+            "every_n_epochs": self.every_n_epochs,
+            "measure_end": self.measure_end,
+            "history_path": None if self.history_path is None else str(self.history_path),
+            "loss_fn": _qualified_name(self.loss_fn),
+            "forward_fn": _qualified_name(self.forward_fn),
+            "log": self._log_enabled,
+            "name": self.name,
+        }
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -483,6 +530,8 @@ class FairnessMonitor(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.measure_end:
             self.measure(trainer, pl_module, "end")
+        if self._log_enabled and bool(getattr(trainer, "is_global_zero", True)):
+            fp_logging.log_summary(trainer, self.history)
 
     # ---------------------------------------------------------------- measurement
     def measure(
@@ -532,7 +581,7 @@ class FairnessMonitor(Callback):
             # the dense record is its own reference
             self._fill_relative(record)
         self._write(trainer)
-        if self.log:
+        if self._log_enabled:
             self._log(trainer, record)
         return record
 
