@@ -220,7 +220,7 @@ def run(kind: str, seed: int, epochs: int, rewind: bool, data) -> dict:
     loader = DataLoader(
         train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed)
     )
-    enforcer_cls = fairprune_pruning._ByteMaskEnforcer
+    enforcer_cls = fairprune_pruning.MaskEnforcer
     original_enforce = enforcer_cls.enforce
     enforce_cpu: list[float] = []
 
