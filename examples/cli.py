@@ -35,7 +35,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning_fairprune.callbacks.equalizer import GroupEqualizer
 from lightning_fairprune.callbacks.monitor import FairnessMonitor
 from lightning_fairprune.callbacks.pruning import IterativePruning
-from lightning_fairprune.logging import log_config, log_summary
+from lightning_fairprune.logging import log_config
 
 #: CLI section -> name used in the W&B run config.
 SECTIONS = {
@@ -76,11 +76,6 @@ class FairPruneCLI(LightningCLI):
     def before_fit(self) -> None:
         for name, settings in self._settings().items():
             log_config(self.trainer, name, settings)
-
-    def after_fit(self) -> None:
-        for callback in self.trainer.callbacks:
-            if isinstance(callback, FairnessMonitor):
-                log_summary(self.trainer, callback.history)
 
 
 def main(args: Sequence[str] | None = None, run: bool = True) -> FairPruneCLI:
