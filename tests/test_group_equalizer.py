@@ -348,3 +348,30 @@ def test_missing_or_ambiguous_loss_module_is_a_clear_error(tmp_path):
 def test_bad_callback_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         GroupEqualizer(**kwargs)
+
+
+def test_with_the_real_iterative_pruning(tmp_path):
+    # IterativePruning prunes at the start of epoch 1 (after 8 optimizer steps); the equalizer
+    # waits for that round, then the equalized loss trains the pruned model: masks stay enforced,
+    # the multipliers replay exactly from the recorded batches after the round.
+    from lightning_fairprune import IterativePruning
+
+    dm = DigitsDataModule(batch_size=64, shuffle=False)
+    model = EqualizedCNN(lr=0.05, weight_decay=0.0)
+    pruning = IterativePruning(final_sparsity=0.7, start=1, criterion="magnitude")
+    eq = GroupEqualizer(dual_lr=0.1, every_n_steps=1, start_after_pruning=True)
+    _trainer(tmp_path, [pruning, eq], max_epochs=3).fit(model, dm)
+    assert pruning.rounds_done == 1
+    assert eq.eligible_since == 8
+    active = [b["active"] for b in model.batches]
+    assert active == [False] * 8 + [True] * 16
+    replay = [(b["sums"], b["counts"]) for b in model.batches[8:]]
+    expected = _hand_dual(replay, 0.1, 10)
+    torch.testing.assert_close(model.criterion.multipliers.double(), expected, rtol=1e-5, atol=1e-7)
+    assert (expected > 0).any()
+    # the pruned weights are still exactly zero after 16 equalized steps, at the scheduled sparsity
+    report = pruning.sparsity_report()
+    assert report["sparsity"] == pytest.approx(0.7, abs=1e-3)
+    for name, mask in pruning.masks.items():
+        param = model.get_parameter(name)
+        assert torch.count_nonzero(param.detach()[~mask]) == 0

@@ -124,6 +124,8 @@ def test_epoch_rounds_linear_sgd_momentum_listener_and_logger(tmp_path):
         assert after.realized_sparsity == expected / n
         assert zeros_before == (_expected_zeros(targets[r - 1], n) if r else 0)
         assert set(after.layer_sparsity) == set(PRUNABLE)
+        assert not before.rewound
+        assert not after.rewound
     # every round ran at the start of its epoch, before any batch of it
     assert recorder.round_batches == [None, None, None]
     # after 2 more epochs of SGD with momentum and weight decay the pruned weights are still 0
@@ -314,6 +316,14 @@ def test_rewind_to_init_resets_survivors(tmp_path):
         for name, w in weights.items():
             mask = w != 0
             assert torch.equal(w, init[name] * mask)
+    # listeners learn that the survivors were rewound (and the before-events say not yet)
+    assert [(kind, ev.rewound) for kind, ev, *_ in recorder.calls] == [
+        ("before", False),
+        ("after", True),
+        ("before", False),
+        ("after", True),
+    ]
+    assert [h["rewound"] for h in pruning.history] == [True, True]
     # the second round pruned by magnitude of the trained weights, not of the rewound ones
     assert len(recorder.after_weights) == 2
     assert not torch.equal(
@@ -332,6 +342,7 @@ def test_rewind_to_epoch(tmp_path):
     snap, recorder = Snap(), Recorder()
     pruning = IterativePruning(0.4, start=2, rewind=1)
     _fit(tmp_path, model, [snap, pruning, recorder], max_epochs=3)
+    assert recorder.calls[-1][1].rewound
     for name, w in recorder.after_weights[0].items():
         assert torch.equal(w, snap.w[name] * (w != 0))
 

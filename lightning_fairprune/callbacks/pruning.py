@@ -802,7 +802,8 @@ class IterativePruning(Callback):
 
         masks = self.compute_masks(trainer, pl_module, params, target, round_index)
         self._set_masks(pl_module, masks, source="round")
-        if self._rewind_weights is not None:
+        rewound = self._rewind_weights is not None
+        if rewound:
             self._rewind(params)
         elif self.rewind is not None:
             warnings.warn(
@@ -831,9 +832,12 @@ class IterativePruning(Callback):
                 "global_step": step,
                 "target": float(target),
                 "sparsity": realized,
+                "rewound": rewound,
             }
         )
-        done = dataclasses.replace(event, realized_sparsity=realized, layer_sparsity=layer)
+        done = dataclasses.replace(
+            event, realized_sparsity=realized, layer_sparsity=layer, rewound=rewound
+        )
         if trainer is not None:
             metrics: dict[str, float] = {
                 "fairprune/sparsity": realized,

@@ -37,6 +37,9 @@ class PruningEvent:
             (``None`` in ``on_before_pruning_round``).
         layer_sparsity: per-parameter realized sparsity, keyed by fully-qualified name
             (empty in ``on_before_pruning_round``).
+        rewound: whether the surviving weights were rewound (lottery-ticket style) in this
+            round, so that the pruned model's weights are the rewind point's, not the trained
+            ones (always ``False`` in ``on_before_pruning_round``).
 
     Example:
         >>> event = PruningEvent(round_index=0, num_rounds=3, target_sparsity=0.5,
@@ -55,6 +58,7 @@ class PruningEvent:
     criterion: str
     realized_sparsity: float | None = None
     layer_sparsity: dict[str, float] = field(default_factory=dict)
+    rewound: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Return the event as a dict of plain Python values."""
