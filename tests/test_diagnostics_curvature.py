@@ -357,3 +357,20 @@ def test_regrouper_emits_every_sample_once_in_pure_group_chunks():
         torch.testing.assert_close(x["x"], y)
         assert bool((g[y] == a).all())
         assert 8 <= len(y) <= 24  # every group has >= 16 samples: no tiny remainder chunks
+
+
+def test_float32_row_norms_match_float64_reference_in_blocks_and_beyond_range():
+    from lightning_fairprune.diagnostics.curvature import _row_norms
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(7, 5000, generator=gen)
+    rows[1] *= 1e-20  # squares are float32 subnormals: recomputed in float64
+    rows[3] *= 1e-12  # small but normal squares
+    rows[2] *= 1e25  # squares overflow float32: recomputed in float64
+    rows[4] = 0.0
+    ref = torch.linalg.vector_norm(rows.double(), dim=1)
+    for block in (1 << 22, 5000, 1):  # all rows at once, one row per block, block < a row
+        out = _row_norms(rows, block_elems=block)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)
+    assert _row_norms(rows[1:2]).item() == pytest.approx(ref[1].item(), rel=1e-12)
