@@ -2,7 +2,9 @@
 
 ``python ddp_monitor_script.py OUT_DIR [DEVICES]`` fits SmallCNN with IterativePruning and a
 FairnessMonitor on ``DEVICES`` CPU processes (default 2, strategy ddp) and writes
-``rank{N}.json`` with the monitor's history into OUT_DIR.
+``rank{N}.json`` with the monitor's history into OUT_DIR. With a third argument
+``empty-on-rank-1`` the monitor's fairness loader is iterable-style (no ``len``) and empty on
+process 1: the fit must fail on both processes with a clear error instead of deadlocking.
 
 The learning rate is 0, so the weights are the seeded initialization (pruned by magnitude)
 whatever the number of processes: the measurements of 1 and 2 processes are comparable. The
@@ -45,12 +47,36 @@ class ShardedMonitor(FairnessMonitor):
         self.dataloader = fairness_loader(trainer.global_rank, trainer.world_size)
 
 
-def run(out_dir: str, devices: int) -> dict[str, Any]:
+class _RankStream(torch.utils.data.IterableDataset):
+    """Iterable-style (no ``len``) digits that only process 0 gets; process 1 gets none."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.x, self.y = digits_tensors(n=32, seed=3)
+
+    def __iter__(self):
+        if self.rank != 0:
+            return iter(())
+        return zip(self.x, self.y, strict=True)
+
+
+class EmptyOnRankOneMonitor(FairnessMonitor):
+    """A FairnessMonitor whose fairness loader is empty on process 1 and has no len()."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.dataloader = DataLoader(_RankStream(trainer.global_rank), batch_size=8)
+
+
+def run(out_dir: str, devices: int, mode: str = "") -> dict[str, Any]:
     """Fit and return this process's result (also written to ``rank{N}.json``)."""
     torch.set_num_threads(1)
     pl.seed_everything(0)
     model = SmallCNN(lr=0.0, weight_decay=0.0, momentum=0.0)
-    monitor = ShardedMonitor(num_groups=2, num_probes=3, seed=5)
+    if mode == "empty-on-rank-1":
+        monitor = EmptyOnRankOneMonitor(num_groups=10, num_probes=0, predict_excess_loss=False)
+    else:
+        monitor = ShardedMonitor(num_groups=2, num_probes=3, seed=5)
     # a second monitor on the default data: the datamodule's val_dataloader() (the trainer has
     # none set up, limit_val_batches=0), which the monitor shards by batch index across ranks
     default = FairnessMonitor(num_probes=0, predict_excess_loss=False, name="default")
@@ -84,4 +110,8 @@ def run(out_dir: str, devices: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2)
+    run(
+        sys.argv[1],
+        int(sys.argv[2]) if len(sys.argv) > 2 else 2,
+        sys.argv[3] if len(sys.argv) > 3 else "",
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from pathlib import Path
 
@@ -441,6 +442,27 @@ def test_resume_keeps_history_and_dense_reference(tmp_path):
     assert [json.loads(line) for line in lines] == second.history
 
 
+def test_ddp_iterable_loader_empty_on_one_process_is_a_clear_error_on_both(tmp_path):
+    import subprocess
+    import sys
+
+    import ddp_monitor_script
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    env["MASTER_PORT"] = str(29500 + ((os.getpid() + 7) % 2000))
+    proc = subprocess.run(
+        [sys.executable, ddp_monitor_script.__file__, str(tmp_path), "2", "empty-on-rank-1"],
+        capture_output=True,
+        text=True,
+        timeout=180,  # a deadlock in a collective would hit this instead of the error
+        env=env,
+    )
+    assert proc.returncode != 0
+    assert "no batches on 1 of 2 processes; pass a `dataloader`" in proc.stderr
+    assert not list(tmp_path.glob("rank*.json"))  # neither process got through the fit
+
+
 # --------------------------------------------------------------------------------------------
 # DDP: 2 processes on their shards == 1 process on the union
 # --------------------------------------------------------------------------------------------
@@ -535,6 +557,16 @@ def test_bad_argument_types():
         FairnessMonitor(params=[1, 2])
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    """An iterable-style dataset (no ``len``)."""
+
+    def __init__(self, x, y) -> None:
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return zip(self.x, self.y, strict=True)
+
+
 def _measure(tmp_path, loader, **kwargs):
     monitor = FairnessMonitor(loader, num_probes=0, **kwargs)
     return monitor.measure(pl.Trainer(**quiet_trainer_kwargs(tmp_path)), SmallCNN(), "dense")
@@ -548,6 +580,8 @@ def test_bad_data(tmp_path):
         _measure(tmp_path, empty)
     with pytest.raises(ValueError, match="at least one batch"):
         _measure(tmp_path, [])
+    with pytest.raises(ValueError, match="no batches; pass a `dataloader`"):
+        _measure(tmp_path, DataLoader(_Stream(x[:0], y[:0]), batch_size=4))  # no len()
     with pytest.raises(ValueError, match="of 4 items"):
         _measure(tmp_path, [(x, y, g, g)])
     with pytest.raises(ValueError, match="Expected a batch"):

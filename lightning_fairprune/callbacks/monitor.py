@@ -865,13 +865,23 @@ class FairnessMonitor(Callback):
         """Raise on every process when some process would measure no batch (no deadlock)."""
         try:
             total = len(loader)
-        except TypeError:  # an iterable without len: checked while iterating
+        except TypeError:  # an iterable without len (an IterableDataset): peek at it below
             total = None
         world = int(getattr(trainer, "world_size", 1))
-        local = total
-        if total is not None and self._stride:
-            rank = int(getattr(trainer, "global_rank", 0))
+        rank = int(getattr(trainer, "global_rank", 0))
+        if total is None:
+            # iterate only as far as this process's first batch (rank + 1 batches when the
+            # monitor shards by batch index), so that every process learns whether any is empty
+            first = rank if self._stride and world > 1 else 0
+            local = 0
+            for index, _ in enumerate(loader):
+                if index >= first:
+                    local = 1
+                    break
+        elif self._stride:
             local = len(range(rank, total, world))
+        else:
+            local = total
         empty = 1.0 if local == 0 else 0.0
         if world > 1:
             device = next(model.parameters()).device
@@ -881,7 +891,9 @@ class FairnessMonitor(Callback):
             where = "" if world == 1 else f" on {int(empty)} of {world} processes"
             raise ValueError(
                 "Expected the fairness dataloader to yield at least one batch on every "
-                f"process, but it has no batches{where} (len {total}); pass a `dataloader` "
+                f"process, but it has no batches{where}"
+                + (f" (len {total})" if total is not None else "")
+                + "; pass a `dataloader` "
                 "with data for every process"
             )
 
