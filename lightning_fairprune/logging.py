@@ -55,6 +55,7 @@ _PER_GROUP_KEYS: tuple[str, ...] = (
     "excess_loss",
     "grad_norm",
     "hessian_trace",
+    "hessian_lambda_max",
 )
 
 _warned: set[int] = set()
@@ -206,12 +207,12 @@ def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     Keys: ``fairprune/accuracy``, ``fairprune/alpha``, ``fairprune/sparsity``,
     ``fairprune/worst_group_recall`` (lowest recall over groups with samples),
     ``fairprune/moment_code`` (see `MOMENT_CODES`), ``fairprune/<field>/g<a>`` for
-    ``recall``, ``intensification``, ``excess_loss``, ``grad_norm`` and ``hessian_trace``,
-    and ``fairprune/disparity/<quantity>/gap`` and ``.../ratio``. Missing and non-finite
-    values are left out (the record keeps them).
+    ``recall``, ``intensification``, ``excess_loss``, ``grad_norm``, ``hessian_trace`` and
+    ``hessian_lambda_max``, and ``fairprune/disparity/<quantity>/gap`` and ``.../ratio``.
+    Missing and non-finite values are left out (the record keeps them).
 
     Args:
-        record: a `FairnessMonitor` history record (see the package's record schema).
+        record: a `FairnessMonitor` history record (fields listed in the README).
 
     Returns:
         Key -> finite float.
@@ -289,6 +290,7 @@ GROUP_TABLE_COLUMNS: list[str] = [
     "predicted_excess_loss",
     "grad_norm",
     "hessian_trace",
+    "hessian_lambda_max",
 ]
 
 
@@ -330,6 +332,7 @@ def group_table(
         "predicted_excess_loss": _group_list(record, "predicted_excess_loss"),
         "grad_norm": _group_list(record, "grad_norm"),
         "hessian_trace": _group_list(record, "hessian_trace"),
+        "hessian_lambda_max": _group_list(record, "hessian_lambda_max"),
     }
     num_groups = record.get("num_groups")
     if not isinstance(num_groups, int):

@@ -11,6 +11,7 @@ from torch.func import functional_call, hessian
 
 from lightning_fairprune.diagnostics.curvature import (
     group_gradient_norms,
+    group_hessian_lambda_max,
     group_hessian_trace,
     measure_groups,
     predicted_excess_loss,
@@ -374,3 +375,28 @@ def test_float32_row_norms_match_float64_reference_in_blocks_and_beyond_range():
         assert out.dtype == torch.float64
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)
     assert _row_norms(rows[1:2]).item() == pytest.approx(ref[1].item(), rel=1e-12)
+
+
+def test_group_hessian_lambda_max_matches_the_exact_top_eigenvalue():
+    model = _mlp()
+    x, y, g = _data("mlp", n=50, num_groups=2)
+    names = [n for n, _ in model.named_parameters()]
+    batches = _batches(x, y, g, 25)
+    lam = group_hessian_lambda_max(model, batches, 2, iterations=30, seed=4)
+    assert lam.dtype == torch.float64
+    for a, (_, hess) in _exact(model, names, x, y, g, 2).items():
+        eig = torch.linalg.eigvalsh(hess)
+        assert lam[a].item() == pytest.approx(eig[eig.abs().argmax()].item(), rel=1e-3)
+    # the same iteration as group_hessian_trace(power_iterations=...), bit for bit
+    same = group_hessian_trace(model, batches, 2, num_probes=1, power_iterations=30, seed=4)
+    assert torch.equal(lam, same.lambda_max)
+    # an absent group is NaN (with a warning), not a number
+    x3, y3, g3 = _data("mlp", n=50, num_groups=3, absent=(1,))
+    with pytest.warns(UserWarning, match=r"group\(s\) \[1\]"):
+        lam3 = group_hessian_lambda_max(model, _batches(x3, y3, g3, 25), 3, iterations=2)
+    assert math.isnan(lam3[1].item())
+    assert not math.isnan(lam3[0].item())
+    with pytest.raises(ValueError, match="`iterations` to be a positive int, but got 0"):
+        group_hessian_lambda_max(model, batches, 2, iterations=0)
+    with pytest.raises(ValueError, match="re-iterable"):
+        group_hessian_lambda_max(model, iter(batches), 2, iterations=3)

@@ -45,6 +45,7 @@ SCHEMA_KEYS = {
     "grad_norm",
     "hessian_trace",
     "hessian_trace_se",
+    "hessian_lambda_max",
     "disparity",
 }
 PRUNED = ["features.0.weight", "features.2.weight", "fc.weight"]
@@ -173,7 +174,14 @@ def test_fit_records_dense_and_every_round(fitted):
     ]
     for record in history:
         assert set(record) == SCHEMA_KEYS
-        assert set(record["disparity"]) == {"recall", "grad_norm", "hessian_trace", "loss"}
+        assert set(record["disparity"]) == {
+            "recall",
+            "grad_norm",
+            "hessian_trace",
+            "hessian_lambda_max",
+            "loss",
+        }
+        assert record["hessian_lambda_max"] is None  # not asked for
         assert record["num_groups"] == 10
         assert len(record["recall"]) == len(record["hessian_trace"]) == 10
         assert record["recall_dense"] == history[0]["recall"]
@@ -651,3 +659,36 @@ def test_config_and_summary_logged_once_on_rank_zero_only(
         assert calls[0][1] == (trainer, "monitor", monitor.settings())
         assert calls[0][1][2]["num_probes"] == 3
         assert calls[1][1] == (trainer, monitor.history)
+
+
+def test_lambda_max_option_records_logs_and_matches_the_core(tmp_path):
+    from lightning_fairprune.diagnostics import group_hessian_lambda_max
+    from lightning_fairprune.logging import GROUP_TABLE_COLUMNS, record_scalars
+
+    x, y = digits_tensors(n=300)
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)
+    monitor = FairnessMonitor(
+        loader, num_probes=0, lambda_max_iterations=8, params=["fc.*"], seed=3, log=False
+    )
+    model = SmallCNN()
+    trainer = pl.Trainer(**quiet_trainer_kwargs(tmp_path))
+    record = monitor.measure(trainer, model, "end")
+    params = {n: p for n, p in model.named_parameters() if n.startswith("fc.")}
+    expected = group_hessian_lambda_max(
+        model, [(bx, by) for bx, by in loader], 10, iterations=8, seed=3, params=params
+    )
+    assert record["hessian_lambda_max"] == pytest.approx(expected.tolist(), rel=1e-6)
+    assert record["hessian_trace"] is None
+    lam = np.array(record["hessian_lambda_max"])
+    assert record["disparity"]["hessian_lambda_max"]["gap"] == pytest.approx(lam.max() - lam.min())
+    scalars = record_scalars(record)
+    assert scalars["fairprune/hessian_lambda_max/g3"] == pytest.approx(lam[3])
+    assert "fairprune/disparity/hessian_lambda_max/gap" in scalars
+    assert "hessian_lambda_max" in GROUP_TABLE_COLUMNS
+    assert monitor.settings()["lambda_max_iterations"] == 8
+    # off by default: nothing computed, nothing logged
+    off = FairnessMonitor(loader, num_probes=0).measure(trainer, model, "end")
+    assert off["hessian_lambda_max"] is None
+    assert not any("lambda_max" in k for k in record_scalars(off))
+    with pytest.raises(ValueError, match=r"`lambda_max_iterations`.*-1"):
+        FairnessMonitor(lambda_max_iterations=-1)

@@ -61,14 +61,6 @@ HISTORY_FILENAME = "fairprune_history.jsonl"
 #: The moments a record can be taken at, in the order they can happen in a round.
 MOMENTS: tuple[str, ...] = ("dense", "after_round", "before_round", "periodic", "end")
 
-_MOMENT_CODES: dict[str, int] = {
-    "dense": 0,
-    "after_round": 1,
-    "before_round": 2,
-    "periodic": 3,
-    "end": 4,
-}
-
 BatchSplitter = Callable[[Any], "tuple[Any, Tensor, Tensor]"]
 
 
@@ -240,8 +232,8 @@ class FairnessMonitor(Callback):
     """Measure per-group fairness and its factors around every pruning round.
 
     Attach it to a `Trainer` together with `IterativePruning` (any callback that follows the
-    pruning-round protocol works). See the module docstring for the moments, and the package's
-    record schema for the fields of each record in `history`.
+    pruning-round protocol works). See the module docstring for the moments, and the README's
+    `FairnessMonitor` section for the fields of each record in `history`.
 
     Data: ``dataloader`` if given, used as is on every process (under DDP give each process its
     own shard: the per-process sums are all-reduced), else the trainer's validation dataloader
@@ -269,6 +261,9 @@ class FairnessMonitor(Callback):
             ``"all"`` (every trainable parameter), or a sequence of fnmatch patterns on the
             parameter FQNs.
         num_probes: Rademacher probes of the Hutchinson Hessian trace; ``0`` disables it.
+        lambda_max_iterations: power iterations for the top Hessian eigenvalue λ_max of each
+            group (record key ``hessian_lambda_max``); each is one more pass over the fairness
+            data with one Hessian-vector product per chunk; ``0`` (default) disables it.
         gradient_norms: measure the per-group gradient norms.
         predict_excess_loss: compute the predicted excessive loss at every ``after_round``.
         seed: seed of the Hutchinson probes (the same probes at every measurement).
@@ -306,6 +301,7 @@ class FairnessMonitor(Callback):
         group_key: str | None = "group",
         params: str | Sequence[str] | None = None,
         num_probes: int = 8,
+        lambda_max_iterations: int = 0,
         gradient_norms: bool = True,
         predict_excess_loss: bool = True,
         seed: int = 0,
@@ -326,6 +322,7 @@ class FairnessMonitor(Callback):
         _check_int(num_groups, "num_groups", 1, allow_none=True)
         _check_int(max_batches, "max_batches", 1, allow_none=True)
         _check_int(num_probes, "num_probes", 0)
+        _check_int(lambda_max_iterations, "lambda_max_iterations", 0)
         _check_int(seed, "seed", 0)
         _check_int(every_n_epochs, "every_n_epochs", 1, allow_none=True)
         if group_fn is not None and not callable(group_fn):
@@ -370,6 +367,7 @@ class FairnessMonitor(Callback):
         self.group_key = group_key
         self.params = params if params is None or isinstance(params, str) else list(params)
         self.num_probes = num_probes
+        self.lambda_max_iterations = lambda_max_iterations
         self.gradient_norms = gradient_norms
         self.predict_excess_loss = predict_excess_loss
         self.seed = seed
@@ -471,6 +469,7 @@ class FairnessMonitor(Callback):
             "group_key": self.group_key,
             "params": _plain(self.params),
             "num_probes": self.num_probes,
+            "lambda_max_iterations": self.lambda_max_iterations,
             "gradient_norms": self.gradient_norms,
             "predict_excess_loss": self.predict_excess_loss,
             "seed": self.seed,
@@ -622,6 +621,19 @@ class FairnessMonitor(Callback):
             gradients=self.gradient_norms,
             **common,
         )
+        if self.lambda_max_iterations:
+            from lightning_fairprune.diagnostics import group_hessian_lambda_max
+
+            with warnings.catch_warnings():  # absent groups were already reported above
+                warnings.simplefilter("ignore", UserWarning)
+                measurement.hessian_lambda_max = group_hessian_lambda_max(
+                    model,
+                    batches,
+                    num_groups,
+                    iterations=self.lambda_max_iterations,
+                    seed=self.seed,
+                    **common,
+                )
         return self._record(trainer, model, moment, event, measurement, predicted, num_groups)
 
     def _predicted(
@@ -681,6 +693,7 @@ class FairnessMonitor(Callback):
         grad_norm = getattr(m, "grad_norms", None)
         trace = getattr(m, "hessian_trace", None)
         trace_se = getattr(m, "hessian_trace_stderr", None)
+        lam = getattr(m, "hessian_lambda_max", None)
         record: dict[str, Any] = {
             "moment": moment,
             "round": self._round(trainer, moment, event),
@@ -702,11 +715,13 @@ class FairnessMonitor(Callback):
             "grad_norm": None if grad_norm is None else _plain(grad_norm),
             "hessian_trace": None if trace is None else _plain(trace),
             "hessian_trace_se": None if trace_se is None else _plain(trace_se),
+            "hessian_lambda_max": None if lam is None else _plain(lam),
         }
         record["disparity"] = {
             "recall": _plain(disparity(recall, higher_is_worse=False)),
             "grad_norm": None if grad_norm is None else _plain(disparity(grad_norm)),
             "hessian_trace": None if trace is None else _plain(disparity(trace)),
+            "hessian_lambda_max": None if lam is None else _plain(disparity(lam)),
             "loss": _plain(disparity(loss)),
         }
         self._fill_relative(record)
@@ -990,44 +1005,7 @@ class FairnessMonitor(Callback):
             )
 
     def _log(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
-        log_round = getattr(fp_logging, "log_round", None)
-        if log_round is not None:
-            log_round(trainer, record, self.history)
-        else:  # pragma: no cover - older logging module
-            fp_logging.log_scalars(trainer, _flatten_record(record))
-
-
-def _flatten_record(record: Mapping[str, Any]) -> dict[str, float]:
-    """The ``fairprune/...`` scalars of one history record (missing values left out).
-
-    Args:
-        record: a history record.
-
-    Example:
-        >>> _flatten_record({"moment": "end", "accuracy": 0.5, "sparsity": 0.25,
-        ...                 "recall": [0.5, None]})["fairprune/recall/g0"]
-        0.5
-    """
-    out: dict[str, Any] = {
-        "fairprune/accuracy": record.get("accuracy"),
-        "fairprune/alpha": record.get("alpha"),
-        "fairprune/sparsity": record.get("sparsity"),
-        "fairprune/moment_code": _MOMENT_CODES.get(str(record.get("moment"))),
-    }
-    recall = [r for r in record.get("recall") or [] if r is not None]
-    out["fairprune/worst_group_recall"] = min(recall) if recall else None
-    for key in ("recall", "intensification", "excess_loss", "grad_norm", "hessian_trace"):
-        for group, value in enumerate(record.get(key) or []):
-            out[f"fairprune/{key}/g{group}"] = value
-    for quantity, summary in (record.get("disparity") or {}).items():
-        if isinstance(summary, Mapping):
-            for stat in ("gap", "ratio"):
-                out[f"fairprune/disparity/{quantity}/{stat}"] = summary.get(stat)
-    return {
-        k: float(v)
-        for k, v in out.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    }
+        fp_logging.log_round(trainer, record, self.history)
 
 
 class _Batches:

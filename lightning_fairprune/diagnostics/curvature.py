@@ -132,6 +132,8 @@ class GroupMeasurement:
         hessian_trace_stderr: ``[G]`` its standard error, or None.
         num_probes: probes used for the trace (0 = none).
         predicted_excess_loss: ``[G]`` g_aᵀδ + ½ δᵀH_aδ, or None.
+        hessian_lambda_max: ``[G]`` top Hessian eigenvalue (filled by callers that run
+            `group_hessian_lambda_max`, e.g. `FairnessMonitor`), or None.
     """
 
     support: Tensor
@@ -146,6 +148,7 @@ class GroupMeasurement:
     hessian_trace_stderr: Tensor | None = None
     num_probes: int = 0
     predicted_excess_loss: Tensor | None = None
+    hessian_lambda_max: Tensor | None = None
 
     @property
     def missing(self) -> list[int]:
@@ -807,7 +810,7 @@ def group_hessian_trace(
                 break
         lambda_max = None
         if power_iterations:
-            lambda_max = _power_iteration(
+            lambda_max, _ = _power_iteration(
                 model, batches, num_groups, named, power_iterations, seed, reduce_fn, kw
             )
     _warn_missing("group_hessian_trace", counts)
@@ -832,14 +835,15 @@ def _power_iteration(
     seed: int,
     reduce_fn: ReduceFn | None,
     kw: dict[str, Any],
-) -> Tensor:
-    """λ_max(H_a) for all groups at once: one pass over the data per iteration."""
+) -> tuple[Tensor, Tensor]:
+    """λ_max(H_a) and the sample counts for all groups: one pass per iteration."""
     ref = named[0][1]
     size = sum(p.numel() for _, p in named)
     gen = torch.Generator().manual_seed(seed + 1)
     vecs = torch.randn(num_groups, size, generator=gen, dtype=torch.float64)
     vecs = (vecs / torch.linalg.vector_norm(vecs, dim=1, keepdim=True)).to(ref.device, ref.dtype)
     lam = torch.full((num_groups,), math.nan, dtype=torch.float64)
+    counts = torch.zeros(num_groups, dtype=torch.float64)
     for _ in range(iterations):
         sums, _ = _run_pass(model, batches, num_groups, named, hv_vectors=vecs, **kw)
         sums = _reduce_sums(sums, reduce_fn)
@@ -851,6 +855,67 @@ def _power_iteration(
         ok = (norm > 0).squeeze(1) & (counts > 0)
         new = torch.where(ok[:, None], hv / norm.clamp_min(1e-300), vecs.to(torch.float64))
         vecs = new.to(ref.dtype)
+    return lam, counts.cpu()
+
+
+def group_hessian_lambda_max(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_groups: int,
+    *,
+    iterations: int = 20,
+    seed: int = 0,
+    params: ParamsArg = None,
+    loss_fn: LossFn | None = None,
+    forward_fn: ForwardFn | None = None,
+    reduce_fn: ReduceFn | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Dominant eigenvalue of each group's Hessian H_a by power iteration, all groups at once.
+
+    Each iteration is one pass over ``batches`` with one Hessian-vector product per pure-group
+    chunk (v_a ← H_a v_a / ‖H_a v_a‖); the estimate is the Rayleigh quotient v_aᵀ H_a v_a,
+    i.e. the eigenvalue of largest magnitude (the top curvature of a trained model, where
+    negative eigenvalues are small). Start vectors come from a CPU generator seeded with
+    ``seed + 1``, identical on every process; with ``reduce_fn`` every process gets the same
+    estimates.
+
+    Args:
+        model: the network (eval mode during the measurement, then restored).
+        batches: a re-iterable of ``(inputs, targets, groups)`` or ``(inputs, targets)``.
+        num_groups: number of groups G.
+        iterations: power iterations (passes over the data), at least 1.
+        seed: seed of the start vectors.
+        params: parameters spanning the Hessian (see `group_gradient_norms`).
+        loss_fn: ``(outputs, targets) -> Tensor[N]`` per-sample losses.
+        forward_fn: ``(model, inputs) -> outputs``.
+        reduce_fn: sums a tensor across processes; None for one process.
+        chunk_size: samples per pure-group chunk.
+
+    Returns:
+        float64 ``[G]`` on the CPU (NaN for groups without samples).
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 2)
+        >>> x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
+        >>> group_hessian_lambda_max(model, [(x, y, y)], num_groups=2, iterations=5).shape
+        torch.Size([2])
+    """
+    _check_positive_int("num_groups", num_groups)
+    _check_positive_int("iterations", iterations)
+    _check_positive_int("seed", seed, allow_zero=True)
+    if chunk_size is not None:
+        _check_positive_int("chunk_size", chunk_size)
+    _check_iterable(batches, 2 if iterations > 1 else 1)
+    named = _resolve_params(model, params)
+    kw: dict[str, Any] = dict(loss_fn=loss_fn, forward_fn=forward_fn, chunk_size=chunk_size)
+    with _measurement_mode(model, [p for _, p in named]):
+        lam, counts = _power_iteration(
+            model, batches, num_groups, named, iterations, seed, reduce_fn, kw
+        )
+    _warn_missing("group_hessian_lambda_max", counts)
     return lam
 
 
