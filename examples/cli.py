@@ -51,21 +51,25 @@ class FairPruneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(IterativePruning, "pruning")
         parser.add_lightning_class_args(FairnessMonitor, "monitor")
-        parser.add_lightning_class_args(
-            GroupEqualizer, "equalizer", subclass_mode=True, required=False
-        )
+        # optional, so not a callback section (those are always attached): a plain subclass
+        # argument, added to the trainer's callbacks in instantiate_trainer when it is given
+        parser.add_subclass_arguments(GroupEqualizer, "equalizer", required=False)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        # an absent optional section (equalizer) is None: do not hand None to the Trainer
-        keys = self._parser(self.subcommand).callback_keys
-        extra = [cb for cb in (self._get(self.config_init, key) for key in keys) if cb is not None]
-        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        return self._instantiate_trainer(trainer_config, extra)
+        config = self._subcommand_config(self.config_init)
+        equalizer = config.get("equalizer")
+        if equalizer is not None:
+            callbacks = (config.get("trainer") or {}).get("callbacks") or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            kwargs["callbacks"] = [*callbacks, equalizer]
+        return super().instantiate_trainer(**kwargs)
+
+    def _subcommand_config(self, config: Any) -> Any:
+        """The part of ``config`` that belongs to the running subcommand."""
+        return config.get(str(self.subcommand), config) if self.subcommand else config
 
     def _settings(self) -> dict[str, Any]:
-        config = (
-            self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
-        )
+        config = self._subcommand_config(self.config)
         out = {}
         for key, name in SECTIONS.items():
             value = config.get(key)

@@ -114,6 +114,23 @@ def test_every_config_parses_and_instantiates(config, tmp_path):
         assert [type(lg).__name__ for lg in cli.trainer.loggers] == ["CSVLogger", "WandbLogger"]
 
 
+def test_user_trainer_callbacks_are_kept_next_to_the_equalizer(tmp_path):
+    args = ["--config", str(EXAMPLES / "configs" / "cubic_equalized.yaml")]
+    args += [f"--trainer.default_root_dir={tmp_path}"]
+    args += ["--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor"]
+    cli = main(args, run=False)
+    kinds = [type(cb).__name__ for cb in cli.trainer.callbacks]
+    for name in ("LearningRateMonitor", "GroupEqualizer", "IterativePruning", "FairnessMonitor"):
+        assert kinds.count(name) == 1, kinds
+    # and without the equalizer section, no equalizer (and nothing None) reaches the Trainer
+    args = ["--config", str(EXAMPLES / "configs" / "one_shot_undecayed.yaml")]
+    args += [f"--trainer.default_root_dir={tmp_path}"]
+    args += ["--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor"]
+    kinds = [type(cb).__name__ for cb in main(args, run=False).trainer.callbacks]
+    assert "GroupEqualizer" not in kinds
+    assert kinds.count("LearningRateMonitor") == 1
+
+
 def sweep_runs(sweep: dict) -> list[dict]:
     """Parameter combinations covering every listed value (and the range ends) once."""
     options = {}
