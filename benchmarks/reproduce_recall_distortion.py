@@ -221,11 +221,18 @@ def run_seed(args: tuple) -> dict:
     ).trace.numpy()
     total = sum(p.numel() for p in dense.parameters())
     prunable_n = sum(p.numel() for p in select_parameters(dense, prune_classifier=True).values())
-    # one training minibatch of 128 in train mode for the gradient-based criteria
-    xg, yg = next(batches(*data["train"], 128, torch.Generator().manual_seed(10_000 + seed)))
+    # the gradient-based criteria: mean task-loss gradient, in train mode, of one training
+    # minibatch of `grad_batch_size` (default 128), or of the whole training split (0)
     dense.train()
     dense.zero_grad(set_to_none=True)
-    F.cross_entropy(dense(xg), yg).backward()
+    gbs = cfg["grad_batch_size"]
+    n_train = len(data["train"][1])
+    if gbs and gbs < n_train:
+        xg, yg = next(batches(*data["train"], gbs, torch.Generator().manual_seed(10_000 + seed)))
+        F.cross_entropy(dense(xg), yg).backward()
+    else:
+        for xg, yg in batches(*data["train"], 512):
+            (F.cross_entropy(dense(xg), yg, reduction="sum") / n_train).backward()
     grads = {
         n: p.grad.detach().clone()
         for n, p in select_parameters(dense, prune_classifier=True).items()
@@ -643,6 +650,12 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--weight-decay", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--probes", type=int, default=4, help="Hutchinson probes")
+    ap.add_argument(
+        "--grad-batch-size",
+        type=int,
+        default=128,
+        help="training samples for the gradient of the gradient-based criteria (0: all)",
+    )
     ap.add_argument("--gel-ratios", type=float, nargs="*", default=[10, 20])
     ap.add_argument("--gel-criterion", default="magnitude", choices=CRITERIA)
     ap.add_argument("--dual-lr", type=float, default=0.01)
@@ -683,6 +696,7 @@ def main(argv=None) -> dict:
         "weight_decay": args.weight_decay,
         "batch_size": args.batch_size,
         "probes": args.probes,
+        "grad_batch_size": args.grad_batch_size,
         "gel_ratios": [int(t) if t == int(t) else t for t in args.gel_ratios],
         "gel_criterion": args.gel_criterion,
         "dual_lr": args.dual_lr,

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+from scipy import stats
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_recall_distortion.py"
 
 
@@ -54,13 +58,47 @@ def test_quick_run_writes_consistent_json(tmp_path):
             assert rec["masks_enforced"]
         assert len(run["gel"]) == len(cfg["gel_ratios"])
 
+    assert cfg["grad_batch_size"] == 128
+
+    def alphas(crit, t):
+        return np.array(
+            [
+                rec["alpha"]
+                for run in res["runs"]
+                for rec in run["pruned"]
+                if rec["criterion"] == crit and rec["ratio"] == t
+            ]
+        )
+
+    # the statistics recomputed from the raw per-model alphas with scipy
     for crit in cfg["criteria"]:
         for t in cfg["ratios"]:
             s = res["alpha"][f"{crit}@{t}"]
             ci = s["alpha_ci99"]
-            assert _finite(ci["mean"])
-            assert ci["low"] <= ci["mean"] <= ci["high"]
-            assert s["position"] in ("below", "overlapping", "above")
+            a = alphas(crit, t)
+            n = len(a)
+            half = stats.t.ppf(0.995, n - 1) * a.std(ddof=1) / math.sqrt(n)
+            assert ci["n"] == n == len(cfg["seeds"])
+            assert ci["mean"] == pytest.approx(a.mean(), rel=1e-9)
+            assert ci["low"] == pytest.approx(a.mean() - half, rel=1e-9, abs=1e-12)
+            assert ci["high"] == pytest.approx(a.mean() + half, rel=1e-9, abs=1e-12)
+            expected = "below" if ci["high"] < 1 else "above" if ci["low"] > 1 else "overlapping"
+            assert s["position"] == expected
+    m = len(res["consecutive_tests"])
+    assert m == len(cfg["criteria"]) * (len(cfg["ratios"]) - 1)
+    for rec in res["consecutive_tests"]:
+        lo, hi = alphas(rec["criterion"], rec["from"]), alphas(rec["criterion"], rec["to"])
+        p = stats.ttest_rel(hi, lo, alternative="greater").pvalue
+        assert rec["mean_diff"] == pytest.approx((hi - lo).mean(), rel=1e-9, abs=1e-12)
+        assert rec["p"] == pytest.approx(p, rel=1e-9)
+        assert rec["p_bonferroni"] == pytest.approx(min(1.0, p * m), rel=1e-9)
+    m = len(res["criteria_tests"])
+    for rec in res["criteria_tests"]:
+        a, b = alphas(rec["a"], rec["ratio"]), alphas(rec["b"], rec["ratio"])
+        p = stats.ttest_rel(a, b).pvalue
+        assert rec["mean_diff"] == pytest.approx((a - b).mean(), rel=1e-9, abs=1e-12)
+        assert rec["p"] == pytest.approx(p, rel=1e-9)
+        assert rec["p_bonferroni"] == pytest.approx(min(1.0, p * m), rel=1e-9)
 
     for rec in res["consecutive_tests"] + res["criteria_tests"]:
         _check_p(rec["p"])
