@@ -1,0 +1,93 @@
+"""The same computations on CUDA as on the CPU (skipped where no CUDA device is present).
+
+The CPU results are the references: masks must be identical, diagnostics equal to float
+tolerance, and a real `Trainer.fit` on the GPU must end with exactly the scheduled sparsity and
+pruned weights that are exactly zero.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from _models import DigitsDataModule, SmallCNN, digits_tensors, quiet_trainer_kwargs
+from torch import nn
+
+from lightning_fairprune import IterativePruning
+from lightning_fairprune.diagnostics import group_gradient_norms, group_hessian_trace
+from lightning_fairprune.pruning import MaskEnforcer, compute_scores, global_masks
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _scores(device: str) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    scores = {
+        "a": torch.randn(300, 70, generator=gen),
+        "b": torch.randn(5000, generator=gen).round(decimals=1),  # many ties
+    }
+    return {k: v.to(device) for k, v in scores.items()}
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.93])
+def test_global_masks_identical_on_cuda_and_cpu(sparsity):
+    cpu = global_masks(compute_scores("magnitude", _scores("cpu")), sparsity)
+    gpu = global_masks(compute_scores("magnitude", _scores("cuda")), sparsity)
+    for name, mask in cpu.items():
+        assert gpu[name].device.type == "cuda"
+        assert torch.equal(gpu[name].cpu(), mask), name
+
+
+def test_random_criterion_identical_on_cuda_and_cpu():
+    params = {k: v.abs() for k, v in _scores("cpu").items()}
+    cpu = compute_scores("random", params, seed=3)
+    gpu = compute_scores("random", {k: v.cuda() for k, v in params.items()}, seed=3)
+    for name, score in cpu.items():
+        assert torch.equal(gpu[name].cpu(), score), name
+
+
+def test_mask_enforcer_keeps_zeros_on_cuda_with_adamw():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).cuda()
+    params = {"0.weight": model[0].weight}
+    masks = global_masks(compute_scores("magnitude", params), 0.8)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    enforcer = MaskEnforcer(opt, params, masks)
+    enforcer.enforce()
+    for _ in range(30):
+        opt.zero_grad()
+        model(torch.randn(8, 16, device="cuda")).pow(2).mean().backward()
+        opt.step()
+    assert torch.count_nonzero(model[0].weight.detach()[~masks["0.weight"]]) == 0
+    assert int((~masks["0.weight"]).sum()) == round(0.8 * model[0].weight.numel())
+
+
+def test_diagnostics_on_cuda_equal_the_cpu():
+    x, y = digits_tensors(n=200)
+    torch.manual_seed(0)
+    model = SmallCNN().double()
+    batches = [(x[i : i + 64].double(), y[i : i + 64]) for i in range(0, 200, 64)]
+    cpu_norms = group_gradient_norms(model, batches, 10).norms
+    cpu_trace = group_hessian_trace(model, batches, 10, num_probes=4, seed=1).trace
+    model.cuda()
+    gpu_batches = [(bx.cuda(), by.cuda()) for bx, by in batches]
+    gpu_norms = group_gradient_norms(model, gpu_batches, 10).norms
+    gpu_trace = group_hessian_trace(model, gpu_batches, 10, num_probes=4, seed=1).trace
+    torch.testing.assert_close(gpu_norms, cpu_norms, rtol=1e-9, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(gpu_trace, cpu_trace, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
+def test_fit_on_gpu_prunes_exactly_and_keeps_zeros(tmp_path):
+    pl.seed_everything(0)
+    model = SmallCNN()
+    pruning = IterativePruning(0.75, schedule="linear", num_rounds=2, start=1)
+    kwargs = quiet_trainer_kwargs(tmp_path)
+    # deterministic=True would need CUBLAS_WORKSPACE_CONFIG and has no deterministic max-pool
+    kwargs.update(accelerator="cuda", devices=1, max_epochs=4, deterministic=False)
+    pl.Trainer(callbacks=[pruning], **kwargs).fit(model, DigitsDataModule(batch_size=32))
+    assert next(model.parameters()).device.type == "cuda"
+    report = pruning.sparsity_report()
+    assert report["sparsity"] == pytest.approx(0.75, abs=1e-3)
+    for name, mask in pruning.masks.items():
+        weight = model.get_parameter(name).detach()
+        assert torch.count_nonzero(weight[~mask.to(weight.device)]) == 0, name
