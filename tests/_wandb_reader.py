@@ -84,6 +84,8 @@ def iter_payloads(data: bytes) -> list[bytes]:
         pos += length
         if kind == 0 and length == 0:  # pre-allocated zeros: end of the written log
             break
+        if len(chunk) < length:  # the writer is still appending this chunk
+            break
         if kind == FULL:
             payloads.append(bytes(chunk))
         elif kind == FIRST:
@@ -108,7 +110,7 @@ def read_wandb_run(path: str | Path, timeout: float = 20.0) -> WandbRun:
 
     ``run.finish()`` returns before the W&B service has necessarily written the last
     records, so this waits (up to ``timeout`` seconds) until the run's ``exit`` record is in
-    the file.
+    the file, reading again while the file ends in a partly written record.
     """
     path = Path(path)
     if path.is_dir():
@@ -116,13 +118,26 @@ def read_wandb_run(path: str | Path, timeout: float = 20.0) -> WandbRun:
         if len(found) != 1:
             raise ValueError(f"Expected exactly one run-*.wandb under {path}, found {found}")
         path = found[0]
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + timeout
     while True:
-        run = _parse(path)
-        if run.finished:
-            return run
+        # The W&B service may still be appending (a partly written chunk or record reads as
+        # truncated or corrupt): read again until the exit record is there.
+        try:
+            run = _parse(path)
+        except (DecodeError, ValueError) as err:
+            if time.monotonic() > deadline:
+                raise
+            last_error: Exception | None = err
+        else:
+            if run.finished:
+                return run
+            last_error = None
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} has no exit record after {timeout} s (run not finished?)")
+            raise TimeoutError(
+                f"{path} has no exit record after {timeout} s (run not finished?)"
+            ) from last_error
         time.sleep(0.05)
 
 
