@@ -24,10 +24,22 @@ Formulas (``s_i`` = initial, ``s_f`` = final sparsity, ``p`` = progress):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from lightning_fairprune.checks import (
+    check_choice,
+    check_int,
+    check_real,
+    check_sparsity,
+    is_real,
+)
 
 __all__ = [
+    "INTERVALS",
     "SCHEDULES",
+    "RoundPlan",
     "ScheduleFn",
     "check_sparsity_sequence",
     "compression_ratio_to_sparsity",
@@ -49,21 +61,11 @@ ScheduleFn = Callable[..., float]
 _TOL = 1e-12
 
 
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_sparsity(value: object, name: str) -> float:
-    if not _is_real(value) or not math.isfinite(value) or not 0.0 <= value < 1.0:  # type: ignore[arg-type]
-        raise ValueError(f"Expected `{name}` to be a float in [0, 1), but got {value!r}")
-    return float(value)  # type: ignore[arg-type]
-
-
 def _check_args(progress: float, final_sparsity: float, initial_sparsity: float) -> float:
-    if not _is_real(progress) or math.isnan(progress):
+    if not is_real(progress) or math.isnan(progress):
         raise ValueError(f"Expected `progress` to be a real number in [0, 1], but got {progress!r}")
-    final = _check_sparsity(final_sparsity, "final_sparsity")
-    initial = _check_sparsity(initial_sparsity, "initial_sparsity")
+    final = check_sparsity(final_sparsity, "final_sparsity")
+    initial = check_sparsity(initial_sparsity, "initial_sparsity")
     if initial > final:
         raise ValueError(
             f"Expected `initial_sparsity` to be at most `final_sparsity` ({final}), "
@@ -228,7 +230,7 @@ def check_sparsity_sequence(values: Sequence[float], name: str = "schedule") -> 
     """
     previous = -math.inf
     for i, value in enumerate(values):
-        if not _is_real(value) or not math.isfinite(value) or not 0.0 <= value < 1.0:
+        if not is_real(value) or not math.isfinite(value) or not 0.0 <= value < 1.0:
             raise ValueError(
                 f"Expected every value of `{name}` to be a float in [0, 1), "
                 f"but value {i} is {value!r}"
@@ -271,8 +273,8 @@ def schedule_values(
     fn = resolve_schedule(schedule)
     if not isinstance(num_rounds, int) or isinstance(num_rounds, bool) or num_rounds < 1:
         raise ValueError(f"Expected `num_rounds` to be an int >= 1, but got {num_rounds!r}")
-    final = _check_sparsity(final_sparsity, "final_sparsity")
-    initial = _check_sparsity(initial_sparsity, "initial_sparsity")
+    final = check_sparsity(final_sparsity, "final_sparsity")
+    initial = check_sparsity(initial_sparsity, "initial_sparsity")
     if initial > final:
         raise ValueError(
             f"Expected `initial_sparsity` to be at most `final_sparsity` ({final}), "
@@ -303,9 +305,9 @@ def geometric_num_rounds(rate: float, final_sparsity: float) -> int:
         >>> geometric_num_rounds(0.5, 0.75)
         2
     """
-    if not _is_real(rate) or not 0.0 < rate < 1.0:
+    if not is_real(rate) or not 0.0 < rate < 1.0:
         raise ValueError(f"Expected `rate` to be a float in (0, 1), but got {rate!r}")
-    final = _check_sparsity(final_sparsity, "final_sparsity")
+    final = check_sparsity(final_sparsity, "final_sparsity")
     if final == 0.0:
         return 1
     n = math.log(1.0 - final) / math.log(1.0 - rate)
@@ -332,14 +334,14 @@ def geometric_values_from_rate(
         >>> [round(v, 4) for v in geometric_values_from_rate(0.5, 0.8)]
         [0.5, 0.75, 0.8]
     """
-    final = _check_sparsity(final_sparsity, "final_sparsity")
-    initial = _check_sparsity(initial_sparsity, "initial_sparsity")
+    final = check_sparsity(final_sparsity, "final_sparsity")
+    initial = check_sparsity(initial_sparsity, "initial_sparsity")
     if initial > final:
         raise ValueError(
             f"Expected `initial_sparsity` to be at most `final_sparsity` ({final}), "
             f"but got {initial_sparsity!r}"
         )
-    if not _is_real(rate) or not 0.0 < rate < 1.0:
+    if not is_real(rate) or not 0.0 < rate < 1.0:
         raise ValueError(f"Expected `rate` to be a float in (0, 1), but got {rate!r}")
     remaining_target = (1.0 - final) / (1.0 - initial)
     n = (
@@ -369,8 +371,8 @@ def fraction_of_remaining(previous: float, target: float) -> float:
         >>> fraction_of_remaining(0.5, 0.75)
         0.5
     """
-    prev = _check_sparsity(previous, "previous")
-    tgt = _check_sparsity(target, "target")
+    prev = check_sparsity(previous, "previous")
+    tgt = check_sparsity(target, "target")
     if tgt < prev:
         raise ValueError(
             f"Expected `target` to be at least `previous` ({prev}), but got {target!r}"
@@ -400,7 +402,7 @@ def compression_ratio_to_sparsity(ratio: float, total_params: int, prunable_para
         >>> compression_ratio_to_sparsity(4.0, total_params=1000, prunable_params=900)
         0.8333333333333334
     """
-    if not _is_real(ratio) or not math.isfinite(ratio) or ratio < 1.0:
+    if not is_real(ratio) or not math.isfinite(ratio) or ratio < 1.0:
         raise ValueError(
             f"Expected `compression_ratio` to be a finite float >= 1, but got {ratio!r}"
         )
@@ -444,7 +446,7 @@ def sparsity_to_compression_ratio(
         >>> sparsity_to_compression_ratio(0.5, total_params=100, prunable_params=100)
         2.0
     """
-    s = _check_sparsity(sparsity, "sparsity")
+    s = check_sparsity(sparsity, "sparsity")
     for name, value in (("total_params", total_params), ("prunable_params", prunable_params)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"Expected `{name}` to be an int >= 1, but got {value!r}")
@@ -454,3 +456,442 @@ def sparsity_to_compression_ratio(
             f"but got {prunable_params}"
         )
     return total_params / (total_params - s * prunable_params)
+
+
+# --------------------------------------------------------------------------------------------
+# the round plan: which round runs when, to which target
+# --------------------------------------------------------------------------------------------
+INTERVALS: tuple[str, ...] = ("epoch", "step")
+"""Units of event points: training epochs or optimizer steps."""
+
+_GRADUAL = ("linear", "cubic", "geometric")
+
+
+def _schedule_key(schedule: object) -> str:
+    key = str(schedule).strip().lower().replace("-", "_")
+    if key not in SCHEDULES:
+        raise ValueError(
+            f"Expected `schedule` to be one of {sorted(SCHEDULES)}, None or a callable "
+            f"epoch-or-step -> cumulative sparsity, but got {schedule!r}"
+        )
+    return key
+
+
+def _callable_name(fn: object) -> str:
+    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", type(fn).__name__))
+
+
+class RoundPlan:
+    """When the pruning rounds run and to which cumulative sparsity: the schedule's state.
+
+    The plan is the *scheduler* half of pruning (in the spirit of ``torch.ao.pruning``'s
+    sparsifier/scheduler split): it validates the schedule arguments, knows the target of every
+    round and the event point (epoch or optimizer step) at which it runs, says which rounds are
+    due now, and keeps its position (``rounds_done``, ``last_target``) as plain values for
+    checkpoints. It knows nothing about weights or Lightning.
+
+    Round ``k`` of ``n`` (``k = 1..n``) runs at event point ``start + (k - 1) * frequency``
+    with the cumulative target ``schedule(k / n)``.
+
+    Args:
+        final_sparsity: cumulative sparsity after the last round, in ``[0, 1)``. Exactly one of
+            this and ``compression_ratio`` (neither with a callable ``schedule``).
+        compression_ratio: whole-model compression ``t >= 1``; converted by
+            `resolve_compression` once the parameter counts are known.
+        schedule: ``"one_shot"``, ``"geometric"``, ``"linear"``, ``"cubic"``, a callable
+            ``fn(event_point) -> cumulative sparsity``, or ``None`` (default): ``"one_shot"``
+            for a single round, ``"geometric"`` (the same fraction of the remaining weights
+            every round, as in iterative magnitude pruning) when ``num_rounds > 1``, ``end``
+            or ``rate`` asks for several rounds.
+        initial_sparsity: sparsity at progress 0 of a named schedule.
+        num_rounds: number of rounds. Without it (and without ``end``/``rate``) a gradual
+            schedule spreads its rounds over the training run: see `resolve_horizon`.
+        rate: only for ``"geometric"``: fraction of the remaining weights per round.
+        interval: ``"epoch"`` or ``"step"`` (optimizer steps).
+        start: first event point.
+        end: last allowed event point (inclusive), or ``None``.
+        frequency: distance between event points, ``>= 1``.
+        tail_fraction: fraction of the run after ``start`` kept free of rounds for
+            fine-tuning when the rounds are spread over the run (default 0.25).
+
+    Example:
+        >>> plan = RoundPlan(0.9, schedule="geometric", num_rounds=3, start=1)
+        >>> plan.event_points, [round(s, 3) for s in plan.targets]
+        ([1, 2, 3], [0.536, 0.785, 0.9])
+        >>> plan.due(now=1), plan.due(now=0)
+        (True, False)
+        >>> plan.record_round(plan.target(0)); plan.rounds_done
+        1
+        >>> RoundPlan(0.8, num_rounds=4).schedule_name  # several rounds: geometric by default
+        'geometric'
+        >>> spread = RoundPlan(0.8, schedule="cubic")  # no num_rounds: spread over the run
+        >>> spread.needs_horizon
+        True
+        >>> spread.resolve_horizon(10); spread.event_points
+        [0, 1, 2, 3, 4, 5, 6, 7]
+    """
+
+    def __init__(
+        self,
+        final_sparsity: float | None = None,
+        *,
+        compression_ratio: float | None = None,
+        schedule: str | Callable[[int], float] | None = None,
+        initial_sparsity: float = 0.0,
+        num_rounds: int | None = None,
+        rate: float | None = None,
+        interval: str = "epoch",
+        start: int = 0,
+        end: int | None = None,
+        frequency: int = 1,
+        tail_fraction: float = 0.25,
+    ) -> None:
+        self.interval = check_choice(interval, "interval", INTERVALS)
+        self.start = check_int(start, "start", 0)
+        self.frequency = check_int(frequency, "frequency", 1)
+        self.end = check_int(end, "end", self.start, allow_none=True) if end is not None else None
+        if end is not None and self.end is not None and self.end < self.start:  # pragma: no cover
+            raise ValueError(f"Expected `end` to be >= `start` ({self.start}), but got {end!r}")
+        self.num_rounds_arg = check_int(num_rounds, "num_rounds", 1, allow_none=True)
+        self.tail_fraction = check_real(
+            tail_fraction, "tail_fraction", low=0.0, high=1.0, high_open=True
+        )
+
+        # ---- the schedule ------------------------------------------------------------------
+        self.schedule_fn: Callable[[int], float] | None = None
+        if schedule is None:
+            several = (self.num_rounds_arg or 1) > 1 or end is not None or rate is not None
+            self.schedule_name = "geometric" if several else "one_shot"
+        elif isinstance(schedule, str):
+            self.schedule_name = _schedule_key(schedule)
+        elif callable(schedule):
+            self.schedule_name = _callable_name(schedule)
+            self.schedule_fn = schedule
+        else:
+            raise TypeError(
+                f"Expected `schedule` to be a string in {sorted(SCHEDULES)}, None or a "
+                f"callable, but got {schedule!r} of type {type(schedule).__name__}"
+            )
+        self.schedule = schedule if schedule is not None else self.schedule_name
+
+        # ---- the final target --------------------------------------------------------------
+        if self.schedule_fn is not None:
+            if final_sparsity is not None or compression_ratio is not None:
+                raise ValueError(
+                    "Expected neither `final_sparsity` nor `compression_ratio` with a callable "
+                    "`schedule` (the callable returns the cumulative sparsity), but got "
+                    f"final_sparsity={final_sparsity!r}, compression_ratio={compression_ratio!r}"
+                )
+        elif (final_sparsity is None) == (compression_ratio is None):
+            raise ValueError(
+                "Expected exactly one of `final_sparsity` and `compression_ratio`, but got "
+                f"final_sparsity={final_sparsity!r}, compression_ratio={compression_ratio!r}"
+            )
+        self.final_sparsity = check_sparsity(final_sparsity, "final_sparsity", allow_none=True)
+        self.compression_ratio = check_real(
+            compression_ratio, "compression_ratio", low=1.0, allow_none=True
+        )
+        self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
+        if self.final_sparsity is not None and self.initial_sparsity > self.final_sparsity:
+            raise ValueError(
+                f"Expected `initial_sparsity` to be at most `final_sparsity` "
+                f"({self.final_sparsity}), but got {initial_sparsity!r}"
+            )
+
+        # ---- number of rounds --------------------------------------------------------------
+        if rate is not None:
+            if self.schedule_name != "geometric":
+                raise ValueError(
+                    f"Expected `rate` only with schedule='geometric', but got rate={rate!r} "
+                    f"with schedule={self.schedule_name!r}"
+                )
+            rate = check_real(rate, "rate", low=0.0, high=1.0, low_open=True, high_open=True)
+            if num_rounds is not None:
+                raise ValueError(
+                    "Expected at most one of `rate` and `num_rounds` (the rate determines the "
+                    f"number of rounds), but got rate={rate!r}, num_rounds={num_rounds!r}"
+                )
+        self.rate = rate
+        if self.schedule_name == "one_shot" and num_rounds not in (None, 1):
+            raise ValueError(
+                f"Expected `num_rounds` to be None or 1 with schedule='one_shot', but got "
+                f"{num_rounds!r}; leave `schedule` unset (geometric) or choose a gradual one"
+            )
+        if num_rounds is not None and end is not None:
+            last = self.start + (num_rounds - 1) * self.frequency
+            if last > end:
+                raise ValueError(
+                    f"Expected `num_rounds` rounds from `start`={self.start} every "
+                    f"`frequency`={self.frequency} to end by `end`={end}, but got "
+                    f"num_rounds={num_rounds} (last round at {last})"
+                )
+        self._horizon_rounds: int | None = None
+
+        # ---- resolved values and state -----------------------------------------------------
+        self.final: float | None = self.final_sparsity
+        self._targets: list[float] | None = None
+        self._resolve_targets()
+        self.rounds_done = 0
+        self.last_target = 0.0
+
+    # ---------------------------------------------------------------- resolution
+    @property
+    def needs_horizon(self) -> bool:
+        """Whether the number of rounds waits for the length of the run (`resolve_horizon`)."""
+        return (
+            self.schedule_name in _GRADUAL
+            and self.num_rounds_arg is None
+            and self.end is None
+            and self.rate is None
+            and self._horizon_rounds is None
+        )
+
+    def resolve_horizon(self, horizon: int) -> None:
+        """Spread the rounds of a gradual schedule over a run of ``horizon`` event points.
+
+        The rounds run every ``frequency`` from ``start`` up to (not including) the last
+        ``tail_fraction`` of the run after ``start``, which is left for fine-tuning: the last
+        round is at most ``start + ceil((1 - tail_fraction) * (horizon - start)) - 1``.
+
+        Args:
+            horizon: number of event points the run has (``max_epochs`` for epochs, the
+                estimated number of optimizer steps for steps).
+
+        Raises:
+            ValueError: if the run ends before ``start``.
+
+        Example:
+            >>> plan = RoundPlan(0.5, schedule="linear", interval="step", start=10, frequency=5)
+            >>> plan.resolve_horizon(50); plan.event_points  # rounds up to step 39
+            [10, 15, 20, 25, 30, 35]
+        """
+        if not self.needs_horizon:
+            return
+        horizon = check_int(horizon, "horizon", 1)
+        if horizon <= self.start:
+            raise ValueError(
+                f"Expected the run to last beyond `start`={self.start} {self.interval}s to "
+                f"spread the {self.schedule_name!r} rounds over it, but it has {horizon}; set "
+                "`num_rounds` or `end`, or train longer"
+            )
+        last = self.start + max(
+            0, math.ceil((1.0 - self.tail_fraction) * (horizon - self.start)) - 1
+        )
+        self._horizon_rounds = (last - self.start) // self.frequency + 1
+        self._resolve_targets()
+
+    def resolve_compression(self, total_params: int, prunable_params: int) -> None:
+        """Turn ``compression_ratio`` into the final sparsity of the prunable weights."""
+        if self.compression_ratio is None:
+            return
+        final = compression_ratio_to_sparsity(self.compression_ratio, total_params, prunable_params)
+        if self.initial_sparsity > final:
+            raise ValueError(
+                f"Expected `initial_sparsity` to be at most the sparsity {final:.6g} of "
+                f"`compression_ratio`={self.compression_ratio}, but got {self.initial_sparsity!r}"
+            )
+        self.final = final
+        self._resolve_targets()
+
+    def retarget(self, final_sparsity: float) -> None:
+        """Change the final sparsity, keeping the position (a resumed run with a new target).
+
+        Raises:
+            ValueError: if the new target is below what earlier rounds already pruned.
+        """
+        final = check_sparsity(final_sparsity, "final_sparsity")
+        if final < self.last_target - _TOL:
+            raise ValueError(
+                f"Expected `final_sparsity` to be at least the sparsity {self.last_target:.6g} "
+                f"already reached (masks only shrink), but got {final_sparsity!r}"
+            )
+        self.final = final
+        self._resolve_targets()
+
+    def _count(self) -> int | None:
+        if self.num_rounds_arg is not None:
+            return self.num_rounds_arg
+        if self._horizon_rounds is not None:
+            return self._horizon_rounds
+        if self.schedule_name == "one_shot":
+            return 1
+        if self.end is not None:
+            return (self.end - self.start) // self.frequency + 1
+        return None
+
+    def _resolve_targets(self) -> None:
+        if self.schedule_fn is not None or self.final is None:
+            self._targets = None
+            return
+        if self.rate is not None:
+            targets = geometric_values_from_rate(self.rate, self.final, self.initial_sparsity)
+        else:
+            n = self._count()
+            if n is None:
+                self._targets = None
+                return
+            targets = schedule_values(self.schedule_name, n, self.final, self.initial_sparsity)
+        check_sparsity_sequence(targets, "schedule")
+        self._targets = targets
+
+    # ---------------------------------------------------------------- the plan
+    @property
+    def num_rounds(self) -> int | None:
+        """Number of scheduled rounds (``None``: open-ended or not resolved yet)."""
+        if self._targets is not None:
+            return len(self._targets)
+        return self._count()
+
+    @property
+    def targets(self) -> list[float] | None:
+        """Cumulative target of every scheduled round (``None`` if not known yet)."""
+        return None if self._targets is None else list(self._targets)
+
+    @property
+    def event_points(self) -> list[int] | None:
+        """Epochs or steps at which the scheduled rounds run (``None`` if open-ended)."""
+        n = self.num_rounds
+        return None if n is None else [self.event_point(k) for k in range(n)]
+
+    @property
+    def complete(self) -> bool:
+        """Whether every scheduled round has run."""
+        n = self.num_rounds
+        return n is not None and self.rounds_done >= n
+
+    def event_point(self, k: int) -> int:
+        """Event point of round ``k`` (0-based)."""
+        return self.start + k * self.frequency
+
+    def target(self, k: int) -> float:
+        """Cumulative target of round ``k`` (0-based); a callable schedule is validated here.
+
+        Raises:
+            ValueError: if a callable schedule returns a value outside ``[0, 1)`` or below
+                the last target.
+            RuntimeError: if the plan still needs `resolve_horizon` or `resolve_compression`.
+        """
+        if self._targets is not None:
+            return self._targets[k]
+        if self.schedule_fn is None:
+            raise RuntimeError(
+                "The round plan is not resolved yet: it needs the length of the run "
+                "(`resolve_horizon`) or the parameter counts (`resolve_compression`)"
+            )
+        t = self.event_point(k)
+        value = self.schedule_fn(t)
+        if not is_real(value) or not 0.0 <= float(value) < 1.0:  # type: ignore[arg-type]
+            raise ValueError(
+                f"Expected the callable `schedule` to return a float in [0, 1), but "
+                f"schedule({t}) returned {value!r}"
+            )
+        if float(value) < self.last_target - _TOL:  # type: ignore[arg-type]
+            raise ValueError(
+                f"Expected the callable `schedule` to be non-decreasing, but schedule({t}) "
+                f"returned {value!r} after {self.last_target!r} (masks only shrink)"
+            )
+        return float(value)  # type: ignore[arg-type]
+
+    def due(self, now: int) -> bool:
+        """Whether the next round is due at event point ``now`` (catch-up rounds included)."""
+        if self.complete or self.needs_horizon:
+            return False
+        point = self.event_point(self.rounds_done)
+        if self.end is not None and point > self.end:
+            return False
+        return point <= now
+
+    def record_round(self, target: float, scheduled: bool = True) -> None:
+        """Advance the position after a round to ``target`` (``scheduled=False``: an extra one)."""
+        if scheduled:
+            self.rounds_done += 1
+        self.last_target = max(self.last_target, float(target))
+
+    def prevalidate(self, limit: int | None) -> None:
+        """Evaluate a callable schedule at every event point before ``limit`` (before training)."""
+        if self.schedule_fn is None:
+            return
+        n = self.num_rounds
+        if n is None:
+            if limit is None or limit < 0:
+                return
+            n = max(0, (limit - 1 - self.start) // self.frequency + 1)
+        check_sparsity_sequence([self.schedule_fn(self.event_point(k)) for k in range(n)])
+
+    def incomplete_message(self, limit: int | None, unit: str) -> str | None:
+        """A warning text if the last round falls at or after ``limit`` event points, else None.
+
+        Example:
+            >>> RoundPlan(0.5, num_rounds=3, interval="step", frequency=10).incomplete_message(
+            ...     15, "max_steps")
+            'IterativePruning: the last of 3 rounds is scheduled at step 20, but the run ends after max_steps=15; the schedule will not complete in this fit (2 of 3 rounds would run).'
+        """  # noqa: E501
+        points = self.event_points
+        if not points or limit is None or limit < 0 or points[-1] <= limit - 1:
+            return None
+        runs = sum(1 for p in points if p <= limit - 1)
+        return (
+            f"IterativePruning: the last of {len(points)} rounds is scheduled at "
+            f"{self.interval} {points[-1]}, but the run ends after {unit}={limit}; the schedule "
+            f"will not complete in this fit ({runs} of {len(points)} rounds would run)."
+        )
+
+    def warn_incomplete(self, limit: int | None, unit: str) -> None:
+        """Warn (``UserWarning``) when `incomplete_message` has something to say."""
+        message = self.incomplete_message(limit, unit)
+        if message is not None:
+            warnings.warn(message, UserWarning, stacklevel=3)
+
+    # ---------------------------------------------------------------- identity and state
+    def settings(self) -> dict[str, Any]:
+        """The plan's arguments as plain values (for logger configs).
+
+        Example:
+            >>> RoundPlan(0.5).settings()["schedule"]
+            'one_shot'
+        """
+        return {
+            "final_sparsity": self.final_sparsity,
+            "compression_ratio": self.compression_ratio,
+            "schedule": self.schedule_name,
+            "initial_sparsity": self.initial_sparsity,
+            "num_rounds": self.num_rounds,
+            "rate": self.rate,
+            "interval": self.interval,
+            "start": self.start,
+            "end": self.end,
+            "frequency": self.frequency,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position and resolved target as plain values."""
+        return {
+            "rounds_done": self.rounds_done,
+            "last_target": self.last_target,
+            "final_sparsity": self.final,
+            "num_rounds": self.num_rounds,
+            "horizon_rounds": self._horizon_rounds,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the position; a different saved final target keeps the new one (warned).
+
+        Raises:
+            ValueError: if the new final target is below the sparsity already reached.
+        """
+        self.rounds_done = int(state.get("rounds_done", 0))
+        self.last_target = float(state.get("last_target", 0.0))
+        horizon = state.get("horizon_rounds")
+        if horizon is not None and self.needs_horizon:
+            self._horizon_rounds = int(horizon)
+            self._resolve_targets()
+        saved = state.get("final_sparsity")
+        if saved is not None and self.final is not None and abs(float(saved) - self.final) > 1e-9:
+            self.retarget(self.final)
+            warnings.warn(
+                f"IterativePruning: the checkpoint was written with final sparsity {saved}, this "
+                f"callback targets {self.final}; continuing from round {self.rounds_done} with "
+                "the new target.",
+                UserWarning,
+                stacklevel=3,
+            )

@@ -1,0 +1,363 @@
+"""Argument validation: one helper per concept, one message shape.
+
+Every check raises at once with a message of the form
+``"Expected `name` to be <what>, but got <value>"`` (the argument's name, what is expected,
+and the value received), so that a wrong argument surfaces at construction or at fit start
+with a message that says how to fix it. The cores, the callbacks and the loss modules all
+use these helpers instead of each writing its own variant.
+
+Example:
+    >>> check_int(3, "num_rounds", minimum=1)
+    3
+    >>> check_sparsity(1.0, "final_sparsity")
+    Traceback (most recent call last):
+    ...
+    ValueError: Expected `final_sparsity` to be a float in [0, 1), but got 1.0
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_bool",
+    "check_callable",
+    "check_choice",
+    "check_each",
+    "check_int",
+    "check_labels",
+    "check_name_list",
+    "check_real",
+    "check_sparsity",
+    "is_int",
+    "is_real",
+]
+
+T = TypeVar("T")
+
+
+def is_int(value: object) -> bool:
+    """Whether ``value`` is a Python or NumPy integer (``bool`` excluded).
+
+    Example:
+        >>> is_int(3), is_int(True), is_int(3.0)
+        (True, False, False)
+    """
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a real number (int or float, NumPy scalars too; ``bool`` excluded).
+
+    Example:
+        >>> is_real(0.5), is_real(2), is_real(True), is_real("0.5")
+        (True, True, False, False)
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_int(
+    value: object,
+    name: str,
+    minimum: int | None = None,
+    *,
+    maximum: int | None = None,
+    allow_none: bool = False,
+) -> Any:
+    """Return ``value`` as an ``int`` (or ``None`` if allowed) after checking its range.
+
+    Args:
+        value: the argument.
+        name: the argument's name, for the message.
+        minimum: smallest allowed value (inclusive), or ``None``.
+        maximum: largest allowed value (inclusive), or ``None``.
+        allow_none: accept ``None`` (returned as is).
+
+    Returns:
+        ``int(value)``, or ``None``.
+
+    Raises:
+        ValueError: for a non-integer (``bool`` included) or a value out of range.
+
+    Example:
+        >>> check_int(None, "max_batches", 1, allow_none=True) is None
+        True
+        >>> check_int(0, "frequency", 1)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `frequency` to be an int >= 1, but got 0
+    """
+    if value is None and allow_none:
+        return None
+    ok = is_int(value)
+    if ok and minimum is not None and int(value) < minimum:  # type: ignore[call-overload]
+        ok = False
+    if ok and maximum is not None and int(value) > maximum:  # type: ignore[call-overload]
+        ok = False
+    if not ok:
+        if minimum is not None and maximum is not None:
+            what = f"an int in [{minimum}, {maximum}]"
+        elif minimum is not None:
+            what = f"an int >= {minimum}"
+        elif maximum is not None:
+            what = f"an int <= {maximum}"
+        else:
+            what = "an int"
+        if allow_none:
+            what += " or None"
+        raise ValueError(f"Expected `{name}` to be {what}, but got {value!r}")
+    return int(value)  # type: ignore[call-overload]
+
+
+def check_real(
+    value: object,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
+) -> Any:
+    """Return ``value`` as a finite ``float`` (or ``None`` if allowed) in the given interval.
+
+    Args:
+        value: the argument.
+        name: the argument's name.
+        low: lower bound or ``None``.
+        high: upper bound or ``None``.
+        low_open: exclude ``low`` itself.
+        high_open: exclude ``high`` itself.
+        allow_none: accept ``None``.
+
+    Returns:
+        ``float(value)``, or ``None``.
+
+    Raises:
+        ValueError: for a non-number, a non-finite number or one outside the interval.
+
+    Example:
+        >>> check_real(0.01, "dual_lr", low=0.0)
+        0.01
+        >>> check_real(0.0, "rate", low=0.0, high=1.0, low_open=True, high_open=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `rate` to be a finite float in (0, 1), but got 0.0
+    """
+    if value is None and allow_none:
+        return None
+    ok = is_real(value) and math.isfinite(float(value))  # type: ignore[arg-type]
+    if ok:
+        v = float(value)  # type: ignore[arg-type]
+        if low is not None and (v < low or (low_open and v == low)):
+            ok = False
+        if high is not None and (v > high or (high_open and v == high)):
+            ok = False
+    if not ok:
+        if low is not None and high is not None:
+            what = (
+                f"a finite float in {'(' if low_open else '['}{_fmt(low)}, "
+                f"{_fmt(high)}{')' if high_open else ']'}"
+            )
+        elif low is not None:
+            what = f"a finite float {'>' if low_open else '>='} {_fmt(low)}"
+        elif high is not None:
+            what = f"a finite float {'<' if high_open else '<='} {_fmt(high)}"
+        else:
+            what = "a finite float"
+        if allow_none:
+            what += " or None"
+        raise ValueError(f"Expected `{name}` to be {what}, but got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def check_sparsity(value: object, name: str = "sparsity", *, allow_none: bool = False) -> Any:
+    """Return a sparsity as a ``float`` in ``[0, 1)``: the one validator of sparsity values.
+
+    A sparsity of 1 would prune every weight, so it is excluded.
+
+    Example:
+        >>> check_sparsity(0.9, "final_sparsity")
+        0.9
+        >>> check_sparsity(float("nan"), "target")
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `target` to be a float in [0, 1), but got nan
+    """
+    if value is None and allow_none:
+        return None
+    if not is_real(value) or not 0.0 <= float(value) < 1.0:  # type: ignore[arg-type]
+        what = "a float in [0, 1)" + (" or None" if allow_none else "")
+        raise ValueError(f"Expected `{name}` to be {what}, but got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_bool(value: object, name: str) -> bool:
+    """Return ``value`` if it is a ``bool``.
+
+    Example:
+        >>> check_bool("yes", "log")
+        Traceback (most recent call last):
+        ...
+        TypeError: Expected `log` to be a bool, but got 'yes'
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"Expected `{name}` to be a bool, but got {value!r}")
+    return value
+
+
+def check_callable(value: T, name: str, *, allow_none: bool = True) -> T:
+    """Return ``value`` if it is callable (or ``None`` when allowed).
+
+    Example:
+        >>> check_callable(3, "loss_fn")
+        Traceback (most recent call last):
+        ...
+        TypeError: Expected `loss_fn` to be callable or None, but got 3
+    """
+    if value is None and allow_none:
+        return value
+    if not callable(value):
+        what = "callable" + (" or None" if allow_none else "")
+        raise TypeError(f"Expected `{name}` to be {what}, but got {value!r}")
+    return value
+
+
+def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``choices``.
+
+    Example:
+        >>> check_choice("epoch", "interval", ("epoch", "step"))
+        'epoch'
+        >>> check_choice("batch", "interval", ("epoch", "step"))
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `interval` to be one of ('epoch', 'step'), but got 'batch'
+    """
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"Expected `{name}` to be one of {tuple(choices)}, but got {value!r}")
+    return value
+
+
+def check_name_list(value: object, name: str) -> list[str] | None:
+    """Normalize an optional string, type, or list of strings/types to a list of strings.
+
+    Types are replaced by their class name (selection by module type).
+
+    Example:
+        >>> check_name_list(["Linear", torch.nn.Conv2d], "include_types")
+        ['Linear', 'Conv2d']
+        >>> check_name_list([3], "exclude_names")
+        Traceback (most recent call last):
+        ...
+        TypeError: Expected `exclude_names` to be a list of strings (class names or glob patterns), but got [3]
+    """  # noqa: E501
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, type):
+        return [value.__name__]
+    if isinstance(value, Sequence):
+        out: list[str] = []
+        for item in value:
+            if isinstance(item, str):
+                out.append(item)
+            elif isinstance(item, type):
+                out.append(item.__name__)
+            else:
+                raise TypeError(
+                    f"Expected `{name}` to be a list of strings (class names or glob "
+                    f"patterns), but got {list(value)!r}"
+                )
+        return out
+    raise TypeError(f"Expected `{name}` to be a string or a list of strings, but got {value!r}")
+
+
+def _is_integer_tensor(t: Tensor) -> bool:
+    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+
+
+def check_labels(
+    t: object,
+    name: str,
+    *,
+    upper: int | None = None,
+    n: int | None = None,
+    what: str = "labels",
+    upper_name: str | None = None,
+) -> Tensor:
+    """Check a 1-D integer tensor of ids in ``[0, upper)`` (class labels or group ids).
+
+    The one validator of label-like tensors: targets, group ids, predictions.
+
+    Args:
+        t: the tensor.
+        name: its name for the message (``targets``, ``groups``...).
+        upper: exclusive upper bound of the ids, or ``None``.
+        n: required length, or ``None``.
+        what: what the ids are ("class labels", "group ids").
+        upper_name: the argument that set ``upper`` (e.g. ``num_groups``), named in the message.
+
+    Returns:
+        The tensor (unchanged).
+
+    Raises:
+        TypeError: for a non-tensor.
+        ValueError: for a float/bool dtype, a wrong shape or an id out of range.
+
+    Example:
+        >>> check_labels(torch.tensor([0, 2]), "groups", upper=2, what="group ids",
+        ...              upper_name="num_groups")
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `groups` to hold group ids in [0, 2) (`num_groups`=2), but got 2
+        >>> check_labels(torch.tensor([0.0, 1.0]), "groups", what="group ids")
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `groups` to hold integer group ids, but got dtype torch.float32
+    """
+    if not isinstance(t, Tensor):
+        raise TypeError(
+            f"Expected `{name}` to be a torch.Tensor of {what}, but got {type(t).__name__}"
+        )
+    if not _is_integer_tensor(t):
+        raise ValueError(f"Expected `{name}` to hold integer {what}, but got dtype {t.dtype}")
+    if t.ndim != 1 or (n is not None and t.shape[0] != n):
+        shape = f"[{n}]" if n is not None else "[N]"
+        raise ValueError(
+            f"Expected `{name}` of shape {shape} (one per sample), but got shape {tuple(t.shape)}"
+        )
+    if t.numel():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0:
+            raise ValueError(f"Expected `{name}` to hold non-negative {what}, but got {lo}")
+        if upper is not None and hi >= upper:
+            source = f" (`{upper_name}`={upper})" if upper_name else ""
+            raise ValueError(
+                f"Expected `{name}` to hold {what} in [0, {upper}){source}, but got {hi}"
+            )
+    return t
+
+
+def check_each(values: Sequence[tuple[str, object]], check: Callable[[object, str], Any]) -> None:
+    """Apply ``check(value, name)`` to each ``(name, value)`` pair (a loop helper).
+
+    Example:
+        >>> check_each([("a", True), ("b", 1)], check_bool)
+        Traceback (most recent call last):
+        ...
+        TypeError: Expected `b` to be a bool, but got 1
+    """
+    for name, value in values:
+        check(value, name)
