@@ -22,7 +22,12 @@ from lightning_fairprune.diagnostics import (
 )
 from lightning_fairprune.logging import log_config, log_round, log_scalars, log_summary
 from lightning_fairprune.losses import GroupEqualizedLoss
-from lightning_fairprune.pruning.events import PruningEvent, PruningListener
+from lightning_fairprune.callbacks.events import (
+    Pruner,
+    PruningEvent,
+    PruningListener,
+    find_pruner,
+)
 from lightning_fairprune.pruning.masks import load_masks, save_masks, sparsity_report
 from lightning_fairprune.pruning.selection import select_parameters
 from lightning_fairprune.report import write_report
@@ -39,9 +44,11 @@ __all__ = [
     "GroupEqualizedLoss",
     "GroupEqualizer",
     "IterativePruning",
+    "Pruner",
     "PruningEvent",
     "PruningListener",
     "__version__",
+    "find_pruner",
     "group_gradient_norms",
     "group_hessian_trace",
     "intensification_alpha",

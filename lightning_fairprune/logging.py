@@ -18,11 +18,22 @@ measurement in their local history, which nothing here modifies.
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from lightning_fairprune.history import (
+    GROUP_TABLE_COLUMNS,
+    MOMENT_CODES,
+    check_record,
+    group_table,
+    number,
+    recall_curves,
+    record_scalars,
+    summary_values,
+    to_plain,
+)
 
 __all__ = [
     "GROUP_TABLE_COLUMNS",
@@ -39,25 +50,6 @@ __all__ = [
     "summary_values",
 ]
 
-#: Numeric code of each record moment, logged as ``fairprune/moment_code``.
-MOMENT_CODES: dict[str, int] = {
-    "dense": 0,
-    "after_round": 1,
-    "before_round": 2,
-    "periodic": 3,
-    "end": 4,
-}
-
-#: Per-group list fields of a history record logged as ``fairprune/<field>/g<a>``.
-_PER_GROUP_KEYS: tuple[str, ...] = (
-    "recall",
-    "intensification",
-    "excess_loss",
-    "grad_norm",
-    "hessian_trace",
-    "hessian_lambda_max",
-)
-
 _warned: set[int] = set()
 _warned_kinds: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 _warned_kinds_by_id: dict[int, set[str]] = {}
@@ -73,23 +65,12 @@ def is_global_zero(trainer: Any) -> bool:
     return bool(getattr(trainer, "is_global_zero", True))
 
 
-def _number(value: Any) -> float | None:
-    """``value`` as a finite float, or ``None`` (missing, NaN, inf or not a number)."""
-    if value is None or isinstance(value, (str, bytes)):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _finite_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in metrics.items():
-        number = _number(value)
-        if number is not None:
-            out[key] = number
+        value_ = number(value)
+        if value_ is not None:
+            out[key] = value_
     return out
 
 
@@ -174,290 +155,6 @@ def find_wandb_logger(trainer: Any) -> Any | None:
 
 
 # --------------------------------------------------------------------------------------
-# Pure helpers: history record -> scalars, tables, curves (no logger, no wandb)
-# --------------------------------------------------------------------------------------
-
-
-def _check_record(record: Any, name: str = "record") -> None:
-    if not isinstance(record, Mapping):
-        raise TypeError(
-            f"Expected `{name}` to be a dict (a FairnessMonitor history record), "
-            f"but got {type(record).__name__}"
-        )
-
-
-def _group_list(record: Mapping[str, Any], key: str) -> list[Any]:
-    values = record.get(key)
-    if values is None or isinstance(values, (str, bytes)):
-        return []
-    try:
-        return list(values)
-    except TypeError:
-        return []
-
-
-def _worst(values: Sequence[Any]) -> float | None:
-    finite = [v for v in (_number(x) for x in values) if v is not None]
-    return min(finite) if finite else None
-
-
-def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
-    """Flatten one history record into the ``fairprune/...`` scalars every logger gets.
-
-    Keys: ``fairprune/accuracy``, ``fairprune/alpha``, ``fairprune/sparsity``,
-    ``fairprune/worst_group_recall`` (lowest recall over groups with samples),
-    ``fairprune/moment_code`` (see `MOMENT_CODES`), ``fairprune/<field>/g<a>`` for
-    ``recall``, ``intensification``, ``excess_loss``, ``grad_norm``, ``hessian_trace`` and
-    ``hessian_lambda_max``, and ``fairprune/disparity/<quantity>/gap`` and ``.../ratio``.
-    Missing and non-finite values are left out (the record keeps them).
-
-    Args:
-        record: a `FairnessMonitor` history record (fields listed in the README).
-
-    Returns:
-        Key -> finite float.
-
-    Example:
-        >>> rec = {"moment": "after_round", "sparsity": 0.5, "accuracy": 0.9, "alpha": None,
-        ...        "recall": [0.95, 0.8, None], "intensification": [1.0, 2.0, None],
-        ...        "disparity": {"recall": {"gap": 0.15, "ratio": 1.1875}}}
-        >>> for key, value in sorted(record_scalars(rec).items()):
-        ...     print(key, value)
-        fairprune/accuracy 0.9
-        fairprune/disparity/recall/gap 0.15
-        fairprune/disparity/recall/ratio 1.1875
-        fairprune/intensification/g0 1.0
-        fairprune/intensification/g1 2.0
-        fairprune/moment_code 1.0
-        fairprune/recall/g0 0.95
-        fairprune/recall/g1 0.8
-        fairprune/sparsity 0.5
-        fairprune/worst_group_recall 0.8
-    """
-    _check_record(record)
-    out: dict[str, Any] = {
-        "fairprune/accuracy": record.get("accuracy"),
-        "fairprune/alpha": record.get("alpha"),
-        "fairprune/sparsity": record.get("sparsity"),
-        "fairprune/worst_group_recall": _worst(_group_list(record, "recall")),
-        "fairprune/moment_code": MOMENT_CODES.get(str(record.get("moment"))),
-    }
-    for key in _PER_GROUP_KEYS:
-        for group, value in enumerate(_group_list(record, key)):
-            out[f"fairprune/{key}/g{group}"] = value
-    disparity = record.get("disparity") or {}
-    if isinstance(disparity, Mapping):
-        for quantity, summary in disparity.items():
-            if isinstance(summary, Mapping):
-                for stat in ("gap", "ratio"):
-                    out[f"fairprune/disparity/{quantity}/{stat}"] = summary.get(stat)
-    return _finite_scalars(out)
-
-
-def _dense_record(history: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    for rec in reversed(list(history)):
-        if isinstance(rec, Mapping) and rec.get("moment") == "dense":
-            return rec
-    return None
-
-
-def _dense_norm_balance(
-    record: Mapping[str, Any], history: Sequence[Mapping[str, Any]]
-) -> list[float | None]:
-    """B̃ of the dense reference per group: from the dense record, else B̃ / I."""
-    dense = _dense_record(history)
-    if dense is not None and _group_list(dense, "norm_balance"):
-        return [_number(v) for v in _group_list(dense, "norm_balance")]
-    out: list[float | None] = []
-    ratios = _group_list(record, "intensification")
-    for group, nb in enumerate(_group_list(record, "norm_balance")):
-        nb_now = _number(nb)
-        ratio = _number(ratios[group]) if group < len(ratios) else None
-        out.append(nb_now / ratio if nb_now is not None and ratio else None)
-    return out
-
-
-#: Columns of the per-group table logged to W&B.
-GROUP_TABLE_COLUMNS: list[str] = [
-    "group",
-    "support",
-    "recall_dense",
-    "recall",
-    "norm_balance_dense",
-    "norm_balance",
-    "intensification",
-    "excess_loss",
-    "predicted_excess_loss",
-    "grad_norm",
-    "hessian_trace",
-    "hessian_lambda_max",
-]
-
-
-def group_table(
-    record: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = ()
-) -> tuple[list[str], list[list[Any]]]:
-    """Columns and rows of the per-group table of one record (``None`` where missing).
-
-    ``norm_balance_dense`` (B̃ of the dense model) comes from the last ``"dense"`` record
-    of ``history``; without one it is B̃ / I of this record.
-
-    Args:
-        record: a history record.
-        history: the records so far (only the dense reference is used).
-
-    Returns:
-        ``(GROUP_TABLE_COLUMNS, rows)``, one row per group.
-
-    Example:
-        >>> rec = {"num_groups": 2, "support": [10, 5], "recall": [0.9, 0.6],
-        ...        "recall_dense": [1.0, 0.8], "norm_balance": [0.125, -0.25],
-        ...        "intensification": [0.5, 2.0]}
-        >>> columns, rows = group_table(rec)
-        >>> dict(zip(columns, rows[1]))["norm_balance_dense"]
-        -0.125
-        >>> rows[0][:4]
-        [0, 10, 1.0, 0.9]
-    """
-    _check_record(record)
-    columns = list(GROUP_TABLE_COLUMNS)
-    fields = {
-        "support": _group_list(record, "support"),
-        "recall_dense": _group_list(record, "recall_dense"),
-        "recall": _group_list(record, "recall"),
-        "norm_balance_dense": _dense_norm_balance(record, history),
-        "norm_balance": _group_list(record, "norm_balance"),
-        "intensification": _group_list(record, "intensification"),
-        "excess_loss": _group_list(record, "excess_loss"),
-        "predicted_excess_loss": _group_list(record, "predicted_excess_loss"),
-        "grad_norm": _group_list(record, "grad_norm"),
-        "hessian_trace": _group_list(record, "hessian_trace"),
-        "hessian_lambda_max": _group_list(record, "hessian_lambda_max"),
-    }
-    num_groups = record.get("num_groups")
-    if not isinstance(num_groups, int):
-        num_groups = max((len(v) for v in fields.values()), default=0)
-    rows: list[list[Any]] = []
-    for group in range(num_groups):
-        row: list[Any] = [group]
-        for name in columns[1:]:
-            values = fields[name]
-            value = _number(values[group]) if group < len(values) else None
-            if name == "support" and value is not None:
-                value = int(value)
-            row.append(value)
-        rows.append(row)
-    return columns, rows
-
-
-def recall_curves(
-    history: Sequence[Mapping[str, Any]],
-) -> tuple[list[list[float]], list[list[float]], list[str]]:
-    """Per-group recall against sparsity, one point per sparsity level.
-
-    At each sparsity level the latest record with a recall wins (after fine-tuning when the
-    monitor measured both right after the round and later), so the curves are functions of
-    sparsity. Points where a group had no samples are left out of that group's series.
-
-    Args:
-        history: the records, oldest first.
-
-    Returns:
-        ``(xs, ys, keys)``: per group the sparsities, the recalls and the label ``"g<a>"``.
-
-    Example:
-        >>> hist = [{"sparsity": 0.0, "recall": [1.0, 0.9]},
-        ...         {"sparsity": 0.5, "recall": [0.9, 0.5]},
-        ...         {"sparsity": 0.5, "recall": [0.95, None]}]
-        >>> recall_curves(hist)
-        ([[0.0, 0.5], [0.0]], [[1.0, 0.95], [0.9]], ['g0', 'g1'])
-    """
-    latest: dict[float, Mapping[str, Any]] = {}
-    for rec in history:
-        if not isinstance(rec, Mapping):
-            continue
-        sparsity = _number(rec.get("sparsity"))
-        if sparsity is None or not _group_list(rec, "recall"):
-            continue
-        latest[sparsity] = rec
-    num_groups = max((len(_group_list(r, "recall")) for r in latest.values()), default=0)
-    xs: list[list[float]] = [[] for _ in range(num_groups)]
-    ys: list[list[float]] = [[] for _ in range(num_groups)]
-    for sparsity in sorted(latest):
-        for group, value in enumerate(_group_list(latest[sparsity], "recall")):
-            number = _number(value)
-            if number is not None:
-                xs[group].append(sparsity)
-                ys[group].append(number)
-    return xs, ys, [f"g{a}" for a in range(num_groups)]
-
-
-def summary_values(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """The run summary of a history: its last record's headline numbers.
-
-    Keys ``fairprune/final/<name>`` for ``sparsity``, ``accuracy``, ``worst_group_recall``,
-    ``alpha``, ``moment_code`` and ``disparity/<quantity>/gap|ratio``; plus
-    ``fairprune/dense/accuracy`` and ``fairprune/dense/worst_group_recall`` from the dense
-    reference, and ``fairprune/num_records``. Missing values are left out.
-
-    Args:
-        history: the records, oldest first.
-
-    Returns:
-        Key -> finite float (empty for an empty history).
-
-    Example:
-        >>> hist = [{"moment": "dense", "sparsity": 0.0, "accuracy": 0.95, "recall": [1.0, 0.9]},
-        ...         {"moment": "end", "sparsity": 0.9, "accuracy": 0.9, "recall": [0.95, 0.7],
-        ...          "alpha": 1.5}]
-        >>> s = summary_values(hist)
-        >>> s["fairprune/final/worst_group_recall"], s["fairprune/dense/accuracy"]
-        (0.7, 0.95)
-    """
-    records = [r for r in history if isinstance(r, Mapping)]
-    if not records:
-        return {}
-    out: dict[str, float] = {"fairprune/num_records": float(len(records))}
-    for key, value in record_scalars(records[-1]).items():
-        name = key.removeprefix("fairprune/")
-        if name.split("/")[0] in _PER_GROUP_KEYS:
-            continue
-        out[f"fairprune/final/{name}"] = value
-    dense = _dense_record(records)
-    if dense is not None:
-        scalars = record_scalars(dense)
-        for name in ("accuracy", "worst_group_recall"):
-            if f"fairprune/{name}" in scalars:
-                out[f"fairprune/dense/{name}"] = scalars[f"fairprune/{name}"]
-    return out
-
-
-def _plain(value: Any, depth: int = 0) -> Any:
-    """A JSON-friendly copy of ``value`` (callables by name, tensors as lists)."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if depth > 6:
-        return repr(value)
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
-        return [_plain(v, depth + 1) for v in items]
-    if isinstance(value, type):
-        return f"{value.__module__}.{value.__qualname__}"
-    tolist = getattr(value, "tolist", None)
-    if callable(tolist) and getattr(value, "numel", lambda: 2**20)() <= 64:
-        return _plain(tolist(), depth + 1)
-    if callable(value):
-        name = getattr(value, "__qualname__", None) or type(value).__qualname__
-        module = getattr(value, "__module__", None)
-        return f"{module}.{name}" if module else str(name)
-    return repr(value)
-
-
-# --------------------------------------------------------------------------------------
 # Logging entry points
 # --------------------------------------------------------------------------------------
 
@@ -516,7 +213,7 @@ def _wandb_media(record: Mapping[str, Any], history: Sequence[Mapping[str, Any]]
         if row[idx["norm_balance_dense"]] is not None and row[idx["norm_balance"]] is not None
     ]
     if points:
-        alpha = _number(record.get("alpha"))
+        alpha = number(record.get("alpha"))
         alpha_text = f"{alpha:.3f}" if alpha is not None else "n/a"
         scatter_table = wandb.Table(
             columns=["group", "norm_balance_dense", "norm_balance"], data=points
@@ -561,7 +258,7 @@ def log_round(
         >>> step, metrics["fairprune/recall/g0"], metrics["fairprune/worst_group_recall"]
         (7, 0.5, 0.5)
     """
-    _check_record(record)
+    check_record(record)
     if not is_global_zero(trainer):
         return
     step = int(getattr(trainer, "global_step", 0))
@@ -664,7 +361,7 @@ def log_config(trainer: Any, name: str, settings: Mapping[str, Any]) -> None:
     if run is None:
         return
     try:
-        run.config.update({f"fairprune/{name}": _plain(settings)}, allow_val_change=True)
+        run.config.update({f"fairprune/{name}": to_plain(settings)}, allow_val_change=True)
     except Exception as err:
         _warn_once(
             logger,

@@ -1,8 +1,9 @@
 """Compare pruning runs from their local histories: PNG plots and a text table, no W&B needed.
 
 Every `FairnessMonitor` writes its measurements, one JSON record per line, to
-``fairprune_history.jsonl`` in the run's log directory. This module reads those files from
-one or many run directories (searched recursively) and writes:
+``fairprune_history.jsonl`` in the run's log directory (``fairprune_history-<name>.jsonl``
+for a monitor with a ``name``; each monitor is reported as its own run). This module reads
+those files from one or many run directories (searched recursively) and writes:
 
 * ``<run>_recall_vs_sparsity.png``: per-group recall against sparsity (one per run);
 * ``<run>_overview.png``: per-group recall, accuracy and worst-group recall, the
@@ -38,17 +39,43 @@ Exit status: 0 when every run directory was reported; 1 when some had no readabl
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import re
 import sys
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_fairprune.logging import recall_curves
+from lightning_fairprune.history import (
+    HISTORY_FILENAME,
+    HISTORY_GLOB,
+    dense_record,
+    disparity_stat,
+    group_list,
+    latest_per_sparsity,
+    number,
+    read_history,
+    recall_curves,
+    worst_group,
+)
+
+
+def _group_values(record: Mapping[str, Any], key: str) -> list[float | None]:
+    return [number(v) for v in group_list(record, key)]
+
+
+def _curve(records: Sequence[Mapping[str, Any]], getter: Any) -> tuple[list[float], list[float]]:
+    """``getter(record)`` against sparsity; the latest record at each sparsity level."""
+    latest = latest_per_sparsity(records)
+    xs: list[float] = []
+    ys: list[float] = []
+    for sparsity in sorted(latest):
+        value = getter(latest[sparsity])
+        if value is not None:
+            xs.append(sparsity)
+            ys.append(value)
+    return xs, ys
+
 
 __all__ = [
     "HISTORY_FILENAME",
@@ -63,9 +90,6 @@ __all__ = [
     "summarize_run",
     "write_report",
 ]
-
-#: Name of the history file the `FairnessMonitor` writes into the run's log directory.
-HISTORY_FILENAME = "fairprune_history.jsonl"
 
 
 @dataclass
@@ -91,69 +115,6 @@ class Report:
     table: str
     figures: list[Path]
     errors: list[str]
-
-
-def _number(value: Any) -> float | None:
-    if value is None or isinstance(value, (str, bytes, bool)):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def read_history(path: str | Path) -> list[dict[str, Any]]:
-    r"""Read a JSON-lines history, skipping (with a warning naming file:line) bad lines.
-
-    Blank lines are ignored; a line that is not valid JSON or not a JSON object is skipped
-    with a `UserWarning` of the form ``"<path>:<line>: ..."``; the rest is kept.
-
-    Args:
-        path: a ``fairprune_history.jsonl`` file.
-
-    Returns:
-        The records, in file order.
-
-    Example:
-        >>> import tempfile, warnings
-        >>> from pathlib import Path
-        >>> f = Path(tempfile.mkdtemp()) / "fairprune_history.jsonl"
-        >>> _ = f.write_text('{"sparsity": 0.0}\n{"spars\n\n{"sparsity": 0.5}\n')
-        >>> with warnings.catch_warnings(record=True) as caught:
-        ...     warnings.simplefilter("always")
-        ...     records = read_history(f)
-        >>> records, str(caught[0].message).endswith("jsonl:2: skipped a corrupted line "
-        ...                                          "(not valid JSON: Unterminated string "
-        ...                                          "starting at: line 1 column 2 (char 1))")
-        ([{'sparsity': 0.0}, {'sparsity': 0.5}], True)
-    """
-    path = Path(path)
-    records: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            text = line.strip()
-            if not text:
-                continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as err:
-                warnings.warn(
-                    f"{path}:{lineno}: skipped a corrupted line (not valid JSON: {err})",
-                    UserWarning,
-                    stacklevel=2,
-                )
-                continue
-            if not isinstance(value, dict):
-                warnings.warn(
-                    f"{path}:{lineno}: skipped a line that is not a JSON object "
-                    f"(got {type(value).__name__})",
-                    UserWarning,
-                    stacklevel=2,
-                )
-                continue
-            records.append(value)
-    return records
 
 
 def find_histories(run_dir: str | Path) -> list[Path]:
@@ -182,7 +143,7 @@ def find_histories(run_dir: str | Path) -> list[Path]:
         raise FileNotFoundError(f"Expected `run_dir` to be an existing directory, got {run_dir}")
     if run_dir.is_file():
         return [run_dir]
-    return sorted(run_dir.rglob(HISTORY_FILENAME))
+    return sorted(run_dir.rglob(HISTORY_GLOB))
 
 
 def load_runs(run_dirs: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
@@ -224,70 +185,29 @@ def load_runs(run_dirs: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
             if not records:
                 errors.append(f"{file}: no readable record")
                 continue
-            base = root.resolve().name or str(root)
-            if re.fullmatch(r"version_\d+", base):  # a Lightning log dir: name its experiment
-                base = f"{root.resolve().parent.name}/{base}"
-            if root.is_dir() and len(files) > 1:
-                base = f"{base}/{file.parent.relative_to(root).as_posix()}"
-            name, k = base, 2
-            while name in used:
-                name, k = f"{base}-{k}", k + 1
-            used.add(name)
-            runs.append(Run(name=name, path=file, records=records))
+            by_monitor: dict[Any, list[dict[str, Any]]] = {}
+            for record in records:  # files of older versions may mix monitors
+                by_monitor.setdefault(record.get("monitor"), []).append(record)
+            for monitor, monitor_records in by_monitor.items():
+                base = root.resolve().name or str(root)
+                if re.fullmatch(r"version_\d+", base):  # a Lightning log dir: its experiment
+                    base = f"{root.resolve().parent.name}/{base}"
+                relative = file.parent.relative_to(root).as_posix() if root.is_dir() else "."
+                if root.is_dir() and len(files) > 1 and relative != ".":
+                    base = f"{base}/{relative}"
+                if monitor is not None:
+                    base = f"{base} [{monitor}]"
+                name, k = base, 2
+                while name in used:
+                    name, k = f"{base}-{k}", k + 1
+                used.add(name)
+                runs.append(Run(name=name, path=file, records=monitor_records))
     return runs, errors
 
 
 # --------------------------------------------------------------------------------------
 # Numbers
 # --------------------------------------------------------------------------------------
-
-
-def _group_values(record: Mapping[str, Any], key: str) -> list[float | None]:
-    values = record.get(key)
-    if not isinstance(values, (list, tuple)):
-        return []
-    return [_number(v) for v in values]
-
-
-def _disparity(record: Mapping[str, Any], quantity: str, stat: str = "gap") -> float | None:
-    """A disparity statistic of a record: from its summary, else from the per-group list."""
-    summary = (record.get("disparity") or {}).get(quantity)
-    if isinstance(summary, Mapping) and _number(summary.get(stat)) is not None:
-        return _number(summary.get(stat))
-    values = [v for v in _group_values(record, quantity) if v is not None]
-    if not values:
-        return None
-    if stat == "gap":
-        return max(values) - min(values)
-    if stat == "ratio":
-        return max(values) / min(values) if min(values) > 0 else None
-    return None
-
-
-def _worst_group(record: Mapping[str, Any]) -> tuple[int | None, float | None]:
-    recall = _group_values(record, "recall")
-    present = [(v, g) for g, v in enumerate(recall) if v is not None]
-    if not present:
-        return None, None
-    value, group = min(present)
-    return group, value
-
-
-def _curve(records: Sequence[Mapping[str, Any]], getter: Any) -> tuple[list[float], list[float]]:
-    """``getter(record)`` against sparsity; the latest record at each sparsity level."""
-    latest: dict[float, Mapping[str, Any]] = {}
-    for record in records:
-        sparsity = _number(record.get("sparsity"))
-        if sparsity is not None:
-            latest[sparsity] = record
-    xs: list[float] = []
-    ys: list[float] = []
-    for sparsity in sorted(latest):
-        value = getter(latest[sparsity])
-        if value is not None:
-            xs.append(sparsity)
-            ys.append(value)
-    return xs, ys
 
 
 def summarize_run(run: Run) -> dict[str, Any]:
@@ -306,22 +226,22 @@ def summarize_run(run: Run) -> dict[str, Any]:
         (0.9, 2.0)
     """
     final = run.final
-    dense = next((r for r in run.records if r.get("moment") == "dense"), None)
-    group, worst = _worst_group(final)
+    dense = dense_record(run.records)
+    group, worst = worst_group(final)
     return {
         "run": run.name,
         "records": len(run.records),
         "rounds": final.get("round"),
-        "sparsity": _number(final.get("sparsity")),
-        "accuracy": _number(final.get("accuracy")),
-        "dense_accuracy": _number(dense.get("accuracy")) if dense else None,
+        "sparsity": number(final.get("sparsity")),
+        "accuracy": number(final.get("accuracy")),
+        "dense_accuracy": number(dense.get("accuracy")) if dense else None,
         "worst_group": group,
         "worst_group_recall": worst,
-        "dense_worst_group_recall": _worst_group(dense)[1] if dense else None,
-        "recall_gap": _disparity(final, "recall"),
-        "alpha": _number(final.get("alpha")),
-        "grad_norm_gap": _disparity(final, "grad_norm"),
-        "hessian_trace_gap": _disparity(final, "hessian_trace"),
+        "dense_worst_group_recall": worst_group(dense)[1] if dense else None,
+        "recall_gap": disparity_stat(final, "recall"),
+        "alpha": number(final.get("alpha")),
+        "grad_norm_gap": disparity_stat(final, "grad_norm"),
+        "hessian_trace_gap": disparity_stat(final, "hessian_trace"),
     }
 
 
@@ -342,9 +262,7 @@ def pareto_best(points: Sequence[tuple[float | None, float | None]]) -> list[boo
         >>> pareto_best([(0.5, 0.9), (0.9, 0.8), (0.9, 0.7), (0.5, 0.9), (0.7, None)])
         [True, True, False, True, False]
     """
-    clean = [
-        (x, y) if _number(x) is not None and _number(y) is not None else None for x, y in points
-    ]
+    clean = [(x, y) if number(x) is not None and number(y) is not None else None for x, y in points]
     flags = []
     for i, p in enumerate(clean):
         if p is None:
@@ -449,7 +367,7 @@ def _safe(name: str) -> str:
 
 def _plot_group_recall(ax: Any, run: Run) -> None:
     xs, ys, keys = recall_curves(run.records)
-    dense = next((r for r in run.records if r.get("moment") == "dense"), run.records[0])
+    dense = dense_record(run.records) or run.records[0]
     support = _group_values(dense, "support")
     for group, (x, y) in enumerate(zip(xs, ys, strict=True)):
         if not x:
@@ -473,8 +391,8 @@ def _after_round(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]
 def _plot_accuracy(ax: Any, run: Run) -> None:
     immediate = _after_round(run.records)
     for label, getter, color in (
-        ("accuracy", lambda r: _number(r.get("accuracy")), "tab:blue"),
-        ("worst-group recall", lambda r: _worst_group(r)[1], "tab:orange"),
+        ("accuracy", lambda r: number(r.get("accuracy")), "tab:blue"),
+        ("worst-group recall", lambda r: worst_group(r)[1], "tab:orange"),
     ):
         x, y = _curve(run.records, getter)
         ax.plot(x, y, "-", color=color, marker="o", markersize=3, label=label)
@@ -490,10 +408,10 @@ def _plot_accuracy(ax: Any, run: Run) -> None:
 
 def _plot_alpha(ax: Any, runs: Sequence[Run], immediate: bool = False) -> None:
     for run in runs:
-        x, y = _curve(run.records, lambda r: _number(r.get("alpha")))
+        x, y = _curve(run.records, lambda r: number(r.get("alpha")))
         if x:
             (line,) = ax.plot(x, y, marker="o", markersize=3, label=run.name)
-        x, y = _curve(_after_round(run.records), lambda r: _number(r.get("alpha")))
+        x, y = _curve(_after_round(run.records), lambda r: number(r.get("alpha")))
         if immediate and x:
             ax.plot(x, y, ":", marker="x", markersize=4, color=line.get_color(),
                     label="right after each round")  # fmt: skip
@@ -506,9 +424,9 @@ def _plot_alpha(ax: Any, runs: Sequence[Run], immediate: bool = False) -> None:
         ax.legend(fontsize=7)
 
 
-def _plot_disparity(ax: Any, runs: Sequence[Run], quantity: str, title: str) -> None:
+def _plotdisparity_stat(ax: Any, runs: Sequence[Run], quantity: str, title: str) -> None:
     for run in runs:
-        x, y = _curve(run.records, lambda r: _disparity(r, quantity))
+        x, y = _curve(run.records, lambda r: disparity_stat(r, quantity))
         if x:
             ax.plot(x, y, marker="o", markersize=3, label=run.name)
     ax.set_xlabel("sparsity")
@@ -540,7 +458,7 @@ def _plot_run(run: Run, out: Path, figures: list[Path]) -> None:
         (ax, "grad_norm", "gradient norm (left axis)", "tab:blue"),
         (ax.twinx(), "hessian_trace", "Hessian trace (right axis)", "tab:red"),
     ):
-        x, y = _curve(run.records, lambda r, q=quantity: _disparity(r, q))
+        x, y = _curve(run.records, lambda r, q=quantity: disparity_stat(r, q))
         if x:
             handles += axis.plot(x, y, marker="o", markersize=3, color=color, label=label)
         axis.set_ylabel(f"{quantity.replace('_', ' ')}: max - min over groups", fontsize=8)
@@ -556,8 +474,8 @@ def _plot_run(run: Run, out: Path, figures: list[Path]) -> None:
 def _plot_comparison(runs: Sequence[Run], rows: Sequence[Mapping[str, Any]], out: Path) -> Any:
     fig, axes = _figure(2, 1, size=(11.0, 4.5))
     panels = (
-        ("accuracy", lambda r: _number(r.get("accuracy")), "pareto_accuracy"),
-        ("worst-group recall", lambda r: _worst_group(r)[1], "pareto_wgr"),
+        ("accuracy", lambda r: number(r.get("accuracy")), "pareto_accuracy"),
+        ("worst-group recall", lambda r: worst_group(r)[1], "pareto_wgr"),
     )
     for ax, (label, getter, flag) in zip(axes[0], panels, strict=True):
         for run, row in zip(runs, rows, strict=True):
@@ -637,7 +555,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Report:
         ),
         strict=True,
     ):
-        _plot_disparity(ax, runs, quantity, title)
+        _plotdisparity_stat(ax, runs, quantity, title)
     _save(fig, out / "disparity_vs_sparsity.png", figures)
     _save(_plot_comparison(runs, rows, out), out / "comparison.png", figures)
 

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import Logger
 
 from lightning_fairprune.callbacks.equalizer import GroupEqualizer
 from lightning_fairprune.losses import GroupEqualizedLoss
-from lightning_fairprune.pruning.events import PruningEvent
+from lightning_fairprune.callbacks.events import PruningEvent
 
 MINORITY = torch.tensor([3, 8])
 

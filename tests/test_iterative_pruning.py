@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from lightning_fairprune.callbacks.pruning import IterativePruning
-from lightning_fairprune.pruning.events import PruningEvent
+from lightning_fairprune.callbacks.events import PruningEvent
 
 PRUNABLE = ["features.0.weight", "features.2.weight", "fc.weight"]
 

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_fairprune import logging as fp_logging
-from lightning_fairprune.pruning.events import PruningEvent
+from lightning_fairprune.callbacks.events import PruningEvent
 
 __all__ = ["HISTORY_FILENAME", "MOMENTS", "FairnessMonitor", "preserve_training_state"]
 

@@ -11,7 +11,6 @@ from lightning_fairprune.pruning.criteria import (
     random_scores,
     undecayed_scores,
 )
-from lightning_fairprune.pruning.events import PruningEvent, PruningListener
 from lightning_fairprune.pruning.masks import (
     MaskEnforcer,
     apply_masks,
@@ -33,8 +32,6 @@ __all__ = [
     "CRITERIA",
     "NEEDS_GRADIENTS",
     "MaskEnforcer",
-    "PruningEvent",
-    "PruningListener",
     "apply_masks",
     "check_masks_fit",
     "compute_scores",

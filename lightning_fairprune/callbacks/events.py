@@ -1,0 +1,151 @@
+"""The pruning-round protocol between callbacks: the event, the listener and the pruner.
+
+`IterativePruning` announces every pruning round to every other callback attached to the
+`Trainer` that defines the listener hooks (no subclassing needed):
+
+* ``on_before_pruning_round(trainer, pl_module, event)``: the masks of this round are about
+  to be computed and applied; the weights are still those of the model before the round
+  (for round 0, the dense model θ*). `FairnessMonitor` measures its dense reference here.
+* ``on_pruning_round(trainer, pl_module, event)``: the masks have been applied; the weights
+  are those of the pruned model θ̄.
+
+Both receive the same `PruningEvent`, a plain dataclass (serializable with `to_dict`).
+
+Other callbacks find the pruner through the declared, runtime-checkable `Pruner` protocol
+(`find_pruner`), not by class name: any callback with ``masks``, ``rounds_done``,
+``current_sparsity`` and ``parameter_names`` is a pruner to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor
+
+__all__ = ["Pruner", "PruningEvent", "PruningListener", "find_pruner", "pruning_has_started"]
+
+
+@dataclass(frozen=True)
+class PruningEvent:
+    """What happened (or is about to happen) in one pruning round.
+
+    Attributes:
+        round_index: 0-based index of the round (scheduled and extra rounds counted together).
+        num_rounds: total number of rounds the schedule plans (``None`` if open-ended).
+        target_sparsity: cumulative fraction of prunable weights that are zero after the round.
+        previous_sparsity: cumulative fraction of prunable weights zero before the round.
+        epoch: ``trainer.current_epoch`` when the round ran.
+        global_step: ``trainer.global_step`` (optimizer steps) when the round ran.
+        criterion: name of the criterion (``"magnitude"``, ``"gradient"``, ...).
+        parameter_names: fully-qualified names of the pruned parameters.
+        realized_sparsity: fraction of prunable weights actually zero after the round
+            (``None`` in ``on_before_pruning_round``).
+        layer_sparsity: per-parameter realized sparsity, keyed by fully-qualified name
+            (empty in ``on_before_pruning_round``).
+        rewound: whether the surviving weights were rewound (lottery-ticket style) in this
+            round (always ``False`` in ``on_before_pruning_round``).
+
+    Example:
+        >>> event = PruningEvent(round_index=0, num_rounds=3, target_sparsity=0.5,
+        ...                      previous_sparsity=0.0, epoch=1, global_step=40,
+        ...                      criterion="magnitude", parameter_names=("0.weight",))
+        >>> event.to_dict()["target_sparsity"], event.parameter_names
+        (0.5, ('0.weight',))
+    """
+
+    round_index: int
+    num_rounds: int | None
+    target_sparsity: float
+    previous_sparsity: float
+    epoch: int
+    global_step: int
+    criterion: str
+    parameter_names: tuple[str, ...] = ()
+    realized_sparsity: float | None = None
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    rewound: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the event as a dict of plain Python values."""
+        out = asdict(self)
+        out["parameter_names"] = list(self.parameter_names)
+        return out
+
+
+class PruningListener:
+    """Documentation base of the hooks `IterativePruning` calls on other callbacks.
+
+    Callbacks do not need to inherit from this class; defining methods with these names is
+    enough. It exists so that the protocol is written down in one place.
+    """
+
+    def on_before_pruning_round(self, trainer: Any, pl_module: Any, event: PruningEvent) -> None:
+        """Called before the masks of a round are computed (weights are pre-round)."""
+
+    def on_pruning_round(self, trainer: Any, pl_module: Any, event: PruningEvent) -> None:
+        """Called after the masks of a round are applied (weights are pruned)."""
+
+
+@runtime_checkable
+class Pruner(Protocol):
+    """What other callbacks may rely on in a pruning callback.
+
+    `IterativePruning` implements it; a custom pruning callback that has these four
+    attributes is found by `FairnessMonitor` and `GroupEqualizer` as well.
+
+    Example:
+        >>> class MyPruner:
+        ...     masks, rounds_done, current_sparsity, parameter_names = {}, 0, 0.0, ["w"]
+        >>> isinstance(MyPruner(), Pruner), isinstance(object(), Pruner)
+        (True, False)
+    """
+
+    @property
+    def masks(self) -> Mapping[str, Tensor]:
+        """Current keep-masks by parameter name (empty before the first round)."""
+        ...
+
+    @property
+    def rounds_done(self) -> int:
+        """Number of scheduled rounds run so far."""
+        ...
+
+    @property
+    def current_sparsity(self) -> float:
+        """Realized fraction of the prunable weights that are pruned."""
+        ...
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Names of the prunable parameters."""
+        ...
+
+
+def find_pruner(trainer: Any) -> Pruner | None:
+    """The first callback of ``trainer`` that implements `Pruner`, or ``None``.
+
+    Example:
+        >>> class T: callbacks = [object()]
+        >>> find_pruner(T()) is None
+        True
+    """
+    for callback in getattr(trainer, "callbacks", None) or []:
+        if isinstance(callback, Pruner):
+            return callback
+    return None
+
+
+def pruning_has_started(trainer: Any) -> bool:
+    """Whether the trainer's pruner has run at least one scheduled round.
+
+    Example:
+        >>> class P:
+        ...     masks, rounds_done, current_sparsity, parameter_names = {}, 1, 0.5, []
+        >>> class T: callbacks = [P()]
+        >>> pruning_has_started(T())
+        True
+    """
+    pruner = find_pruner(trainer)
+    return pruner is not None and int(pruner.rounds_done) > 0

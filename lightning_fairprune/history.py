@@ -1,0 +1,691 @@
+"""The measurement record's one home: its fields, construction, file and derived views.
+
+A *record* is one `FairnessMonitor` measurement as plain JSON values (a ``dict``): when it
+was taken (``moment``, ``round``, ``epoch``, ``global_step``, ``sparsity``), per-group lists
+(``support``, ``recall``, ``loss``, ``grad_norm``, ``hessian_trace``...) and the quantities
+relative to the dense reference (``recall_dense``, ``intensification``, ``alpha``,
+``excess_loss``). The README lists every field.
+
+This module builds records from a measurement (`make_record`, `fill_relative`), converts
+values to plain JSON (`to_plain`), appends/reads the JSON-lines history file (`HistoryFile`,
+`read_history`, tolerant of corrupted lines), and derives every view the loggers and the
+report show (`record_scalars`, `group_table`, `recall_curves`, `summary_values`,
+`latest_per_sparsity`). It imports no Lightning and no logger: `logging`, `report` and the
+monitor import it, so a new record field touches this file and its test only.
+
+Rules that hold everywhere:
+
+* **the dense record** of a history is its *last* ``"dense"`` record (the reference the monitor
+  measured against most recently);
+* **curves over sparsity** keep, at each sparsity level, the *latest* record (after
+  fine-tuning when the monitor measured both right after the round and later);
+* **history files** are ``fairprune_history.jsonl``, or ``fairprune_history-<name>.jsonl`` for
+  a monitor with a ``name`` (two monitors never share a file); every record carries its
+  monitor's name in ``"monitor"``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GROUP_TABLE_COLUMNS",
+    "HISTORY_FILENAME",
+    "HISTORY_GLOB",
+    "MOMENTS",
+    "MOMENT_CODES",
+    "PER_GROUP_KEYS",
+    "HistoryFile",
+    "check_record",
+    "dense_record",
+    "dense_reference",
+    "disparity_stat",
+    "fill_relative",
+    "group_list",
+    "group_table",
+    "history_filename",
+    "latest_per_sparsity",
+    "make_record",
+    "number",
+    "qualified_name",
+    "read_history",
+    "recall_curves",
+    "record_scalars",
+    "summary_values",
+    "to_plain",
+    "worst_group",
+]
+
+#: Default file name of the JSON-lines history, written in the run's log directory.
+HISTORY_FILENAME = "fairprune_history.jsonl"
+
+#: Pattern matching every history file name (named monitors included).
+HISTORY_GLOB = "fairprune_history*.jsonl"
+
+#: The moments a record can be taken at, in the order they can happen in a round.
+MOMENTS: tuple[str, ...] = ("dense", "after_round", "before_round", "periodic", "end")
+
+#: Numeric code of each record moment, logged as ``fairprune/moment_code``.
+MOMENT_CODES: dict[str, int] = {moment: code for code, moment in enumerate(MOMENTS)}
+
+#: Per-group list fields of a record logged as ``fairprune/<field>/g<a>``.
+PER_GROUP_KEYS: tuple[str, ...] = (
+    "recall",
+    "intensification",
+    "excess_loss",
+    "grad_norm",
+    "hessian_trace",
+    "hessian_lambda_max",
+)
+
+#: Columns of the per-group table (W&B table, report).
+GROUP_TABLE_COLUMNS: list[str] = [
+    "group",
+    "support",
+    "recall_dense",
+    "recall",
+    "norm_balance_dense",
+    "norm_balance",
+    "intensification",
+    "excess_loss",
+    "predicted_excess_loss",
+    "grad_norm",
+    "hessian_trace",
+    "hessian_lambda_max",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# plain values
+# --------------------------------------------------------------------------------------------
+def qualified_name(value: Any) -> str | None:
+    """``module.qualname`` of a callable (its type's for other objects); ``None`` stays.
+
+    Example:
+        >>> qualified_name(math.sqrt), qualified_name(None)
+        ('math.sqrt', None)
+    """
+    if value is None:
+        return None
+    target = value if callable(value) and hasattr(value, "__qualname__") else type(value)
+    module = getattr(target, "__module__", None)
+    name = getattr(target, "__qualname__", None) or type(target).__qualname__
+    return f"{module}.{name}" if module else str(name)
+
+
+def to_plain(value: Any, _depth: int = 0) -> Any:
+    """A JSON-safe copy: tensors and NumPy values as numbers/lists, NaN/inf as ``None``.
+
+    Containers become dicts (string keys) and lists; types and other callables become their
+    qualified names; anything else its ``repr``. Used for records, checkpoint state and
+    logger configs alike.
+
+    Example:
+        >>> to_plain({"a": torch.tensor([1.0, float("nan")]), 2: (3, math.inf), "f": math.sqrt})
+        {'a': [1.0, None], '2': [3, None], 'f': 'math.sqrt'}
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if _depth > 8:
+        return repr(value)
+    if isinstance(value, Tensor):
+        value = value.detach().cpu()
+        return to_plain(value.item() if value.ndim == 0 else value.tolist(), _depth + 1)
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v, _depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v, _depth + 1) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return [to_plain(v, _depth + 1) for v in sorted(value, key=repr)]
+    if isinstance(value, type) or callable(value):
+        return qualified_name(value)
+    item = getattr(value, "item", None)  # NumPy scalars
+    if callable(item) and getattr(value, "ndim", None) == 0:
+        return to_plain(item(), _depth + 1)
+    tolist = getattr(value, "tolist", None)  # NumPy arrays
+    if callable(tolist):
+        return to_plain(tolist(), _depth + 1)
+    return repr(value)
+
+
+def number(value: Any) -> float | None:
+    """``value`` as a finite float, or ``None`` (missing, NaN, inf, bool or not a number).
+
+    Example:
+        >>> number("0.5"), number(None), number(float("nan")), number(2)
+        (None, None, None, 2.0)
+    """
+    if value is None or isinstance(value, (str, bytes, bool)):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def group_list(record: Mapping[str, Any], key: str) -> list[Any]:
+    """The per-group list ``record[key]`` (empty when missing or not a list).
+
+    Example:
+        >>> group_list({"recall": [0.5, None]}, "recall"), group_list({}, "recall")
+        ([0.5, None], [])
+    """
+    values = record.get(key)
+    if values is None or isinstance(values, (str, bytes, Mapping)):
+        return []
+    try:
+        return list(values)
+    except TypeError:
+        return []
+
+
+def check_record(record: Any, name: str = "record") -> None:
+    """Raise ``TypeError`` unless ``record`` is a mapping (a history record)."""
+    if not isinstance(record, Mapping):
+        raise TypeError(
+            f"Expected `{name}` to be a dict (a FairnessMonitor history record), "
+            f"but got {type(record).__name__}"
+        )
+
+
+def _f64(values: Sequence[Any]) -> Tensor:
+    return torch.tensor(
+        [math.nan if number(v) is None else float(v) for v in values], dtype=torch.float64
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# construction
+# --------------------------------------------------------------------------------------------
+def make_record(
+    measurement: Any,
+    *,
+    moment: str,
+    round_index: int,
+    epoch: int,
+    global_step: int,
+    sparsity: float,
+    num_groups: int,
+    predicted: Tensor | None = None,
+    dense: Mapping[str, Any] | None = None,
+    monitor: str | None = None,
+) -> dict[str, Any]:
+    """Build a record from a `GroupMeasurement` (plain values; relative fields filled).
+
+    Args:
+        measurement: the measurement (``recall``, ``accuracy``, ``support``, ``mean_loss`` and
+            optionally ``grad_norms``, ``hessian_trace``, ``hessian_trace_stderr``,
+            ``hessian_lambda_max``).
+        moment: one of `MOMENTS`.
+        round_index: the round the record belongs to.
+        epoch: training epoch.
+        global_step: optimizer steps so far.
+        sparsity: realized sparsity of the pruned parameters.
+        num_groups: number of groups.
+        predicted: per-group predicted excess loss of the round (``after_round`` only).
+        dense: the dense reference (`dense_reference`), or ``None`` (the record is its own
+            reference when ``moment == "dense"``).
+        monitor: the monitor's name (``None`` for an unnamed monitor).
+
+    Returns:
+        The record.
+
+    Raises:
+        ValueError: for an unknown moment, or a dense reference with another number of groups.
+    """
+    from lightning_fairprune.diagnostics import disparity, normalized_recall_balance
+    from lightning_fairprune.diagnostics import recall_balance as _balance
+
+    if moment not in MOMENTS:
+        raise ValueError(f"Expected `moment` to be one of {MOMENTS}, but got {moment!r}")
+    m = measurement
+    recall = m.recall.double()
+    accuracy = float(m.accuracy)
+    support = m.support.sum(dim=1) if m.support.ndim == 2 else m.support
+    loss = m.mean_loss.double()
+    grad_norm = getattr(m, "grad_norms", None)
+    trace = getattr(m, "hessian_trace", None)
+    trace_se = getattr(m, "hessian_trace_stderr", None)
+    lam = getattr(m, "hessian_lambda_max", None)
+    record: dict[str, Any] = {
+        "moment": moment,
+        "monitor": monitor,
+        "round": int(round_index),
+        "epoch": int(epoch),
+        "global_step": int(global_step),
+        "sparsity": float(sparsity),
+        "accuracy": to_plain(accuracy),
+        "num_groups": int(num_groups),
+        "support": [round(float(s)) for s in support.tolist()],
+        "recall": to_plain(recall),
+        "recall_dense": None,
+        "balance": to_plain(_balance(recall, accuracy)),
+        "norm_balance": to_plain(normalized_recall_balance(recall, accuracy)),
+        "intensification": None,
+        "alpha": None,
+        "loss": to_plain(loss),
+        "excess_loss": None,
+        "predicted_excess_loss": None if predicted is None else to_plain(predicted),
+        "grad_norm": None if grad_norm is None else to_plain(grad_norm),
+        "hessian_trace": None if trace is None else to_plain(trace),
+        "hessian_trace_se": None if trace_se is None else to_plain(trace_se),
+        "hessian_lambda_max": None if lam is None else to_plain(lam),
+    }
+    record["disparity"] = {
+        "recall": to_plain(disparity(recall, higher_is_worse=False)),
+        "grad_norm": None if grad_norm is None else to_plain(disparity(grad_norm)),
+        "hessian_trace": None if trace is None else to_plain(disparity(trace)),
+        "hessian_lambda_max": None if lam is None else to_plain(disparity(lam)),
+        "loss": to_plain(disparity(loss)),
+    }
+    reference = dense_reference(record) if moment == "dense" else dense
+    fill_relative(record, reference)
+    return record
+
+
+def dense_reference(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a dense record that later records are compared with.
+
+    Example:
+        >>> sorted(dense_reference({"recall": [1.0], "norm_balance": [0.0], "loss": [0.1],
+        ...                         "accuracy": 1.0, "moment": "dense"}))
+        ['accuracy', 'loss', 'norm_balance', 'recall']
+    """
+    return {key: record.get(key) for key in ("recall", "norm_balance", "loss", "accuracy")}
+
+
+def fill_relative(record: dict[str, Any], dense: Mapping[str, Any] | None) -> None:
+    """Fill ``recall_dense``, ``intensification``, ``alpha`` and ``excess_loss`` in place.
+
+    Nothing happens without a dense reference (the fields stay ``None``).
+
+    Raises:
+        ValueError: if the reference has another number of groups than the record.
+    """
+    from lightning_fairprune.diagnostics import (
+        excessive_loss,
+        intensification_alpha,
+        intensification_ratio,
+    )
+
+    if dense is None:
+        return
+    if len(dense["recall"]) != record["num_groups"]:
+        raise ValueError(
+            f"Expected {len(dense['recall'])} groups as in the dense reference, but the "
+            f"measurement has {record['num_groups']}"
+        )
+    nrb, nrb_ref = _f64(record["norm_balance"]), _f64(dense["norm_balance"])
+    record["recall_dense"] = list(dense["recall"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        record["intensification"] = to_plain(intensification_ratio(nrb, nrb_ref))
+        record["alpha"] = to_plain(float(intensification_alpha(nrb, nrb_ref)))
+    record["excess_loss"] = to_plain(excessive_loss(_f64(record["loss"]), _f64(dense["loss"])))
+
+
+# --------------------------------------------------------------------------------------------
+# the file
+# --------------------------------------------------------------------------------------------
+def history_filename(name: str | None = None) -> str:
+    """The history file name of a monitor: one file per monitor name.
+
+    Example:
+        >>> history_filename(), history_filename("val set/A")
+        ('fairprune_history.jsonl', 'fairprune_history-val_set_A.jsonl')
+    """
+    if name is None:
+        return HISTORY_FILENAME
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_") or "monitor"
+    return f"fairprune_history-{slug}.jsonl"
+
+
+def read_history(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    r"""Read a JSON-lines history, skipping (with a warning naming file:line) bad lines.
+
+    Blank lines are ignored; a line that is not valid JSON or not a JSON object is skipped
+    with a `UserWarning` of the form ``"<path>:<line>: ..."``; the rest is kept.
+
+    Args:
+        path: a history file.
+
+    Returns:
+        The records, in file order.
+
+    Example:
+        >>> import tempfile
+        >>> f = Path(tempfile.mkdtemp()) / "fairprune_history.jsonl"
+        >>> _ = f.write_text('{"sparsity": 0.0}\n{"spars\n\n{"sparsity": 0.5}\n')
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     records = read_history(f)
+        >>> records, str(caught[0].message).endswith("jsonl:2: skipped a corrupted line "
+        ...                                          "(not valid JSON: Unterminated string "
+        ...                                          "starting at: line 1 column 2 (char 1))")
+        ([{'sparsity': 0.0}, {'sparsity': 0.5}], True)
+    """
+    path = Path(path)
+    records: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as err:
+                warnings.warn(
+                    f"{path}:{lineno}: skipped a corrupted line (not valid JSON: {err})",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                continue
+            if not isinstance(value, dict):
+                warnings.warn(
+                    f"{path}:{lineno}: skipped a line that is not a JSON object "
+                    f"(got {type(value).__name__})",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                continue
+            records.append(value)
+    return records
+
+
+class HistoryFile:
+    """A JSON-lines history file: rewritten whole once per run, then appended record by record.
+
+    The first `write` of a run replaces the file with the whole history (a resumed run's
+    history includes the records before the interruption), atomically through a temporary
+    file; later writes append one line. I/O errors become one `RuntimeWarning` each and are
+    otherwise ignored: the records stay in memory and in checkpoints.
+
+    Example:
+        >>> import tempfile
+        >>> f = HistoryFile(Path(tempfile.mkdtemp()) / "h.jsonl")
+        >>> f.write([{"moment": "dense", "value": float("nan")}])
+        >>> f.write([{"moment": "dense"}, {"moment": "end"}])
+        >>> [r["moment"] for r in read_history(f.path)], read_history(f.path)[0]["value"]
+        (['dense', 'end'], None)
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.synced = False
+
+    def write(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Write the history: all of it the first time, else its last record."""
+        if not records:
+            return
+        path = self.path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.synced:
+                tmp = path.with_name(path.name + ".tmp")
+                with tmp.open("w", encoding="utf-8") as fh:
+                    for rec in records:
+                        fh.write(json.dumps(to_plain(rec), allow_nan=False) + "\n")
+                os.replace(tmp, path)
+                self.synced = True
+            else:
+                with path.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(to_plain(records[-1]), allow_nan=False) + "\n")
+        except OSError as err:
+            warnings.warn(
+                f"FairnessMonitor could not write its history to {str(path)!r} "
+                f"({type(err).__name__}: {err}); the history is kept in memory and in "
+                "checkpoints.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# derived views
+# --------------------------------------------------------------------------------------------
+def dense_record(history: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The dense record of a history: its last ``"dense"`` record, or ``None``.
+
+    Example:
+        >>> dense_record([{"moment": "dense", "i": 0}, {"moment": "dense", "i": 1}])["i"]
+        1
+    """
+    for rec in reversed(list(history)):
+        if isinstance(rec, Mapping) and rec.get("moment") == "dense":
+            return rec
+    return None
+
+
+def worst_group(record: Mapping[str, Any], key: str = "recall") -> tuple[int | None, float | None]:
+    """``(group, value)`` of the lowest ``record[key]`` over groups with a value.
+
+    Example:
+        >>> worst_group({"recall": [0.9, None, 0.7]})
+        (2, 0.7)
+    """
+    present = [(v, g) for g, v in enumerate(number(x) for x in group_list(record, key))]
+    present = [(v, g) for v, g in present if v is not None]
+    if not present:
+        return None, None
+    value, group = min(present)
+    return group, value
+
+
+def disparity_stat(record: Mapping[str, Any], quantity: str, stat: str = "gap") -> float | None:
+    """A disparity statistic of a record: from its summary, else from the per-group list.
+
+    Example:
+        >>> disparity_stat({"recall": [0.9, 0.6]}, "recall")
+        0.30000000000000004
+    """
+    summary = (record.get("disparity") or {}).get(quantity)
+    if isinstance(summary, Mapping) and number(summary.get(stat)) is not None:
+        return number(summary.get(stat))
+    values = [v for v in (number(x) for x in group_list(record, quantity)) if v is not None]
+    if not values:
+        return None
+    if stat == "gap":
+        return max(values) - min(values)
+    if stat == "ratio":
+        return max(values) / min(values) if min(values) > 0 else None
+    return None
+
+
+def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """Flatten one record into the ``fairprune/...`` scalars every logger gets.
+
+    Keys: ``fairprune/accuracy``, ``fairprune/alpha``, ``fairprune/sparsity``,
+    ``fairprune/worst_group_recall`` (lowest recall over groups with samples),
+    ``fairprune/moment_code`` (see `MOMENT_CODES`), ``fairprune/<field>/g<a>`` for the
+    `PER_GROUP_KEYS`, and ``fairprune/disparity/<quantity>/gap`` and ``.../ratio``. Missing
+    and non-finite values are left out (the record keeps them).
+
+    Example:
+        >>> rec = {"moment": "after_round", "sparsity": 0.5, "accuracy": 0.9, "alpha": None,
+        ...        "recall": [0.95, 0.8, None], "intensification": [1.0, 2.0, None],
+        ...        "disparity": {"recall": {"gap": 0.15, "ratio": 1.1875}}}
+        >>> for key, value in sorted(record_scalars(rec).items()):
+        ...     print(key, value)
+        fairprune/accuracy 0.9
+        fairprune/disparity/recall/gap 0.15
+        fairprune/disparity/recall/ratio 1.1875
+        fairprune/intensification/g0 1.0
+        fairprune/intensification/g1 2.0
+        fairprune/moment_code 1.0
+        fairprune/recall/g0 0.95
+        fairprune/recall/g1 0.8
+        fairprune/sparsity 0.5
+        fairprune/worst_group_recall 0.8
+    """
+    check_record(record)
+    out: dict[str, Any] = {
+        "fairprune/accuracy": record.get("accuracy"),
+        "fairprune/alpha": record.get("alpha"),
+        "fairprune/sparsity": record.get("sparsity"),
+        "fairprune/worst_group_recall": worst_group(record)[1],
+        "fairprune/moment_code": MOMENT_CODES.get(str(record.get("moment"))),
+    }
+    for key in PER_GROUP_KEYS:
+        for group, value in enumerate(group_list(record, key)):
+            out[f"fairprune/{key}/g{group}"] = value
+    disparity = record.get("disparity") or {}
+    if isinstance(disparity, Mapping):
+        for quantity, summary in disparity.items():
+            if isinstance(summary, Mapping):
+                for stat in ("gap", "ratio"):
+                    out[f"fairprune/disparity/{quantity}/{stat}"] = summary.get(stat)
+    return {k: v for k, v in ((k, number(v)) for k, v in out.items()) if v is not None}
+
+
+def _dense_norm_balance(
+    record: Mapping[str, Any], history: Sequence[Mapping[str, Any]]
+) -> list[float | None]:
+    """B̃ of the dense reference per group: from the dense record, else B̃ / I."""
+    dense = dense_record(history)
+    if dense is not None and group_list(dense, "norm_balance"):
+        return [number(v) for v in group_list(dense, "norm_balance")]
+    out: list[float | None] = []
+    ratios = group_list(record, "intensification")
+    for group, nb in enumerate(group_list(record, "norm_balance")):
+        nb_now = number(nb)
+        ratio = number(ratios[group]) if group < len(ratios) else None
+        out.append(nb_now / ratio if nb_now is not None and ratio else None)
+    return out
+
+
+def group_table(
+    record: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = ()
+) -> tuple[list[str], list[list[Any]]]:
+    """Columns and rows of the per-group table of one record (``None`` where missing).
+
+    ``norm_balance_dense`` (B̃ of the dense model) comes from the dense record of
+    ``history`` (`dense_record`); without one it is B̃ / I of this record.
+
+    Example:
+        >>> rec = {"num_groups": 2, "support": [10, 5], "recall": [0.9, 0.6],
+        ...        "recall_dense": [1.0, 0.8], "norm_balance": [0.125, -0.25],
+        ...        "intensification": [0.5, 2.0]}
+        >>> columns, rows = group_table(rec)
+        >>> dict(zip(columns, rows[1]))["norm_balance_dense"]
+        -0.125
+        >>> rows[0][:4]
+        [0, 10, 1.0, 0.9]
+    """
+    check_record(record)
+    columns = list(GROUP_TABLE_COLUMNS)
+    fields = {name: group_list(record, name) for name in columns[1:]}
+    fields["norm_balance_dense"] = _dense_norm_balance(record, history)
+    num_groups = record.get("num_groups")
+    if not isinstance(num_groups, int):
+        num_groups = max((len(v) for v in fields.values()), default=0)
+    rows: list[list[Any]] = []
+    for group in range(num_groups):
+        row: list[Any] = [group]
+        for name in columns[1:]:
+            values = fields[name]
+            value = number(values[group]) if group < len(values) else None
+            if name == "support" and value is not None:
+                value = int(value)
+            row.append(value)
+        rows.append(row)
+    return columns, rows
+
+
+def latest_per_sparsity(
+    records: Sequence[Mapping[str, Any]], key: str | None = None
+) -> dict[float, Mapping[str, Any]]:
+    """The latest record at each sparsity level (only records with ``key``, if given).
+
+    Example:
+        >>> hist = [{"sparsity": 0.5, "i": 0}, {"sparsity": 0.5, "i": 1}, {"sparsity": 0.0}]
+        >>> {s: r.get("i") for s, r in sorted(latest_per_sparsity(hist).items())}
+        {0.0: None, 0.5: 1}
+    """
+    latest: dict[float, Mapping[str, Any]] = {}
+    for rec in records:
+        if not isinstance(rec, Mapping):
+            continue
+        sparsity = number(rec.get("sparsity"))
+        if sparsity is None or (key is not None and not group_list(rec, key)):
+            continue
+        latest[sparsity] = rec
+    return latest
+
+
+def recall_curves(
+    history: Sequence[Mapping[str, Any]],
+) -> tuple[list[list[float]], list[list[float]], list[str]]:
+    """Per-group recall against sparsity, one point per sparsity level (`latest_per_sparsity`).
+
+    Points where a group had no samples are left out of that group's series.
+
+    Returns:
+        ``(xs, ys, keys)``: per group the sparsities, the recalls and the label ``"g<a>"``.
+
+    Example:
+        >>> hist = [{"sparsity": 0.0, "recall": [1.0, 0.9]},
+        ...         {"sparsity": 0.5, "recall": [0.9, 0.5]},
+        ...         {"sparsity": 0.5, "recall": [0.95, None]}]
+        >>> recall_curves(hist)
+        ([[0.0, 0.5], [0.0]], [[1.0, 0.95], [0.9]], ['g0', 'g1'])
+    """
+    latest = latest_per_sparsity(history, "recall")
+    num_groups = max((len(group_list(r, "recall")) for r in latest.values()), default=0)
+    xs: list[list[float]] = [[] for _ in range(num_groups)]
+    ys: list[list[float]] = [[] for _ in range(num_groups)]
+    for sparsity in sorted(latest):
+        for group, value in enumerate(group_list(latest[sparsity], "recall")):
+            value_ = number(value)
+            if value_ is not None:
+                xs[group].append(sparsity)
+                ys[group].append(value_)
+    return xs, ys, [f"g{a}" for a in range(num_groups)]
+
+
+def summary_values(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The run summary of a history: its last record's headline numbers.
+
+    Keys ``fairprune/final/<name>`` for ``sparsity``, ``accuracy``, ``worst_group_recall``,
+    ``alpha``, ``moment_code`` and ``disparity/<quantity>/gap|ratio``; plus
+    ``fairprune/dense/accuracy`` and ``fairprune/dense/worst_group_recall`` from the dense
+    record, and ``fairprune/num_records``. Missing values are left out.
+
+    Example:
+        >>> hist = [{"moment": "dense", "sparsity": 0.0, "accuracy": 0.95, "recall": [1.0, 0.9]},
+        ...         {"moment": "end", "sparsity": 0.9, "accuracy": 0.9, "recall": [0.95, 0.7],
+        ...          "alpha": 1.5}]
+        >>> s = summary_values(hist)
+        >>> s["fairprune/final/worst_group_recall"], s["fairprune/dense/accuracy"]
+        (0.7, 0.95)
+    """
+    records = [r for r in history if isinstance(r, Mapping)]
+    if not records:
+        return {}
+    out: dict[str, float] = {"fairprune/num_records": float(len(records))}
+    for key, value in record_scalars(records[-1]).items():
+        name = key.removeprefix("fairprune/")
+        if name.split("/")[0] in PER_GROUP_KEYS:
+            continue
+        out[f"fairprune/final/{name}"] = value
+    dense = dense_record(records)
+    if dense is not None:
+        scalars = record_scalars(dense)
+        for name in ("accuracy", "worst_group_recall"):
+            if f"fairprune/{name}" in scalars:
+                out[f"fairprune/dense/{name}"] = scalars[f"fairprune/{name}"]
+    return out
