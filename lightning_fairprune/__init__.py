@@ -11,6 +11,12 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from lightning_fairprune.callbacks.equalizer import GroupEqualizer
+from lightning_fairprune.callbacks.events import (
+    Pruner,
+    PruningEvent,
+    PruningListener,
+    find_pruner,
+)
 from lightning_fairprune.callbacks.monitor import FairnessMonitor
 from lightning_fairprune.callbacks.pruning import IterativePruning
 from lightning_fairprune.diagnostics import (
@@ -22,12 +28,6 @@ from lightning_fairprune.diagnostics import (
 )
 from lightning_fairprune.logging import log_config, log_round, log_scalars, log_summary
 from lightning_fairprune.losses import GroupEqualizedLoss
-from lightning_fairprune.callbacks.events import (
-    Pruner,
-    PruningEvent,
-    PruningListener,
-    find_pruner,
-)
 from lightning_fairprune.pruning.masks import load_masks, save_masks, sparsity_report
 from lightning_fairprune.pruning.selection import select_parameters
 from lightning_fairprune.report import write_report

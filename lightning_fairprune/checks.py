@@ -321,31 +321,33 @@ def check_labels(
         ...              upper_name="num_groups")
         Traceback (most recent call last):
         ...
-        ValueError: Expected `groups` to hold group ids in [0, 2) (`num_groups`=2), but got 2
+        ValueError: Expected `groups` to hold group ids in [0, 2) (`num_groups`=2), but got ids from 0 to 2
         >>> check_labels(torch.tensor([0.0, 1.0]), "groups", what="group ids")
         Traceback (most recent call last):
         ...
-        ValueError: Expected `groups` to hold integer group ids, but got dtype torch.float32
-    """
+        ValueError: Expected `groups` to be a 1-D integer tensor of group ids, but got dtype torch.float32
+    """  # noqa: E501
     if not isinstance(t, Tensor):
         raise TypeError(
             f"Expected `{name}` to be a torch.Tensor of {what}, but got {type(t).__name__}"
         )
     if not _is_integer_tensor(t):
-        raise ValueError(f"Expected `{name}` to hold integer {what}, but got dtype {t.dtype}")
-    if t.ndim != 1 or (n is not None and t.shape[0] != n):
-        shape = f"[{n}]" if n is not None else "[N]"
         raise ValueError(
-            f"Expected `{name}` of shape {shape} (one per sample), but got shape {tuple(t.shape)}"
+            f"Expected `{name}` to be a 1-D integer tensor of {what}, but got dtype {t.dtype}"
+        )
+    if t.ndim != 1 or (n is not None and t.shape[0] != n):
+        count = f" ({n})" if n is not None else ""
+        raise ValueError(
+            f"Expected `{name}` to be a 1-D integer tensor with one id per sample{count}, but "
+            f"got shape {tuple(t.shape)}"
         )
     if t.numel():
         lo, hi = int(t.min()), int(t.max())
-        if lo < 0:
-            raise ValueError(f"Expected `{name}` to hold non-negative {what}, but got {lo}")
-        if upper is not None and hi >= upper:
+        if lo < 0 or (upper is not None and hi >= upper):
             source = f" (`{upper_name}`={upper})" if upper_name else ""
+            where = f"in [0, {upper}){source}" if upper is not None else "that are non-negative"
             raise ValueError(
-                f"Expected `{name}` to hold {what} in [0, {upper}){source}, but got {hi}"
+                f"Expected `{name}` to hold {what} {where}, but got ids from {lo} to {hi}"
             )
     return t
 

@@ -208,17 +208,26 @@ def quiet_logging(module: nn.Module) -> Iterator[None]:
             module.__dict__.pop(name, None)
 
 
-def prepare_batch(batch: Any, trainer: Any | None, device: torch.device | None = None) -> Any:
+def prepare_batch(
+    batch: Any,
+    trainer: Any | None,
+    device: torch.device | None = None,
+    *,
+    transfer_hooks: bool = False,
+) -> Any:
     """Convert a raw batch like the Trainer converts training batches.
 
     With a trainer: its precision plugin's ``convert_input`` (floating tensors to the dtype of
-    ``"bf16-true"``, ``"16-true"``, ``"64-true"``...), then its strategy's ``batch_to_device``.
-    Without one: tensors are moved to ``device`` (if given).
+    ``"bf16-true"``, ``"16-true"``, ``"64-true"``...), then either the strategy's
+    ``batch_to_device`` (``transfer_hooks=True``: the LightningModule's batch-transfer hooks
+    run, as for a training batch fed to ``training_step``) or a plain move of every tensor to
+    ``device`` (fairness batches, whose structure the user's hooks may not expect).
 
     Args:
         batch: a batch as the loader yields it.
         trainer: the Trainer (duck-typed) or ``None``.
-        device: target device when there is no trainer.
+        device: target device (default with a trainer: ``trainer.strategy.root_device``).
+        transfer_hooks: go through ``trainer.strategy.batch_to_device``.
 
     Returns:
         The converted batch.
@@ -234,8 +243,10 @@ def prepare_batch(batch: Any, trainer: Any | None, device: torch.device | None =
             batch = convert(batch)
         strategy = getattr(trainer, "strategy", None)
         to_device = getattr(strategy, "batch_to_device", None)
-        if callable(to_device):
+        if transfer_hooks and callable(to_device):
             return to_device(batch)
+        if device is None:
+            device = getattr(strategy, "root_device", None)
     if device is None:
         return batch
     from torch.utils._pytree import tree_map

@@ -18,9 +18,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_fairprune.callbacks.events import PruningEvent
 from lightning_fairprune.logging import log_scalars
 from lightning_fairprune.losses import GroupEqualizedLoss
-from lightning_fairprune.callbacks.events import PruningEvent
 
 __all__ = ["GroupEqualizer"]
 

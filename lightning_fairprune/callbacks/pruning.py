@@ -38,9 +38,9 @@ from lightning.pytorch.callbacks.callback import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_fairprune.callbacks.events import PruningEvent
 from lightning_fairprune.logging import log_scalars
 from lightning_fairprune.pruning.criteria import NEEDS_GRADIENTS, compute_scores, magnitude_scores
-from lightning_fairprune.callbacks.events import PruningEvent
 from lightning_fairprune.pruning.masks import (
     MaskEnforcer,
     apply_masks,

@@ -1,0 +1,335 @@
+"""The fairness-data path: from a loader (or ``group_fn``) to validated ``(x, y, g)`` batches.
+
+`FairnessData` is what the monitor measures on and what group-aware pruning criteria compute
+their per-group statistics on. It
+
+* parses a batch into ``(inputs, targets, groups)``: ``(x, y)`` means groups = classes,
+  ``(x, y, g)`` or a dict with ``input_key``/``target_key``/``group_key`` carries a
+  protected attribute, and ``group_fn(batch) -> (x, y, g)`` handles any other structure;
+* validates targets and group ids (integer dtype, one per sample, ids in ``[0, num_groups)``)
+  with messages naming the argument, and refuses a protected attribute without
+  ``num_groups``;
+* resolves the loader once (the given one, else the trainer's validation loader, else the
+  datamodule's or module's ``val_dataloader()`` sharded by batch index across processes),
+  checks that no process would see an empty loader (the same clear error on every process),
+  and caps every pass at ``max_batches``;
+* converts batches like training batches (precision plugin, device) through
+  :func:`lightning_fairprune.measure.prepare_batch`.
+
+It knows nothing about the monitor or the pruner; the trainer is duck-typed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_fairprune.checks import check_callable, check_int, check_labels
+from lightning_fairprune.measure import prepare_batch
+
+__all__ = ["FairnessBatches", "FairnessData"]
+
+GroupFn = Callable[[Any], "tuple[Any, Tensor, Tensor]"]
+
+
+class FairnessData:
+    """Where fairness batches come from and how they are parsed and validated.
+
+    Args:
+        dataloader: the fairness dataloader (used as is on every process: under DDP give each
+            process its own shard); ``None``: the trainer's validation dataloader.
+        num_groups: number of groups G (ids in ``[0, G)``); required when the batches carry
+            group ids; default with groups = classes: the number of classes.
+        max_batches: at most this many batches per pass (per process); ``None``: all.
+        group_fn: ``fn(batch) -> (inputs, targets, groups)``; overrides the batch parsing.
+        input_key: key of the inputs in a dict batch.
+        target_key: key of the class targets in a dict batch.
+        group_key: key of the group ids in a dict batch; ``None``: groups = classes.
+
+    Example:
+        >>> x, y, g = torch.randn(6, 2), torch.tensor([0, 1] * 3), torch.tensor([0, 0, 1] * 2)
+        >>> data = FairnessData([(x, y, g)], num_groups=2)
+        >>> batches = data.batches(None, device=torch.device("cpu"))
+        >>> [tuple(t.shape) for t in next(iter(batches))], batches.groups_from_batch
+        ([(6, 2), (6,), (6,)], True)
+        >>> FairnessData([(x, y, g)]).batches(None).first()
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `num_groups` to be given when the batches carry group ids (a protected attribute), but got None
+    """  # noqa: E501
+
+    def __init__(
+        self,
+        dataloader: Iterable[Any] | None = None,
+        *,
+        num_groups: int | None = None,
+        max_batches: int | None = None,
+        group_fn: GroupFn | None = None,
+        input_key: str = "x",
+        target_key: str = "y",
+        group_key: str | None = "group",
+    ) -> None:
+        if dataloader is not None and not isinstance(dataloader, Iterable):
+            raise TypeError(
+                f"Expected `dataloader` to be an iterable of batches (a DataLoader) or None, "
+                f"but got {type(dataloader).__name__}"
+            )
+        self.dataloader = dataloader
+        self.num_groups = check_int(num_groups, "num_groups", 1, allow_none=True)
+        self.max_batches = check_int(max_batches, "max_batches", 1, allow_none=True)
+        self.group_fn = check_callable(group_fn, "group_fn")
+        for arg, value in (("input_key", input_key), ("target_key", target_key)):
+            if not isinstance(value, str):
+                raise TypeError(f"Expected `{arg}` to be a str, but got {value!r}")
+        if group_key is not None and not isinstance(group_key, str):
+            raise TypeError(f"Expected `group_key` to be a str or None, but got {group_key!r}")
+        self.input_key = input_key
+        self.target_key = target_key
+        self.group_key = group_key
+        self._loader: Iterable[Any] | None = None
+        self._stride = False
+
+    # ---------------------------------------------------------------- parsing
+    def split_batch(self, batch: Any) -> tuple[Any, Tensor, Tensor | None]:
+        """Return ``(inputs, targets, groups)`` of a batch; ``groups`` None means the classes.
+
+        Example:
+            >>> d = FairnessData(num_groups=2)
+            >>> d.split_batch({"x": torch.zeros(2, 3), "y": torch.tensor([0, 1]),
+            ...                "group": torch.tensor([1, 1])})[2].tolist()
+            [1, 1]
+            >>> d.split_batch((torch.zeros(2, 3), torch.tensor([0, 1])))[2] is None
+            True
+        """
+        if self.group_fn is not None:
+            out = self.group_fn(batch)
+            if not isinstance(out, (tuple, list)) or len(out) != 3:
+                raise ValueError(
+                    "Expected `group_fn` to return a tuple (inputs, targets, groups), but got "
+                    f"{type(out).__name__}"
+                    + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
+                )
+            return out[0], out[1], out[2]
+        if isinstance(batch, Mapping):
+            missing = [k for k in (self.input_key, self.target_key) if k not in batch]
+            if self.group_key is not None and self.group_key not in batch:
+                missing.append(self.group_key)
+            if missing:
+                raise ValueError(
+                    f"Expected a dict batch with keys {missing} (`input_key`, `target_key`, "
+                    f"`group_key`), but the batch has keys {sorted(map(str, batch))}; set the "
+                    "keys, `group_key=None` for groups = classes, or pass `group_fn`"
+                )
+            groups = None if self.group_key is None else batch[self.group_key]
+            return batch[self.input_key], batch[self.target_key], groups
+        if isinstance(batch, (tuple, list)):
+            if len(batch) == 2:
+                return batch[0], batch[1], None
+            if len(batch) == 3:
+                return batch[0], batch[1], batch[2]
+            raise ValueError(
+                "Expected a batch (inputs, targets) or (inputs, targets, groups), but got a "
+                f"{type(batch).__name__} of {len(batch)} items; pass `group_fn`"
+            )
+        raise ValueError(
+            "Expected a batch (inputs, targets), (inputs, targets, groups) or a dict, but got "
+            f"{type(batch).__name__}; pass `group_fn(batch) -> (inputs, targets, groups)`"
+        )
+
+    def validate(
+        self, x: Any, y: Any, g: Any | None, num_groups: int | None = None
+    ) -> tuple[Any, Tensor, Tensor, bool]:
+        """Check one parsed batch; return ``(x, y, groups, groups_from_batch)``.
+
+        Raises:
+            ValueError: for targets or groups that are not 1-D integer ids of one per sample,
+                ids out of range, or group ids without ``num_groups``.
+        """
+        check_labels(y, "targets", what="class labels")
+        groups_from_batch = g is not None
+        limit = num_groups if num_groups is not None else self.num_groups
+        if g is None:
+            g = y
+        else:
+            if limit is None:
+                raise ValueError(
+                    "Expected `num_groups` to be given when the batches carry group ids "
+                    "(a protected attribute), but got None"
+                )
+            check_labels(
+                g,
+                "groups",
+                upper=limit,
+                n=int(y.shape[0]),
+                what="group ids",
+                upper_name="num_groups",
+            )
+        return x, y.long(), g.long(), groups_from_batch
+
+    # ---------------------------------------------------------------- the loader
+    def resolve(self, trainer: Any | None, model: Any | None = None) -> Iterable[Any]:
+        """The loader, resolved once (see the module docstring); checked not to be empty.
+
+        Raises:
+            ValueError: when there is no loader, or some process would get no batch.
+        """
+        if self._loader is not None:
+            return self._loader
+        self._stride = False
+        loader: Any = self.dataloader
+        if loader is None:
+            loader = getattr(trainer, "val_dataloaders", None)
+            reason = ""
+            if loader is None:
+                datamodule = getattr(trainer, "datamodule", None)
+                source = datamodule if datamodule is not None else model
+                getter = getattr(source, "val_dataloader", None)
+                try:
+                    loader = getter() if callable(getter) else None
+                except Exception as err:  # e.g. "`val_dataloader` must be implemented"
+                    reason = f" ({type(source).__name__}.val_dataloader(): {err})"
+                self._stride = int(getattr(trainer, "world_size", 1) or 1) > 1
+            if isinstance(loader, Mapping):
+                loader = next(iter(loader.values()), None) if len(loader) else None
+            elif isinstance(loader, (list, tuple)):
+                if len(loader) > 1:
+                    warnings.warn(
+                        f"FairnessMonitor uses the first of {len(loader)} validation "
+                        "dataloaders; pass `dataloader` to choose another.",
+                        UserWarning,
+                        stacklevel=3,
+                    )
+                loader = loader[0] if len(loader) else None
+            if loader is None:
+                raise ValueError(
+                    "Expected a fairness dataloader: pass `dataloader` to FairnessMonitor or "
+                    f"give the trainer a validation dataloader, but found none{reason}"
+                )
+        if not isinstance(loader, Iterable):
+            raise TypeError(
+                f"Expected the fairness dataloader to be iterable, but got {type(loader).__name__}"
+            )
+        self._check_not_empty(trainer, model, loader)
+        self._loader = loader
+        return loader
+
+    def reset(self) -> None:
+        """Forget the resolved loader (resolved again at the next pass)."""
+        self._loader = None
+
+    def _rank_world(self, trainer: Any | None) -> tuple[int, int]:
+        world = int(getattr(trainer, "world_size", 1) or 1)
+        rank = int(getattr(trainer, "global_rank", 0) or 0)
+        return rank, world
+
+    def _check_not_empty(self, trainer: Any | None, model: Any | None, loader: Any) -> None:
+        """Raise on every process when some process would measure no batch (no deadlock)."""
+        try:
+            total: int | None = len(loader)
+        except TypeError:  # an iterable without len (an IterableDataset): peek at it below
+            total = None
+        rank, world = self._rank_world(trainer)
+        if total is None:
+            first = rank if self._stride and world > 1 else 0
+            local = 0
+            for index, _ in enumerate(loader):
+                if index >= first:
+                    local = 1
+                    break
+        elif self._stride:
+            local = len(range(rank, total, world))
+        else:
+            local = total
+        empty = 1.0 if local == 0 else 0.0
+        if world > 1 and trainer is not None:
+            device = next(model.parameters()).device if model is not None else None
+            flag = torch.tensor([empty], dtype=torch.float32, device=device)
+            empty = float(trainer.strategy.reduce(flag, reduce_op="sum").sum())
+        if empty > 0:
+            where = "" if world == 1 else f" on {int(empty)} of {world} processes"
+            raise ValueError(
+                "Expected the fairness dataloader to yield at least one batch on every "
+                f"process, but it has no batches{where}"
+                + (f" (len {total})" if total is not None else "")
+                + "; pass a `dataloader` with data for every process"
+            )
+
+    def batches(
+        self,
+        trainer: Any | None,
+        model: Any | None = None,
+        *,
+        device: torch.device | None = None,
+        num_groups: int | None = None,
+    ) -> FairnessBatches:
+        """A re-iterable view of this process's validated, converted batches.
+
+        Args:
+            trainer: the Trainer (duck-typed) or ``None``.
+            model: the model (its device is the default target).
+            device: target device; default: the model's.
+            num_groups: the resolved number of groups (overrides the argument).
+        """
+        loader = self.resolve(trainer, model)
+        rank, world = self._rank_world(trainer) if self._stride else (0, 1)
+        if device is None and model is not None:
+            device = getattr(model, "device", None)
+            if not isinstance(device, torch.device):
+                device = next(model.parameters()).device
+        return FairnessBatches(self, loader, trainer, device, rank, world, num_groups)
+
+
+class FairnessBatches:
+    """Re-iterable ``(x, y, g)`` batches of one process, validated and converted."""
+
+    def __init__(
+        self,
+        data: FairnessData,
+        loader: Iterable[Any],
+        trainer: Any | None,
+        device: torch.device | None,
+        rank: int,
+        world_size: int,
+        num_groups: int | None,
+    ) -> None:
+        self.data = data
+        self.loader = loader
+        self.trainer = trainer
+        self.device = device
+        self.rank = rank
+        self.world_size = world_size
+        self.num_groups = num_groups
+        self.groups_from_batch = False
+
+    def _convert(self, batch: Any) -> tuple[Any, Tensor, Tensor]:
+        x, y, g = self.data.split_batch(batch)
+        x, y, g, from_batch = self.data.validate(x, y, g, self.num_groups)
+        self.groups_from_batch = self.groups_from_batch or from_batch
+        return prepare_batch((x, y, g), self.trainer, self.device)
+
+    def first(self) -> tuple[Any, Tensor, Tensor]:
+        """The first batch (validated and converted)."""
+        for batch in self:
+            return batch
+        raise ValueError(
+            "Expected the fairness dataloader to yield at least one batch, but got none"
+        )
+
+    def __iter__(self) -> Iterator[tuple[Any, Tensor, Tensor]]:
+        count = 0
+        limit = self.data.max_batches
+        for index, batch in enumerate(self.loader):
+            if self.world_size > 1 and index % self.world_size != self.rank:
+                continue
+            if limit is not None and count >= limit:
+                break
+            count += 1
+            yield self._convert(batch)
+        if count == 0 and self.world_size == 1:
+            raise ValueError(
+                "Expected the fairness dataloader to yield at least one batch, but got none"
+            )
