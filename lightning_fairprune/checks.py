@@ -110,7 +110,7 @@ def check_int(
         else:
             what = "an int"
         if allow_none:
-            what += " or None"
+            what = "None or " + what
         raise ValueError(f"Expected `{name}` to be {what}, but got {value!r}")
     return int(value)  # type: ignore[call-overload]
 
@@ -148,7 +148,7 @@ def check_real(
         >>> check_real(0.0, "rate", low=0.0, high=1.0, low_open=True, high_open=True)
         Traceback (most recent call last):
         ...
-        ValueError: Expected `rate` to be a finite float in (0, 1), but got 0.0
+        ValueError: Expected `rate` to be a float in (0, 1), but got 0.0
     """
     if value is None and allow_none:
         return None
@@ -162,7 +162,7 @@ def check_real(
     if not ok:
         if low is not None and high is not None:
             what = (
-                f"a finite float in {'(' if low_open else '['}{_fmt(low)}, "
+                f"a float in {'(' if low_open else '['}{_fmt(low)}, "
                 f"{_fmt(high)}{')' if high_open else ']'}"
             )
         elif low is not None:
@@ -172,7 +172,7 @@ def check_real(
         else:
             what = "a finite float"
         if allow_none:
-            what += " or None"
+            what = "None or " + what
         raise ValueError(f"Expected `{name}` to be {what}, but got {value!r}")
     return float(value)  # type: ignore[arg-type]
 
@@ -197,7 +197,7 @@ def check_sparsity(value: object, name: str = "sparsity", *, allow_none: bool = 
     if value is None and allow_none:
         return None
     if not is_real(value) or not 0.0 <= float(value) < 1.0:  # type: ignore[arg-type]
-        what = "a float in [0, 1)" + (" or None" if allow_none else "")
+        what = ("None or " if allow_none else "") + "a float in [0, 1)"
         raise ValueError(f"Expected `{name}` to be {what}, but got {value!r}")
     return float(value)  # type: ignore[arg-type]
 
@@ -228,7 +228,7 @@ def check_callable(value: T, name: str, *, allow_none: bool = True) -> T:
     if value is None and allow_none:
         return value
     if not callable(value):
-        what = "callable" + (" or None" if allow_none else "")
+        what = "callable or None" if allow_none else "callable"
         raise TypeError(f"Expected `{name}` to be {what}, but got {value!r}")
     return value
 

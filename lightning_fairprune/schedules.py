@@ -33,6 +33,7 @@ from lightning_fairprune.checks import (
     check_int,
     check_real,
     check_sparsity,
+    is_int,
     is_real,
 )
 
@@ -549,9 +550,11 @@ class RoundPlan:
         self.interval = check_choice(interval, "interval", INTERVALS)
         self.start = check_int(start, "start", 0)
         self.frequency = check_int(frequency, "frequency", 1)
-        self.end = check_int(end, "end", self.start, allow_none=True) if end is not None else None
-        if end is not None and self.end is not None and self.end < self.start:  # pragma: no cover
-            raise ValueError(f"Expected `end` to be >= `start` ({self.start}), but got {end!r}")
+        if end is not None and (not is_int(end) or end < self.start):
+            raise ValueError(
+                f"Expected `end` to be None or an int >= `start` ({self.start}), but got {end!r}"
+            )
+        self.end = None if end is None else int(end)
         self.num_rounds_arg = check_int(num_rounds, "num_rounds", 1, allow_none=True)
         self.tail_fraction = check_real(
             tail_fraction, "tail_fraction", low=0.0, high=1.0, high_open=True
@@ -587,9 +590,13 @@ class RoundPlan:
                 "Expected exactly one of `final_sparsity` and `compression_ratio`, but got "
                 f"final_sparsity={final_sparsity!r}, compression_ratio={compression_ratio!r}"
             )
-        self.final_sparsity = check_sparsity(final_sparsity, "final_sparsity", allow_none=True)
-        self.compression_ratio = check_real(
-            compression_ratio, "compression_ratio", low=1.0, allow_none=True
+        self.final_sparsity = (
+            None if final_sparsity is None else check_sparsity(final_sparsity, "final_sparsity")
+        )
+        self.compression_ratio = (
+            None
+            if compression_ratio is None
+            else check_real(compression_ratio, "compression_ratio", low=1.0)
         )
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
         if self.final_sparsity is not None and self.initial_sparsity > self.final_sparsity:
@@ -824,7 +831,7 @@ class RoundPlan:
         Example:
             >>> RoundPlan(0.5, num_rounds=3, interval="step", frequency=10).incomplete_message(
             ...     15, "max_steps")
-            'IterativePruning: the last of 3 rounds is scheduled at step 20, but the run ends after max_steps=15; the schedule will not complete in this fit (2 of 3 rounds would run).'
+            'IterativePruning: the last of 3 rounds is scheduled at step 20, but the run ends after 15 steps (max_steps); the schedule will not complete in this fit (2 of 3 rounds would run).'
         """  # noqa: E501
         points = self.event_points
         if not points or limit is None or limit < 0 or points[-1] <= limit - 1:
@@ -832,7 +839,8 @@ class RoundPlan:
         runs = sum(1 for p in points if p <= limit - 1)
         return (
             f"IterativePruning: the last of {len(points)} rounds is scheduled at "
-            f"{self.interval} {points[-1]}, but the run ends after {unit}={limit}; the schedule "
+            f"{self.interval} {points[-1]}, but the run ends after {limit} {self.interval}s "
+            f"({unit}); the schedule "
             f"will not complete in this fit ({runs} of {len(points)} rounds would run)."
         )
 

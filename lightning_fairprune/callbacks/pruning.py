@@ -28,7 +28,7 @@ import contextlib
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,17 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_fairprune.callbacks.events import PruningEvent
+from lightning_fairprune.checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_name_list,
+    check_real,
+    check_sparsity,
+    is_int,
+)
 from lightning_fairprune.logging import log_scalars
+from lightning_fairprune.measure import isolated, precision_context, prepare_batch, quiet_logging
 from lightning_fairprune.pruning.criteria import NEEDS_GRADIENTS, compute_scores, magnitude_scores
 from lightning_fairprune.pruning.masks import (
     MaskEnforcer,
@@ -53,106 +63,17 @@ from lightning_fairprune.pruning.masks import (
 )
 from lightning_fairprune.pruning.masks import sparsity_report as _sparsity_report
 from lightning_fairprune.pruning.selection import select_parameters
-from lightning_fairprune.schedules import (
-    SCHEDULES,
-    check_sparsity_sequence,
-    compression_ratio_to_sparsity,
-    geometric_values_from_rate,
-    schedule_values,
-)
+from lightning_fairprune.schedules import RoundPlan
 
 __all__ = ["IterativePruning"]
 
 _CRITERIA = ("magnitude", "gradient", "undecayed", "random")
 _SCOPES = ("global", "layerwise")
-_INTERVALS = ("epoch", "step")
-_STATE_VERSION = 1
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if not _is_int(value) or value < minimum:  # type: ignore[operator]
-        raise ValueError(f"Expected `{name}` to be an int >= {minimum}, but got {value!r}")
-    return int(value)  # type: ignore[arg-type]
-
-
-def _check_sparsity_arg(value: object, name: str) -> float:
-    if not _is_real(value) or not math.isfinite(value) or not 0.0 <= value < 1.0:  # type: ignore[arg-type]
-        raise ValueError(f"Expected `{name}` to be a float in [0, 1), but got {value!r}")
-    return float(value)  # type: ignore[arg-type]
-
-
-def _check_names(value: object, name: str) -> list[str] | None:
-    """Normalize an optional list of type names / patterns to a list of strings."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, type):
-        return [value.__name__]
-    if isinstance(value, Sequence):
-        out: list[str] = []
-        for item in value:
-            if isinstance(item, str):
-                out.append(item)
-            elif isinstance(item, type):
-                out.append(item.__name__)
-            else:
-                raise TypeError(
-                    f"Expected `{name}` to be a list of strings (class names or glob patterns), "
-                    f"but it contains {item!r} of type {type(item).__name__}"
-                )
-        return out
-    raise TypeError(
-        f"Expected `{name}` to be a string or a list of strings, but got {value!r} "
-        f"of type {type(value).__name__}"
-    )
+_STATE_VERSION = 2
 
 
 def _callable_name(fn: object) -> str:
     return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", type(fn).__name__))
-
-
-def _loader_generators(loader: Any) -> list[torch.Generator]:
-    """Return the torch generators a DataLoader draws from, to restore them afterwards."""
-    found: list[torch.Generator] = []
-    candidates = [
-        loader,
-        getattr(loader, "sampler", None),
-        getattr(loader, "batch_sampler", None),
-        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
-    ]
-    for obj in candidates:
-        gen = getattr(obj, "generator", None)
-        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
-            found.append(gen)
-    return found
-
-
-@contextlib.contextmanager
-def _quiet_logging(pl_module: nn.Module) -> Iterator[None]:
-    """Turn ``self.log`` / ``self.log_dict`` of a LightningModule into no-ops temporarily."""
-
-    def _noop(*args: Any, **kwargs: Any) -> None:
-        return None
-
-    patched = []
-    for name in ("log", "log_dict"):
-        if name not in pl_module.__dict__:
-            object.__setattr__(pl_module, name, _noop)
-            patched.append(name)
-    try:
-        yield
-    finally:
-        for name in patched:
-            pl_module.__dict__.pop(name, None)
 
 
 class IterativePruning(Callback):
@@ -174,15 +95,20 @@ class IterativePruning(Callback):
         compression_ratio: whole-model compression ``t = params before / params after``
             (``>= 1``), converted to a sparsity of the prunable weights at setup.
         schedule: ``"one_shot"``, ``"geometric"`` (same fraction of the remaining weights per
-            round), ``"linear"``, ``"cubic"`` (Zhu & Gupta), or a callable
+            round), ``"linear"``, ``"cubic"`` (Zhu & Gupta), a callable
             ``fn(t) -> cumulative sparsity`` evaluated at each event point ``t`` (an epoch or
-            a step, in ``interval`` units); it must stay in ``[0, 1)`` and never decrease.
+            a step, in ``interval`` units; it must stay in ``[0, 1)`` and never decrease), or
+            ``None`` (default): ``"one_shot"`` for one round, ``"geometric"`` (iterative
+            pruning: the same fraction of the remaining weights each round) as soon as
+            ``num_rounds > 1``, ``end`` or ``rate`` asks for several rounds.
         initial_sparsity: sparsity at progress 0 of a named schedule (the first round prunes
             to ``schedule(1 / n)``).
         num_rounds: number of rounds. Default: 1 for ``"one_shot"``; derived from ``rate`` for
-            ``"geometric"`` with a rate; else ``(end - start) // frequency + 1``; a callable
-            schedule without ``end`` or ``num_rounds`` runs every ``frequency`` until training
-            stops.
+            ``"geometric"`` with a rate; else ``(end - start) // frequency + 1`` with ``end``;
+            a gradual schedule with neither spreads its rounds over the run the Trainer will do
+            (``max_epochs``, or the optimizer steps it estimates), leaving the last quarter
+            after ``start`` for fine-tuning (`RoundPlan.resolve_horizon`); a callable schedule
+            without ``end`` or ``num_rounds`` runs every ``frequency`` until training stops.
         rate: only for ``"geometric"``: fraction of the remaining weights removed per round
             (lottery-ticket style, e.g. 0.2); it determines the number of rounds.
         interval: ``"epoch"`` or ``"step"`` (optimizer steps, i.e. ``trainer.global_step``).
@@ -216,6 +142,7 @@ class IterativePruning(Callback):
         make_permanent: at the end of fit, detach the mask enforcement and release masks and
             rewind weights (the pruned weights are already exactly zero).
         verbose: print one line per round (rank 0).
+        name: distinguishes several pruning callbacks in one trainer (checkpoint state key).
 
     Example:
         >>> pruning = IterativePruning(0.9, schedule="geometric", num_rounds=3, start=1)
@@ -234,7 +161,7 @@ class IterativePruning(Callback):
         final_sparsity: float | None = None,
         *,
         compression_ratio: float | None = None,
-        schedule: str | Callable[[int], float] = "one_shot",
+        schedule: str | Callable[[int], float] | None = None,
         initial_sparsity: float = 0.0,
         num_rounds: int | None = None,
         rate: float | None = None,
@@ -258,115 +185,22 @@ class IterativePruning(Callback):
         rewind: str | int | None = None,
         make_permanent: bool = False,
         verbose: bool = False,
+        name: str | None = None,
     ) -> None:
         super().__init__()
-        # ---- schedule ----------------------------------------------------------------------
-        if isinstance(schedule, str):
-            key = schedule.strip().lower().replace("-", "_")
-            if key not in SCHEDULES:
-                raise ValueError(
-                    f"Expected `schedule` to be one of {sorted(SCHEDULES)} or a callable "
-                    f"epoch-or-step -> cumulative sparsity, but got {schedule!r}"
-                )
-            self._schedule_name = key
-            self._schedule_fn: Callable[[int], float] | None = None
-        elif callable(schedule):
-            self._schedule_name = _callable_name(schedule)
-            self._schedule_fn = schedule
-        else:
-            raise TypeError(
-                f"Expected `schedule` to be a string in {sorted(SCHEDULES)} or a callable, "
-                f"but got {schedule!r} of type {type(schedule).__name__}"
-            )
-        self.schedule = schedule
-
-        if self._schedule_fn is not None:
-            if final_sparsity is not None or compression_ratio is not None:
-                raise ValueError(
-                    "Expected neither `final_sparsity` nor `compression_ratio` with a callable "
-                    "`schedule` (the callable returns the cumulative sparsity), but got "
-                    f"final_sparsity={final_sparsity!r}, compression_ratio={compression_ratio!r}"
-                )
-        elif (final_sparsity is None) == (compression_ratio is None):
-            raise ValueError(
-                "Expected exactly one of `final_sparsity` and `compression_ratio`, but got "
-                f"final_sparsity={final_sparsity!r}, compression_ratio={compression_ratio!r}"
-            )
-        if final_sparsity is not None:
-            final_sparsity = _check_sparsity_arg(final_sparsity, "final_sparsity")
-        if compression_ratio is not None and (
-            not _is_real(compression_ratio)
-            or not math.isfinite(compression_ratio)
-            or compression_ratio < 1.0
-        ):
-            raise ValueError(
-                f"Expected `compression_ratio` to be a finite float >= 1, but got "
-                f"{compression_ratio!r}"
-            )
-        self.final_sparsity = final_sparsity
-        self.compression_ratio = None if compression_ratio is None else float(compression_ratio)
-        self.initial_sparsity = _check_sparsity_arg(initial_sparsity, "initial_sparsity")
-        if final_sparsity is not None and self.initial_sparsity > final_sparsity:
-            raise ValueError(
-                f"Expected `initial_sparsity` to be at most `final_sparsity` ({final_sparsity}), "
-                f"but got {initial_sparsity!r}"
-            )
-
-        # ---- timing ------------------------------------------------------------------------
-        if interval not in _INTERVALS:
-            raise ValueError(f"Expected `interval` to be one of {_INTERVALS}, but got {interval!r}")
-        self.interval = interval
-        self.start = _check_int(start, "start", 0)
-        self.frequency = _check_int(frequency, "frequency", 1)
-        if end is not None:
-            end = _check_int(end, "end", 0)
-            if end < self.start:
-                raise ValueError(
-                    f"Expected `end` to be None or an int >= `start` ({self.start}), "
-                    f"but got {end!r}"
-                )
-        self.end = end
-        if num_rounds is not None:
-            num_rounds = _check_int(num_rounds, "num_rounds", 1)
-        if rate is not None:
-            if self._schedule_name != "geometric":
-                raise ValueError(
-                    f"Expected `rate` only with schedule='geometric', but got rate={rate!r} "
-                    f"with schedule={self._schedule_name!r}"
-                )
-            if not _is_real(rate) or not 0.0 < rate < 1.0:
-                raise ValueError(f"Expected `rate` to be a float in (0, 1), but got {rate!r}")
-            if num_rounds is not None:
-                raise ValueError(
-                    "Expected at most one of `rate` and `num_rounds` (the rate determines the "
-                    f"number of rounds), but got rate={rate!r}, num_rounds={num_rounds!r}"
-                )
-            rate = float(rate)
-        self.rate = rate
-        if self._schedule_name == "one_shot" and num_rounds not in (None, 1):
-            raise ValueError(
-                f"Expected `num_rounds` to be None or 1 with schedule='one_shot', but got "
-                f"{num_rounds!r}"
-            )
-        if (
-            num_rounds is None
-            and end is None
-            and rate is None
-            and self._schedule_name in ("linear", "cubic", "geometric")
-        ):
-            raise ValueError(
-                f"Expected `num_rounds`, `end` (or `rate` for 'geometric') with "
-                f"schedule={self._schedule_name!r}, but got none of them"
-            )
-        if num_rounds is not None and end is not None:
-            last = self.start + (num_rounds - 1) * self.frequency
-            if last > end:
-                raise ValueError(
-                    f"Expected `num_rounds` rounds from `start`={self.start} every "
-                    f"`frequency`={self.frequency} to end by `end`={end}, but got "
-                    f"num_rounds={num_rounds} (last round at {last})"
-                )
-        self._num_rounds_arg = num_rounds
+        # ---- the round plan (schedule arguments, targets, event points, position) ---------
+        self.plan = RoundPlan(
+            final_sparsity,
+            compression_ratio=compression_ratio,
+            schedule=schedule,
+            initial_sparsity=initial_sparsity,
+            num_rounds=num_rounds,
+            rate=rate,
+            interval=interval,
+            start=start,
+            end=end,
+            frequency=frequency,
+        )
 
         # ---- criterion ---------------------------------------------------------------------
         if isinstance(criterion, str):
@@ -375,7 +209,7 @@ class IterativePruning(Callback):
                     f"Expected `criterion` to be one of {_CRITERIA} or a callable, but got "
                     f"{criterion!r}"
                 )
-            self._criterion_name = criterion
+            self._criterion_name: str = criterion
             uses_grads = criterion in NEEDS_GRADIENTS
             if needs_gradients is not None:
                 raise ValueError(
@@ -396,25 +230,17 @@ class IterativePruning(Callback):
             )
         self.criterion = criterion
         self.needs_gradients = uses_grads
-        if scope not in _SCOPES:
-            raise ValueError(f"Expected `scope` to be one of {_SCOPES}, but got {scope!r}")
-        self.scope = scope
-        self.gradient_batches = _check_int(gradient_batches, "gradient_batches", 1)
-        if weight_decay is not None and (
-            not _is_real(weight_decay) or not math.isfinite(weight_decay) or weight_decay < 0
-        ):
-            raise ValueError(
-                f"Expected `weight_decay` to be None or a float >= 0, but got {weight_decay!r}"
-            )
-        self.weight_decay = None if weight_decay is None else float(weight_decay)
-        self.seed = _check_int(seed, "seed", 0)
+        self.scope = check_choice(scope, "scope", _SCOPES)
+        self.gradient_batches = check_int(gradient_batches, "gradient_batches", 1)
+        self.weight_decay = check_real(weight_decay, "weight_decay", low=0.0, allow_none=True)
+        self.seed = check_int(seed, "seed", 0)
 
         # ---- selection ---------------------------------------------------------------------
         self.selection: dict[str, Any] = {
-            "include_types": _check_names(include_types, "include_types"),
-            "exclude_types": _check_names(exclude_types, "exclude_types"),
-            "include_names": _check_names(include_names, "include_names"),
-            "exclude_names": _check_names(exclude_names, "exclude_names"),
+            "include_types": check_name_list(include_types, "include_types"),
+            "exclude_types": check_name_list(exclude_types, "exclude_types"),
+            "include_names": check_name_list(include_names, "include_names"),
+            "exclude_names": check_name_list(exclude_names, "exclude_names"),
             "prune_classifier": bool(prune_classifier),
             "prune_bias": bool(prune_bias),
             "prune_norm": bool(prune_norm),
@@ -422,32 +248,30 @@ class IterativePruning(Callback):
 
         # ---- rewinding and the end ---------------------------------------------------------
         if rewind is not None and rewind != "init":
-            if not _is_int(rewind) or rewind < 0:
+            if not is_int(rewind) or rewind < 0:
                 raise ValueError(
                     f"Expected `rewind` to be None, 'init' or an int >= 0 (an {interval} index), "
                     f"but got {rewind!r}"
                 )
-            if rewind > self.start:
+            if rewind > self.plan.start:
                 raise ValueError(
-                    f"Expected `rewind` to be at most `start` ({self.start}): the weights must "
-                    f"be stored before the first round, but got {rewind!r}"
+                    f"Expected `rewind` to be at most `start` ({self.plan.start}): the weights "
+                    f"must be stored before the first round, but got {rewind!r}"
                 )
         self.rewind = rewind
-        self.make_permanent = bool(make_permanent)
-        self.verbose = bool(verbose)
+        self.make_permanent = check_bool(make_permanent, "make_permanent")
+        self.verbose = check_bool(verbose, "verbose")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"Expected `name` to be a str or None, but got {name!r}")
+        self.name = name
 
         # ---- resolved at setup -------------------------------------------------------------
-        self._final: float | None = final_sparsity
-        self._targets: list[float] | None = None
-        self._resolve_targets()
         self._fqns: list[str] | None = None
         self._pl_module: nn.Module | None = None
 
-        # ---- state (checkpointed) ----------------------------------------------------------
+        # ---- state (checkpointed; the plan keeps the schedule position) --------------------
         self._masks: dict[str, Tensor] = {}
-        self._rounds_done = 0
         self._manual_rounds = 0
-        self._last_target = 0.0
         self._rewind_weights: dict[str, Tensor] | None = None
         self._history: list[dict[str, Any]] = []
         self._pending_state: dict[str, Any] | None = None
@@ -457,25 +281,64 @@ class IterativePruning(Callback):
         self._enforced_optimizers: list[int] = []
         self._warned_decay = False
 
-    # ------------------------------------------------------------------ public properties
+    # ------------------------------------------------------------------ identity
     @property
     @override
     def state_key(self) -> str:
+        # what is pruned identifies the callback; the schedule and the target do not, so that
+        # a run resumed with another target finds its state (`on_load_checkpoint` also finds
+        # the keys of earlier versions)
         return self._generate_state_key(
-            final_sparsity=self.final_sparsity,
-            compression_ratio=self.compression_ratio,
-            schedule=self._schedule_name,
-            criterion=self._criterion_name,
-            scope=self.scope,
-            interval=self.interval,
-            start=self.start,
-            end=self.end,
-            frequency=self.frequency,
-            num_rounds=self._num_rounds_arg,
-            rate=self.rate,
-            selection={k: v for k, v in self.selection.items() if v},
+            name=self.name, selection={k: v for k, v in self.selection.items() if v}
         )
 
+    # ------------------------------------------------------------------ the plan's arguments
+    @property
+    def final_sparsity(self) -> float | None:
+        """The ``final_sparsity`` argument (``None`` with a compression ratio or a callable)."""
+        return self.plan.final_sparsity
+
+    @property
+    def compression_ratio(self) -> float | None:
+        """The ``compression_ratio`` argument."""
+        return self.plan.compression_ratio
+
+    @property
+    def schedule(self) -> Any:
+        """The ``schedule`` argument (its resolved name when it was left unset)."""
+        return self.plan.schedule
+
+    @property
+    def initial_sparsity(self) -> float:
+        """The ``initial_sparsity`` argument."""
+        return self.plan.initial_sparsity
+
+    @property
+    def rate(self) -> float | None:
+        """The ``rate`` argument."""
+        return self.plan.rate
+
+    @property
+    def interval(self) -> str:
+        """``"epoch"`` or ``"step"``."""
+        return self.plan.interval
+
+    @property
+    def start(self) -> int:
+        """The first event point."""
+        return self.plan.start
+
+    @property
+    def end(self) -> int | None:
+        """The last allowed event point."""
+        return self.plan.end
+
+    @property
+    def frequency(self) -> int:
+        """Event points between rounds."""
+        return self.plan.frequency
+
+    # ------------------------------------------------------------------ public properties
     @property
     def masks(self) -> dict[str, Tensor]:
         """The current masks: parameter name -> bool tensor (``True`` = kept)."""
@@ -496,31 +359,26 @@ class IterativePruning(Callback):
     @property
     def rounds_done(self) -> int:
         """Number of scheduled rounds run so far (manual ``prune_now(sparsity=...)`` excluded)."""
-        return self._rounds_done
+        return self.plan.rounds_done
 
     @property
     def num_rounds(self) -> int | None:
         """Number of scheduled rounds.
 
-        ``None`` for an open-ended callable schedule, or before a compression ratio is
-        resolved at setup.
+        ``None`` for an open-ended callable schedule, or before a compression ratio or the
+        length of the run is resolved at fit start.
         """
-        if self._targets is not None:
-            return len(self._targets)
-        return self._num_rounds_callable()
+        return self.plan.num_rounds
 
     @property
     def targets(self) -> list[float] | None:
         """Cumulative target sparsity of each scheduled round (``None`` if not known yet)."""
-        return None if self._targets is None else list(self._targets)
+        return self.plan.targets
 
     @property
     def event_points(self) -> list[int] | None:
-        """Epochs or steps at which the scheduled rounds run (``None`` if open-ended)."""
-        n = self.num_rounds
-        if n is None:
-            return None
-        return [self.start + k * self.frequency for k in range(n)]
+        """Epochs or steps at which the scheduled rounds run (``None`` if not known yet)."""
+        return self.plan.event_points
 
     @property
     def current_sparsity(self) -> float:
@@ -536,62 +394,27 @@ class IterativePruning(Callback):
         """One record per round: round, scheduled, epoch, global_step, target, sparsity."""
         return list(self._history)
 
-    # ------------------------------------------------------------------ schedule helpers
-    def _num_rounds_callable(self) -> int | None:
-        if self._num_rounds_arg is not None:
-            return self._num_rounds_arg
-        if self._schedule_name == "one_shot":
-            return 1
-        if self.end is not None:
-            return (self.end - self.start) // self.frequency + 1
-        return None
+    def settings(self) -> dict[str, Any]:
+        """The constructor settings as plain values (for logger configs).
 
-    def _resolve_targets(self) -> None:
-        """Compute the per-round targets of a named schedule once the final sparsity is known."""
-        if self._schedule_fn is not None or self._final is None:
-            self._targets = None
-            return
-        if self.rate is not None:
-            targets = geometric_values_from_rate(self.rate, self._final, self.initial_sparsity)
-        else:
-            n = self._num_rounds_callable()
-            if n is None:  # pragma: no cover - excluded by the constructor checks
-                raise ValueError("Expected `num_rounds` or `end`")
-            targets = schedule_values(self._schedule_name, n, self._final, self.initial_sparsity)
-        check_sparsity_sequence(targets, "schedule")
-        self._targets = targets
-
-    def _event_point(self, k: int) -> int:
-        return self.start + k * self.frequency
-
-    def _target_of_round(self, k: int) -> float:
-        """Cumulative target of scheduled round ``k`` (0-based); validates callables."""
-        if self._targets is not None:
-            return self._targets[k]
-        assert self._schedule_fn is not None
-        t = self._event_point(k)
-        value = self._schedule_fn(t)
-        name = f"schedule({t})"
-        if not _is_real(value) or not math.isfinite(value) or not 0.0 <= value < 1.0:
-            raise ValueError(
-                f"Expected the callable `schedule` to return a float in [0, 1), but "
-                f"{name} returned {value!r}"
-            )
-        if value < self._last_target - 1e-12:
-            raise ValueError(
-                f"Expected the callable `schedule` to be non-decreasing, but {name} returned "
-                f"{value!r} after {self._last_target!r} (masks only shrink)"
-            )
-        return float(value)
-
-    def _due_rounds(self, now: int) -> bool:
-        n = self.num_rounds
-        if n is not None and self._rounds_done >= n:
-            return False
-        point = self._event_point(self._rounds_done)
-        if self.end is not None and point > self.end:
-            return False
-        return point <= now
+        Example:
+            >>> s = IterativePruning(0.9, num_rounds=3).settings()
+            >>> s["final_sparsity"], s["schedule"], s["num_rounds"], s["criterion"]
+            (0.9, 'geometric', 3, 'magnitude')
+        """
+        out = self.plan.settings()
+        out.update(
+            criterion=self._criterion_name,
+            scope=self.scope,
+            gradient_batches=self.gradient_batches,
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+            rewind=self.rewind,
+            make_permanent=self.make_permanent,
+            name=self.name,
+            **{k: v for k, v in self.selection.items()},
+        )
+        return out
 
     # ------------------------------------------------------------------ setup / resolution
     def _select(self, pl_module: nn.Module) -> dict[str, nn.Parameter]:
@@ -615,17 +438,10 @@ class IterativePruning(Callback):
         params = self._select(pl_module)
         self._fqns = list(params)
         self._pl_module = pl_module
-        if self.compression_ratio is not None:
+        if self.plan.compression_ratio is not None:
             total = sum(p.numel() for p in pl_module.parameters())
             prunable = sum(p.numel() for p in params.values())
-            self._final = compression_ratio_to_sparsity(self.compression_ratio, total, prunable)
-            if self.initial_sparsity > self._final:
-                raise ValueError(
-                    f"Expected `initial_sparsity` to be at most the sparsity {self._final:.6g} "
-                    f"of `compression_ratio`={self.compression_ratio}, but got "
-                    f"{self.initial_sparsity!r}"
-                )
-            self._resolve_targets()
+            self.plan.resolve_compression(total, prunable)
         if self._pending_masks is not None:
             pending, self._pending_masks = self._pending_masks, None
             self._set_masks(pl_module, pending, source="imported masks")
@@ -633,43 +449,33 @@ class IterativePruning(Callback):
             pending_state, self._pending_state = self._pending_state, None
             self.load_state_dict(pending_state)
 
-    def _prevalidate_callable(self, trainer: pl.Trainer) -> None:
-        """Evaluate a callable schedule at every known event point before training."""
-        if self._schedule_fn is None:
-            return
-        n = self.num_rounds
-        if n is None:
-            limit = trainer.max_epochs if self.interval == "epoch" else trainer.max_steps
+    def _horizon(self, trainer: pl.Trainer) -> tuple[int | None, str]:
+        """The run's length in event points and how it was derived (for messages)."""
+        if self.interval == "epoch":
+            limit = trainer.max_epochs
             if limit is None or limit < 0:
-                return
-            n = max(0, (limit - 1 - self.start) // self.frequency + 1)
-        values = [self._schedule_fn(self._event_point(k)) for k in range(n)]
-        check_sparsity_sequence(values, "schedule")
-
-    def _warn_incomplete(self, trainer: pl.Trainer) -> None:
-        points = self.event_points
-        if not points:
-            return
-        limit = trainer.max_epochs if self.interval == "epoch" else trainer.max_steps
-        if limit is None or limit < 0:
-            return
-        if points[-1] > limit - 1:
-            unit = "max_epochs" if self.interval == "epoch" else "max_steps"
-            warnings.warn(
-                f"IterativePruning: the last of {len(points)} rounds is scheduled at "
-                f"{self.interval} {points[-1]}, but the trainer stops at {unit}={limit}; the "
-                "schedule will not complete in this fit.",
-                UserWarning,
-                stacklevel=2,
-            )
+                return None, "max_epochs"
+            return int(limit), "max_epochs"
+        max_steps = trainer.max_steps
+        try:
+            estimated = float(trainer.estimated_stepping_batches)
+        except Exception:  # no train dataloader to estimate from
+            estimated = math.inf
+        no_max_steps = max_steps is None or max_steps < 0
+        if math.isfinite(estimated) and (no_max_steps or estimated < max_steps):
+            epochs = trainer.max_epochs
+            return int(estimated), f"the optimizer steps of max_epochs={epochs}"
+        if max_steps is not None and max_steps >= 0:
+            return int(max_steps), "max_steps"
+        return None, "max_steps"
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._setup_module(pl_module)
-        self._prevalidate_callable(trainer)
-        self._warn_incomplete(trainer)
+        if self.interval == "epoch":
+            self._plan_run(trainer)
         if (
             self.needs_gradients
             and not pl_module.automatic_optimization
@@ -681,6 +487,20 @@ class IterativePruning(Callback):
                 "optimization; use criterion='magnitude' or 'random'"
             )
 
+    def _plan_run(self, trainer: pl.Trainer) -> None:
+        """Fit the plan to the run: spread rounds, check callables, warn if it cannot finish."""
+        limit, unit = self._horizon(trainer)
+        if self.plan.needs_horizon:
+            if limit is None:
+                raise ValueError(
+                    f"Expected `num_rounds` or `end` for schedule={self.plan.schedule_name!r}, "
+                    f"or a trainer with a finite {unit} over which to spread the rounds, but "
+                    "got neither"
+                )
+            self.plan.resolve_horizon(limit)
+        self.plan.prevalidate(limit)
+        self.plan.warn_incomplete(limit, unit)
+
     # ------------------------------------------------------------------ hooks
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -690,6 +510,8 @@ class IterativePruning(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.interval == "step":  # the number of optimizer steps is known from here on
+            self._plan_run(trainer)
         self._ensure_enforcers(trainer, pl_module)
 
     @override
@@ -721,8 +543,8 @@ class IterativePruning(Callback):
 
     # ------------------------------------------------------------------ rounds
     def _run_due_rounds(self, trainer: pl.Trainer, pl_module: pl.LightningModule, now: int) -> None:
-        while self._due_rounds(now):
-            target = self._target_of_round(self._rounds_done)
+        while self.plan.due(now):
+            target = self.plan.target(self.plan.rounds_done)
             self._prune(trainer, pl_module, target, scheduled=True)
 
     def prune_now(
@@ -761,15 +583,15 @@ class IterativePruning(Callback):
             self._setup_module(pl_module)
         if sparsity is None:
             n = self.num_rounds
-            if n is not None and self._rounds_done >= n:
+            if n is not None and self.plan.rounds_done >= n:
                 raise ValueError(
                     f"Expected `sparsity` when the schedule is complete ({n} rounds done), but "
                     "got None"
                 )
-            target = self._target_of_round(self._rounds_done)
+            target = self.plan.target(self.plan.rounds_done)
             self._prune(trainer, pl_module, target, scheduled=True)
             return
-        target = _check_sparsity_arg(sparsity, "sparsity")
+        target = check_sparsity(sparsity, "sparsity")
         if target < self.current_sparsity - 1e-12:
             raise ValueError(
                 f"Expected `sparsity` to be at least the current sparsity "
@@ -786,7 +608,7 @@ class IterativePruning(Callback):
     ) -> None:
         params = self._params(pl_module)
         previous = self.current_sparsity
-        round_index = self._rounds_done + self._manual_rounds
+        round_index = self.plan.rounds_done + self._manual_rounds
         epoch = int(getattr(trainer, "current_epoch", 0) or 0)
         step = int(getattr(trainer, "global_step", 0) or 0)
         event = PruningEvent(
@@ -797,6 +619,7 @@ class IterativePruning(Callback):
             epoch=epoch,
             global_step=step,
             criterion=self._criterion_name,
+            parameter_names=tuple(params),
         )
         self._announce(trainer, pl_module, "on_before_pruning_round", event)
 
@@ -817,11 +640,9 @@ class IterativePruning(Callback):
                 zero_pruned_optimizer_state(optimizer, params, self._masks)
             self._ensure_enforcers(trainer, pl_module, force=True)
 
-        if scheduled:
-            self._rounds_done += 1
-        else:
+        if not scheduled:
             self._manual_rounds += 1
-        self._last_target = max(self._last_target, float(target))
+        self.plan.record_round(target, scheduled=scheduled)
         layer = self._layer_sparsity()
         realized = self.current_sparsity
         self._history.append(
@@ -941,7 +762,21 @@ class IterativePruning(Callback):
     def _task_gradients(
         self, trainer: pl.Trainer, pl_module: nn.Module, params: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
-        """Mean task-loss gradient over ``gradient_batches`` training batches (train mode)."""
+        """Mean task-loss gradient over ``gradient_batches`` training batches.
+
+        The pass runs ``training_step`` in the modes the modules train in (a module the user
+        froze in eval mode stays so), on batches converted as in training (precision plugin,
+        device), inside `lightning_fairprune.measure.isolated`: module modes, buffers
+        (BatchNorm statistics), ``.grad``, ``requires_grad`` and RNG states are restored
+        afterwards. Selected parameters that are frozen (``requires_grad=False``) get a
+        gradient for this pass only.
+
+        Raises:
+            RuntimeError: without a training dataloader, when it yields no batch, when
+                ``training_step`` returns no loss, or when a selected parameter receives no
+                gradient at all (it is not used by ``training_step``): its score would be 0 and
+                it would be pruned first.
+        """
         loader = getattr(trainer, "train_dataloader", None)
         if loader is None:
             raise RuntimeError(
@@ -954,76 +789,61 @@ class IterativePruning(Callback):
 
             combined = CombinedLoader(loader, "max_size_cycle")
             iterable: Any = (item[0] for item in combined)
-            generators = [g for sub in combined.flattened for g in _loader_generators(sub)]
+            loaders: list[Any] = list(combined.flattened)
         else:
             iterable = loader
-            generators = _loader_generators(loader)
-        gen_states = [g.get_state() for g in generators]
-        all_params = list(pl_module.parameters())
-        saved_grads = [p.grad for p in all_params]
-        was_training = pl_module.training
+            loaders = [loader]
         strategy = trainer.strategy
         precision = getattr(strategy, "precision_plugin", None)
         scaler = getattr(precision, "scaler", None)
-        wrapped = getattr(strategy, "model", None)
-        no_sync = getattr(wrapped, "no_sync", None)
-        devices = (
-            [torch.cuda.current_device()]
-            if torch.cuda.is_available() and any(p.is_cuda for p in all_params)
-            else []
-        )
+        no_sync = getattr(getattr(strategy, "model", None), "no_sync", None)
         grads: dict[str, Tensor] = {}
         count = 0
-        try:
-            for p in all_params:
-                p.grad = None
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(torch.random.fork_rng(devices=devices))
-                stack.enter_context(torch.inference_mode(False))
-                stack.enter_context(torch.enable_grad())
-                stack.enter_context(_quiet_logging(pl_module))
-                if callable(no_sync):
-                    stack.enter_context(no_sync())
-                pl_module.train()
-                iterator = iter(iterable)
-                for batch_idx in range(self.gradient_batches):
-                    try:
-                        batch = next(iterator)
-                    except StopIteration:
-                        break
-                    batch = strategy.batch_to_device(batch)
-                    ctx = precision.forward_context() if precision else contextlib.nullcontext()
-                    with ctx:
-                        out = pl_module.training_step(batch, batch_idx)  # type: ignore[operator]
-                    loss = out.get("loss") if isinstance(out, Mapping) else out
-                    if not isinstance(loss, Tensor):
-                        raise RuntimeError(
-                            "IterativePruning: the gradient-based criterion needs "
-                            "`training_step` to return the loss (a tensor or a dict with "
-                            f"'loss'), but it returned {type(out).__name__}"
-                        )
-                    if scaler is not None:
-                        scaler.scale(loss.float()).backward()
-                    else:
-                        loss.float().backward()
-                    count += 1
-                del iterator
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(
+                isolated(pl_module, mode="keep", grad_params=params.values(), loaders=loaders)
+            )
+            stack.enter_context(quiet_logging(pl_module))
+            if callable(no_sync):
+                stack.enter_context(no_sync())
+            iterator = iter(iterable)
+            for batch_idx in range(self.gradient_batches):
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    break
+                batch = prepare_batch(batch, trainer, transfer_hooks=True)
+                with precision_context(trainer, autocast=True):
+                    out = pl_module.training_step(batch, batch_idx)  # type: ignore[operator]
+                loss = out.get("loss") if isinstance(out, Mapping) else out
+                if not isinstance(loss, Tensor):
+                    raise RuntimeError(
+                        "IterativePruning: the gradient-based criterion needs `training_step` "
+                        "to return the loss (a tensor or a dict with 'loss'), but it returned "
+                        f"{type(out).__name__}"
+                    )
+                if scaler is not None:
+                    scaler.scale(loss.float()).backward()
+                else:
+                    loss.float().backward()
+                count += 1
+            del iterator
             if count == 0:
                 raise RuntimeError("IterativePruning: the training dataloader yielded no batch")
+            unused = [name for name, p in params.items() if p.grad is None]
+            if unused:
+                raise RuntimeError(
+                    f"IterativePruning: criterion={self._criterion_name!r} needs the gradient "
+                    f"of every pruned parameter, but {unused} received none: they are not used "
+                    "by `training_step`, so their score would be 0 and they would be pruned "
+                    "first. Exclude them (`exclude_names=`) or use criterion='magnitude'."
+                )
             scale = float(scaler.get_scale()) if scaler is not None else 1.0
             for name, p in params.items():
-                g = p.grad
-                if g is None:
-                    g = torch.zeros_like(p)
-                elif count > 1 or scale != 1.0:
-                    g = g.div_(count * scale)
-                grads[name] = g.detach()
-        finally:
-            for p, g in zip(all_params, saved_grads, strict=True):
-                p.grad = g
-            pl_module.train(was_training)
-            for gen, state in zip(generators, gen_states, strict=True):
-                gen.set_state(state)
+                g = p.grad.detach().clone()  # type: ignore[union-attr]
+                if count > 1 or scale != 1.0:
+                    g.div_(count * scale)
+                grads[name] = g
         if int(getattr(trainer, "world_size", 1) or 1) > 1:
             grads = {k: strategy.reduce(v, reduce_op="mean") for k, v in grads.items()}
         return grads
@@ -1106,7 +926,7 @@ class IterativePruning(Callback):
         self._rewind_weights = {k: p.detach().clone() for k, p in params.items()}
 
     def _maybe_capture_rewind(self, pl_module: nn.Module, now: int) -> None:
-        if _is_int(self.rewind) and self._rewind_weights is None and now == self.rewind:
+        if is_int(self.rewind) and self._rewind_weights is None and now == self.rewind:
             self._capture_rewind(pl_module)
 
     def _rewind(self, params: Mapping[str, Tensor]) -> None:
@@ -1212,17 +1032,42 @@ class IterativePruning(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
-            "rounds_done": self._rounds_done,
+            **self.plan.state_dict(),
             "manual_rounds": self._manual_rounds,
-            "last_target": self._last_target,
-            "final_sparsity": self._final,
-            "num_rounds": self.num_rounds,
             "masks": {k: v.detach().cpu() for k, v in self._masks.items()},
             "rewind_weights": None
             if self._rewind_weights is None
             else {k: v.detach().cpu() for k, v in self._rewind_weights.items()},
             "history": [dict(h) for h in self._history],
         }
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning calls this before `load_state_dict`: if the checkpoint holds this callback's
+        # state under another key (one written by an earlier version, whose key included the
+        # schedule and the target), take the one entry of an IterativePruning that no other
+        # callback of the trainer claims.
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict) or self.state_key in states:
+            return
+        claimed = {cb.state_key for cb in getattr(trainer, "callbacks", None) or []}
+        candidates = [
+            key
+            for key in states
+            if isinstance(key, str) and key.startswith(type(self).__name__) and key not in claimed
+        ]
+        if len(candidates) == 1:
+            states[self.state_key] = states[candidates[0]]
+        elif len(candidates) > 1:
+            warnings.warn(
+                f"IterativePruning: the checkpoint holds {len(candidates)} pruning states "
+                f"({candidates}) and none under this callback's key {self.state_key!r}; its "
+                "state is not restored. Give each pruning callback the `name` it had.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1247,20 +1092,6 @@ class IterativePruning(Callback):
                     f"IterativePruning: the checkpoint rewind weights do not fit the model: {err}"
                 ) from err
             self._rewind_weights = {k: rewind[k].to(params[k].device) for k in params}
-        self._rounds_done = int(state_dict.get("rounds_done", 0))
         self._manual_rounds = int(state_dict.get("manual_rounds", 0))
-        self._last_target = float(state_dict.get("last_target", 0.0))
         self._history = [dict(h) for h in state_dict.get("history", [])]
-        saved_final = state_dict.get("final_sparsity")
-        if (
-            saved_final is not None
-            and self._final is not None
-            and abs(float(saved_final) - self._final) > 1e-9
-        ):
-            warnings.warn(
-                f"IterativePruning: the checkpoint was written with final sparsity "
-                f"{saved_final}, this callback targets {self._final}; continuing with the new "
-                "target from the saved schedule position.",
-                UserWarning,
-                stacklevel=2,
-            )
+        self.plan.load_state_dict(state_dict)
