@@ -94,8 +94,14 @@ class FairnessData:
         self._stride = False
 
     # ---------------------------------------------------------------- parsing
-    def split_batch(self, batch: Any) -> tuple[Any, Tensor, Tensor | None]:
+    def split_batch(
+        self, batch: Any, *, use_group_fn: bool = True
+    ) -> tuple[Any, Tensor, Tensor | None]:
         """Return ``(inputs, targets, groups)`` of a batch; ``groups`` None means the classes.
+
+        Args:
+            batch: one batch of the loader.
+            use_group_fn: apply ``group_fn`` if there is one (``False``: the built-in parsing).
 
         Example:
             >>> d = FairnessData(num_groups=2)
@@ -105,7 +111,7 @@ class FairnessData:
             >>> d.split_batch((torch.zeros(2, 3), torch.tensor([0, 1])))[2] is None
             True
         """
-        if self.group_fn is not None:
+        if self.group_fn is not None and use_group_fn:
             out = self.group_fn(batch)
             if not isinstance(out, (tuple, list)) or len(out) != 3:
                 raise ValueError(

@@ -26,6 +26,7 @@ from lightning_fairprune.callbacks.pruning import IterativePruning
 
 SCHEMA_KEYS = {
     "moment",
+    "monitor",
     "round",
     "epoch",
     "global_step",

@@ -158,11 +158,18 @@ def test_warmup_keeps_the_plain_loss_then_activates(tmp_path):
 
 
 class StubPruning(Callback):
-    """Zeroes the smaller half of `fc.weight` at the start of one epoch; emits the protocol."""
+    """Zeroes the smaller half of `fc.weight` at the start of one epoch; emits the protocol.
+
+    It implements the `Pruner` protocol (masks, rounds_done, current_sparsity,
+    parameter_names), which is how the equalizer finds a pruner.
+    """
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
         self.rounds_done = 0
+        self.masks: dict = {}
+        self.current_sparsity = 0.0
+        self.parameter_names = ["fc.weight"]
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch != self.epoch:

@@ -18,7 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_fairprune.callbacks.events import PruningEvent
+from lightning_fairprune.callbacks.events import PruningEvent, pruning_has_started
+from lightning_fairprune.checks import check_int, check_real
 from lightning_fairprune.logging import log_scalars
 from lightning_fairprune.losses import GroupEqualizedLoss
 
@@ -41,7 +42,7 @@ class GroupEqualizer(Callback):
 
     The constraint becomes active once it is *eligible* (from the start of training, or with
     ``start_after_pruning=True`` from the first pruning round: the ``on_pruning_round`` event
-    of `lightning_fairprune.pruning.events`, or a callback with ``rounds_done > 0``) and
+    of `lightning_fairprune.callbacks.events`, or a `Pruner` with ``rounds_done > 0``) and
     ``warmup_steps`` further optimizer steps have passed. Until then the loss module returns its
     plain mean loss. Every pruning round also resets the accumulators (losses measured before
     the round describe another model).
@@ -79,19 +80,9 @@ class GroupEqualizer(Callback):
         log: bool = True,
     ) -> None:
         super().__init__()
-        if (
-            isinstance(dual_lr, bool)
-            or not isinstance(dual_lr, (int, float))
-            or not math.isfinite(dual_lr)
-            or dual_lr < 0
-        ):
-            raise ValueError(f"Expected `dual_lr` to be a finite float >= 0, but got {dual_lr!r}")
-        for name, value, low in (
-            ("every_n_steps", every_n_steps, 1),
-            ("warmup_steps", warmup_steps, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"Expected `{name}` to be an int >= {low}, but got {value!r}")
+        check_real(dual_lr, "dual_lr", low=0.0)
+        check_int(every_n_steps, "every_n_steps", 1)
+        check_int(warmup_steps, "warmup_steps", 0)
         if loss is not None and not isinstance(loss, GroupEqualizedLoss):
             raise TypeError(
                 f"Expected `loss` to be a GroupEqualizedLoss, but got {type(loss).__name__}"
@@ -181,12 +172,8 @@ class GroupEqualizer(Callback):
 
     # ------------------------------------------------------------------ activation logic
     def pruning_has_started(self, trainer: pl.Trainer) -> bool:
-        """Whether a callback of ``trainer`` reports pruning rounds done (``rounds_done > 0``)."""
-        for callback in getattr(trainer, "callbacks", []) or []:
-            rounds = getattr(callback, "rounds_done", None)
-            if isinstance(rounds, int) and not isinstance(rounds, bool) and rounds > 0:
-                return True
-        return False
+        """Whether the trainer's pruner (the `Pruner` protocol) has run a scheduled round."""
+        return pruning_has_started(trainer)
 
     def _update_activation(self, trainer: pl.Trainer) -> None:
         step = int(trainer.global_step)

@@ -1,7 +1,7 @@
 """`FairnessMonitor`: who lost accuracy, and why, around every pruning round.
 
 The monitor reacts to the pruning-round protocol of `IterativePruning`
-(`lightning_fairprune.pruning.events`) and measures, on a fairness dataloader, per-group
+(`lightning_fairprune.callbacks.events`) and measures, on a fairness dataloader, per-group
 recall and accuracy, the recall-distortion quantities of [GOOD] (B, B̃, I, α against the dense
 reference) and the disparate-impact factors of [TRAN] (per-group loss and excessive loss,
 gradient norm, Hutchinson Hessian trace, and the second-order *predicted* excessive loss of the
@@ -34,10 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
-import math
 import os
-import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -45,184 +42,60 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_fairprune import logging as fp_logging
-from lightning_fairprune.callbacks.events import PruningEvent
+from lightning_fairprune.callbacks.events import PruningEvent, find_pruner
+from lightning_fairprune.checks import check_bool, check_callable, check_int
+from lightning_fairprune.fairness_data import FairnessBatches, FairnessData
+from lightning_fairprune.history import (
+    HISTORY_FILENAME,
+    MOMENTS,
+    HistoryFile,
+    dense_reference,
+    history_filename,
+    make_record,
+    qualified_name,
+    to_plain,
+)
+from lightning_fairprune.measure import isolated, precision_context
 
 __all__ = ["HISTORY_FILENAME", "MOMENTS", "FairnessMonitor", "preserve_training_state"]
-
-#: Default file name of the JSON-lines history, written in the run's log directory.
-HISTORY_FILENAME = "fairprune_history.jsonl"
-
-#: The moments a record can be taken at, in the order they can happen in a round.
-MOMENTS: tuple[str, ...] = ("dense", "after_round", "before_round", "periodic", "end")
 
 BatchSplitter = Callable[[Any], "tuple[Any, Tensor, Tensor]"]
 
 
-# --------------------------------------------------------------------------------------------
-# small helpers
-# --------------------------------------------------------------------------------------------
-def _plain(value: Any) -> Any:
-    """Convert tensors/numpy/containers to JSON-safe Python values (NaN and inf -> None)."""
-    if isinstance(value, Tensor):
-        value = value.detach().cpu()
-        value = value.item() if value.ndim == 0 else value.tolist()
-        return _plain(value)
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    item = getattr(value, "item", None)  # numpy scalars
-    if callable(item):
-        return _plain(item())
-    tolist = getattr(value, "tolist", None)  # numpy arrays
-    if callable(tolist):
-        return _plain(tolist())
-    return value
-
-
-def _qualified_name(value: Any) -> str | None:
-    """``module.qualname`` of a callable (its type's for other objects); ``None`` stays."""
-    if value is None:
-        return None
-    target = value if callable(value) and hasattr(value, "__qualname__") else type(value)
-    module = getattr(target, "__module__", None)
-    name = getattr(target, "__qualname__", None) or type(target).__qualname__
-    return f"{module}.{name}" if module else str(name)
-
-
-def _f64(values: Sequence[float | None]) -> Tensor:
-    """A float64 tensor of plain values (None -> NaN)."""
-    return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
-
-
-def _check_int(value: Any, name: str, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        expected = f"an int >= {minimum}" + (" or None" if allow_none else "")
-        raise ValueError(f"Expected `{name}` to be {expected}, but got {value!r}")
-
-
-def _find_pruner(trainer: pl.Trainer) -> Any | None:
-    """The pruning callback attached to ``trainer`` (duck-typed), or ``None``."""
-    for callback in getattr(trainer, "callbacks", None) or []:
-        if type(callback).__name__ == "IterativePruning":
-            return callback
-    for callback in getattr(trainer, "callbacks", None) or []:
-        if hasattr(callback, "masks") and hasattr(callback, "rounds_done"):
-            return callback
-    return None
-
-
-def _pruner_parameter_names(pruner: Any, model: nn.Module) -> list[str] | None:
-    """FQNs of the parameters ``pruner`` prunes, from its public attributes, if it says."""
-    for attr in ("parameter_names", "param_names", "pruned_parameter_names"):
-        names = getattr(pruner, attr, None)
-        if callable(names):
-            names = names()
-        if names:
-            return [str(n) for n in names]
-    for attr in ("parameters", "params", "selected_parameters"):
-        params = getattr(pruner, attr, None)
-        if isinstance(params, Mapping) and params:
-            return [str(n) for n in params]
-    masks = getattr(pruner, "masks", None)
-    if isinstance(masks, Mapping) and masks:
-        return [str(n) for n in masks]
-    fqns = getattr(pruner, "_fqns", None)  # IterativePruning before its first round
-    if isinstance(fqns, (list, tuple)) and fqns:
-        return [str(n) for n in fqns]
-    return None
-
-
 def _default_weight_names(model: nn.Module) -> list[str]:
     """Weights of Conv/Linear modules (the pruning default), else every trainable parameter."""
+    from lightning_fairprune.pruning.selection import select_parameters
+
     try:
-        from lightning_fairprune.pruning.selection import select_parameters
-
         names = list(select_parameters(model))
-        if names:
-            return names
-    except Exception:  # selection module missing or nothing matched: use every weight
-        pass
-    return [n for n, p in model.named_parameters() if p.requires_grad]
+    except ValueError:  # nothing matched (e.g. a model whose only layer is its classifier)
+        names = []
+    return names or [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-# --------------------------------------------------------------------------------------------
-# the measurement context: nothing the monitor does may leak into training
-# --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def preserve_training_state(model: nn.Module) -> Iterator[None]:
-    """Run a measurement without disturbing training.
+    """Run a measurement without disturbing training (`lightning_fairprune.measure.isolated`).
 
-    Inside: gradients enabled, inference mode off, every module of ``model`` in eval mode and
-    every parameter's ``.grad`` set to ``None``. On exit (also on error): the train/eval flag of
-    every module, the ``.grad`` objects and the RNG states (torch CPU, CUDA when initialized,
-    Python `random`, NumPy) are restored exactly.
-
-    Args:
-        model: the module being measured.
+    Kept for compatibility: the isolation context of every measurement is
+    :func:`lightning_fairprune.measure.isolated` (eval mode inside; module modes, buffers,
+    ``.grad``, ``requires_grad`` and RNG states restored on exit).
 
     Example:
-        >>> import random
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train()
-        >>> net[0].weight.grad = torch.ones(2, 2)
-        >>> before = (torch.rand(1), random.random())
-        >>> _ = torch.manual_seed(0); _ = random.seed(0)
         >>> with torch.inference_mode(), preserve_training_state(net):
-        ...     print(torch.is_grad_enabled(), net.training, net[0].weight.grad)
-        ...     _ = torch.rand(5); _ = random.random()
-        True False None
-        >>> (torch.rand(1), random.random()) == (torch.manual_seed(0) and torch.rand(1),
-        ...                                      random.seed(0) or random.random())
+        ...     print(torch.is_grad_enabled(), net.training)
+        True False
+        >>> net.training
         True
-        >>> net.training, net[0].weight.grad.sum().item()
-        (True, 4.0)
     """
-    modes = [(module, module.training) for module in model.modules()]
-    params = list(model.parameters())
-    grads = [p.grad for p in params]
-    torch_state = torch.get_rng_state()
-    python_state = random.getstate()
-    numpy_state = None
-    try:
-        import numpy as np
-
-        numpy_state = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy ships with torch installs
-        np = None  # type: ignore[assignment]
-    cuda_state = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda_state = torch.cuda.get_rng_state_all()
-    try:
-        for p in params:
-            p.grad = None
-        model.eval()
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
-        torch.set_rng_state(torch_state)
-        random.setstate(python_state)
-        if numpy_state is not None and np is not None:
-            np.random.set_state(numpy_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state_all(cuda_state)
+    with isolated(model, mode="eval"):
+        yield
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,27 +187,26 @@ class FairnessMonitor(Callback):
         name: str | None = None,
     ) -> None:
         super().__init__()
-        if dataloader is not None and not isinstance(dataloader, Iterable):
-            raise TypeError(
-                f"Expected `dataloader` to be an iterable of batches (a DataLoader) or None, "
-                f"but got {type(dataloader).__name__}"
-            )
-        _check_int(num_groups, "num_groups", 1, allow_none=True)
-        _check_int(max_batches, "max_batches", 1, allow_none=True)
-        _check_int(num_probes, "num_probes", 0)
-        _check_int(lambda_max_iterations, "lambda_max_iterations", 0)
-        _check_int(seed, "seed", 0)
-        _check_int(every_n_epochs, "every_n_epochs", 1, allow_none=True)
-        if group_fn is not None and not callable(group_fn):
-            raise TypeError(f"Expected `group_fn` to be callable or None, but got {group_fn!r}")
-        for arg, value in (("loss_fn", loss_fn), ("forward_fn", forward_fn)):
-            if value is not None and not callable(value):
-                raise TypeError(f"Expected `{arg}` to be callable or None, but got {value!r}")
-        for arg, value in (("input_key", input_key), ("target_key", target_key)):
-            if not isinstance(value, str):
-                raise TypeError(f"Expected `{arg}` to be a str, but got {value!r}")
-        if group_key is not None and not isinstance(group_key, str):
-            raise TypeError(f"Expected `group_key` to be a str or None, but got {group_key!r}")
+        # the fairness-data path validates dataloader, num_groups, max_batches, group_fn, keys
+        self.data = FairnessData(
+            dataloader,
+            num_groups=num_groups,
+            max_batches=max_batches,
+            group_fn=group_fn,
+            input_key=input_key,
+            target_key=target_key,
+            group_key=group_key,
+        )
+        if type(self).split_batch is not FairnessMonitor.split_batch and group_fn is None:
+            self.data.group_fn = self._split_with_override  # a subclass parses batches itself
+        check_int(num_probes, "num_probes", 0)
+        check_int(lambda_max_iterations, "lambda_max_iterations", 0)
+        check_int(seed, "seed", 0)
+        check_int(every_n_epochs, "every_n_epochs", 1, allow_none=True)
+        check_callable(loss_fn, "loss_fn")
+        check_callable(forward_fn, "forward_fn")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"Expected `name` to be a str or None, but got {name!r}")
         if isinstance(params, str):
             if params != "all":
                 raise ValueError(
@@ -355,16 +227,8 @@ class FairnessMonitor(Callback):
             ("measure_end", measure_end),
             ("log", log),
         ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"Expected `{arg}` to be a bool, but got {flag!r}")
+            check_bool(flag, arg)
 
-        self.dataloader = dataloader
-        self.num_groups = num_groups
-        self.max_batches = max_batches
-        self.group_fn = group_fn
-        self.input_key = input_key
-        self.target_key = target_key
-        self.group_key = group_key
         self.params = params if params is None or isinstance(params, str) else list(params)
         self.num_probes = num_probes
         self.lambda_max_iterations = lambda_max_iterations
@@ -387,11 +251,69 @@ class FairnessMonitor(Callback):
         self._num_classes: int | None = None
         self._num_groups: int | None = num_groups
         self._param_names: list[str] | None = None
-        self._loader: Iterable[Any] | None = None
-        self._stride = False
         self._pre_round: dict[str, Tensor] | None = None
-        self._resolved_path: Path | None = None
-        self._file_synced = False
+        self._file: HistoryFile | None = None
+
+    # ---------------------------------------------------------------- the data's arguments
+    @property
+    def dataloader(self) -> Iterable[Any] | None:
+        """The ``dataloader`` argument."""
+        return self.data.dataloader
+
+    @dataloader.setter
+    def dataloader(self, value: Iterable[Any] | None) -> None:
+        if value is not None and not isinstance(value, Iterable):
+            raise TypeError(
+                f"Expected `dataloader` to be an iterable of batches (a DataLoader) or None, "
+                f"but got {type(value).__name__}"
+            )
+        self.data.dataloader = value
+        self.data.reset()
+
+    @property
+    def num_groups(self) -> int | None:
+        """The ``num_groups`` argument."""
+        return self.data.num_groups
+
+    @num_groups.setter
+    def num_groups(self, value: int | None) -> None:
+        self.data.num_groups = check_int(value, "num_groups", 1, allow_none=True)
+        self._num_groups = self.data.num_groups
+
+    @property
+    def max_batches(self) -> int | None:
+        """The ``max_batches`` argument."""
+        return self.data.max_batches
+
+    @max_batches.setter
+    def max_batches(self, value: int | None) -> None:
+        self.data.max_batches = check_int(value, "max_batches", 1, allow_none=True)
+
+    @property
+    def group_fn(self) -> BatchSplitter | None:
+        """The ``group_fn`` argument."""
+        fn = self.data.group_fn
+        return None if fn == self._split_with_override else fn
+
+    @property
+    def input_key(self) -> str:
+        """The ``input_key`` argument."""
+        return self.data.input_key
+
+    @property
+    def target_key(self) -> str:
+        """The ``target_key`` argument."""
+        return self.data.target_key
+
+    @property
+    def group_key(self) -> str | None:
+        """The ``group_key`` argument."""
+        return self.data.group_key
+
+    @property
+    def history_file(self) -> Path | None:
+        """Where the history is written (known from ``setup`` on)."""
+        return None if self._file is None else self._file.path
 
     # ---------------------------------------------------------------- state
     @property
@@ -407,8 +329,8 @@ class FairnessMonitor(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "history": _plain(self.history),
-            "dense": _plain(self._dense),
+            "history": to_plain(self.history),
+            "dense": to_plain(self._dense),
             "num_classes": self._num_classes,
             "num_groups": self._num_groups,
             "param_names": None if self._param_names is None else list(self._param_names),
@@ -435,19 +357,20 @@ class FairnessMonitor(Callback):
         self._num_groups = saved_groups if saved_groups is not None else self.num_groups
         names = state_dict.get("param_names")
         self._param_names = None if names is None else list(names)
-        self._file_synced = False
+        if self._file is not None:
+            self._file.synced = False
 
     # ---------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # trainer.log_dir broadcasts: resolve it here, on every process
         if self.history_path is not None:
-            self._resolved_path = self.history_path
+            path = self.history_path
         else:
             log_dir = trainer.log_dir or trainer.default_root_dir
-            self._resolved_path = Path(log_dir) / HISTORY_FILENAME
-        self._file_synced = False
-        self._loader = None
+            path = Path(log_dir) / history_filename(self.name)
+        self._file = HistoryFile(path)
+        self.data.reset()
         if self._log_enabled and bool(getattr(trainer, "is_global_zero", True)):
             fp_logging.log_config(trainer, "monitor", self.settings())
 
@@ -460,14 +383,14 @@ class FairnessMonitor(Callback):
             (2, ['fc.*'], None, None)
         """
         return {
-            "dataloader": _qualified_name(self.dataloader),
+            "dataloader": qualified_name(self.dataloader),
             "num_groups": self.num_groups,
             "max_batches": self.max_batches,
-            "group_fn": _qualified_name(self.group_fn),
+            "group_fn": qualified_name(self.group_fn),
             "input_key": self.input_key,
             "target_key": self.target_key,
             "group_key": self.group_key,
-            "params": _plain(self.params),
+            "params": to_plain(self.params),
             "num_probes": self.num_probes,
             "lambda_max_iterations": self.lambda_max_iterations,
             "gradient_norms": self.gradient_norms,
@@ -476,15 +399,15 @@ class FairnessMonitor(Callback):
             "every_n_epochs": self.every_n_epochs,
             "measure_end": self.measure_end,
             "history_path": None if self.history_path is None else str(self.history_path),
-            "loss_fn": _qualified_name(self.loss_fn),
-            "forward_fn": _qualified_name(self.forward_fn),
+            "loss_fn": qualified_name(self.loss_fn),
+            "forward_fn": qualified_name(self.forward_fn),
             "log": self._log_enabled,
             "name": self.name,
         }
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if _find_pruner(trainer) is None and self.every_n_epochs is None and not self.history:
+        if find_pruner(trainer) is None and self.every_n_epochs is None and not self.history:
             warnings.warn(
                 "FairnessMonitor found no pruning callback (IterativePruning) in "
                 "`trainer.callbacks`: it will only measure at the end of training, with no "
@@ -567,18 +490,11 @@ class FairnessMonitor(Callback):
         """
         if moment not in MOMENTS:
             raise ValueError(f"Expected `moment` to be one of {MOMENTS}, but got {moment!r}")
-        with preserve_training_state(pl_module):
+        with isolated(pl_module, mode="eval"), precision_context(trainer):
             record = self._measure(trainer, pl_module, moment, event)
         self.history.append(record)
         if moment == "dense":
-            self._dense = {
-                "recall": record["recall"],
-                "norm_balance": record["norm_balance"],
-                "loss": record["loss"],
-                "accuracy": record["accuracy"],
-            }
-            # the dense record is its own reference
-            self._fill_relative(record)
+            self._dense = dense_reference(record)
         self._write(trainer)
         if self._log_enabled:
             self._log(trainer, record)
@@ -634,7 +550,18 @@ class FairnessMonitor(Callback):
                     seed=self.seed,
                     **common,
                 )
-        return self._record(trainer, model, moment, event, measurement, predicted, num_groups)
+        return make_record(
+            measurement,
+            moment=moment,
+            round_index=self._round(trainer, moment, event),
+            epoch=int(trainer.current_epoch),
+            global_step=int(trainer.global_step),
+            sparsity=self._sparsity(trainer, model, moment, event),
+            num_groups=num_groups,
+            predicted=predicted,
+            dense=self._dense,
+            monitor=self.name,
+        )
 
     def _predicted(
         self,
@@ -673,91 +600,12 @@ class FairnessMonitor(Callback):
         self._pre_round = {n: named[n].detach().clone() for n in self._param_names}
 
     # ---------------------------------------------------------------- record
-    def _record(
-        self,
-        trainer: pl.Trainer,
-        model: nn.Module,
-        moment: str,
-        event: PruningEvent | None,
-        m: Any,
-        predicted: Tensor | None,
-        num_groups: int,
-    ) -> dict[str, Any]:
-        from lightning_fairprune.diagnostics import disparity, normalized_recall_balance
-        from lightning_fairprune.diagnostics import recall_balance as _balance
-
-        recall = m.recall.double()
-        accuracy = float(m.accuracy)
-        support = m.support.sum(dim=1) if m.support.ndim == 2 else m.support
-        loss = m.mean_loss.double()
-        grad_norm = getattr(m, "grad_norms", None)
-        trace = getattr(m, "hessian_trace", None)
-        trace_se = getattr(m, "hessian_trace_stderr", None)
-        lam = getattr(m, "hessian_lambda_max", None)
-        record: dict[str, Any] = {
-            "moment": moment,
-            "round": self._round(trainer, moment, event),
-            "epoch": int(trainer.current_epoch),
-            "global_step": int(trainer.global_step),
-            "sparsity": self._sparsity(trainer, model, moment, event),
-            "accuracy": _plain(accuracy),
-            "num_groups": int(num_groups),
-            "support": [round(float(s)) for s in support.tolist()],
-            "recall": _plain(recall),
-            "recall_dense": None,
-            "balance": _plain(_balance(recall, accuracy)),
-            "norm_balance": _plain(normalized_recall_balance(recall, accuracy)),
-            "intensification": None,
-            "alpha": None,
-            "loss": _plain(loss),
-            "excess_loss": None,
-            "predicted_excess_loss": None if predicted is None else _plain(predicted),
-            "grad_norm": None if grad_norm is None else _plain(grad_norm),
-            "hessian_trace": None if trace is None else _plain(trace),
-            "hessian_trace_se": None if trace_se is None else _plain(trace_se),
-            "hessian_lambda_max": None if lam is None else _plain(lam),
-        }
-        record["disparity"] = {
-            "recall": _plain(disparity(recall, higher_is_worse=False)),
-            "grad_norm": None if grad_norm is None else _plain(disparity(grad_norm)),
-            "hessian_trace": None if trace is None else _plain(disparity(trace)),
-            "hessian_lambda_max": None if lam is None else _plain(disparity(lam)),
-            "loss": _plain(disparity(loss)),
-        }
-        self._fill_relative(record)
-        return record
-
-    def _fill_relative(self, record: dict[str, Any]) -> None:
-        """Fill the fields relative to the dense reference (if there is one)."""
-        from lightning_fairprune.diagnostics import (
-            excessive_loss,
-            intensification_alpha,
-            intensification_ratio,
-        )
-
-        if self._dense is None:
-            return
-        dense = self._dense
-        if len(dense["recall"]) != record["num_groups"]:
-            raise ValueError(
-                f"Expected {len(dense['recall'])} groups as in the dense reference, but the "
-                f"measurement has {record['num_groups']}"
-            )
-        nrb, nrb_ref = _f64(record["norm_balance"]), _f64(dense["norm_balance"])
-        record["recall_dense"] = list(dense["recall"])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            record["intensification"] = _plain(intensification_ratio(nrb, nrb_ref))
-            record["alpha"] = _plain(float(intensification_alpha(nrb, nrb_ref)))
-        record["excess_loss"] = _plain(excessive_loss(_f64(record["loss"]), _f64(dense["loss"])))
-
     def _round(self, trainer: pl.Trainer, moment: str, event: PruningEvent | None) -> int:
         if event is not None:
             return int(event.round_index) + (1 if moment == "after_round" else 0)
-        pruner = _find_pruner(trainer)
-        done = getattr(pruner, "rounds_done", None) if pruner is not None else None
-        if isinstance(done, int):
-            return done
+        pruner = find_pruner(trainer)
+        if pruner is not None:
+            return int(pruner.rounds_done)
         return sum(1 for r in self.history if r.get("moment") == "after_round")
 
     def _sparsity(
@@ -768,15 +616,10 @@ class FairnessMonitor(Callback):
                 return float(event.realized_sparsity)
             if moment in ("dense", "before_round"):
                 return float(event.previous_sparsity)
-        pruner = _find_pruner(trainer)
+        pruner = find_pruner(trainer)
         if pruner is not None:
-            value = getattr(pruner, "current_sparsity", None)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            names = _pruner_parameter_names(pruner, model)
-        else:
-            names = None
-        names = names or self._param_names or _default_weight_names(model)
+            return float(pruner.current_sparsity)
+        names = self._param_names or _default_weight_names(model)
         named = dict(model.named_parameters())
         zeros = sum(int((named[n] == 0).sum()) for n in names if n in named)
         total = sum(named[n].numel() for n in names if n in named)
@@ -800,128 +643,17 @@ class FairnessMonitor(Callback):
             >>> m.split_batch((torch.zeros(2, 3), torch.tensor([0, 1])))[2] is None
             True
         """
-        if self.group_fn is not None:
-            out = self.group_fn(batch)
-            if not isinstance(out, (tuple, list)) or len(out) != 3:
-                raise ValueError(
-                    "Expected `group_fn` to return a tuple (inputs, targets, groups), but got "
-                    f"{type(out).__name__}"
-                    + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
-                )
-            return out[0], out[1], out[2]
-        if isinstance(batch, Mapping):
-            missing = [k for k in (self.input_key, self.target_key) if k not in batch]
-            if self.group_key is not None and self.group_key not in batch:
-                missing.append(self.group_key)
-            if missing:
-                raise ValueError(
-                    f"Expected a dict batch with keys {missing} (`input_key`, `target_key`, "
-                    f"`group_key`), but the batch has keys {sorted(map(str, batch))}; set the "
-                    "keys, `group_key=None` for groups = classes, or pass `group_fn`"
-                )
-            groups = None if self.group_key is None else batch[self.group_key]
-            return batch[self.input_key], batch[self.target_key], groups
-        if isinstance(batch, (tuple, list)):
-            if len(batch) == 2:
-                return batch[0], batch[1], None
-            if len(batch) == 3:
-                return batch[0], batch[1], batch[2]
-            raise ValueError(
-                "Expected a batch (inputs, targets) or (inputs, targets, groups), but got a "
-                f"{type(batch).__name__} of {len(batch)} items; pass `group_fn`"
-            )
-        raise ValueError(
-            "Expected a batch (inputs, targets), (inputs, targets, groups) or a dict, but got "
-            f"{type(batch).__name__}; pass `group_fn(batch) -> (inputs, targets, groups)`"
+        return self.data.split_batch(
+            batch, use_group_fn=self.data.group_fn != self._split_with_override
         )
 
-    def _resolve_loader(self, trainer: pl.Trainer, model: pl.LightningModule) -> Iterable[Any]:
-        if self._loader is not None:
-            return self._loader
-        self._stride = False
-        loader: Any = self.dataloader
-        if loader is None:
-            loader = getattr(trainer, "val_dataloaders", None)
-            reason = ""
-            if loader is None:
-                datamodule = getattr(trainer, "datamodule", None)
-                source = datamodule if datamodule is not None else model
-                getter = getattr(source, "val_dataloader", None)
-                try:
-                    loader = getter() if callable(getter) else None
-                except Exception as err:  # e.g. "`val_dataloader` must be implemented"
-                    reason = f" ({type(source).__name__}.val_dataloader(): {err})"
-                self._stride = int(getattr(trainer, "world_size", 1)) > 1
-            if isinstance(loader, Mapping):
-                loader = next(iter(loader.values()), None) if len(loader) else None
-            elif isinstance(loader, (list, tuple)):
-                if len(loader) > 1:
-                    warnings.warn(
-                        f"FairnessMonitor uses the first of {len(loader)} validation "
-                        "dataloaders; pass `dataloader` to choose another.",
-                        UserWarning,
-                        stacklevel=3,
-                    )
-                loader = loader[0] if len(loader) else None
-            if loader is None:
-                raise ValueError(
-                    "Expected a fairness dataloader: pass `dataloader` to FairnessMonitor or "
-                    f"give the trainer a validation dataloader, but found none{reason}"
-                )
-        if not isinstance(loader, Iterable):
-            raise TypeError(
-                f"Expected the fairness dataloader to be iterable, but got {type(loader).__name__}"
-            )
-        self._check_not_empty(trainer, model, loader)
-        self._loader = loader
-        return loader
+    def _split_with_override(self, batch: Any) -> tuple[Any, Tensor, Tensor | None]:
+        return self.split_batch(batch)
 
-    def _check_not_empty(self, trainer: pl.Trainer, model: nn.Module, loader: Any) -> None:
-        """Raise on every process when some process would measure no batch (no deadlock)."""
-        try:
-            total = len(loader)
-        except TypeError:  # an iterable without len (an IterableDataset): peek at it below
-            total = None
-        world = int(getattr(trainer, "world_size", 1))
-        rank = int(getattr(trainer, "global_rank", 0))
-        if total is None:
-            # iterate only as far as this process's first batch (rank + 1 batches when the
-            # monitor shards by batch index), so that every process learns whether any is empty
-            first = rank if self._stride and world > 1 else 0
-            local = 0
-            for index, _ in enumerate(loader):
-                if index >= first:
-                    local = 1
-                    break
-        elif self._stride:
-            local = len(range(rank, total, world))
-        else:
-            local = total
-        empty = 1.0 if local == 0 else 0.0
-        if world > 1:
-            device = next(model.parameters()).device
-            flag = torch.tensor([empty], dtype=torch.float32, device=device)
-            empty = float(trainer.strategy.reduce(flag, reduce_op="sum").sum())
-        if empty > 0:
-            where = "" if world == 1 else f" on {int(empty)} of {world} processes"
-            raise ValueError(
-                "Expected the fairness dataloader to yield at least one batch on every "
-                f"process, but it has no batches{where}"
-                + (f" (len {total})" if total is not None else "")
-                + "; pass a `dataloader` "
-                "with data for every process"
-            )
+    def _batches(self, trainer: pl.Trainer, model: pl.LightningModule) -> FairnessBatches:
+        return self.data.batches(trainer, model, num_groups=self._num_groups)
 
-    def _batches(self, trainer: pl.Trainer, model: pl.LightningModule) -> _Batches:
-        loader = self._resolve_loader(trainer, model)
-        rank = int(getattr(trainer, "global_rank", 0)) if self._stride else 0
-        world = int(getattr(trainer, "world_size", 1)) if self._stride else 1
-        device = getattr(model, "device", None)
-        if not isinstance(device, torch.device):
-            device = next(model.parameters()).device
-        return _Batches(self, loader, device, rank, world)
-
-    def _resolve_sizes(self, model: nn.Module, batches: _Batches) -> tuple[int, int]:
+    def _resolve_sizes(self, model: nn.Module, batches: FairnessBatches) -> tuple[int, int]:
         if self._num_classes is not None and self._num_groups is not None:
             return self._num_classes, self._num_groups
         x, _, _ = batches.first()
@@ -955,8 +687,8 @@ class FairnessMonitor(Callback):
                 if p.requires_grad and any(fnmatch.fnmatchcase(n, pat) for pat in self.params)
             ]
         else:
-            pruner = _find_pruner(trainer)
-            found = _pruner_parameter_names(pruner, model) if pruner is not None else None
+            pruner = find_pruner(trainer)
+            found = list(pruner.parameter_names) if pruner is not None else None
             names = found or _default_weight_names(model)
             names = [n for n in names if n in named and named[n].requires_grad]
         if not names:
@@ -980,101 +712,8 @@ class FairnessMonitor(Callback):
 
     # ---------------------------------------------------------------- output
     def _write(self, trainer: pl.Trainer) -> None:
-        if not bool(getattr(trainer, "is_global_zero", True)) or self._resolved_path is None:
-            return
-        path = self._resolved_path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if not self._file_synced:
-                # first write of this run: the file holds the whole (possibly resumed) history
-                tmp = path.with_name(path.name + ".tmp")
-                with tmp.open("w", encoding="utf-8") as fh:
-                    for rec in self.history:
-                        fh.write(json.dumps(_plain(rec), allow_nan=False) + "\n")
-                os.replace(tmp, path)
-                self._file_synced = True
-            else:
-                with path.open("a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(_plain(self.history[-1]), allow_nan=False) + "\n")
-        except OSError as err:
-            warnings.warn(
-                f"FairnessMonitor could not write its history to {str(path)!r} "
-                f"({type(err).__name__}: {err}); the history is kept in memory and in checkpoints.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        if bool(getattr(trainer, "is_global_zero", True)) and self._file is not None:
+            self._file.write(self.history)
 
     def _log(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
         fp_logging.log_round(trainer, record, self.history)
-
-
-class _Batches:
-    """Re-iterable view of the fairness dataloader as validated ``(x, y, g)`` on the device."""
-
-    def __init__(
-        self,
-        monitor: FairnessMonitor,
-        loader: Iterable[Any],
-        device: torch.device,
-        rank: int,
-        world_size: int,
-    ) -> None:
-        self.monitor = monitor
-        self.loader = loader
-        self.device = device
-        self.rank = rank
-        self.world_size = world_size
-        self.groups_from_batch = False
-
-    def _convert(self, batch: Any) -> tuple[Any, Tensor, Tensor]:
-        x, y, g = self.monitor.split_batch(batch)
-        if not isinstance(y, Tensor) or y.ndim != 1 or y.dtype.is_floating_point:
-            raise ValueError(
-                "Expected the targets of a fairness batch to be a 1-D integer tensor of class "
-                f"ids, but got {getattr(y, 'dtype', type(y).__name__)} of shape "
-                f"{tuple(getattr(y, 'shape', ()))}"
-            )
-        if g is None:
-            g = y
-        else:
-            self.groups_from_batch = True
-            if not isinstance(g, Tensor) or g.shape != y.shape or g.dtype.is_floating_point:
-                raise ValueError(
-                    "Expected the groups of a fairness batch to be a 1-D integer tensor with "
-                    f"one id per sample ({tuple(y.shape)}), but got "
-                    f"{getattr(g, 'dtype', type(g).__name__)} of shape "
-                    f"{tuple(getattr(g, 'shape', ()))}"
-                )
-            g = g.long()
-        num_groups = self.monitor._num_groups
-        if num_groups is not None and g.numel():
-            low, high = int(g.min()), int(g.max())
-            if low < 0 or high >= num_groups:
-                raise ValueError(
-                    f"Expected group ids in [0, {num_groups}) (`num_groups`={num_groups}), but "
-                    f"got ids from {low} to {high}"
-                )
-        x, y, g = move_data_to_device((x, y.long(), g), self.device)
-        return x, y, g
-
-    def first(self) -> tuple[Any, Tensor, Tensor]:
-        for batch in self:
-            return batch
-        raise ValueError(
-            "Expected the fairness dataloader to yield at least one batch, but got none"
-        )
-
-    def __iter__(self) -> Iterator[tuple[Any, Tensor, Tensor]]:
-        count = 0
-        limit = self.monitor.max_batches
-        for index, batch in enumerate(self.loader):
-            if self.world_size > 1 and index % self.world_size != self.rank:
-                continue
-            if limit is not None and count >= limit:
-                break
-            count += 1
-            yield self._convert(batch)
-        if count == 0 and self.world_size == 1:
-            raise ValueError(
-                "Expected the fairness dataloader to yield at least one batch, but got none"
-            )

@@ -19,7 +19,7 @@ Differences from Lightning's ``ModelPruning``:
 * masks, schedule position and rewind weights are part of the checkpoint, so a resumed run
   continues exactly where the interrupted one stopped;
 * sparsity goes to every attached Lightning logger, and other callbacks are told about each
-  round (:mod:`lightning_fairprune.pruning.events`).
+  round (:mod:`lightning_fairprune.callbacks.events`).
 """
 
 from __future__ import annotations
