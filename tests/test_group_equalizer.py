@@ -14,8 +14,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
 from lightning_fairprune.callbacks.equalizer import GroupEqualizer
-from lightning_fairprune.losses import GroupEqualizedLoss
 from lightning_fairprune.callbacks.events import PruningEvent
+from lightning_fairprune.losses import GroupEqualizedLoss
 
 MINORITY = torch.tensor([3, 8])
 

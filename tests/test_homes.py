@@ -44,7 +44,8 @@ def test_check_int_rejects_non_ints_and_out_of_range(bad):
 
 def test_check_int_accepts_numpy_ints_and_returns_python_int():
     value = check_int(np.int64(3), "n", 1)
-    assert value == 3 and type(value) is int
+    assert value == 3
+    assert type(value) is int
 
 
 @pytest.mark.parametrize("bad", [1.0, -0.1, math.nan, math.inf, "0.5", True])
@@ -69,9 +70,11 @@ def test_check_labels_covers_dtype_shape_and_range():
         check_labels(ok.float(), "y", what="class labels")
     with pytest.raises(ValueError, match=r"one id per sample \(4\)"):
         check_labels(ok, "g", n=4)
-    with pytest.raises(ValueError, match=r"in \[0, 2\) \(`num_groups`=2\), but got ids from 0 to 2"):
+    with pytest.raises(
+        ValueError, match=r"in \[0, 2\) \(`num_groups`=2\), but got ids from 0 to 2"
+    ):
         check_labels(ok, "g", upper=2, upper_name="num_groups")
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
         check_labels([0, 1], "g")
 
 
@@ -91,7 +94,8 @@ def test_round_plan_due_rounds_catch_up_and_stop_at_end():
             ran.append((now, plan.target(plan.rounds_done)))
             plan.record_round(ran[-1][1])
     assert [n for n, _ in ran] == [0, 2, 4]
-    assert ran[-1][1] == 0.5 and plan.complete
+    assert ran[-1][1] == 0.5
+    assert plan.complete
     catch_up = RoundPlan(0.5, schedule="linear", num_rounds=3)
     count = 0
     while catch_up.due(10):  # resumed late: every missed round is due
@@ -111,7 +115,8 @@ def test_round_plan_default_schedule_follows_the_number_of_rounds():
 
 def test_round_plan_horizon_leaves_a_fine_tuning_tail():
     plan = RoundPlan(0.9, schedule="linear", interval="step", frequency=10)
-    assert plan.needs_horizon and not plan.due(0)
+    assert plan.needs_horizon
+    assert not plan.due(0)
     with pytest.raises(RuntimeError, match="not resolved"):
         plan.target(0)
     plan.resolve_horizon(100)
@@ -133,7 +138,8 @@ def test_round_plan_state_round_trip_and_retarget():
     moved = RoundPlan(0.9, num_rounds=3)
     with pytest.warns(UserWarning, match="final sparsity 0.5, this callback targets 0.9"):
         moved.load_state_dict(state)
-    assert moved.rounds_done == 2 and moved.target(2) == 0.9
+    assert moved.rounds_done == 2
+    assert moved.target(2) == 0.9
     lower = RoundPlan(0.2, num_rounds=3)
     with pytest.raises(ValueError, match="already reached"):
         lower.load_state_dict(state)
@@ -178,18 +184,24 @@ def test_isolated_restores_modes_buffers_grads_flags_and_every_rng():
     np.random.seed(1)
     torch.manual_seed(1)
     gen.manual_seed(3)
-    with torch.inference_mode(), isolated(net, mode="keep", grad_params=[net.lin.bias],
-                                          loaders=[loader]):  # fmt: skip
-        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
-        assert net.lin.weight.grad is None and net.lin.bias.requires_grad
+    with (
+        torch.inference_mode(),
+        isolated(net, mode="keep", grad_params=[net.lin.bias], loaders=[loader]),
+    ):
+        assert torch.is_grad_enabled()
+        assert not torch.is_inference_mode_enabled()
+        assert net.lin.weight.grad is None
+        assert net.lin.bias.requires_grad
         net.bn.train()
         net(torch.randn(16, 3)).sum().backward()  # updates BN statistics, draws dropout RNG
         assert net.lin.bias.grad is not None
         _ = (random.random(), np.random.rand(), list(iter(loader)))
     after = (random.random(), np.random.rand(), torch.rand(1).item(), list(iter(loader)))
     assert after == expected
-    assert net.training and not net.bn.training
-    assert net.lin.bias.requires_grad is False and net.lin.bias.grad is None
+    assert net.training
+    assert not net.bn.training
+    assert net.lin.bias.requires_grad is False
+    assert net.lin.bias.grad is None
     assert torch.equal(net.lin.weight.grad, torch.full_like(net.lin.weight, 7.0))
     for name, value in net.named_buffers():
         assert torch.equal(value, buffers[name]), name
@@ -197,10 +209,18 @@ def test_isolated_restores_modes_buffers_grads_flags_and_every_rng():
 
 def test_isolated_eval_mode_and_restores_on_error():
     net = _Net().train()
-    with pytest.raises(RuntimeError, match="boom"), isolated(net):
-        assert not net.training and not net.bn.training
-        raise RuntimeError("boom")
-    assert net.training and net.bn.training
+    modes = []
+
+    def measure() -> None:
+        with isolated(net):
+            modes.extend([net.training, net.bn.training])
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        measure()
+    assert modes == [False, False]
+    assert net.training
+    assert net.bn.training
 
 
 def test_loader_generators_and_prepare_batch_with_a_trainer_like_object():
@@ -219,7 +239,8 @@ def test_loader_generators_and_prepare_batch_with_a_trainer_like_object():
         strategy = Strategy()
 
     x, y = prepare_batch([torch.zeros(2), torch.tensor([1, 0])], Trainer())
-    assert x.dtype == torch.float64 and y.dtype == torch.int64
+    assert x.dtype == torch.float64
+    assert y.dtype == torch.int64
 
 
 # ------------------------------------------------------------------ fairness_data
@@ -231,9 +252,10 @@ def test_fairness_data_parses_validates_and_caps_batches():
     data = FairnessData(loader, num_groups=2, max_batches=2)
     batches = list(data.batches(None, device=torch.device("cpu")))
     assert len(batches) == 2
-    assert torch.equal(batches[1][2], g[3:6]) and torch.equal(batches[0][1], y[:3])
+    assert torch.equal(batches[1][2], g[3:6])
+    assert torch.equal(batches[0][1], y[:3])
     by_class = FairnessData(DataLoader(TensorDataset(x, y), batch_size=5))
-    xb, yb, gb = by_class.batches(None).first()
+    _xb, yb, gb = by_class.batches(None).first()
     assert torch.equal(gb, yb)
     with pytest.raises(ValueError, match=r"group ids in \[0, 1\).*ids from 0 to 1"):
         FairnessData(loader, num_groups=1).batches(None).first()
@@ -241,12 +263,12 @@ def test_fairness_data_parses_validates_and_caps_batches():
 
 def test_fairness_data_dict_batches_and_group_fn():
     batch = {"img": torch.zeros(4, 2), "label": torch.tensor([0, 1, 0, 1]), "sex": torch.ones(4)}
-    data = FairnessData([batch], num_groups=2, input_key="img", target_key="label",
-                        group_key="sex")  # fmt: skip
+    data = FairnessData([batch], num_groups=2, input_key="img", target_key="label", group_key="sex")
     with pytest.raises(ValueError, match="1-D integer tensor of group ids"):
         data.batches(None).first()
-    fixed = FairnessData([batch], num_groups=2,
-                         group_fn=lambda b: (b["img"], b["label"], b["sex"].long()))  # fmt: skip
+    fixed = FairnessData(
+        [batch], num_groups=2, group_fn=lambda b: (b["img"], b["label"], b["sex"].long())
+    )
     assert fixed.batches(None).first()[2].tolist() == [1, 1, 1, 1]
     with pytest.raises(ValueError, match=r"keys \['sex'\]"):
         FairnessData([{"x": 1, "y": 2}], group_key="sex").batches(None).first()
@@ -262,24 +284,48 @@ class _Measurement:
 
 
 def test_make_record_fills_relative_fields_against_the_dense_reference():
-    dense = make_record(_Measurement([1.0, 0.5], 0.75, [4, 4], [0.1, 0.9]), moment="dense",
-                        round_index=0, epoch=0, global_step=0, sparsity=0.0, num_groups=2)  # fmt: skip
-    assert dense["alpha"] == 1.0 and dense["excess_loss"] == [0.0, 0.0]
-    pruned = make_record(_Measurement([1.0, 0.25], 0.625, [4, 4], [0.2, 1.5]), moment="end",
-                         round_index=1, epoch=1, global_step=9, sparsity=0.5, num_groups=2,
-                         dense={k: dense[k] for k in ("recall", "norm_balance", "loss",
-                                                      "accuracy")},
-                         monitor="m")  # fmt: skip
+    dense = make_record(
+        _Measurement([1.0, 0.5], 0.75, [4, 4], [0.1, 0.9]),
+        moment="dense",
+        round_index=0,
+        epoch=0,
+        global_step=0,
+        sparsity=0.0,
+        num_groups=2,
+    )
+    assert dense["alpha"] == 1.0
+    assert dense["excess_loss"] == [0.0, 0.0]
+    pruned = make_record(
+        _Measurement([1.0, 0.25], 0.625, [4, 4], [0.2, 1.5]),
+        moment="end",
+        round_index=1,
+        epoch=1,
+        global_step=9,
+        sparsity=0.5,
+        num_groups=2,
+        dense={k: dense[k] for k in ("recall", "norm_balance", "loss", "accuracy")},
+        monitor="m",
+    )
     # B̃ = (recall - acc) / acc; I = B̃ / B̃_dense per group (hand computation)
     nb = [(1.0 - 0.625) / 0.625, (0.25 - 0.625) / 0.625]
     nb_dense = [(1.0 - 0.75) / 0.75, (0.5 - 0.75) / 0.75]
     assert pruned["norm_balance"] == pytest.approx(nb)
-    assert pruned["intensification"] == pytest.approx([a / b for a, b in zip(nb, nb_dense)])
+    assert pruned["intensification"] == pytest.approx(
+        [a / b for a, b in zip(nb, nb_dense, strict=False)]
+    )
     assert pruned["excess_loss"] == pytest.approx([0.1, 0.6])
-    assert pruned["monitor"] == "m" and pruned["recall_dense"] == [1.0, 0.5]
+    assert pruned["monitor"] == "m"
+    assert pruned["recall_dense"] == [1.0, 0.5]
     with pytest.raises(ValueError, match="`moment`"):
-        make_record(_Measurement([1.0], 1.0, [1], [0.0]), moment="later", round_index=0,
-                    epoch=0, global_step=0, sparsity=0.0, num_groups=1)  # fmt: skip
+        make_record(
+            _Measurement([1.0], 1.0, [1], [0.0]),
+            moment="later",
+            round_index=0,
+            epoch=0,
+            global_step=0,
+            sparsity=0.0,
+            num_groups=1,
+        )
 
 
 def test_history_file_rewrites_once_then_appends_and_reads_past_corruption(tmp_path):
@@ -311,7 +357,8 @@ def test_one_rule_for_dense_record_and_latest_per_sparsity():
     ]
     assert dense_record(history) is history[-1]
     latest = latest_per_sparsity(history)
-    assert latest[0.5] is history[2] and latest[0.0] is history[3]
+    assert latest[0.5] is history[2]
+    assert latest[0.0] is history[3]
     assert record_scalars(history[1])["fairprune/worst_group_recall"] == 0.5
 
 
@@ -332,7 +379,7 @@ def test_pruner_protocol_is_what_other_callbacks_rely_on():
     assert isinstance(pruning, Pruner)
 
     class Trainer:
-        callbacks = [object(), pruning]
+        callbacks = (object(), pruning)
 
     assert find_pruner(Trainer()) is pruning
 
@@ -340,7 +387,7 @@ def test_pruner_protocol_is_what_other_callbacks_rely_on():
         rounds_done = 3
 
     class Other:
-        callbacks = [OnlyRounds()]
+        callbacks = (OnlyRounds(),)
 
     assert find_pruner(Other()) is None
 
@@ -358,9 +405,9 @@ def test_pruning_event_carries_parameter_names():
     pruning = IterativePruning(0.5, prune_classifier=True)
 
     class Trainer:
-        callbacks = [pruning, Listener()]
-        optimizers = []
-        loggers = []
+        callbacks = (pruning, Listener())
+        optimizers = ()
+        loggers = ()
         current_epoch = 0
         global_step = 0
         is_global_zero = True

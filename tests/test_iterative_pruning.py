@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch import nn
 
-from lightning_fairprune.callbacks.pruning import IterativePruning
 from lightning_fairprune.callbacks.events import PruningEvent
+from lightning_fairprune.callbacks.pruning import IterativePruning
 
 PRUNABLE = ["features.0.weight", "features.2.weight", "fc.weight"]
 
@@ -478,7 +478,10 @@ def test_ddp_identical_masks(tmp_path):
         ({"final_sparsity": 0.5, "rewind": "start"}, "`rewind` to be None, 'init' or an int"),
         ({"final_sparsity": 0.5, "rewind": 3, "start": 1}, "`rewind` to be at most `start`"),
         ({"final_sparsity": 0.5, "gradient_batches": 0}, "`gradient_batches` to be an int >= 1"),
-        ({"final_sparsity": 0.5, "weight_decay": -1.0}, "`weight_decay` to be None or a finite float >= 0"),
+        (
+            {"final_sparsity": 0.5, "weight_decay": -1.0},
+            "`weight_decay` to be None or a finite float >= 0",
+        ),
         ({"final_sparsity": 0.5, "include_types": [3]}, "`include_types` to be a list of strings"),
         ({"schedule": lambda e: 0.1, "final_sparsity": 0.5}, "neither `final_sparsity`"),
     ],

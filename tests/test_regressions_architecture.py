@@ -37,8 +37,9 @@ def test_gradient_criterion_scores_frozen_parameters_like_the_others(tmp_path):
     dm = DigitsDataModule(n=300, batch_size=32, shuffle=False)
     names = ["features.0.weight", "features.2.weight", "fc.weight"]
     pruning = IterativePruning(0.5, criterion="gradient", include_names=names)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, callbacks=[pruning],
-                         **quiet_trainer_kwargs(tmp_path))  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=1, limit_train_batches=1, callbacks=[pruning], **quiet_trainer_kwargs(tmp_path)
+    )
     # the round runs at the start of epoch 0 on the first training batch: take it here too
     dm.setup("fit")
     x, y = next(iter(dm.train_dataloader()))
@@ -70,8 +71,9 @@ def test_gradient_criterion_names_a_selected_parameter_that_gets_no_gradient(tmp
     pruning = IterativePruning(
         0.5, criterion="gradient", include_names=["fc.*", "unused.*"], prune_classifier=True
     )
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, callbacks=[pruning],
-                         **quiet_trainer_kwargs(tmp_path))  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=1, limit_train_batches=2, callbacks=[pruning], **quiet_trainer_kwargs(tmp_path)
+    )
     with pytest.raises(RuntimeError, match=r"\['unused.weight'\] received none"):
         trainer.fit(UnusedLayerCNN(), datamodule=DigitsDataModule(n=200, batch_size=32))
 
@@ -128,8 +130,12 @@ def test_gradient_pass_leaves_module_modes_and_batchnorm_statistics_alone(tmp_pa
     model = BatchNormCNN()
     probe = BufferProbe()
     pruning = IterativePruning(0.6, num_rounds=2, criterion=criterion, weight_decay=1e-4)
-    trainer = pl.Trainer(max_epochs=2, limit_train_batches=3, callbacks=[pruning, probe],
-                         **quiet_trainer_kwargs(tmp_path))  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=2,
+        limit_train_batches=3,
+        callbacks=[pruning, probe],
+        **quiet_trainer_kwargs(tmp_path),
+    )
     trainer.fit(model, datamodule=DigitsDataModule(n=300, batch_size=32))
     assert len(probe.before) == len(probe.after) == 2
     for before, after in zip(probe.before, probe.after, strict=True):
@@ -137,7 +143,8 @@ def test_gradient_pass_leaves_module_modes_and_batchnorm_statistics_alone(tmp_pa
         for name, value in before["buffers"].items():
             assert torch.equal(value, after["buffers"][name]), name
     # the frozen BatchNorm stayed in eval mode at every training step (the old pass reset it)
-    assert model.frozen_bn_modes and not any(model.frozen_bn_modes)
+    assert model.frozen_bn_modes
+    assert not any(model.frozen_bn_modes)
 
 
 # ------------------------------------------------------------------ bug 3: *-true precisions
@@ -163,8 +170,13 @@ def test_true_precisions_work_with_gradient_criteria_and_the_monitor(tmp_path, p
     dm = DigitsDataModule(n=200, batch_size=40)
     pruning = IterativePruning(0.5, criterion="gradient", prune_classifier=True)
     monitor = FairnessMonitor(num_probes=2, max_batches=1, log=False)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, precision=precision,
-                         callbacks=[pruning, monitor], **quiet_trainer_kwargs(tmp_path))  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        precision=precision,
+        callbacks=[pruning, monitor],
+        **quiet_trainer_kwargs(tmp_path),
+    )
     trainer.fit(model, datamodule=dm)
     assert pruning.current_sparsity == 0.5
     end = monitor.history[-1]
@@ -184,13 +196,20 @@ def test_two_named_monitors_keep_separate_histories_and_the_report_separates_the
     dm = DigitsDataModule(n=200, batch_size=40, with_groups=True)
     dm.setup("fit")
     loader = dm.val_dataloader()
-    by_class = FairnessMonitor(loader, group_key=None, num_probes=0, name="classes", log=False,
-                               group_fn=lambda b: (b[0], b[1], None))  # fmt: skip
+    by_class = FairnessMonitor(
+        loader,
+        group_key=None,
+        num_probes=0,
+        name="classes",
+        log=False,
+        group_fn=lambda b: (b[0], b[1], None),
+    )
     by_ink = FairnessMonitor(loader, num_groups=2, num_probes=0, name="ink", log=False)
     pruning = IterativePruning(0.5, num_rounds=2)
     kwargs = quiet_trainer_kwargs(tmp_path)
-    trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, callbacks=[pruning, by_class, by_ink],
-                         **kwargs)  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=2, limit_train_batches=2, callbacks=[pruning, by_class, by_ink], **kwargs
+    )
     trainer.fit(SmallCNN(), datamodule=dm)
     assert by_class.history_file != by_ink.history_file
     for monitor in (by_class, by_ink):
@@ -220,11 +239,14 @@ def _fit_and_checkpoint(tmp_path, final):
 def test_resume_with_a_new_final_sparsity_continues_from_the_saved_round(tmp_path):
     path, first = _fit_and_checkpoint(tmp_path, 0.5)
     pruning = IterativePruning(0.8, num_rounds=3)
-    trainer = pl.Trainer(max_epochs=3, limit_train_batches=2, callbacks=[pruning],
-                         **quiet_trainer_kwargs(tmp_path / "b"))  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=3,
+        limit_train_batches=2,
+        callbacks=[pruning],
+        **quiet_trainer_kwargs(tmp_path / "b"),
+    )
     with pytest.warns(UserWarning, match="written with final sparsity 0.5.*targets 0.8"):
-        trainer.fit(SmallCNN(), datamodule=DigitsDataModule(n=200, batch_size=40),
-                    ckpt_path=path)  # fmt: skip
+        trainer.fit(SmallCNN(), datamodule=DigitsDataModule(n=200, batch_size=40), ckpt_path=path)
     # the two saved rounds are kept; only the third ran (at epoch 2), to the new target
     assert [h["round"] for h in pruning.history] == [0, 1, 2]
     assert pruning.history[:2] == first.history
@@ -233,17 +255,22 @@ def test_resume_with_a_new_final_sparsity_continues_from_the_saved_round(tmp_pat
 
 
 def test_resume_with_a_target_below_the_reached_sparsity_is_a_clear_error(tmp_path):
-    path, first = _fit_and_checkpoint(tmp_path, 0.5)
+    path, _first = _fit_and_checkpoint(tmp_path, 0.5)
     pruning = IterativePruning(0.1, num_rounds=3)
-    trainer = pl.Trainer(max_epochs=3, limit_train_batches=2, callbacks=[pruning],
-                         **quiet_trainer_kwargs(tmp_path / "b"))  # fmt: skip
-    with pytest.raises(ValueError, match=r"`final_sparsity` to be at least the sparsity 0\.370039 already"):
-        trainer.fit(SmallCNN(), datamodule=DigitsDataModule(n=200, batch_size=40),
-                    ckpt_path=path)  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=3,
+        limit_train_batches=2,
+        callbacks=[pruning],
+        **quiet_trainer_kwargs(tmp_path / "b"),
+    )
+    with pytest.raises(
+        ValueError, match=r"`final_sparsity` to be at least the sparsity 0\.370039 already"
+    ):
+        trainer.fit(SmallCNN(), datamodule=DigitsDataModule(n=200, batch_size=40), ckpt_path=path)
 
 
 def test_checkpoint_written_under_the_old_state_key_is_found(tmp_path):
-    path, first = _fit_and_checkpoint(tmp_path, 0.5)
+    path, _first = _fit_and_checkpoint(tmp_path, 0.5)
     checkpoint = torch.load(path, weights_only=True)
     states = checkpoint["callbacks"]
     new_key = next(k for k in states if k.startswith("IterativePruning"))
@@ -252,12 +279,15 @@ def test_checkpoint_written_under_the_old_state_key_is_found(tmp_path):
     legacy = tmp_path / "legacy.ckpt"
     torch.save(checkpoint, legacy)
     pruning = IterativePruning(0.5, num_rounds=3)
-    trainer = pl.Trainer(max_epochs=3, limit_train_batches=2, callbacks=[pruning],
-                         **quiet_trainer_kwargs(tmp_path / "b"))  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=3,
+        limit_train_batches=2,
+        callbacks=[pruning],
+        **quiet_trainer_kwargs(tmp_path / "b"),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(SmallCNN(), datamodule=DigitsDataModule(n=200, batch_size=40),
-                    ckpt_path=legacy)  # fmt: skip
+        trainer.fit(SmallCNN(), datamodule=DigitsDataModule(n=200, batch_size=40), ckpt_path=legacy)
     assert [h["round"] for h in pruning.history] == [0, 1, 2]
     assert pruning.current_sparsity == pytest.approx(0.5, abs=1e-4)
 
@@ -276,8 +306,9 @@ def test_step_schedule_that_cannot_finish_within_max_epochs_warns(tmp_path):
 def test_gradual_schedule_without_num_rounds_spreads_over_max_epochs(tmp_path):
     pruning = IterativePruning(0.6, schedule="cubic")
     assert pruning.num_rounds is None
-    trainer = pl.Trainer(max_epochs=4, limit_train_batches=1, callbacks=[pruning],
-                         **quiet_trainer_kwargs(tmp_path))  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=4, limit_train_batches=1, callbacks=[pruning], **quiet_trainer_kwargs(tmp_path)
+    )
     trainer.fit(SmallCNN(), datamodule=DigitsDataModule(n=200, batch_size=40))
     # ceil(0.75 * 4) - 1 = 2: rounds at epochs 0, 1, 2, epoch 3 is left for fine-tuning
     assert pruning.event_points == [0, 1, 2]
