@@ -228,3 +228,152 @@ def test_enforcer_foreach_equals_uint8_and_where(dtype):
             assert int(torch.count_nonzero(res[name][~masks[name]])) == 0
     with pytest.raises(ValueError, match="Expected `mode`"):
         MaskEnforcer(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1), {}, {}, mode="x")
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def _bn_cnn() -> nn.Module:
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.BatchNorm2d(2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 3),
+    ).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.2, 0.2)
+        model[1].running_var.uniform_(0.5, 1.5)
+    return model.train()  # train mode on purpose: the measurement must use eval statistics
+
+
+def _group_data(n=70, num_groups=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 6, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    g = torch.randint(0, num_groups, (n,), generator=gen)
+    g[g == 3] = 2  # group 3 absent
+    return x, y, g
+
+
+def _naive_norms(model, x, y, g, num_groups):
+    """One backward of each group's mean loss over all its samples, eval mode, float64."""
+    model.eval()
+    out = []
+    for a in range(num_groups):
+        sel = g == a
+        if not bool(sel.any()):
+            out.append(math.nan)
+            continue
+        loss = nn.functional.cross_entropy(model(x[sel]), y[sel])
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        out.append(float(torch.sqrt(sum((gr.double() ** 2).sum() for gr in grads))))
+    model.train()
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "batched"])
+@pytest.mark.parametrize("max_memory", [None, "two_groups", "one_group"])
+def test_group_gradient_norms_every_path_equals_naive_loop(strategy, max_memory):
+    from lightning_fairprune.diagnostics.curvature import group_gradient_norms
+
+    model = _bn_cnn()
+    x, y, g = _group_data()
+    batches = [(x[i : i + 16], y[i : i + 16], g[i : i + 16]) for i in range(0, 70, 16)]
+    size = sum(p.numel() for p in model.parameters())
+    budget = {None: None, "two_groups": 2 * 8 * size + 5, "one_group": 8 * size}[max_memory]
+    stats = model[1].running_mean.clone()
+    with pytest.warns(UserWarning, match=r"group\(s\) \[3\]"):
+        res = group_gradient_norms(
+            model, batches, 5, strategy=strategy, max_memory=budget, chunk_size=6
+        )
+    ref = _naive_norms(model, x, y, g, 5)
+    torch.testing.assert_close(res.norms, ref, rtol=1e-10, atol=1e-13, equal_nan=True)
+    assert res.counts.tolist() == [float((g == a).sum()) for a in range(5)]
+    assert torch.equal(model[1].running_mean, stats)  # eval mode: statistics untouched
+    assert model.training
+
+
+def test_group_gradient_norms_budget_errors():
+    from lightning_fairprune.diagnostics.curvature import group_gradient_norms
+
+    model = _bn_cnn()
+    x, y, g = _group_data()
+    batches = [(x, y, g)]
+    with pytest.raises(ValueError, match="Expected `max_memory` to hold at least one group"):
+        group_gradient_norms(model, batches, 5, max_memory=8)
+    size = sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="re-iterable"):
+        group_gradient_norms(model, iter(batches), 5, max_memory=2 * 8 * size)
+    with pytest.raises(ValueError, match="Expected `strategy`"):
+        group_gradient_norms(model, batches, 5, strategy="fast")
+
+
+def test_batched_hutchinson_equals_sequential_and_exact_trace():
+    from torch.func import functional_call, hessian
+
+    from lightning_fairprune.diagnostics.curvature import group_hessian_trace, rademacher_probes
+
+    model = _bn_cnn()
+    x, y, g = _group_data(n=48, num_groups=3)
+    batches = [(x[i : i + 16], y[i : i + 16], g[i : i + 16]) for i in range(0, 48, 16)]
+    size = sum(p.numel() for p in model.parameters())
+    loop = group_hessian_trace(model, batches, 3, num_probes=24, seed=5, strategy="loop")
+    budget = 3 * 8 * size * 5  # 5 probes per double backward
+    batched = group_hessian_trace(
+        model, batches, 3, num_probes=24, seed=5, strategy="batched", max_memory=budget
+    )
+    torch.testing.assert_close(batched.probe_values, loop.probe_values, rtol=1e-10, atol=1e-12)
+    # the same probes as explicit ones (probes are a pure function of the seed)
+    explicit = group_hessian_trace(
+        model, batches, 3, probes=rademacher_probes(24, size, 5, dtype=torch.float64)
+    )
+    torch.testing.assert_close(explicit.probe_values, loop.probe_values, rtol=1e-10, atol=1e-12)
+    # exact trace of each group's mean-loss Hessian (eval mode) by torch.func.hessian
+    model.eval()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    for a in range(3):
+        sel = g == a
+
+        def fn(v, sel=sel):
+            parts = {n: t.view(s) for n, t, s in zip(names, v.split(sizes), shapes, strict=True)}
+            out = functional_call(model, parts, (x[sel],))
+            return nn.functional.cross_entropy(out, y[sel])
+
+        exact = torch.trace(hessian(fn)(flat)).item()
+        assert abs(batched.trace[a].item() - exact) <= 4 * batched.stderr[a].item()
+    model.train()
+
+
+def test_probes_identical_whatever_the_chunking_and_balanced():
+    from lightning_fairprune.diagnostics.curvature import rademacher_probes
+
+    full = rademacher_probes(8, 1000, seed=11)
+    parts = torch.cat([rademacher_probes(3, 1000, 11), rademacher_probes(5, 1000, 11, start=3)])
+    assert torch.equal(full, parts)
+    assert not torch.equal(full, rademacher_probes(8, 1000, seed=12))
+    bits = (rademacher_probes(64, 4096, seed=0) > 0).double()
+    # fair coin: mean 0.5 within 5 standard errors; neighbouring entries uncorrelated
+    assert abs(bits.mean().item() - 0.5) < 5 * 0.5 / math.sqrt(bits.numel())
+    lag = ((2 * bits[:, 1:] - 1) * (2 * bits[:, :-1] - 1)).mean().item()
+    assert abs(lag) < 5 / math.sqrt(bits[:, 1:].numel())
+
+
+def test_measure_groups_batched_equals_loop_including_class_counts():
+    from lightning_fairprune.diagnostics.curvature import measure_groups
+
+    model = _bn_cnn()
+    x, y, g = _group_data(n=40, num_groups=3)
+    batches = [(x[i : i + 16], y[i : i + 16], g[i : i + 16]) for i in range(0, 40, 16)]
+    loop = measure_groups(model, batches, 3, 3, strategy="loop")
+    vm = measure_groups(model, batches, 3, 3, strategy="batched")
+    assert torch.equal(vm.support, loop.support)
+    assert torch.equal(vm.correct, loop.correct)
+    torch.testing.assert_close(vm.grad_norms, loop.grad_norms, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(vm.loss_sums, loop.loss_sums, rtol=1e-12, atol=1e-12)
+    ref = _naive_norms(model, x, y, g, 3)
+    torch.testing.assert_close(vm.grad_norms, ref, rtol=1e-10, atol=1e-13)
