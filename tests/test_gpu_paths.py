@@ -377,3 +377,35 @@ def test_measure_groups_batched_equals_loop_including_class_counts():
     torch.testing.assert_close(vm.loss_sums, loop.loss_sums, rtol=1e-12, atol=1e-12)
     ref = _naive_norms(model, x, y, g, 3)
     torch.testing.assert_close(vm.grad_norms, ref, rtol=1e-10, atol=1e-13)
+
+
+# --------------------------------------------------------------------------- benchmark smoke
+
+
+def test_bench_gpu_smoke_runs_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    expected = {
+        "step": {"ours_over_none", "torch_prune_over_none"},
+        "round": {"round1_time", "round2_time"},
+        "norms": {"G10_auto_over_plain", "G100_auto_over_plain", "G100_auto_blocked_over_plain"},
+        "hutchinson": {"auto_over_sequential", "loop_over_sequential"},
+    }
+    for section, keys in expected.items():
+        ratios = summary[section]["ratios"]
+        assert keys <= set(ratios), (section, ratios)
+        for key, value in ratios.items():
+            assert math.isfinite(value), (section, key)
+            assert value > 0, (section, key)
+    assert summary["step"]["zeros_kept"]
+    assert all(r["masks_identical"] for r in summary["round"]["torch"])
