@@ -283,27 +283,197 @@ def _apply_reduce(reduce_fn: ReduceFn | None, t: Tensor, name: str) -> Tensor:
     return out
 
 
-def rademacher_probes(num_probes: int, size: int, seed: int | torch.Generator = 0) -> Tensor:
-    """Rademacher (±1) probe vectors ``[num_probes, size]`` from a seeded CPU generator.
+_M32 = 0xFFFFFFFF
 
-    The same seed gives the same probes on every process and device.
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``(x * c) mod 2**32`` for int64 ``x`` in [0, 2**32) without int64 overflow."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + torch.bitwise_left_shift((x * hi) & 0xFFFF, 16)) & _M32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (lowbias32 by C. Wellons) on int64 tensors in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mix32_int(x: int) -> int:
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def rademacher_probes(
+    num_probes: int,
+    size: int,
+    seed: int | torch.Generator = 0,
+    *,
+    start: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Rademacher (±1) probe vectors ``[num_probes, size]``, a pure function of the seed.
+
+    Entry ``i`` of probe ``k`` is a bit of an integer hash of ``(seed, start + k, i)``
+    computed with integer tensor ops on ``device``: the same seed gives bit-identical probes
+    on every process and every device (CPU or GPU), nothing is generated on the host and
+    copied over, and probe ``k`` does not depend on how many probes are drawn at once
+    (``start`` continues a sequence).
 
     Args:
         num_probes: number of probes K.
         size: length P of each (flattened) probe.
-        seed: an int seed, or a CPU `torch.Generator` to continue.
+        seed: a non-negative int seed (a CPU `torch.Generator` is accepted and consumed:
+            one int seed is drawn from it).
+        start: index of the first probe.
+        device: where to build the probes (default CPU).
+        dtype: floating dtype of the result.
 
     Returns:
-        float32 CPU tensor of ±1 values.
+        ``[num_probes, size]`` tensor of ±1 values.
 
     Example:
         >>> v = rademacher_probes(3, 5, seed=0)
         >>> v.shape, bool((v.abs() == 1).all())
         (torch.Size([3, 5]), True)
+        >>> torch.equal(rademacher_probes(2, 5, seed=0, start=1), v[1:])
+        True
     """
-    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
-    bits = torch.randint(0, 2, (num_probes, size), generator=gen, dtype=torch.int8)
-    return bits.to(torch.float32) * 2 - 1
+    if isinstance(seed, torch.Generator):
+        seed = int(torch.randint(0, 2**62, (1,), generator=seed))
+    _check_positive_int("seed", seed, allow_zero=True)
+    _check_positive_int("start", start, allow_zero=True)
+    out = torch.empty(num_probes, size, dtype=dtype, device=device)
+    if num_probes == 0 or size == 0:
+        return out
+    idx = torch.arange(size, dtype=torch.int64, device=out.device)
+    low, high = idx & _M32, idx >> 32
+    seed_key = _mix32_int(_mix32_int(seed & _M32) ^ (seed >> 32))
+    for k in range(num_probes):
+        base = _mix32_int(seed_key + 0x9E3779B9 * (start + k + 1))
+        x = _mix32(low ^ base)
+        if size > _M32:
+            x = _mix32((x + high) & _M32)
+        # top bit -> ±1
+        torch.sub(1, (x >> 31).to(dtype), alpha=2, out=out[k])
+    return out
+
+
+_VMAP_SAMPLES = 2048  # samples per vmapped gradient call (several pure-group chunks)
+_STRATEGIES = ("auto", "loop", "batched")
+
+
+def _resolve_strategy(strategy: str, ref: Tensor) -> bool:
+    """True for the batched (vmap / is_grads_batched) paths: off the CPU when ``"auto"``."""
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"Expected `strategy` to be one of {_STRATEGIES}, but got {strategy!r}")
+    if strategy == "auto":
+        return ref.device.type != "cpu"
+    return strategy == "batched"
+
+
+def _check_max_memory(max_memory: Any) -> None:
+    if max_memory is not None and (
+        isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1
+    ):
+        raise ValueError(
+            f"Expected `max_memory` to be None or a positive int (bytes), but got {max_memory!r}"
+        )
+
+
+def _probe_batch(max_memory: int | None, size: int, ref: Tensor, num_probes: int) -> int | None:
+    """Probes per batched double backward: probe, HVP and product buffers within the budget."""
+    _check_max_memory(max_memory)
+    if max_memory is None:
+        return None
+    return max(1, min(num_probes, max_memory // (3 * size * ref.element_size())))
+
+
+class _Forward(nn.Module):
+    """``forward_fn(model, inputs)`` as a module, so `functional_call` can swap parameters."""
+
+    def __init__(self, model: nn.Module, forward_fn: ForwardFn) -> None:
+        super().__init__()
+        self.m = model
+        self.forward_fn = forward_fn
+
+    def forward(self, inputs: Nested) -> Tensor:
+        return self.forward_fn(self.m, inputs)
+
+
+def _pad_stack(parts: list[Nested], index: list[Tensor]) -> Nested:
+    """Stack nested chunks to ``[B, L, ...]``, chunk j gathered at ``index[j]`` (padding)."""
+    head = parts[0]
+    if isinstance(head, Tensor):
+        return torch.stack(
+            [p.index_select(0, i.to(p.device)) for p, i in zip(parts, index, strict=True)]
+        )
+    if isinstance(head, Mapping):
+        return {k: _pad_stack([p[k] for p in parts], index) for k in head}
+    return type(head)(_pad_stack([p[i] for p in parts], index) for i in range(len(head)))
+
+
+class _VmapGrads:
+    """Gradient sums of several pure-group chunks in one call: ``vmap`` of ``grad``.
+
+    Chunks are padded to the longest by repeating their own samples (finite, valid inputs)
+    with weight 0, so each chunk's gradient is exactly the sum over its real samples.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        forward_fn: ForwardFn,
+        loss_fn: LossFn,
+        named: list[tuple[str, Tensor]],
+    ) -> None:
+        from torch.func import functional_call, grad, vmap
+
+        wrapped = _Forward(model, forward_fn)
+        names = ["m." + n for n, _ in named]
+        self.params = [p for _, p in named]
+
+        def total(pvals: tuple[Tensor, ...], x: Nested, y: Tensor, w: Tensor) -> Any:
+            out = functional_call(wrapped, dict(zip(names, pvals, strict=True)), (x,))
+            losses = loss_fn(out, y)
+            if not isinstance(losses, Tensor) or losses.shape != y.shape:
+                raise ValueError(
+                    f"Expected `loss_fn` to return per-sample losses of shape {tuple(y.shape)},"
+                    " but got"
+                    f" {tuple(losses.shape) if isinstance(losses, Tensor) else type(losses)}"
+                )
+            weighted = (losses * w).sum()
+            return weighted, (weighted.detach(), out.detach())
+
+        self.fn = vmap(grad(total, has_aux=True), in_dims=(None, 0, 0, 0))
+
+    def __call__(
+        self, chunks: list[tuple[int, Nested, Tensor]]
+    ) -> tuple[Tensor, list[int], Tensor, Tensor, Tensor]:
+        lengths = [int(y.shape[0]) for _, _, y in chunks]
+        width = max(lengths)
+        device = chunks[0][2].device
+        index = [torch.arange(width, device=device) % n for n in lengths]
+        x = _pad_stack([c[1] for c in chunks], index)
+        y = torch.stack([c[2].index_select(0, i) for c, i in zip(chunks, index, strict=True)])
+        ref = self.params[0]
+        w = (
+            torch.arange(width, device=device)[None, :]
+            < torch.tensor(lengths, device=device)[:, None]
+        )
+        pvals = tuple(p.detach() for p in self.params)
+        grads, (loss_totals, outs) = self.fn(pvals, x, y, w.to(ref.dtype))
+        b = len(chunks)
+        flat = torch.cat([g.reshape(b, -1) for g in grads], 1)
+        ids = torch.tensor([a for a, _, _ in chunks], dtype=torch.int64)
+        return ids, lengths, flat, loss_totals, outs
 
 
 # --------------------------------------------------------------------------- the engine
@@ -343,8 +513,19 @@ def _run_pass(
     hv_vectors: Tensor | None = None,
     num_classes: int | None = None,
     count_classes: bool = False,
+    batched: bool = False,
+    probe_batch: int | None = None,
+    group_range: tuple[int, int] | None = None,
+    vmap_samples: int = _VMAP_SAMPLES,
 ) -> tuple[_Sums, int | None]:
-    """One pass over ``batches`` accumulating the requested per-group sums."""
+    """One pass over ``batches`` accumulating the requested per-group sums.
+
+    ``batched``: gradient sums by ``vmap`` of the gradient over padded pure-group chunks
+    (about ``vmap_samples`` samples per call) when no graph is needed, and all Hutchinson
+    probes (``probe_batch`` at a time) in one double backward with ``is_grads_batched``.
+    ``group_range=(lo, hi)``: only groups ``lo <= a < hi`` are measured (sums indexed
+    ``a - lo``); other samples are dropped before the forward pass.
+    """
     params = [p for _, p in named]
     shapes = [p.shape for p in params]
     device = params[0].device
@@ -355,8 +536,10 @@ def _run_pass(
     check_labels = loss_fn is None or count_classes
     loss_fn = loss_fn or default_loss
     forward_fn = forward_fn or default_forward
-    g_count = num_groups
+    lo, hi = group_range if group_range is not None else (0, num_groups)
+    g_count = hi - lo
     size = sum(p.numel() for p in params)
+    use_vmap = batched and grad_sums and not need_graph
 
     sums = _Sums(
         loss_sums=torch.zeros(g_count, dtype=torch.float64, device=device),
@@ -428,6 +611,37 @@ def _run_pass(
         )
         return _flat(hv)
 
+    def batched_quadratic_forms(grads: list[Tensor]) -> Tensor:
+        """v_kᵀ H v_k for all probes: ``probe_batch`` probes per double backward."""
+        assert probes is not None
+        idx = [i for i, g in enumerate(grads) if g.requires_grad]
+        k_all = probes.shape[0]
+        if not idx:
+            return torch.zeros(k_all, dtype=torch.float64, device=device)
+        step = probe_batch or k_all
+        offsets = [0]
+        for p in params:
+            offsets.append(offsets[-1] + p.numel())
+        out = []
+        for k0 in range(0, k_all, step):
+            rows = probes[k0 : k0 + step]
+            kc = rows.shape[0]
+            parts = [rows[:, offsets[i] : offsets[i + 1]].reshape(kc, *shapes[i]) for i in idx]
+            hv = torch.autograd.grad(
+                [grads[i] for i in idx],
+                params,
+                grad_outputs=parts,
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+                is_grads_batched=True,
+            )
+            val = torch.zeros(kc, dtype=dtype, device=device)
+            for j, h in enumerate(hv):
+                val += (h.reshape(kc, -1) * rows[:, offsets[j] : offsets[j + 1]]).sum(1)
+            out.append(val)
+        return torch.cat(out)
+
     probe_rows = None
     if probes is not None:
         probe_rows = [(row, _parts(row, shapes)) for row in probes]
@@ -458,7 +672,9 @@ def _run_pass(
         flat_g = _flat(grads).detach()
         if grad_sums:
             sums.grad_sums[a] += flat_g.to(acc_dtype)
-        if probe_rows is not None:
+        if probe_rows is not None and batched:
+            sums.probe_sums[a] += batched_quadratic_forms(grads).to(torch.float64)
+        elif probe_rows is not None:
             vals = [torch.dot(hvp(grads, parts), row) for row, parts in probe_rows]
             sums.probe_sums[a] += torch.stack(vals).to(torch.float64)
         if delta is not None:
@@ -467,6 +683,36 @@ def _run_pass(
         if hv_vectors is not None:
             vec = hv_vectors[a]
             sums.hv_sums[a] += hvp(grads, _parts(vec, shapes)).to(acc_dtype)
+
+    vmapped = _VmapGrads(model, forward_fn, loss_fn, named) if use_vmap else None
+    pending: list[tuple[int, Nested, Tensor]] = []
+    pending_samples = 0
+
+    def flush_pending() -> None:
+        nonlocal pending_samples
+        if not pending:
+            return
+        assert vmapped is not None
+        assert sums.grad_sums is not None
+        ids, lengths, flat_grads, loss_totals, outs = vmapped(pending)
+        sums.grad_sums.index_add_(0, ids.to(device), flat_grads.to(acc_dtype))
+        for j, (a, _, y) in enumerate(pending):
+            chunk_losses.append(loss_totals[j].detach())
+            chunk_groups.append(a)
+            host_counts[a] += lengths[j]
+            count_update(a, outs[j, : lengths[j]], y)
+        pending.clear()
+        pending_samples = 0
+
+    def take_chunk(a: int, x: Nested, y: Tensor) -> None:
+        nonlocal pending_samples
+        if vmapped is None:
+            process_chunk(a, x, y)
+            return
+        pending.append((a, x, y))
+        pending_samples += y.shape[0]
+        if pending_samples >= vmap_samples:
+            flush_pending()
 
     chunk_losses: list[Tensor] = []
     chunk_groups: list[int] = []
@@ -481,6 +727,13 @@ def _run_pass(
         check_groups(g, num_groups, n)
         if check_labels:
             check_targets(y, n, num_classes)
+        if group_range is not None and n:
+            keep = (g >= lo) & (g < hi)
+            if not bool(keep.all()):
+                x = tree_map(lambda t, k=keep: t[k.to(t.device)], x)
+                y, g = y[keep.to(y.device)], g[keep]
+            g = g - lo
+            n = y.shape[0]
         if n == 0:
             continue
         lead = first_tensor(x)
@@ -502,21 +755,22 @@ def _run_pass(
                 count_update(g, out, y)
             continue
         if regrouper is None:
-            regrouper = Regrouper(num_groups, chunk_size or n)
+            regrouper = Regrouper(g_count, chunk_size or n)
         for a, cx, cy in regrouper.push(x, y, g):
-            process_chunk(a, cx, cy)
+            take_chunk(a, cx, cy)
     if seen_batches == 0:
         raise ValueError("Expected `batches` to yield at least one batch, but it yielded none")
     if regrouper is not None:
         for a, cx, cy in regrouper.flush():
-            process_chunk(a, cx, cy)
+            take_chunk(a, cx, cy)
+        flush_pending()
     if chunk_losses:
         idx = torch.tensor(chunk_groups, device=device)
         sums.loss_sums.index_add_(0, idx, torch.stack(chunk_losses).to(torch.float64))
         sums.counts += torch.tensor(host_counts, dtype=torch.float64, device=device)
     if not bool(torch.isfinite(sums.loss_sums).all()):
         raise ValueError(_NONFINITE)
-    if float(sums.counts.sum()) == 0:
+    if group_range is None and float(sums.counts.sum()) == 0:
         raise ValueError("Expected `batches` to contain at least one sample, but all were empty")
     return sums, num_classes
 
@@ -617,10 +871,12 @@ def _flat_delta(delta: Mapping[str, Tensor], named: list[tuple[str, Tensor]]) ->
 
 
 def _probe_matrix(
-    probes: Tensor | None, num_probes: int, gen: torch.Generator, size: int, ref: Tensor
+    probes: Tensor | None, num_probes: int, seed: int, start: int, size: int, ref: Tensor
 ) -> Tensor:
     if probes is None:
-        return rademacher_probes(num_probes, size, gen).to(device=ref.device, dtype=ref.dtype)
+        return rademacher_probes(
+            num_probes, size, seed, start=start, device=ref.device, dtype=ref.dtype
+        )
     if not isinstance(probes, Tensor) or probes.ndim != 2 or probes.shape[1] != size:
         raise ValueError(
             f"Expected `probes` to be a tensor [K, {size}] (flattened over the selected"
@@ -652,6 +908,8 @@ def group_gradient_norms(
     forward_fn: ForwardFn | None = None,
     reduce_fn: ReduceFn | None = None,
     chunk_size: int | None = None,
+    strategy: str = "auto",
+    max_memory: int | None = None,
 ) -> GroupGradients:
     """Norm of the gradient of each group's *mean* loss, accumulated over many batches.
 
@@ -671,6 +929,16 @@ def group_gradient_norms(
         forward_fn: ``(model, inputs) -> outputs`` (default ``model(inputs)``).
         reduce_fn: sums a tensor across processes (e.g. an all-reduce); None for one process.
         chunk_size: samples per pure-group chunk (default: the size of the first batch).
+        strategy: ``"loop"``: one backward per pure-group chunk (fastest on the CPU);
+            ``"batched"``: ``torch.func.vmap`` of the gradient over several padded chunks
+            (about 2,048 samples per call; the ``loss_fn`` and model must be vmappable), which
+            keeps a GPU busy when chunks are small; ``"auto"``: ``"loop"`` on the CPU,
+            ``"batched"`` elsewhere. Same result to float tolerance.
+        max_memory: bound in bytes on the ``[G, P]`` gradient sums (``P`` parameters, 4 bytes
+            each in float32): groups are measured in blocks of ``max_memory // (4 P)`` with
+            one pass over ``batches`` per block (samples of other groups are dropped before
+            the forward pass, so the compute stays about one pass; the data is read
+            ``ceil(G / block)`` times and must be re-iterable). None: all groups at once.
 
     Returns:
         `GroupGradients` with ``norms``, ``loss_sums`` and ``counts`` per group (NaN norm,
@@ -689,21 +957,50 @@ def group_gradient_norms(
         (torch.Size([2]), [4.0, 4.0])
     """
     _check_pass_args(num_groups, chunk_size, batches)
+    _check_max_memory(max_memory)
     named = _resolve_params(model, params)
-    sums, counts = _single_pass(
-        "group_gradient_norms",
-        model,
-        batches,
-        num_groups,
-        named,
-        reduce_fn,
-        loss_fn=loss_fn,
-        forward_fn=forward_fn,
-        chunk_size=chunk_size,
-        grad_sums=True,
-    )
-    norms = _safe_div(_row_norms(sums.grad_sums).cpu(), counts)
-    return GroupGradients(norms=norms, loss_sums=sums.loss_sums.cpu(), counts=counts)
+    ref = named[0][1]
+    batched = _resolve_strategy(strategy, ref)
+    size = sum(p.numel() for _, p in named)
+    row_bytes = size * torch.promote_types(ref.dtype, torch.float32).itemsize
+    block = num_groups
+    if max_memory is not None:
+        block = max_memory // row_bytes
+        if block < 1:
+            raise ValueError(
+                f"Expected `max_memory` to hold at least one group's gradient sum ({row_bytes}"
+                f" bytes for {size} parameters), but got {max_memory}"
+            )
+        block = min(block, num_groups)
+    starts = list(range(0, num_groups, block))
+    _check_iterable(batches, len(starts))
+    norms, loss_sums, counts = [], [], []
+    with _measurement_mode(model, [p for _, p in named]):
+        for lo in starts:
+            hi = min(num_groups, lo + block)
+            sums, _ = _run_pass(
+                model,
+                batches,
+                num_groups,
+                named,
+                loss_fn=loss_fn,
+                forward_fn=forward_fn,
+                chunk_size=chunk_size,
+                grad_sums=True,
+                batched=batched,
+                group_range=None if len(starts) == 1 else (lo, hi),
+            )
+            sums = _reduce_sums(sums, reduce_fn)
+            block_counts = sums.counts.cpu()
+            norms.append(_safe_div(_row_norms(sums.grad_sums).cpu(), block_counts))
+            loss_sums.append(sums.loss_sums.cpu())
+            counts.append(block_counts)
+            del sums
+    all_counts = torch.cat(counts)
+    if float(all_counts.sum()) == 0:
+        raise ValueError("Expected `batches` to contain at least one sample, but all were empty")
+    _warn_missing("group_gradient_norms", all_counts)
+    return GroupGradients(norms=torch.cat(norms), loss_sums=torch.cat(loss_sums), counts=all_counts)
 
 
 def group_hessian_trace(
@@ -722,11 +1019,14 @@ def group_hessian_trace(
     chunk_size: int | None = None,
     max_probes: int | None = None,
     probes: Tensor | None = None,
+    strategy: str = "auto",
+    max_memory: int | None = None,
 ) -> GroupHessianTrace:
     """Hutchinson estimate of Tr(H_a) per group, H_a the Hessian of group a's mean loss.
 
-    Tr(H_a) ≈ (1/K) Σ_k v_kᵀ H_a v_k with Rademacher probes v_k drawn from a CPU generator
-    seeded with ``seed`` (identical on every process; the same probes for every group).
+    Tr(H_a) ≈ (1/K) Σ_k v_kᵀ H_a v_k with Rademacher probes v_k built on the parameters'
+    device by `rademacher_probes` from ``seed`` (bit-identical on every process and device,
+    whatever the chunking; the same probes for every group).
     Per pure-group chunk: one forward, one backward with ``create_graph=True``, then K
     Hessian-vector products by double backward reusing the graph, so K probes cost about K
     HVPs over the data in total.
@@ -753,6 +1053,14 @@ def group_hessian_trace(
             registration order; overrides ``num_probes``, ``seed`` and ``tolerance``. The
             estimate is the mean of v_kᵀ H_a v_k, unbiased when E[v vᵀ] = I: ``sqrt(P)``
             times the standard basis (P probes) gives the exact trace.
+        strategy: ``"loop"``: one double backward per probe (fastest on the CPU);
+            ``"batched"``: all probes of a chunk in one double backward
+            (``torch.autograd.grad(..., is_grads_batched=True)``); ``"auto"``: ``"loop"`` on
+            the CPU, ``"batched"`` elsewhere. The same probes and estimates either way.
+        max_memory: bound in bytes on the batched probes' buffers (probe, HVP and product,
+            ``3 · P`` values per probe): probes go through the double backward in groups of
+            ``max(1, max_memory // (3 P · itemsize))``. The vmapped backward also holds that
+            many copies of the backward's intermediates, so leave headroom. None: all at once.
 
     Returns:
         `GroupHessianTrace` (NaN, with one warning, for groups without samples).
@@ -784,8 +1092,13 @@ def group_hessian_trace(
     named = _resolve_params(model, params)
     ref = named[0][1]
     size = sum(p.numel() for _, p in named)
-    gen = torch.Generator().manual_seed(seed)
-    kw: dict[str, Any] = dict(loss_fn=loss_fn, forward_fn=forward_fn, chunk_size=chunk_size)
+    kw: dict[str, Any] = dict(
+        loss_fn=loss_fn,
+        forward_fn=forward_fn,
+        chunk_size=chunk_size,
+        batched=_resolve_strategy(strategy, ref),
+        probe_batch=_probe_batch(max_memory, size, ref, num_probes),
+    )
 
     values: list[Tensor] = []
     counts = None
@@ -795,7 +1108,7 @@ def group_hessian_trace(
             k = num_probes if probes is None else probes.shape[0]
             if adaptive:
                 k = min(k, max_probes - used)
-            pm = _probe_matrix(probes, k, gen, size, ref)
+            pm = _probe_matrix(probes, k, seed, used, size, ref)
             sums, _ = _run_pass(model, batches, num_groups, named, probes=pm, **kw)
             sums = _reduce_sums(sums, reduce_fn)
             counts = sums.counts.cpu()
@@ -995,6 +1308,8 @@ def measure_groups(
     gradients: bool = True,
     chunk_size: int | None = None,
     probes: Tensor | None = None,
+    strategy: str = "auto",
+    max_memory: int | None = None,
 ) -> GroupMeasurement:
     """Everything per group in ONE pass: counts, recall, losses, ‖g_a‖, Tr(H_a), R̂(a).
 
@@ -1019,6 +1334,10 @@ def measure_groups(
         gradients: measure the per-group gradient norms.
         chunk_size: samples per pure-group chunk.
         probes: explicit probes ``[K, P]`` (overrides ``num_probes`` and ``seed``).
+        strategy: ``"auto"``, ``"loop"`` or ``"batched"`` (see `group_gradient_norms` and
+            `group_hessian_trace`; the vmapped gradients apply when no probes or ``delta``
+            are asked for).
+        max_memory: bound on the batched probes' buffers (see `group_hessian_trace`).
 
     Returns:
         `GroupMeasurement`; missing groups are NaN (one warning per call).
@@ -1044,7 +1363,7 @@ def measure_groups(
     size = sum(p.numel() for _, p in named)
     pm = None
     if probes is not None or num_probes > 0:
-        pm = _probe_matrix(probes, num_probes, torch.Generator().manual_seed(seed), size, ref)
+        pm = _probe_matrix(probes, num_probes, seed, 0, size, ref)
     flat_delta = _flat_delta(delta, named) if delta is not None else None
     with _measurement_mode(model, [p for _, p in named]):
         sums, num_classes = _run_pass(
@@ -1060,6 +1379,8 @@ def measure_groups(
             delta=flat_delta,
             num_classes=num_classes,
             count_classes=True,
+            batched=_resolve_strategy(strategy, ref),
+            probe_batch=_probe_batch(max_memory, size, ref, max(1, num_probes)),
         )
     sums = _reduce_sums(sums, reduce_fn)
     counts = sums.counts.cpu()
