@@ -361,6 +361,9 @@ def test_metric_intervals_and_small_flags():
     m = group_metrics(_conf(y, pred, groups, 2), confidence=0.9, min_group_size=10)
     sizes = np.bincount(groups, minlength=G)
     np.testing.assert_array_equal(m.small.numpy(), (sizes > 0) & (sizes < 10))
+    boundary = torch.zeros(3, 2, 2, dtype=torch.int64)
+    boundary[0, 0, 0], boundary[1, 1, 1] = 9, 10  # sizes 9, 10 and an absent group
+    assert group_metrics(boundary, min_group_size=10).small.tolist() == [True, False, False]
     for g in range(G):
         pos = y[groups == g] == 1
         tp = int((pred[groups == g][pos] == 1).sum())
