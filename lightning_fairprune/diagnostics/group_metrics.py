@@ -101,7 +101,17 @@ INTENSIFICATION_MIN_ABS_REF = 0.02
 # --------------------------------------------------------------------------------------------
 
 
-def _predictions(preds_or_logits: Tensor, num_classes: int | None, threshold: float) -> Tensor:
+def _check_ids(name: str, t: Tensor, upper: int | None, what: str, validate: bool) -> None:
+    """`_check_labels`; without ``validate`` only type, dtype and shape (no device sync)."""
+    if validate or not isinstance(t, Tensor) or t.ndim != 1:
+        _check_labels(name, t, upper, what)
+    else:
+        _check_labels(name, t[:0], upper, what)
+
+
+def _predictions(
+    preds_or_logits: Tensor, num_classes: int | None, threshold: float, validate: bool = True
+) -> Tensor:
     """Class ids ``[N]`` from class ids, logits ``[N, C]`` or binary scores ``[N]``/``[N, 1]``."""
     if not isinstance(preds_or_logits, Tensor):
         raise TypeError(
@@ -110,7 +120,7 @@ def _predictions(preds_or_logits: Tensor, num_classes: int | None, threshold: fl
         )
     x = preds_or_logits
     if not x.is_floating_point():
-        _check_labels("preds_or_logits", x, num_classes, "predicted class ids")
+        _check_ids("preds_or_logits", x, num_classes, "predicted class ids", validate)
         return x.long()
     if x.ndim == 2 and x.shape[1] == 1:
         x = x[:, 0]
@@ -143,6 +153,7 @@ def group_confusion(
     num_groups: int,
     num_classes: int,
     threshold: float = 0.5,
+    validate: bool = True,
 ) -> Tensor:
     """Per-group confusion counts ``confusion[g, t, p]`` of one batch.
 
@@ -156,9 +167,15 @@ def group_confusion(
         num_groups: number of groups G.
         num_classes: number of classes C.
         threshold: decision threshold on probabilities for binary scores.
+        validate: check that ids are in range (one device sync per tensor). Pass False in a
+            hot loop once the data were validated (e.g. at fit start): out-of-range ids then
+            give wrong counts or an index error (a device-side assert on CUDA). Binary scores
+            ``[N]`` always sync once (probability or logit is decided from their range).
 
     Returns:
-        int64 ``[G, C, C]`` on the input device (target x prediction per group).
+        int64 ``[G, C, C]`` on the input device (target x prediction per group). Counting is a
+        ``scatter_add_`` into a fixed-size tensor, so no device sync happens when
+        ``validate=False`` and the predictions are ids or ``[N, C]`` logits.
 
     Raises:
         ValueError: on ids that are not integer, negative or out of range, on shapes, or on
@@ -177,9 +194,9 @@ def group_confusion(
         raise TypeError(f"Expected `threshold` to be a float in [0, 1], but got {threshold!r}")
     if not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"Expected `threshold` to be a float in [0, 1], but got {threshold!r}")
-    preds = _predictions(preds_or_logits, num_classes, float(threshold))
-    _check_labels("targets", targets, num_classes, "class labels")
-    _check_labels("groups", groups, num_groups, "group ids")
+    preds = _predictions(preds_or_logits, num_classes, float(threshold), validate)
+    _check_ids("targets", targets, num_classes, "class labels", validate)
+    _check_ids("groups", groups, num_groups, "group ids", validate)
     n = targets.shape[0]
     if preds.shape[0] != n or groups.shape[0] != n:
         raise ValueError(
@@ -187,7 +204,8 @@ def group_confusion(
             f" {preds.shape[0]}, {n} and {groups.shape[0]}"
         )
     cell = (groups.long() * num_classes + targets.long()) * num_classes + preds
-    counts = torch.bincount(cell, minlength=num_groups * num_classes * num_classes)
+    counts = torch.zeros(num_groups * num_classes**2, dtype=torch.int64, device=cell.device)
+    counts.scatter_add_(0, cell, torch.ones_like(cell))
     return counts.view(num_groups, num_classes, num_classes)
 
 
@@ -239,6 +257,7 @@ class GroupConfusion:
         num_groups: number of groups G.
         num_classes: number of classes C.
         threshold: decision threshold for binary scores (see `group_confusion`).
+        validate: range-check ids on every update (see `group_confusion`).
 
     Example:
         >>> import torch
@@ -249,7 +268,9 @@ class GroupConfusion:
         [2, 1]
     """
 
-    def __init__(self, num_groups: int, num_classes: int, threshold: float = 0.5) -> None:
+    def __init__(
+        self, num_groups: int, num_classes: int, threshold: float = 0.5, validate: bool = True
+    ) -> None:
         _check_count("num_groups", num_groups)
         _check_count("num_classes", num_classes)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
@@ -259,6 +280,7 @@ class GroupConfusion:
         self.num_groups = num_groups
         self.num_classes = num_classes
         self.threshold = float(threshold)
+        self.validate = bool(validate)
         self.confusion = torch.zeros(num_groups, num_classes, num_classes, dtype=torch.int64)
 
     def reset(self) -> None:
@@ -274,6 +296,7 @@ class GroupConfusion:
             self.num_groups,
             self.num_classes,
             self.threshold,
+            self.validate,
         )
         if self.confusion.device != batch.device:
             self.confusion = self.confusion.to(batch.device)
