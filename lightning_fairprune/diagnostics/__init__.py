@@ -2,6 +2,10 @@
 
 * `recall`: per-(group, class) count sums, group recall, accuracy, recall balance B,
   normalized balance B̃, intensification ratio I and slope α, excessive loss, disparity.
+* `group_metrics`: streaming per-group confusion counts, field-standard fairness metrics
+  (accuracy, TPR, FPR, selection rate, demographic parity, equalized odds, equal
+  opportunity) with Wilson intervals, guarded intensification, group names, intersectional
+  groups and any torchmetrics metric per group.
 * `curvature`: per-group gradient norms, Hutchinson Hessian traces (and λ_max), predicted
   excess loss, and `measure_groups` that does all of it in one pass.
 """
@@ -19,6 +23,26 @@ from lightning_fairprune.diagnostics.curvature import (
     predicted_excess_loss,
     rademacher_probes,
 )
+from lightning_fairprune.diagnostics.group_metrics import (
+    INTENSIFICATION_MIN_ABS_REF,
+    SMALL_GROUP_SIZE,
+    CombinedGroups,
+    GroupConfusion,
+    GroupMetrics,
+    PerGroupMetric,
+    Rate,
+    combine_groups,
+    confusion_to_counts,
+    group_confusion,
+    group_metrics,
+    group_slugs,
+    guarded_intensification_ratio,
+    normalize_group_names,
+    product_group_names,
+    rate,
+    split_groups,
+    wilson_interval,
+)
 from lightning_fairprune.diagnostics.recall import (
     accuracy,
     disparity,
@@ -32,22 +56,40 @@ from lightning_fairprune.diagnostics.recall import (
 )
 
 __all__ = [
+    "INTENSIFICATION_MIN_ABS_REF",
+    "SMALL_GROUP_SIZE",
+    "CombinedGroups",
+    "GroupConfusion",
     "GroupGradients",
     "GroupHessianTrace",
     "GroupMeasurement",
+    "GroupMetrics",
+    "PerGroupMetric",
+    "Rate",
     "accuracy",
+    "combine_groups",
+    "confusion_to_counts",
     "disparity",
     "excessive_loss",
+    "group_confusion",
     "group_counts",
     "group_gradient_norms",
     "group_hessian_lambda_max",
     "group_hessian_trace",
+    "group_metrics",
     "group_recall",
+    "group_slugs",
+    "guarded_intensification_ratio",
     "intensification_alpha",
     "intensification_ratio",
     "measure_groups",
+    "normalize_group_names",
     "normalized_recall_balance",
     "predicted_excess_loss",
+    "product_group_names",
     "rademacher_probes",
+    "rate",
     "recall_balance",
+    "split_groups",
+    "wilson_interval",
 ]
