@@ -231,13 +231,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if type(logger).__name__ == "WandbLogger":
             logger.experiment.finish()
 
-    report = write_report([trainer.log_dir], out / "report")
+    report = write_report([monitor.history_file], out / "report")
     elapsed = time.perf_counter() - start_time
     print()
     print(report.table)
     print(f"\nReport: {out / 'report'} (per-digit recall: {report.figures[0].name}, "
           f"overview: {report.figures[1].name}, comparison.png, report.md)")  # fmt: skip
-    print(f"History: {Path(trainer.log_dir) / 'fairprune_history.jsonl'}")
+    print(f"History: {monitor.history_file}")
     print(f"Done in {elapsed:.0f} s.")
     return {"summary": summary, "report": report, "history": monitor.history, "seconds": elapsed}
 

@@ -21,8 +21,9 @@ It knows nothing about the monitor or the pruner; the trainer is duck-typed.
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,12 +44,17 @@ class FairnessData:
         dataloader: the fairness dataloader (used as is on every process: under DDP give each
             process its own shard); ``None``: the trainer's validation dataloader.
         num_groups: number of groups G (ids in ``[0, G)``); required when the batches carry
-            group ids; default with groups = classes: the number of classes.
+            group ids; default with groups = classes: the number of classes. For
+            intersectional groups, one size per attribute (with a sequence ``group_key``, or a
+            ``[N, k]`` group column): the groups are the ``prod(sizes)`` combinations (mixed
+            radix ids, first attribute most significant; see
+            `lightning_fairprune.diagnostics.group_metrics.combine_groups`).
         max_batches: at most this many batches per pass (per process); ``None``: all.
         group_fn: ``fn(batch) -> (inputs, targets, groups)``; overrides the batch parsing.
         input_key: key of the inputs in a dict batch.
         target_key: key of the class targets in a dict batch.
-        group_key: key of the group ids in a dict batch; ``None``: groups = classes.
+        group_key: key of the group ids in a dict batch (a sequence of keys for
+            intersectional groups); ``None``: groups = classes.
 
     Example:
         >>> x, y, g = torch.randn(6, 2), torch.tensor([0, 1] * 3), torch.tensor([0, 0, 1] * 2)
@@ -66,12 +72,12 @@ class FairnessData:
         self,
         dataloader: Iterable[Any] | None = None,
         *,
-        num_groups: int | None = None,
+        num_groups: int | Sequence[int] | None = None,
         max_batches: int | None = None,
         group_fn: GroupFn | None = None,
         input_key: str = "x",
         target_key: str = "y",
-        group_key: str | None = "group",
+        group_key: str | Sequence[str] | None = "group",
     ) -> None:
         if dataloader is not None and not isinstance(dataloader, Iterable):
             raise TypeError(
@@ -79,13 +85,32 @@ class FairnessData:
                 f"but got {type(dataloader).__name__}"
             )
         self.dataloader = dataloader
+        self.attribute_sizes: list[int] | None = None
+        if isinstance(num_groups, Sequence) and not isinstance(num_groups, str):
+            sizes = [check_int(n, "num_groups", 1) for n in num_groups]
+            if not sizes:
+                raise ValueError("Expected `num_groups` to hold at least one size, but got []")
+            self.attribute_sizes = sizes
+            num_groups = math.prod(sizes)
         self.num_groups = check_int(num_groups, "num_groups", 1, allow_none=True)
         self.max_batches = check_int(max_batches, "max_batches", 1, allow_none=True)
         self.group_fn = check_callable(group_fn, "group_fn")
         for arg, value in (("input_key", input_key), ("target_key", target_key)):
             if not isinstance(value, str):
                 raise TypeError(f"Expected `{arg}` to be a str, but got {value!r}")
-        if group_key is not None and not isinstance(group_key, str):
+        if isinstance(group_key, Sequence) and not isinstance(group_key, str):
+            group_key = list(group_key)
+            if not group_key or not all(isinstance(k, str) for k in group_key):
+                raise TypeError(
+                    "Expected `group_key` to be a str, a list of str or None, but got "
+                    f"{group_key!r}"
+                )
+            if self.attribute_sizes is None or len(self.attribute_sizes) != len(group_key):
+                raise ValueError(
+                    f"Expected `num_groups` to give one size per attribute of `group_key` "
+                    f"{group_key} (intersectional groups), but got {num_groups!r}"
+                )
+        elif group_key is not None and not isinstance(group_key, str):
             raise TypeError(f"Expected `group_key` to be a str or None, but got {group_key!r}")
         self.input_key = input_key
         self.target_key = target_key
@@ -122,15 +147,20 @@ class FairnessData:
             return out[0], out[1], out[2]
         if isinstance(batch, Mapping):
             missing = [k for k in (self.input_key, self.target_key) if k not in batch]
-            if self.group_key is not None and self.group_key not in batch:
-                missing.append(self.group_key)
+            keys = self.group_keys
+            missing += [k for k in keys if k not in batch]
             if missing:
                 raise ValueError(
                     f"Expected a dict batch with keys {missing} (`input_key`, `target_key`, "
                     f"`group_key`), but the batch has keys {sorted(map(str, batch))}; set the "
                     "keys, `group_key=None` for groups = classes, or pass `group_fn`"
                 )
-            groups = None if self.group_key is None else batch[self.group_key]
+            if not keys:
+                groups = None
+            elif len(keys) == 1 and isinstance(self.group_key, str):
+                groups = batch[keys[0]]
+            else:
+                groups = _stack_attributes([batch[k] for k in keys], keys)
             return batch[self.input_key], batch[self.target_key], groups
         if isinstance(batch, (tuple, list)):
             if len(batch) == 2:
@@ -145,6 +175,13 @@ class FairnessData:
             "Expected a batch (inputs, targets), (inputs, targets, groups) or a dict, but got "
             f"{type(batch).__name__}; pass `group_fn(batch) -> (inputs, targets, groups)`"
         )
+
+    @property
+    def group_keys(self) -> list[str]:
+        """The group key(s) as a list (empty: groups = classes)."""
+        if self.group_key is None:
+            return []
+        return [self.group_key] if isinstance(self.group_key, str) else list(self.group_key)
 
     def validate(
         self, x: Any, y: Any, g: Any | None, num_groups: int | None = None
@@ -166,6 +203,8 @@ class FairnessData:
                     "Expected `num_groups` to be given when the batches carry group ids "
                     "(a protected attribute), but got None"
                 )
+            if self.attribute_sizes is not None and len(self.attribute_sizes) > 1:
+                g = self._combine(g, int(y.shape[0]))
             check_labels(
                 g,
                 "groups",
@@ -175,6 +214,26 @@ class FairnessData:
                 upper_name="num_groups",
             )
         return x, y.long(), g.long(), groups_from_batch
+
+    def _combine(self, g: Any, n: int) -> Tensor:
+        """Product ids of a ``[N, k]`` tensor of attribute ids (intersectional groups)."""
+        from lightning_fairprune.diagnostics.group_metrics import combine_groups
+
+        sizes = self.attribute_sizes or []
+        if not isinstance(g, Tensor) or g.ndim != 2 or g.shape != (n, len(sizes)):
+            raise ValueError(
+                f"Expected the groups of a fairness batch to be a [N, {len(sizes)}] integer "
+                f"tensor (one column per attribute, `num_groups`={sizes}), but got "
+                f"{getattr(g, 'dtype', type(g).__name__)} of shape "
+                f"{tuple(getattr(g, 'shape', ()))}"
+            )
+        names = self.group_keys or [f"a{i}" for i in range(len(sizes))]
+        columns = []
+        for i, (size, name) in enumerate(zip(sizes, names, strict=True)):
+            column = g[:, i]
+            check_labels(column, f"groups[:, {i}] ({name})", upper=size, n=n, what="attribute ids")
+            columns.append(column.long())
+        return combine_groups(columns, sizes).ids
 
     # ---------------------------------------------------------------- the loader
     def resolve(self, trainer: Any | None, model: Any | None = None) -> Iterable[Any]:
@@ -287,6 +346,13 @@ class FairnessData:
             if not isinstance(device, torch.device):
                 device = next(model.parameters()).device
         return FairnessBatches(self, loader, trainer, device, rank, world, num_groups)
+
+
+def _stack_attributes(values: list[Any], keys: list[str]) -> Tensor:
+    """``[N, k]`` attribute ids from one ``[N]`` tensor per key."""
+    for key, value in zip(keys, values, strict=True):
+        check_labels(value, f"batch[{key!r}]", what="attribute ids")
+    return torch.stack([v.long() for v in values], dim=1)
 
 
 class FairnessBatches:

@@ -45,16 +45,20 @@ __all__ = [
     "MOMENTS",
     "MOMENT_CODES",
     "PER_GROUP_KEYS",
+    "PREFIXED_MOMENTS",
+    "RATE_KEYS",
     "HistoryFile",
     "check_record",
     "dense_record",
     "dense_reference",
     "disparity_stat",
     "fill_relative",
+    "group_keys",
     "group_list",
     "group_table",
     "history_filename",
     "latest_per_sparsity",
+    "logged_scalars",
     "make_record",
     "number",
     "qualified_name",
@@ -78,22 +82,39 @@ MOMENTS: tuple[str, ...] = ("dense", "after_round", "before_round", "periodic", 
 #: Numeric code of each record moment, logged as ``fairprune/moment_code``.
 MOMENT_CODES: dict[str, int] = {moment: code for code, moment in enumerate(MOMENTS)}
 
-#: Per-group list fields of a record logged as ``fairprune/<field>/g<a>``.
+#: Per-group list fields of a record logged as ``fairprune/<field>/<group>``.
 PER_GROUP_KEYS: tuple[str, ...] = (
+    "group_accuracy",
     "recall",
     "intensification",
     "excess_loss",
     "grad_norm",
     "hessian_trace",
+    "hessian_trace_se",
     "hessian_lambda_max",
+    "tpr",
+    "fpr",
+    "selection_rate",
 )
+
+#: Per-group rates recorded with Wilson intervals (``<rate>_ci``: ``[lower, upper]`` per group).
+RATE_KEYS: tuple[str, ...] = ("group_accuracy", "tpr", "fpr", "selection_rate")
+
+#: Record moments whose scalars are logged under their own prefix (``fairprune/<moment>/...``),
+#: so that two measurements at one global step never write the same key twice.
+PREFIXED_MOMENTS: tuple[str, ...] = ("dense", "after_round")
 
 #: Columns of the per-group table (W&B table, report).
 GROUP_TABLE_COLUMNS: list[str] = [
     "group",
     "support",
-    "recall_dense",
-    "recall",
+    "group_accuracy_dense",
+    "group_accuracy",
+    "group_accuracy_lower",
+    "group_accuracy_upper",
+    "tpr",
+    "fpr",
+    "selection_rate",
     "norm_balance_dense",
     "norm_balance",
     "intensification",
@@ -224,13 +245,27 @@ def make_record(
     predicted: Tensor | None = None,
     dense: Mapping[str, Any] | None = None,
     monitor: str | None = None,
+    group_names: Sequence[str] | None = None,
+    groups_are_classes: bool = True,
+    pos_label: int | None = 1,
+    confidence: float = 0.95,
+    min_group_size: int | None = None,
 ) -> dict[str, Any]:
     """Build a record from a `GroupMeasurement` (plain values; relative fields filled).
 
+    Per-group rates follow the fairness field's definitions (those of fairlearn):
+    ``group_accuracy`` is the accuracy within each group; ``recall`` is kept only when the
+    groups are the classes (then it is each class's recall, the same numbers); for binary
+    tasks ``tpr``, ``fpr`` and ``selection_rate`` per group. Each rate has a Wilson interval
+    (``<rate>_ci``), and ``fairness`` holds the summaries (worst-group accuracy, accuracy
+    difference, demographic parity difference and ratio, and for binary tasks worst-group
+    TPR, equal-opportunity and equalized-odds differences). See
+    `lightning_fairprune.diagnostics.group_metrics`.
+
     Args:
-        measurement: the measurement (``recall``, ``accuracy``, ``support``, ``mean_loss`` and
-            optionally ``grad_norms``, ``hessian_trace``, ``hessian_trace_stderr``,
-            ``hessian_lambda_max``).
+        measurement: the measurement (``recall``, ``accuracy``, ``support``, ``mean_loss``,
+            optionally ``confusion``, ``grad_norms``, ``hessian_trace``,
+            ``hessian_trace_stderr``, ``hessian_lambda_max``).
         moment: one of `MOMENTS`.
         round_index: the round the record belongs to.
         epoch: training epoch.
@@ -241,6 +276,12 @@ def make_record(
         dense: the dense reference (`dense_reference`), or ``None`` (the record is its own
             reference when ``moment == "dense"``).
         monitor: the monitor's name (``None`` for an unnamed monitor).
+        group_names: names of the groups (default ``g0, g1, ...``).
+        groups_are_classes: whether the groups are the class labels.
+        pos_label: positive class of binary tasks (``None``: treat two classes as multiclass).
+        confidence: level of the Wilson intervals.
+        min_group_size: groups with fewer samples are listed in ``small_groups`` (default
+            `lightning_fairprune.diagnostics.group_metrics.SMALL_GROUP_SIZE`).
 
     Returns:
         The record.
@@ -250,18 +291,28 @@ def make_record(
     """
     from lightning_fairprune.diagnostics import disparity, normalized_recall_balance
     from lightning_fairprune.diagnostics import recall_balance as _balance
+    from lightning_fairprune.diagnostics.group_metrics import (
+        SMALL_GROUP_SIZE,
+        group_metrics,
+        normalize_group_names,
+        wilson_interval,
+    )
 
     if moment not in MOMENTS:
         raise ValueError(f"Expected `moment` to be one of {MOMENTS}, but got {moment!r}")
     m = measurement
-    recall = m.recall.double()
+    names = normalize_group_names(group_names, num_groups)
+    group_acc = m.recall.double()
     accuracy = float(m.accuracy)
     support = m.support.sum(dim=1) if m.support.ndim == 2 else m.support
+    correct = m.correct.sum(dim=1) if getattr(m, "correct", None) is not None else None
     loss = m.mean_loss.double()
     grad_norm = getattr(m, "grad_norms", None)
     trace = getattr(m, "hessian_trace", None)
     trace_se = getattr(m, "hessian_trace_stderr", None)
     lam = getattr(m, "hessian_lambda_max", None)
+    confusion = getattr(m, "confusion", None)
+    min_size = SMALL_GROUP_SIZE if min_group_size is None else int(min_group_size)
     record: dict[str, Any] = {
         "moment": moment,
         "monitor": monitor,
@@ -271,11 +322,24 @@ def make_record(
         "sparsity": float(sparsity),
         "accuracy": to_plain(accuracy),
         "num_groups": int(num_groups),
+        "group_names": list(names),
+        "groups_are_classes": bool(groups_are_classes),
         "support": [round(float(s)) for s in support.tolist()],
-        "recall": to_plain(recall),
+        "small_groups": [g for g, n in enumerate(support.tolist()) if 0 < n < min_size],
+        "group_accuracy": to_plain(group_acc),
+        "group_accuracy_ci": None,
+        "recall": to_plain(group_acc) if groups_are_classes else None,
+        "tpr": None,
+        "tpr_ci": None,
+        "fpr": None,
+        "fpr_ci": None,
+        "selection_rate": None,
+        "selection_rate_ci": None,
+        "fairness": None,
+        "group_accuracy_dense": None,
         "recall_dense": None,
-        "balance": to_plain(_balance(recall, accuracy)),
-        "norm_balance": to_plain(normalized_recall_balance(recall, accuracy)),
+        "balance": to_plain(_balance(group_acc, accuracy)),
+        "norm_balance": to_plain(normalized_recall_balance(group_acc, accuracy)),
         "intensification": None,
         "alpha": None,
         "loss": to_plain(loss),
@@ -285,9 +349,30 @@ def make_record(
         "hessian_trace": None if trace is None else to_plain(trace),
         "hessian_trace_se": None if trace_se is None else to_plain(trace_se),
         "hessian_lambda_max": None if lam is None else to_plain(lam),
+        "metrics": None,
     }
+    if confusion is not None:
+        metrics = group_metrics(
+            confusion, pos_label=pos_label, confidence=confidence, min_group_size=min_size
+        )
+        for key, value in (
+            ("group_accuracy", metrics.accuracy),
+            ("tpr", metrics.tpr),
+            ("fpr", metrics.fpr),
+            ("selection_rate", metrics.selection_rate),
+        ):
+            if value is not None:
+                record[key] = to_plain(value.value)
+                record[f"{key}_ci"] = to_plain(torch.stack([value.lower, value.upper], dim=-1))
+        record["fairness"] = to_plain(metrics.summary)
+    elif correct is not None:
+        lower, upper = wilson_interval(correct, support, confidence)
+        record["group_accuracy_ci"] = to_plain(torch.stack([lower, upper], dim=-1))
     record["disparity"] = {
-        "recall": to_plain(disparity(recall, higher_is_worse=False)),
+        "group_accuracy": to_plain(disparity(group_acc, higher_is_worse=False)),
+        "recall": to_plain(disparity(group_acc, higher_is_worse=False))
+        if groups_are_classes
+        else None,
         "grad_norm": None if grad_norm is None else to_plain(disparity(grad_norm)),
         "hessian_trace": None if trace is None else to_plain(disparity(trace)),
         "hessian_lambda_max": None if lam is None else to_plain(disparity(lam)),
@@ -302,39 +387,62 @@ def dense_reference(record: Mapping[str, Any]) -> dict[str, Any]:
     """The fields of a dense record that later records are compared with.
 
     Example:
-        >>> sorted(dense_reference({"recall": [1.0], "norm_balance": [0.0], "loss": [0.1],
-        ...                         "accuracy": 1.0, "moment": "dense"}))
-        ['accuracy', 'loss', 'norm_balance', 'recall']
+        >>> sorted(dense_reference({"group_accuracy": [1.0], "norm_balance": [0.0],
+        ...                         "loss": [0.1], "accuracy": 1.0, "support": [3]}))
+        ['accuracy', 'loss', 'norm_balance', 'recall', 'support']
     """
-    return {key: record.get(key) for key in ("recall", "norm_balance", "loss", "accuracy")}
+    accuracy_per_group = record.get("group_accuracy", record.get("recall"))
+    return {
+        "recall": accuracy_per_group,  # the key of earlier versions' checkpoints
+        "norm_balance": record.get("norm_balance"),
+        "loss": record.get("loss"),
+        "accuracy": record.get("accuracy"),
+        "support": record.get("support"),
+    }
 
 
 def fill_relative(record: dict[str, Any], dense: Mapping[str, Any] | None) -> None:
-    """Fill ``recall_dense``, ``intensification``, ``alpha`` and ``excess_loss`` in place.
+    """Fill the fields relative to the dense reference in place.
 
+    ``group_accuracy_dense`` (and ``recall_dense`` when groups are classes),
+    ``intensification`` I = B̃ / B̃_dense per group, its slope ``alpha`` and ``excess_loss``.
+    I is *undefined* (``None``) for a group whose dense balance is too close to zero for the
+    ratio to mean anything (|B̃_dense| < 0.02, or below one sample's effect 1 / (n·A); see
+    `lightning_fairprune.diagnostics.group_metrics.guarded_intensification_ratio`).
     Nothing happens without a dense reference (the fields stay ``None``).
 
     Raises:
         ValueError: if the reference has another number of groups than the record.
     """
-    from lightning_fairprune.diagnostics import (
-        excessive_loss,
-        intensification_alpha,
-        intensification_ratio,
-    )
+    from lightning_fairprune.diagnostics import excessive_loss, intensification_alpha
+    from lightning_fairprune.diagnostics.group_metrics import guarded_intensification_ratio
 
     if dense is None:
         return
-    if len(dense["recall"]) != record["num_groups"]:
+    reference = dense.get("recall", dense.get("group_accuracy"))
+    if len(reference) != record["num_groups"]:
         raise ValueError(
-            f"Expected {len(dense['recall'])} groups as in the dense reference, but the "
+            f"Expected {len(reference)} groups as in the dense reference, but the "
             f"measurement has {record['num_groups']}"
         )
     nrb, nrb_ref = _f64(record["norm_balance"]), _f64(dense["norm_balance"])
-    record["recall_dense"] = list(dense["recall"])
+    record["group_accuracy_dense"] = list(reference)
+    if record.get("groups_are_classes", True):
+        record["recall_dense"] = list(reference)
+    support = dense.get("support")
+    acc = number(dense.get("accuracy"))
+    if acc is None or acc <= 0:  # no size-aware limit without a positive dense accuracy
+        support = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        record["intensification"] = to_plain(intensification_ratio(nrb, nrb_ref))
+        record["intensification"] = to_plain(
+            guarded_intensification_ratio(
+                nrb,
+                nrb_ref,
+                support_ref=None if support is None else _f64(support),
+                acc_ref=acc if support is not None else None,
+            )
+        )
         record["alpha"] = to_plain(float(intensification_alpha(nrb, nrb_ref)))
     record["excess_loss"] = to_plain(excessive_loss(_f64(record["loss"]), _f64(dense["loss"])))
 
@@ -506,14 +614,38 @@ def disparity_stat(record: Mapping[str, Any], quantity: str, stat: str = "gap") 
     return None
 
 
-def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
-    """Flatten one record into the ``fairprune/...`` scalars every logger gets.
+def group_keys(record: Mapping[str, Any]) -> list[str]:
+    """Logger-safe keys of the record's groups: slugs of ``group_names`` (``g0, g1...``).
 
-    Keys: ``fairprune/accuracy``, ``fairprune/alpha``, ``fairprune/sparsity``,
-    ``fairprune/worst_group_recall`` (lowest recall over groups with samples),
-    ``fairprune/moment_code`` (see `MOMENT_CODES`), ``fairprune/<field>/g<a>`` for the
-    `PER_GROUP_KEYS`, and ``fairprune/disparity/<quantity>/gap`` and ``.../ratio``. Missing
-    and non-finite values are left out (the record keeps them).
+    Example:
+        >>> group_keys({"num_groups": 2, "group_names": ["race=black & sex=F", "other"]})
+        ['race-black_sex-F', 'other']
+        >>> group_keys({"recall": [0.5, 0.7]})
+        ['g0', 'g1']
+    """
+    from lightning_fairprune.diagnostics.group_metrics import group_slugs
+
+    names = group_list(record, "group_names")
+    if names:
+        return group_slugs([str(n) for n in names])
+    count = record.get("num_groups")
+    if not isinstance(count, int):
+        count = max((len(group_list(record, k)) for k in PER_GROUP_KEYS), default=0)
+    return [f"g{a}" for a in range(count)]
+
+
+def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """Flatten one record into its ``fairprune/...`` scalars.
+
+    Keys: ``fairprune/accuracy``, ``fairprune/alpha``, ``fairprune/worst_group_accuracy``
+    (lowest accuracy within a group, over groups with samples), ``fairprune/worst_group_recall``
+    (the same, when the groups are the classes), ``fairprune/moment_code`` (see
+    `MOMENT_CODES`), ``fairprune/<summary>`` for the fairness summaries
+    (``demographic_parity_difference``...), ``fairprune/<field>/<group>`` for the
+    `PER_GROUP_KEYS` with ``<group>`` the slug of the group's name (`group_keys`),
+    ``fairprune/<rate>_lower|_upper/<group>`` for the Wilson bounds of the `RATE_KEYS`, and
+    ``fairprune/disparity/<quantity>/gap|ratio``. Missing and non-finite values are left out
+    (the record keeps them). The sparsity is not among them: the pruner logs it.
 
     Example:
         >>> rec = {"moment": "after_round", "sparsity": 0.5, "accuracy": 0.9, "alpha": None,
@@ -529,20 +661,41 @@ def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
         fairprune/moment_code 1.0
         fairprune/recall/g0 0.95
         fairprune/recall/g1 0.8
-        fairprune/sparsity 0.5
+        fairprune/worst_group_accuracy 0.8
         fairprune/worst_group_recall 0.8
     """
     check_record(record)
+    accuracy_key = "group_accuracy" if group_list(record, "group_accuracy") else "recall"
     out: dict[str, Any] = {
         "fairprune/accuracy": record.get("accuracy"),
         "fairprune/alpha": record.get("alpha"),
-        "fairprune/sparsity": record.get("sparsity"),
-        "fairprune/worst_group_recall": worst_group(record)[1],
+        "fairprune/worst_group_accuracy": worst_group(record, accuracy_key)[1],
         "fairprune/moment_code": MOMENT_CODES.get(str(record.get("moment"))),
     }
+    if group_list(record, "recall"):
+        out["fairprune/worst_group_recall"] = worst_group(record, "recall")[1]
+    fairness = record.get("fairness")
+    if isinstance(fairness, Mapping):
+        for name, value in fairness.items():
+            if name != "worst_group_accuracy":
+                out[f"fairprune/{name}"] = value
+    keys = group_keys(record)
     for key in PER_GROUP_KEYS:
         for group, value in enumerate(group_list(record, key)):
-            out[f"fairprune/{key}/g{group}"] = value
+            if group < len(keys):
+                out[f"fairprune/{key}/{keys[group]}"] = value
+    user = record.get("metrics")
+    if isinstance(user, Mapping):
+        for name, values in user.items():
+            if isinstance(values, (list, tuple)):
+                for group, value in enumerate(values):
+                    if group < len(keys):
+                        out[f"fairprune/{name}/{keys[group]}"] = value
+    for key in RATE_KEYS:
+        for group, bounds in enumerate(group_list(record, f"{key}_ci")):
+            if group < len(keys) and isinstance(bounds, (list, tuple)) and len(bounds) == 2:
+                out[f"fairprune/{key}_lower/{keys[group]}"] = bounds[0]
+                out[f"fairprune/{key}_upper/{keys[group]}"] = bounds[1]
     disparity = record.get("disparity") or {}
     if isinstance(disparity, Mapping):
         for quantity, summary in disparity.items():
@@ -550,6 +703,29 @@ def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
                 for stat in ("gap", "ratio"):
                     out[f"fairprune/disparity/{quantity}/{stat}"] = summary.get(stat)
     return {k: v for k, v in ((k, number(v)) for k, v in out.items()) if v is not None}
+
+
+def logged_scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """The scalars a logger gets for a record: `record_scalars`, prefixed by moment.
+
+    ``"dense"`` and ``"after_round"`` records go under ``fairprune/dense/...`` and
+    ``fairprune/after_round/...`` (`PREFIXED_MOMENTS`); the others (``"before_round"``,
+    ``"periodic"``, ``"end"``: the trained model) under ``fairprune/...``. Measurements taken
+    at one global step (the dense reference, or the model before and right after a round)
+    thus never log the same key twice at one step.
+
+    Example:
+        >>> sorted(logged_scalars({"moment": "dense", "accuracy": 0.9, "recall": [0.9]}))[:2]
+        ['fairprune/dense/accuracy', 'fairprune/dense/moment_code']
+    """
+    scalars = record_scalars(record)
+    moment = record.get("moment")
+    if moment not in PREFIXED_MOMENTS:
+        return scalars
+    return {
+        f"fairprune/{moment}/{key.removeprefix('fairprune/')}": value
+        for key, value in scalars.items()
+    }
 
 
 def _dense_norm_balance(
@@ -573,8 +749,9 @@ def group_table(
 ) -> tuple[list[str], list[list[Any]]]:
     """Columns and rows of the per-group table of one record (``None`` where missing).
 
-    ``norm_balance_dense`` (B̃ of the dense model) comes from the dense record of
-    ``history`` (`dense_record`); without one it is B̃ / I of this record.
+    The first column is the group's name. ``norm_balance_dense`` (B̃ of the dense model) comes
+    from the dense record of ``history`` (`dense_record`); without one it is B̃ / I of this
+    record. Records of earlier versions (``recall`` only) fill the accuracy columns.
 
     Example:
         >>> rec = {"num_groups": 2, "support": [10, 5], "recall": [0.9, 0.6],
@@ -584,18 +761,30 @@ def group_table(
         >>> dict(zip(columns, rows[1]))["norm_balance_dense"]
         -0.125
         >>> rows[0][:4]
-        [0, 10, 1.0, 0.9]
+        ['g0', 10, 1.0, 0.9]
     """
     check_record(record)
     columns = list(GROUP_TABLE_COLUMNS)
     fields = {name: group_list(record, name) for name in columns[1:]}
+    if not fields["group_accuracy"]:
+        fields["group_accuracy"] = group_list(record, "recall")
+    if not fields["group_accuracy_dense"]:
+        fields["group_accuracy_dense"] = group_list(record, "recall_dense")
+    bounds = group_list(record, "group_accuracy_ci")
+    fields["group_accuracy_lower"] = [
+        b[0] if isinstance(b, (list, tuple)) else None for b in bounds
+    ]
+    fields["group_accuracy_upper"] = [
+        b[1] if isinstance(b, (list, tuple)) else None for b in bounds
+    ]
     fields["norm_balance_dense"] = _dense_norm_balance(record, history)
+    names = group_list(record, "group_names")
     num_groups = record.get("num_groups")
     if not isinstance(num_groups, int):
         num_groups = max((len(v) for v in fields.values()), default=0)
     rows: list[list[Any]] = []
     for group in range(num_groups):
-        row: list[Any] = [group]
+        row: list[Any] = [str(names[group]) if group < len(names) else f"g{group}"]
         for name in columns[1:]:
             values = fields[name]
             value = number(values[group]) if group < len(values) else None
@@ -630,12 +819,13 @@ def latest_per_sparsity(
 def recall_curves(
     history: Sequence[Mapping[str, Any]],
 ) -> tuple[list[list[float]], list[list[float]], list[str]]:
-    """Per-group recall against sparsity, one point per sparsity level (`latest_per_sparsity`).
+    """Per-group accuracy (recall for class groups) against sparsity, one point per level.
 
-    Points where a group had no samples are left out of that group's series.
+    At each sparsity level the latest record wins (`latest_per_sparsity`). Points where a group
+    had no samples are left out of that group's series.
 
     Returns:
-        ``(xs, ys, keys)``: per group the sparsities, the recalls and the label ``"g<a>"``.
+        ``(xs, ys, labels)``: per group the sparsities, the values and the group's name.
 
     Example:
         >>> hist = [{"sparsity": 0.0, "recall": [1.0, 0.9]},
@@ -644,26 +834,31 @@ def recall_curves(
         >>> recall_curves(hist)
         ([[0.0, 0.5], [0.0]], [[1.0, 0.95], [0.9]], ['g0', 'g1'])
     """
-    latest = latest_per_sparsity(history, "recall")
-    num_groups = max((len(group_list(r, "recall")) for r in latest.values()), default=0)
+    key = "group_accuracy" if any(group_list(r, "group_accuracy") for r in history) else "recall"
+    latest = latest_per_sparsity(history, key)
+    num_groups = max((len(group_list(r, key)) for r in latest.values()), default=0)
     xs: list[list[float]] = [[] for _ in range(num_groups)]
     ys: list[list[float]] = [[] for _ in range(num_groups)]
     for sparsity in sorted(latest):
-        for group, value in enumerate(group_list(latest[sparsity], "recall")):
+        for group, value in enumerate(group_list(latest[sparsity], key)):
             value_ = number(value)
             if value_ is not None:
                 xs[group].append(sparsity)
                 ys[group].append(value_)
-    return xs, ys, [f"g{a}" for a in range(num_groups)]
+    names = next((group_list(r, "group_names") for r in reversed(list(latest.values()))), [])
+    labels = [str(names[a]) if a < len(names) else f"g{a}" for a in range(num_groups)]
+    return xs, ys, labels
 
 
 def summary_values(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """The run summary of a history: its last record's headline numbers.
 
     Keys ``fairprune/final/<name>`` for ``sparsity``, ``accuracy``, ``worst_group_recall``,
-    ``alpha``, ``moment_code`` and ``disparity/<quantity>/gap|ratio``; plus
-    ``fairprune/dense/accuracy`` and ``fairprune/dense/worst_group_recall`` from the dense
-    record, and ``fairprune/num_records``. Missing values are left out.
+    ``worst_group_accuracy``, ``alpha``, the fairness summaries and
+    ``disparity/<quantity>/gap|ratio`` (per-group values left out); plus
+    ``fairprune/dense/accuracy``, ``fairprune/dense/worst_group_accuracy`` and
+    ``fairprune/dense/worst_group_recall`` from the dense record, ``fairprune/final/sparsity``
+    and ``fairprune/num_records``. Missing values are left out.
 
     Example:
         >>> hist = [{"moment": "dense", "sparsity": 0.0, "accuracy": 0.95, "recall": [1.0, 0.9]},
@@ -677,15 +872,20 @@ def summary_values(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     if not records:
         return {}
     out: dict[str, float] = {"fairprune/num_records": float(len(records))}
-    for key, value in record_scalars(records[-1]).items():
+    final = records[-1]
+    for key, value in record_scalars(final).items():
         name = key.removeprefix("fairprune/")
-        if name.split("/")[0] in PER_GROUP_KEYS:
+        head = name.split("/")[0]
+        if head in PER_GROUP_KEYS or head.endswith(("_lower", "_upper")):
             continue
         out[f"fairprune/final/{name}"] = value
+    sparsity = number(final.get("sparsity"))
+    if sparsity is not None:
+        out["fairprune/final/sparsity"] = sparsity
     dense = dense_record(records)
     if dense is not None:
         scalars = record_scalars(dense)
-        for name in ("accuracy", "worst_group_recall"):
+        for name in ("accuracy", "worst_group_accuracy", "worst_group_recall"):
             if f"fairprune/{name}" in scalars:
                 out[f"fairprune/dense/{name}"] = scalars[f"fairprune/{name}"]
     return out

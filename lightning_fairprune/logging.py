@@ -3,12 +3,15 @@
 This is the only module besides `callbacks/` that knows about Lightning loggers.
 
 * `log_scalars`: scalars to every attached logger (TensorBoard, CSV, W&B, ...).
-* `log_round`: one `FairnessMonitor` history record: its scalars to every logger and, when a
-  `WandbLogger` is attached, a per-group table, a bar chart of recall dense vs now, per-group
-  recall against sparsity (a line series that grows every round) and a scatter of the
-  normalized recall balance B̃ now against B̃ dense with the fitted slope α.
-* `log_summary`: final sparsity, accuracy, worst-group recall, α and disparities into the
-  W&B run summary; `log_config`: a callback's settings into the W&B run config.
+* `log_round`: one `FairnessMonitor` history record: its scalars (`history.logged_scalars`:
+  dense and after-round records under their own prefix, so no key is logged twice at one
+  step) to every logger and, when a `WandbLogger` is attached, a per-group table, a bar chart
+  of group accuracy dense vs now, per-group accuracy against sparsity (a line series that
+  grows every round) and a scatter of the normalized balance B̃ now against B̃ dense with the
+  fitted slope α.
+* `log_summary`: final sparsity, accuracy, worst-group accuracy, α, fairness summaries and
+  disparities into the W&B run summary; `log_config`: a callback's settings into every
+  logger's hyperparameters (the W&B run config included).
 
 Only global rank 0 logs. ``wandb`` is imported lazily, inside functions, and only when a
 `WandbLogger` is attached (detected by class name). Any logger or W&B failure becomes one
@@ -28,6 +31,7 @@ from lightning_fairprune.history import (
     MOMENT_CODES,
     check_record,
     group_table,
+    logged_scalars,
     number,
     recall_curves,
     record_scalars,
@@ -186,24 +190,24 @@ def _wandb_media(record: Mapping[str, Any], history: Sequence[Mapping[str, Any]]
     idx = {name: i for i, name in enumerate(columns)}
     bars = []
     for row in rows:
-        for label, column in (("dense", "recall_dense"), ("now", "recall")):
+        for label, column in (("dense", "group_accuracy_dense"), ("now", "group_accuracy")):
             value = row[idx[column]]
             if value is not None:
-                bars.append([f"g{row[0]} {label}", value])
+                bars.append([f"{row[0]} {label}", value])
     if bars:
-        bar_table = wandb.Table(columns=["group", "recall"], data=bars)
-        media["fairprune/recall_dense_vs_now"] = wandb.plot.bar(
-            bar_table, "group", "recall", title="Recall per group: dense vs now"
+        bar_table = wandb.Table(columns=["group", "accuracy"], data=bars)
+        media["fairprune/group_accuracy_dense_vs_now"] = wandb.plot.bar(
+            bar_table, "group", "accuracy", title="Accuracy within each group: dense vs now"
         )
 
     xs, ys, keys = recall_curves(history)
     kept = [i for i, x in enumerate(xs) if x]
     if kept:
-        media["fairprune/recall_vs_sparsity"] = wandb.plot.line_series(
+        media["fairprune/group_accuracy_vs_sparsity"] = wandb.plot.line_series(
             xs=[xs[i] for i in kept],
             ys=[ys[i] for i in kept],
             keys=[keys[i] for i in kept],
-            title="Recall per group vs sparsity",
+            title="Accuracy within each group vs sparsity",
             xname="sparsity",
         )
 
@@ -252,7 +256,7 @@ def log_round(
         ...     def log_metrics(self, metrics, step): self.rows.append((step, metrics))
         >>> class _Trainer:
         ...     loggers = [_Logger()]; global_step = 7
-        >>> rec = {"moment": "dense", "sparsity": 0.0, "accuracy": 0.5, "recall": [0.5]}
+        >>> rec = {"moment": "end", "sparsity": 0.5, "accuracy": 0.5, "recall": [0.5]}
         >>> log_round(_Trainer(), rec, [rec])
         >>> step, metrics = _Trainer.loggers[0].rows[0]
         >>> step, metrics["fairprune/recall/g0"], metrics["fairprune/worst_group_recall"]
@@ -262,7 +266,7 @@ def log_round(
     if not is_global_zero(trainer):
         return
     step = int(getattr(trainer, "global_step", 0))
-    scalars = record_scalars(record)
+    scalars = logged_scalars(record)
     wandb_logger = find_wandb_logger(trainer)
     _send(trainer, scalars, step, skip=wandb_logger)
     if wandb_logger is None:
@@ -332,10 +336,13 @@ def log_summary(trainer: Any, history: Sequence[Mapping[str, Any]]) -> dict[str,
 
 
 def log_config(trainer: Any, name: str, settings: Mapping[str, Any]) -> None:
-    """Put a callback's settings into the W&B run config under ``fairprune/<name>``.
+    """Put a callback's settings into every logger's hyperparameters.
 
-    Values are made JSON-friendly first (callables by qualified name, small tensors as
-    lists). Does nothing without a `WandbLogger` or off rank 0.
+    Each logger gets ``log_hyperparams`` with flat keys ``fairprune/<name>/<setting>`` (CSV's
+    ``hparams.yaml``, TensorBoard's hparams); a `WandbLogger` gets them nested under
+    ``fairprune/<name>`` in its run config (sweep runs can be grouped by them). Values are made
+    JSON-friendly first (callables by qualified name, tensors as lists). Only global rank 0
+    logs; failures become one warning per logger.
 
     Args:
         trainer: a `lightning.pytorch.Trainer`.
@@ -343,7 +350,12 @@ def log_config(trainer: Any, name: str, settings: Mapping[str, Any]) -> None:
         settings: the callback's constructor settings.
 
     Example:
-        >>> log_config(object(), "IterativePruning", {"final_sparsity": 0.9})
+        >>> class _Logger:
+        ...     def log_hyperparams(self, params): print(params)
+        >>> class _Trainer:
+        ...     loggers = [_Logger()]
+        >>> log_config(_Trainer(), "pruning", {"final_sparsity": 0.9, "schedule": "cubic"})
+        {'fairprune/pruning/final_sparsity': 0.9, 'fairprune/pruning/schedule': 'cubic'}
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"Expected `name` to be a non-empty string, but got {name!r}")
@@ -354,17 +366,32 @@ def log_config(trainer: Any, name: str, settings: Mapping[str, Any]) -> None:
         )
     if not is_global_zero(trainer):
         return
-    logger = find_wandb_logger(trainer)
-    if logger is None:
+    plain = to_plain(settings)
+    wandb_logger = find_wandb_logger(trainer)
+    flat = {f"fairprune/{name}/{key}": value for key, value in plain.items()}
+    for logger in list(getattr(trainer, "loggers", None) or []):
+        log_hyperparams = getattr(logger, "log_hyperparams", None)
+        if logger is wandb_logger or not callable(log_hyperparams):
+            continue
+        try:
+            log_hyperparams(flat)
+        except Exception as err:
+            _warn_once(
+                logger,
+                "config",
+                f"lightning_fairprune: logging the {name} settings to {type(logger).__name__} "
+                f"failed ({type(err).__name__}: {err}); training continues.",
+            )
+    if wandb_logger is None:
         return
-    run = _experiment(logger)
+    run = _experiment(wandb_logger)
     if run is None:
         return
     try:
-        run.config.update({f"fairprune/{name}": to_plain(settings)}, allow_val_change=True)
+        run.config.update({f"fairprune/{name}": plain}, allow_val_change=True)
     except Exception as err:
         _warn_once(
-            logger,
+            wandb_logger,
             "config",
             f"lightning_fairprune: writing the callback settings into the W&B run config "
             f"failed ({type(err).__name__}: {err}); training continues.",

@@ -48,6 +48,20 @@ SCHEMA_KEYS = {
     "hessian_trace_se",
     "hessian_lambda_max",
     "disparity",
+    "group_names",
+    "groups_are_classes",
+    "small_groups",
+    "group_accuracy",
+    "group_accuracy_ci",
+    "tpr",
+    "tpr_ci",
+    "fpr",
+    "fpr_ci",
+    "selection_rate",
+    "selection_rate_ci",
+    "fairness",
+    "group_accuracy_dense",
+    "metrics",
 }
 PRUNED = ["features.0.weight", "features.2.weight", "fc.weight"]
 
@@ -176,6 +190,7 @@ def test_fit_records_dense_and_every_round(fitted):
     for record in history:
         assert set(record) == SCHEMA_KEYS
         assert set(record["disparity"]) == {
+            "group_accuracy",
             "recall",
             "grad_norm",
             "hessian_trace",
@@ -253,18 +268,31 @@ def test_history_jsonl_round_trips_and_logger_gets_scalars(fitted):
     path = Path(fitted["tmp"]) / HISTORY_FILENAME
     lines = path.read_text().splitlines()
     assert [json.loads(line) for line in lines] == history
-    # every record went to the logger, in order, with the contract's keys
-    rows = [(s, m) for s, m in fitted["logger"].rows if "fairprune/moment_code" in m]
+    # every record went to the logger, in order, with the contract's keys; the dense and
+    # after-round records under their own prefix, so that no step holds a key twice
+    prefix = {"dense": "fairprune/dense/", "after_round": "fairprune/after_round/"}
+    rows = [
+        (s, m)
+        for s, m in fitted["logger"].rows
+        if any(k.endswith("moment_code") for k in m)
+    ]
     assert len(rows) == len(history)
     codes = {"dense": 0, "after_round": 1, "before_round": 2, "periodic": 3, "end": 4}
+    seen: dict[int, set[str]] = {}
     for (step, metrics), record in zip(rows, history, strict=True):
+        pre = prefix.get(record["moment"], "fairprune/")
         assert step == record["global_step"]
-        assert metrics["fairprune/moment_code"] == codes[record["moment"]]
-        assert metrics["fairprune/accuracy"] == pytest.approx(record["accuracy"])
+        assert not seen.setdefault(step, set()) & set(metrics), "a key logged twice at one step"
+        seen[step] |= set(metrics)
+        assert metrics[f"{pre}moment_code"] == codes[record["moment"]]
+        assert metrics[f"{pre}accuracy"] == pytest.approx(record["accuracy"])
         for a in range(10):
-            assert metrics[f"fairprune/recall/g{a}"] == pytest.approx(record["recall"][a])
-            assert metrics[f"fairprune/grad_norm/g{a}"] == pytest.approx(record["grad_norm"][a])
-        assert metrics["fairprune/worst_group_recall"] == pytest.approx(min(record["recall"]))
+            assert metrics[f"{pre}recall/g{a}"] == pytest.approx(record["recall"][a])
+            assert metrics[f"{pre}group_accuracy/g{a}"] == pytest.approx(record["recall"][a])
+            assert metrics[f"{pre}grad_norm/g{a}"] == pytest.approx(record["grad_norm"][a])
+        assert metrics[f"{pre}worst_group_recall"] == pytest.approx(min(record["recall"]))
+        assert metrics[f"{pre}worst_group_accuracy"] == pytest.approx(min(record["recall"]))
+        assert f"{pre}sparsity" not in metrics  # the pruner logs the sparsity
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,7 +416,10 @@ def test_protected_attribute_group_accuracy_matches_sklearn(tmp_path):
     }
     for name, monitor in batches.items():
         record = monitor.measure(trainer, model, "dense")
-        np.testing.assert_allclose(record["recall"], expected, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(record["group_accuracy"], expected, atol=1e-12, err_msg=name)
+        # the groups are not the classes: accuracy within a group is not called recall
+        assert record["recall"] is None, name
+        assert record["groups_are_classes"] is False
         assert record["support"] == [int((g == 0).sum()), int((g == 1).sum())], name
         assert record["hessian_trace"] is None
         assert record["grad_norm"] is not None
@@ -403,9 +434,10 @@ def test_missing_group_is_none_not_zero(tmp_path):
     with pytest.warns(UserWarning, match="no samples"):
         record = monitor.measure(trainer, SmallCNN(), "dense")
     assert record["support"][1] == 0
-    for key in ("recall", "loss", "grad_norm", "hessian_trace", "intensification"):
+    for key in ("group_accuracy", "loss", "grad_norm", "hessian_trace"):
         assert record[key][1] is None, key
         assert None not in (record[key][0], record[key][2]), key
+    assert record["intensification"][1] is None  # also None where B̃_dense ≈ 0 (guarded)
     json.dumps(record, allow_nan=False)
 
 

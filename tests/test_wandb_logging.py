@@ -12,6 +12,7 @@ from _models import DigitsDataModule, SmallCNN, quiet_trainer_kwargs
 from _wandb_reader import read_wandb_run
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+from lightning_fairprune.history import logged_scalars
 from lightning_fairprune.logging import (
     GROUP_TABLE_COLUMNS,
     group_table,
@@ -19,11 +20,15 @@ from lightning_fairprune.logging import (
     log_round,
     log_summary,
     recall_curves,
-    record_scalars,
     summary_values,
 )
 
 NUM_ROUNDS = 4  # record 0 is the dense reference, then one record per pruning round
+
+
+def record_rows(run) -> list[dict]:
+    """The W&B rows of monitor records (whatever their moment's prefix), in order."""
+    return [row for row in run.history if any(k.endswith("/moment_code") for k in row)]
 
 
 def synthetic_record(k: int, global_step: int) -> dict:
@@ -137,19 +142,22 @@ def test_offline_run_holds_scalars_tables_charts_summary_and_config(tmp_path, wa
     assert history == expected_history([r["global_step"] for r in history])
     run = read_wandb_run(tmp_path / "wandb")
 
-    # scalars: one W&B row per record, every value exact, at the trainer's global step
-    rows = run.rows_with("fairprune/accuracy")
+    # scalars: one W&B row per record, every value exact, at the trainer's global step; the
+    # dense and after-round records under their own prefix (no key twice at one step)
+    rows = record_rows(run)
     assert len(rows) == NUM_ROUNDS
     for row, record in zip(rows, history, strict=True):
-        scalars = record_scalars(record)
+        scalars = logged_scalars(record)
         assert {k: row[k] for k in scalars} == scalars
+        pre = f"fairprune/{record['moment']}/"
         assert row["trainer/global_step"] == record["global_step"]
-        assert row["fairprune/recall/g1"] == record["recall"][1]
-        assert row["fairprune/worst_group_recall"] == min(r for r in record["recall"] if r)
-    assert "fairprune/recall/g2" not in rows[2]  # missing group: left out, not 0
-    assert rows[1]["fairprune/alpha"] == history[1]["alpha"]
-    assert rows[3]["fairprune/disparity/grad_norm/ratio"] == pytest.approx(2.0 / 0.4)
-    assert [r["fairprune/moment_code"] for r in rows] == [0, 1, 1, 1]
+        assert row[f"{pre}recall/g1"] == record["recall"][1]
+        assert row[f"{pre}worst_group_recall"] == min(r for r in record["recall"] if r)
+    assert "fairprune/after_round/recall/g2" not in rows[2]  # missing group: left out, not 0
+    assert rows[1]["fairprune/after_round/alpha"] == history[1]["alpha"]
+    assert rows[3]["fairprune/after_round/disparity/grad_norm/ratio"] == pytest.approx(2.0 / 0.4)
+    assert rows[0]["fairprune/dense/moment_code"] == 0
+    assert [r["fairprune/after_round/moment_code"] for r in rows[1:]] == [1, 1, 1]
 
     # per-group table: one per record, the last equals the reference rows
     refs = run.table_refs("fairprune/groups")
@@ -157,19 +165,19 @@ def test_offline_run_holds_scalars_tables_charts_summary_and_config(tmp_path, wa
     table = run.load_table(refs[-1])
     assert table["columns"] == GROUP_TABLE_COLUMNS
     assert table["data"] == group_table(history[-1], history)[1]
-    assert table["data"][2][:4] == [2, 10, 0.84, 0.5]
+    assert table["data"][2][:4] == ["g2", 10, 0.84, 0.5]
     middle = run.load_table(refs[2])["data"]
     assert middle[2][3] is None  # group 2 missing in round 2 stays missing
 
-    # bar chart of recall dense vs now
-    bars = run.load_table(run.table_refs("fairprune/recall_dense_vs_now_table")[-1])
+    # bar chart of accuracy within each group, dense vs now
+    bars = run.load_table(run.table_refs("fairprune/group_accuracy_dense_vs_now_table")[-1])
     assert dict(bars["data"]) == {
         "g0 dense": 0.96, "g0 now": 0.93, "g1 dense": 0.9, "g1 now": 0.7,
         "g2 dense": 0.84, "g2 now": 0.5,
     }  # fmt: skip
 
     # recall vs sparsity line series: grows by one point per round
-    series_refs = run.table_refs("fairprune/recall_vs_sparsity_table")
+    series_refs = run.table_refs("fairprune/group_accuracy_vs_sparsity_table")
     lengths = [len(run.load_table(ref)["data"]) for ref in series_refs]
     assert lengths == [3, 6, 8, 11]
     last = run.load_table(series_refs[-1])
@@ -180,8 +188,10 @@ def test_offline_run_holds_scalars_tables_charts_summary_and_config(tmp_path, wa
 
     # scatter of B-tilde now vs dense, with alpha in the title
     scatter = run.load_table(run.table_refs("fairprune/norm_balance_scatter_table")[-1])
+    nb_dense = GROUP_TABLE_COLUMNS.index("norm_balance_dense")
+    nb_now = GROUP_TABLE_COLUMNS.index("norm_balance")
     assert [row[1:] for row in scatter["data"]] == [
-        [r[4], r[5]] for r in group_table(history[-1], history)[1]
+        [r[nb_dense], r[nb_now]] for r in group_table(history[-1], history)[1]
     ]
     panel = run.config["_wandb.visualize.fairprune/norm_balance_scatter"]["panel_config"]
     assert f"alpha = {history[-1]['alpha']:.3f}" in panel["stringSettings"]["title"]
@@ -197,10 +207,16 @@ def test_offline_run_holds_scalars_tables_charts_summary_and_config(tmp_path, wa
     # other loggers get the scalars
     csv_path = next((tmp_path / "csv").rglob("metrics.csv"))
     with csv_path.open() as handle:
-        csv_rows = [r for r in csv.DictReader(handle) if r.get("fairprune/accuracy")]
-    assert [float(r["fairprune/accuracy"]) for r in csv_rows] == pytest.approx(
-        [r["accuracy"] for r in history]
-    )
+        csv_rows = [
+            r
+            for r in csv.DictReader(handle)
+            if r.get("fairprune/dense/accuracy") or r.get("fairprune/after_round/accuracy")
+        ]
+    values = [
+        float(r.get("fairprune/dense/accuracy") or r["fairprune/after_round/accuracy"])
+        for r in csv_rows
+    ]
+    assert values == pytest.approx([r["accuracy"] for r in history])
 
 
 def test_wandb_table_failure_is_one_warning_and_scalars_survive(tmp_path, wandb_env, monkeypatch):
@@ -219,9 +235,10 @@ def test_wandb_table_failure_is_one_warning_and_scalars_survive(tmp_path, wandb_
     history = monitor.history
     assert history == expected_history([r["global_step"] for r in history])
     run = read_wandb_run(tmp_path / "wandb")
-    assert [r["fairprune/accuracy"] for r in run.rows_with("fairprune/accuracy")] == [
-        r["accuracy"] for r in history
-    ]
+    assert [
+        row[f"fairprune/{r['moment']}/accuracy"]
+        for row, r in zip(record_rows(run), history, strict=True)
+    ] == [r["accuracy"] for r in history]
     assert run.table_refs("fairprune/groups") == []
     assert run.summary["fairprune/final/accuracy"] == history[-1]["accuracy"]
 
@@ -307,7 +324,7 @@ def test_failing_wandb_init_warns_once_per_kind_and_other_loggers_continue():
     assert "logging to W&B failed" in messages[0]
     assert "could not be started" in messages[1]
     assert [step for step, _ in recorder.rows] == [5, 5]
-    assert recorder.rows[1][1] == record_scalars(history[1])
+    assert recorder.rows[1][1] == logged_scalars(history[1])
 
 
 def test_only_rank_zero_logs():
@@ -349,10 +366,10 @@ def test_real_monitor_and_pruning_log_every_record_to_wandb(tmp_path, wandb_env)
         "dense", "after_round", "before_round", "after_round", "end",
     ]  # fmt: skip
     run = read_wandb_run(tmp_path / "wandb")
-    rows = run.rows_with("fairprune/moment_code")
+    rows = record_rows(run)
     assert len(rows) == len(history)
     for row, record in zip(rows, history, strict=True):
-        scalars = record_scalars(record)
+        scalars = logged_scalars(record)
         assert {k: row[k] for k in scalars} == pytest.approx(scalars)
         assert row["trainer/global_step"] == record["global_step"]
     tables = [run.load_table(ref) for ref in run.table_refs("fairprune/groups")]
@@ -382,7 +399,7 @@ def test_real_wandb_logger_whose_init_fails(tmp_path, wandb_env, monkeypatch):
     assert len(messages) == 2
     assert "api_key not configured" in messages[0]
     assert "could not be started" in messages[1]
-    assert [metrics for _, metrics in recorder.rows] == [record_scalars(r) for r in history]
+    assert [metrics for _, metrics in recorder.rows] == [logged_scalars(r) for r in history]
 
 
 def test_monitor_logs_its_own_config_and_final_summary(tmp_path, wandb_env):

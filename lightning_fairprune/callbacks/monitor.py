@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -48,7 +49,7 @@ from typing_extensions import override
 
 from lightning_fairprune import logging as fp_logging
 from lightning_fairprune.callbacks.events import PruningEvent, find_pruner
-from lightning_fairprune.checks import check_bool, check_callable, check_int
+from lightning_fairprune.checks import check_bool, check_callable, check_int, check_real
 from lightning_fairprune.fairness_data import FairnessBatches, FairnessData
 from lightning_fairprune.history import (
     HISTORY_FILENAME,
@@ -58,6 +59,7 @@ from lightning_fairprune.history import (
     history_filename,
     make_record,
     qualified_name,
+    record_scalars,
     to_plain,
 )
 from lightning_fairprune.measure import isolated, precision_context
@@ -118,7 +120,19 @@ class FairnessMonitor(Callback):
     Groups: a batch ``(x, y)`` means groups = classes; ``(x, y, g)`` or a dict with
     ``input_key``/``target_key``/``group_key`` carries a protected attribute ``g``; or
     ``group_fn(batch) -> (x, y, g)``. ``num_groups`` is required when the groups are not the
-    classes. The number of classes is read from the logits.
+    classes; give one size per attribute (and a list of ``group_key`` s, or a ``[N, k]`` group
+    column) for intersectional groups such as race × sex. The number of classes is read from
+    the logits. At fit start, before any training, the monitor peeks at one fairness batch and
+    checks the groups (presence, dtype, range, ``num_groups``).
+
+    Metrics: per group, the accuracy within the group (the recall of a class when the groups
+    are the classes) and, for binary tasks, TPR, FPR and selection rate, each with a Wilson
+    interval; the fairness summaries (worst-group accuracy, accuracy difference, demographic
+    parity difference and ratio, equal-opportunity and equalized-odds differences), as
+    fairlearn defines them; the recall-distortion and disparate-impact quantities of the
+    papers; and any torchmetrics metric per group (``metrics=``). Every scalar of the latest
+    measurement is in ``trainer.callback_metrics`` (so ``ModelCheckpoint(monitor=...)`` and
+    ``EarlyStopping`` can use e.g. ``"fairprune/worst_group_accuracy"``).
 
     Args:
         dataloader: fairness dataloader; ``None`` uses the validation dataloader.
@@ -128,7 +142,22 @@ class FairnessMonitor(Callback):
         group_fn: ``fn(batch) -> (inputs, targets, groups)``; overrides the batch parsing.
         input_key: key of the inputs in a dict batch.
         target_key: key of the class targets in a dict batch.
-        group_key: key of the group ids in a dict batch; ``None``: groups = classes.
+        group_key: key of the group ids in a dict batch (a list of keys for intersectional
+            groups); ``None``: groups = classes.
+        group_names: names of the groups, used in logger keys (as slugs), tables, plots and
+            the history: a list of G names, a mapping id -> name, or for intersectional groups
+            a mapping attribute key -> list of value names (product names then read
+            ``"race=black & sex=F"``). Default: ``g0, g1, ...`` (or ``key=value`` products).
+        pos_label: the positive class of a binary task (TPR, FPR, selection rate); ``None``
+            treats two classes as multiclass.
+        confidence: level of the Wilson intervals of every rate.
+        min_group_size: groups with fewer samples than this (default 30: one sample moves a
+            rate by 3.3 points there) are flagged in ``small_groups`` and warned about once.
+        metrics: torchmetrics metrics computed per group, ``{name: Metric}``: each is cloned
+            per group and updated with ``(logits, targets)`` of that group's samples only (a
+            batch without a group leaves that group's clone untouched); results in the
+            record's ``metrics`` and logged as ``fairprune/<name>/<group>``. One more forward
+            pass over the fairness data per measurement.
         params: parameters used for gradient norms, Hessian traces and the predicted excessive
             loss: ``None`` (the parameters the pruner prunes, else the Conv/Linear weights),
             ``"all"`` (every trainable parameter), or a sequence of fnmatch patterns on the
@@ -150,7 +179,8 @@ class FairnessMonitor(Callback):
         log: send the scalars of each record to the trainer's loggers; also, on global rank
             0, put `settings` into the W&B run config (``fairprune/monitor``) in ``setup`` and
             the final numbers of `history` into the W&B run summary at the end of training.
-        name: distinguishes several monitors in one trainer (checkpoint state key).
+        name: distinguishes several monitors in one trainer (checkpoint state key, history
+            file ``fairprune_history-<name>.jsonl``, ``"monitor"`` field of the records).
 
     Example:
         >>> monitor = FairnessMonitor(num_probes=0, max_batches=2)
@@ -166,12 +196,17 @@ class FairnessMonitor(Callback):
         self,
         dataloader: Iterable[Any] | None = None,
         *,
-        num_groups: int | None = None,
+        num_groups: int | Sequence[int] | None = None,
         max_batches: int | None = None,
         group_fn: Callable[[Any], tuple[Any, Tensor, Tensor]] | None = None,
         input_key: str = "x",
         target_key: str = "y",
-        group_key: str | None = "group",
+        group_key: str | Sequence[str] | None = "group",
+        group_names: Sequence[str] | Mapping[Any, Any] | None = None,
+        pos_label: int | None = 1,
+        confidence: float = 0.95,
+        min_group_size: int = 30,
+        metrics: Mapping[str, Any] | None = None,
         params: str | Sequence[str] | None = None,
         num_probes: int = 8,
         lambda_max_iterations: int = 0,
@@ -205,6 +240,16 @@ class FairnessMonitor(Callback):
         check_int(every_n_epochs, "every_n_epochs", 1, allow_none=True)
         check_callable(loss_fn, "loss_fn")
         check_callable(forward_fn, "forward_fn")
+        if pos_label is not None and pos_label not in (0, 1):
+            raise ValueError(f"Expected `pos_label` to be 0, 1 or None, but got {pos_label!r}")
+        self.pos_label = pos_label
+        self.confidence = check_real(
+            confidence, "confidence", low=0.0, high=1.0, low_open=True, high_open=True
+        )
+        self.min_group_size = check_int(min_group_size, "min_group_size", 1)
+        self.group_names = group_names
+        self._names = self._check_group_names(group_names)
+        self.metrics = self._check_metrics(metrics)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"Expected `name` to be a str or None, but got {name!r}")
         if isinstance(params, str):
@@ -253,6 +298,9 @@ class FairnessMonitor(Callback):
         self._param_names: list[str] | None = None
         self._pre_round: dict[str, Tensor] | None = None
         self._file: HistoryFile | None = None
+        self._warned_small = False
+        self._last_logged_step: int | None = None
+        self._periodic_epoch: int | None = None
 
     # ---------------------------------------------------------------- the data's arguments
     @property
@@ -315,6 +363,62 @@ class FairnessMonitor(Callback):
         """Where the history is written (known from ``setup`` on)."""
         return None if self._file is None else self._file.path
 
+    # ---------------------------------------------------------------- groups and metrics
+    def _check_group_names(self, names: Any) -> list[str] | None:
+        """Names known at construction (``None``: resolved when G is known)."""
+        from lightning_fairprune.diagnostics.group_metrics import (
+            normalize_group_names,
+            product_group_names,
+        )
+
+        sizes = self.data.attribute_sizes
+        if sizes is not None and len(sizes) > 1:
+            keys = self.data.group_keys or [f"a{i}" for i in range(len(sizes))]
+            if names is None:
+                return product_group_names(sizes, keys)
+            if isinstance(names, Mapping) and all(k in names for k in keys):
+                return product_group_names(sizes, keys, [names[k] for k in keys])
+            return normalize_group_names(names, math.prod(sizes))
+        if names is None:
+            return None
+        if isinstance(names, str) or not isinstance(names, (Sequence, Mapping)):
+            raise TypeError(
+                "Expected `group_names` to be a list of names, a mapping id -> name, or (for "
+                f"intersectional groups) a mapping attribute -> value names, but got {names!r}"
+            )
+        count = self.data.num_groups
+        if count is None and isinstance(names, Sequence):
+            count = len(names)
+        if count is not None:
+            return normalize_group_names(names, count)
+        return None  # a mapping without `num_groups`: checked once G is known
+
+    def _check_metrics(self, metrics: Any) -> dict[str, Any]:
+        if metrics is None:
+            return {}
+        if not isinstance(metrics, Mapping) or not all(isinstance(k, str) for k in metrics):
+            raise TypeError(
+                "Expected `metrics` to be a mapping name -> torchmetrics Metric, but got "
+                f"{type(metrics).__name__}"
+            )
+        for name, metric in metrics.items():
+            if not (callable(getattr(metric, "update", None)) and callable(metric.compute)):
+                raise TypeError(
+                    f"Expected `metrics[{name!r}]` to be a torchmetrics Metric (with update and "
+                    f"compute), but got {type(metric).__name__}"
+                )
+        return dict(metrics)
+
+    def resolved_group_names(self) -> list[str] | None:
+        """The group names in use (known once the number of groups is)."""
+        from lightning_fairprune.diagnostics.group_metrics import normalize_group_names
+
+        if self._num_groups is None:
+            return self._names
+        if self._names is None or len(self._names) != self._num_groups:
+            self._names = normalize_group_names(self.group_names, self._num_groups)
+        return self._names
+
     # ---------------------------------------------------------------- state
     @property
     @override
@@ -367,12 +471,76 @@ class FairnessMonitor(Callback):
         if self.history_path is not None:
             path = self.history_path
         else:
-            log_dir = trainer.log_dir or trainer.default_root_dir
-            path = Path(log_dir) / history_filename(self.name)
+            path = self._run_dir(trainer) / history_filename(self.name)
         self._file = HistoryFile(path)
         self.data.reset()
+        self._warned_small = False
+        self._last_logged_step = None
         if self._log_enabled and bool(getattr(trainer, "is_global_zero", True)):
-            fp_logging.log_config(trainer, "monitor", self.settings())
+            fp_logging.log_config(trainer, self._config_name(), self.settings())
+
+    def _config_name(self) -> str:
+        return "monitor" if self.name is None else f"monitor-{self.name}"
+
+    @staticmethod
+    def _run_dir(trainer: pl.Trainer) -> Path:
+        """The run's own directory: ``trainer.log_dir``, or ``<save_dir>/fairprune/<run id>``.
+
+        TensorBoard and CSV loggers give each run its own ``version_N`` directory, but a
+        `WandbLogger` first in ``trainer.loggers`` only has its shared ``save_dir``: the W&B run
+        id is appended so that two runs never write the same history. Resolved on every process
+        (``trainer.log_dir`` broadcasts; the run id is broadcast from rank 0).
+        """
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        loggers = list(getattr(trainer, "loggers", None) or [])
+        if not loggers or type(loggers[0]).__name__ != "WandbLogger":
+            return log_dir
+        version = None
+        if bool(getattr(trainer, "is_global_zero", True)):
+            try:
+                version = loggers[0].version
+            except Exception:  # a logger that cannot start: the shared directory it is
+                version = None
+        version = trainer.strategy.broadcast(version)
+        if version is None or str(version) == "":
+            return log_dir
+        return log_dir / "fairprune" / str(version)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check_data(trainer, pl_module)
+
+    def check_data(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> None:
+        """Peek at one fairness batch and validate it before any training.
+
+        Checks that the loader exists and is not empty on any process, that targets and groups
+        are integer ids of one per sample within ``num_groups``, that ``num_groups`` is given
+        when the batches carry groups, and that batches *without* a group column are not
+        silently measured as class groups when ``num_groups`` (a protected attribute) was
+        given with a count other than the number of classes. Learns the number of classes from
+        the logits of that batch.
+
+        Raises:
+            ValueError: naming what is wrong.
+        """
+        with isolated(pl_module, mode="eval"), precision_context(trainer):
+            batches = self._batches(trainer, pl_module)  # type: ignore[arg-type]
+            self._num_classes = None
+            self._resolve_sizes(pl_module, batches)
+        if (
+            not batches.groups_from_batch
+            and self.num_groups is not None
+            and self.num_groups != self._num_classes
+        ):
+            raise ValueError(
+                f"Expected the fairness batches to carry group ids (`num_groups`="
+                f"{self.num_groups} was given, but the model has {self._num_classes} classes), "
+                "but they have no group column: a batch (x, y) means groups = classes. Give "
+                "batches (x, y, g), set `group_key`, or pass `group_fn`; or leave `num_groups` "
+                "unset to measure the classes."
+            )
+        self.resolved_group_names()
+        self.data.reset()  # the loader is resolved again at the first measurement
 
     def settings(self) -> dict[str, Any]:
         """The constructor settings as plain JSON values (callables by qualified name).
@@ -398,6 +566,11 @@ class FairnessMonitor(Callback):
             "seed": self.seed,
             "every_n_epochs": self.every_n_epochs,
             "measure_end": self.measure_end,
+            "group_names": to_plain(self.group_names),
+            "pos_label": self.pos_label,
+            "confidence": self.confidence,
+            "min_group_size": self.min_group_size,
+            "metrics": sorted(self.metrics),
             "history_path": None if self.history_path is None else str(self.history_path),
             "loss_fn": qualified_name(self.loss_fn),
             "forward_fn": qualified_name(self.forward_fn),
@@ -440,12 +613,30 @@ class FairnessMonitor(Callback):
         finally:
             self._pre_round = None
 
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (
+    def _periodic_due(self, trainer: pl.Trainer) -> bool:
+        return (
             self.every_n_epochs is not None
             and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-        ):
+            and self._periodic_epoch != trainer.current_epoch
+        )
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # measure before ModelCheckpoint/EarlyStopping act on this validation (they run after
+        # the validation that ends the epoch, before `on_train_epoch_end`)
+        if trainer.sanity_checking or not trainer.training:
+            return
+        progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
+        if not bool(getattr(progress, "is_last_batch", True)):
+            return  # a mid-epoch validation (`val_check_interval` < 1)
+        if self._periodic_due(trainer):
+            self._periodic_epoch = trainer.current_epoch
+            self.measure(trainer, pl_module, "periodic")
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._periodic_due(trainer):
+            self._periodic_epoch = trainer.current_epoch
             self.measure(trainer, pl_module, "periodic")
 
     @override
@@ -496,9 +687,50 @@ class FairnessMonitor(Callback):
         if moment == "dense":
             self._dense = dense_reference(record)
         self._write(trainer)
+        self._warn_small_groups(record)
+        self._publish(trainer, record)
         if self._log_enabled:
             self._log(trainer, record)
         return record
+
+    def _warn_small_groups(self, record: Mapping[str, Any]) -> None:
+        small = record.get("small_groups") or []
+        if small and not self._warned_small:
+            self._warned_small = True
+            names = record.get("group_names") or []
+            shown = [names[g] if g < len(names) else g for g in small]
+            sizes = [record["support"][g] for g in small]
+            warnings.warn(
+                f"FairnessMonitor: group(s) {shown} have fewer than {self.min_group_size} "
+                f"samples ({sizes}) in the fairness data; one sample moves their rates by "
+                f"more than {100 / self.min_group_size:.1f} points. Read their numbers with "
+                "their Wilson intervals (`<rate>_ci` in the records, `_lower`/`_upper` keys).",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _publish(self, trainer: pl.Trainer, record: Mapping[str, Any]) -> None:
+        """Put the record's scalars into ``trainer.callback_metrics`` (the latest wins).
+
+        ``ModelCheckpoint(monitor=...)`` and ``EarlyStopping`` read them from there. Every
+        record updates the plain keys (``fairprune/worst_group_accuracy``...), so they always
+        describe the latest measured model; the same values are also kept under
+        ``fairprune/<moment>/...`` for the dense and after-round records.
+        """
+        metrics = getattr(trainer, "callback_metrics", None)
+        if not isinstance(metrics, dict):
+            return
+        scalars = record_scalars(record)
+        moment = record.get("moment")
+        if moment in ("dense", "after_round"):
+            scalars.update(
+                {
+                    f"fairprune/{moment}/{k.removeprefix('fairprune/')}": v
+                    for k, v in record_scalars(record).items()
+                }
+            )
+        for key, value in scalars.items():
+            metrics[key] = torch.tensor(value, dtype=torch.float32)
 
     def _measure(
         self,
@@ -550,7 +782,7 @@ class FairnessMonitor(Callback):
                     seed=self.seed,
                     **common,
                 )
-        return make_record(
+        record = make_record(
             measurement,
             moment=moment,
             round_index=self._round(trainer, moment, event),
@@ -561,7 +793,37 @@ class FairnessMonitor(Callback):
             predicted=predicted,
             dense=self._dense,
             monitor=self.name,
+            group_names=self.resolved_group_names(),
+            groups_are_classes=not batches.groups_from_batch,
+            pos_label=self.pos_label,
+            confidence=self.confidence,
+            min_group_size=self.min_group_size,
         )
+        if self.metrics:
+            record["metrics"] = self._user_metrics(trainer, model, batches, num_groups)
+        return record
+
+    def _user_metrics(
+        self,
+        trainer: pl.Trainer,
+        model: nn.Module,
+        batches: FairnessBatches,
+        num_groups: int,
+    ) -> dict[str, list[Any]]:
+        """The ``metrics=`` per group: one forward pass, one clone of each metric per group."""
+        from lightning_fairprune.diagnostics.group_metrics import PerGroupMetric
+
+        device = next(model.parameters()).device
+        per_group = {
+            name: PerGroupMetric(metric, num_groups).to(device)
+            for name, metric in self.metrics.items()
+        }
+        with torch.no_grad():
+            for x, y, g in batches:
+                logits = model(x) if self.forward_fn is None else self.forward_fn(model, x)
+                for metric in per_group.values():
+                    metric.update(logits, y, groups=g)
+        return {name: to_plain(metric.compute()) for name, metric in per_group.items()}
 
     def _predicted(
         self,
@@ -716,4 +978,11 @@ class FairnessMonitor(Callback):
             self._file.write(self.history)
 
     def _log(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
+        # "end" right after a periodic measurement at the same step measured the same model:
+        # it is in the history and the summary, but not logged twice at one step
+        step = int(trainer.global_step)
+        if record.get("moment") == "end" and self._last_logged_step == step:
+            return
+        if record.get("moment") not in ("dense", "after_round"):
+            self._last_logged_step = step
         fp_logging.log_round(trainer, record, self.history)

@@ -134,6 +134,8 @@ class GroupMeasurement:
         predicted_excess_loss: ``[G]`` g_aᵀδ + ½ δᵀH_aδ, or None.
         hessian_lambda_max: ``[G]`` top Hessian eigenvalue (filled by callers that run
             `group_hessian_lambda_max`, e.g. `FairnessMonitor`), or None.
+        confusion: ``[G, C, C]`` counts of (group, target class, predicted class), the input
+            of `lightning_fairprune.diagnostics.group_metrics` (TPR, FPR, selection rate...).
     """
 
     support: Tensor
@@ -149,6 +151,7 @@ class GroupMeasurement:
     num_probes: int = 0
     predicted_excess_loss: Tensor | None = None
     hessian_lambda_max: Tensor | None = None
+    confusion: Tensor | None = None
 
     @property
     def missing(self) -> list[int]:
@@ -496,6 +499,7 @@ class _Sums:
     hv_sums: Tensor | None = None  # [G, P] Σ_chunks H_chunk v_a
     support: Tensor | None = None  # [G, C] float64
     correct: Tensor | None = None  # [G, C] float64
+    confusion: Tensor | None = None  # [G, C, C] float64 (group, target, prediction)
 
 
 def _run_pass(
@@ -569,13 +573,17 @@ def _run_pass(
         if sums.support is None:
             sums.support = torch.zeros(g_count, num_classes, dtype=torch.float64, device=device)
             sums.correct = torch.zeros_like(sums.support)
+            sums.confusion = torch.zeros(
+                g_count, num_classes, num_classes, dtype=torch.float64, device=device
+            )
         if isinstance(a_or_groups, int):
             cell = y.to(device)
             base = a_or_groups * num_classes
         else:
             cell = a_or_groups.to(device) * num_classes + y.to(device)
             base = 0
-        hit = out.detach().argmax(1).to(device) == y.to(device)
+        pred = out.detach().argmax(1).to(device)
+        hit = pred == y.to(device)
         total = g_count * num_classes
         expect = total if base == 0 else num_classes
         sup = torch.bincount(cell, minlength=expect)
@@ -587,6 +595,9 @@ def _run_pass(
         cor = torch.bincount(cell[hit], minlength=expect)
         sums.support.view(-1)[base : base + sup.numel()] += sup.to(torch.float64)
         sums.correct.view(-1)[base : base + cor.numel()] += cor.to(torch.float64)
+        pairs = torch.bincount(cell * num_classes + pred, minlength=expect * num_classes)
+        start = base * num_classes
+        sums.confusion.view(-1)[start : start + pairs.numel()] += pairs.to(torch.float64)
 
     def losses_of(out: Tensor, y: Tensor, n: int) -> Tensor:
         losses = loss_fn(out, y)
@@ -815,6 +826,7 @@ def _reduce_sums(sums: _Sums, reduce_fn: ReduceFn | None) -> _Sums:
             "delta_quad",
             "support",
             "correct",
+            "confusion",
         )
         if getattr(sums, name) is not None
     ]
@@ -1394,6 +1406,7 @@ def measure_groups(
         recall=group_recall(support, correct, warn=False),
         accuracy=_accuracy(support, correct),
         mean_loss=_safe_div(sums.loss_sums.cpu(), counts),
+        confusion=None if sums.confusion is None else sums.confusion.cpu().round().long(),
     )
     if gradients:
         norm = _row_norms(sums.grad_sums).cpu()

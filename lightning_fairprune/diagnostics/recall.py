@@ -378,7 +378,9 @@ def disparity(values: Tensor | Sequence[float], higher_is_worse: bool = True) ->
             curvature; pass False for recall or accuracy so that "worst" is the lowest.
 
     Returns:
-        ``{"max", "min", "gap" (max - min), "ratio" (max / min; NaN if min is 0),
+        ``{"max", "min", "gap" (max - min), "ratio" (max / min; NaN unless min > 0: a
+        ratio of quantities that can be zero or negative, such as Hutchinson trace
+        estimates, says nothing),
         "worst" (group id), "best" (group id)}``; floats NaN and ids None when no group
         has a finite value.
 
@@ -399,7 +401,7 @@ def disparity(values: Tensor | Sequence[float], higher_is_worse: bool = True) ->
     masked_lo = torch.where(ok, v, torch.full_like(v, math.inf))
     i_max, i_min = int(masked_hi.argmax()), int(masked_lo.argmin())
     vmax, vmin = float(v[i_max]), float(v[i_min])
-    ratio = vmax / vmin if vmin != 0.0 else math.nan
+    ratio = vmax / vmin if vmin > 0.0 else math.nan
     worst, best = (i_max, i_min) if higher_is_worse else (i_min, i_max)
     return {
         "max": vmax,
