@@ -271,11 +271,7 @@ def test_history_jsonl_round_trips_and_logger_gets_scalars(fitted):
     # every record went to the logger, in order, with the contract's keys; the dense and
     # after-round records under their own prefix, so that no step holds a key twice
     prefix = {"dense": "fairprune/dense/", "after_round": "fairprune/after_round/"}
-    rows = [
-        (s, m)
-        for s, m in fitted["logger"].rows
-        if any(k.endswith("moment_code") for k in m)
-    ]
+    rows = [(s, m) for s, m in fitted["logger"].rows if any(k.endswith("moment_code") for k in m)]
     assert len(rows) == len(history)
     codes = {"dense": 0, "after_round": 1, "before_round": 2, "periodic": 3, "end": 4}
     seen: dict[int, set[str]] = {}
