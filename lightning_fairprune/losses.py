@@ -114,15 +114,27 @@ class GroupEqualizedLoss(nn.Module):
     their loss. With ``"absolute"`` and ``"one_sided"`` the multipliers never decrease, and
     mini-batch noise keeps ``|J_a − J|`` positive, so a too large dual step makes them grow
     until training diverges (measured in ``benchmarks/bench_group_equalized.py``). Keep the
-    dual step small (about 0.01 per optimizer step) or use ``constraint="signed"``, whose
-    multipliers shrink again once a group is no longer worse than the mean.
+    dual step small (about 0.01 per optimizer step) or use ``constraint="signed"`` (the
+    default), whose multipliers shrink again once a group is no longer worse than the mean.
+
+    Why ``"signed"`` is the default: in ``benchmarks/bench_group_equalized.py`` (imbalanced
+    digits, 97 % sparsity, 10 seeds) it matched or beat ``"absolute"`` on worst-class recall at
+    η_λ = 0.01 (70.8 ± 4.7 vs 69.2 ± 3.7) and stayed stable at η_λ = 0.05 where the absolute
+    form diverged (accuracy 56.8 %, worst class 6.2 %); on a protected-attribute dataset a user
+    also saw the absolute form lower the worst group's accuracy (0.842 to 0.810) and the signed
+    form not.
+
+    Groups: pass them, ``loss(logits, targets, groups)``. Without ``groups`` the class targets
+    are the groups, which is refused when the logits' number of classes differs from
+    ``num_groups`` (a protected attribute with as many groups as there are classes cannot be
+    told apart from that mistake: pass the groups).
 
     Args:
         num_groups: number of groups G; group ids are int64 in ``[0, G)``.
         base_loss: ``"cross_entropy"`` (default), a callable ``fn(inputs, targets) -> Tensor[N]``
             of per-sample losses (extra trailing dims are averaged per sample), or ``None`` when
             ``forward`` receives per-sample losses directly.
-        constraint: ``"absolute"`` (default), ``"signed"`` or ``"one_sided"``.
+        constraint: ``"signed"`` (default), ``"absolute"`` or ``"one_sided"``.
         tolerance: ε ≥ 0 in the constraint (must be 0 with free multipliers).
         label_smoothing: passed to cross-entropy.
         weight: class weights for cross-entropy, shape (C,).
@@ -154,7 +166,7 @@ class GroupEqualizedLoss(nn.Module):
         self,
         num_groups: int,
         base_loss: str | PerSampleLoss | None = "cross_entropy",
-        constraint: ConstraintName = "absolute",
+        constraint: ConstraintName = "signed",
         tolerance: float = 0.0,
         label_smoothing: float = 0.0,
         weight: Tensor | Sequence[float] | None = None,
@@ -354,7 +366,8 @@ class GroupEqualizedLoss(nn.Module):
                 loss, or per-sample losses (N, ...) when ``base_loss=None``.
             targets: class indices (N, ...) (not needed with ``base_loss=None`` if ``groups``
                 is given).
-            groups: group id per sample, int (N,); defaults to ``targets``.
+            groups: group id per sample, int (N,); defaults to ``targets`` (refused for logits
+                whose number of classes differs from ``num_groups``).
 
         Returns:
             Scalar tensor to back-propagate.
@@ -363,6 +376,18 @@ class GroupEqualizedLoss(nn.Module):
             ValueError: mismatched shapes, ids out of range, an empty batch or non-finite losses.
             TypeError: wrong dtypes.
         """
+        if (
+            groups is None
+            and self.base_loss == "cross_entropy"
+            and isinstance(inputs, Tensor)
+            and inputs.ndim >= 2
+            and inputs.shape[1] != self.num_groups
+        ):
+            raise ValueError(
+                f"Expected `groups` (one group id per sample): without them the class targets "
+                f"are the groups, but the logits have {inputs.shape[1]} classes and "
+                f"`num_groups`={self.num_groups}. Call `loss(logits, targets, groups)`."
+            )
         num, den = self._per_sample(inputs, targets)
         n = num.shape[0]
         groups = self._check_groups(groups, targets, n)

@@ -103,7 +103,9 @@ def test_dual_steps_follow_optimizer_steps_under_gradient_accumulation(tmp_path)
     model = EqualizedCNN(lr=0.05)
     logger = CaptureLogger()
     eq = GroupEqualizer(dual_lr=0.1, every_n_steps=2)
-    _trainer(tmp_path, [eq], max_epochs=1, accumulate_grad_batches=2, logger=logger).fit(model, dm)
+    _trainer(
+        tmp_path, [eq], max_epochs=1, accumulate_grad_batches=2, logger=logger, log_every_n_steps=1
+    ).fit(model, dm)
     assert len(model.batches) == 15
     assert eq.num_dual_steps == 4
     intervals = [range(0, 4), range(4, 8), range(8, 12), range(12, 15)]
@@ -145,11 +147,10 @@ def test_warmup_keeps_the_plain_loss_then_activates(tmp_path):
     model = EqualizedCNN(lr=0.05)
     logger = CaptureLogger()
     eq = GroupEqualizer(dual_lr=0.1, every_n_steps=1, warmup_steps=3)
-    _trainer(tmp_path, [eq], max_epochs=1, logger=logger).fit(model, dm)
+    _trainer(tmp_path, [eq], max_epochs=1, logger=logger, log_every_n_steps=1).fit(model, dm)
     assert [b["active"] for b in model.batches] == [False] * 3 + [True] * 5
     lam = logger.series("fairprune/lambda/g8")
-    assert lam[1] == 0.0
-    assert lam[2] == 0.0
+    assert sorted(lam) == [3, 4, 5, 6, 7, 8]  # nothing logged before the constraint is active
     # from step 3 on: replay of the dual steps on the recorded batches 3..8
     replay = [(b["sums"], b["counts"]) for b in model.batches[2:]]
     expected = _hand_dual(replay, 0.1, 10)
@@ -382,3 +383,27 @@ def test_with_the_real_iterative_pruning(tmp_path):
     for name, mask in pruning.masks.items():
         param = model.get_parameter(name)
         assert torch.count_nonzero(param.detach()[~mask]) == 0
+
+
+def test_multipliers_are_logged_at_the_trainers_cadence_once_active(tmp_path):
+    # 8 optimizer steps, a dual step after each, active from step 2 on (warm-up 2), logged
+    # every 3 steps: the rows are at steps 3 and 6 only
+    dm = DigitsDataModule(batch_size=64, shuffle=False)
+    model = EqualizedCNN(lr=0.05)
+    logger = CaptureLogger()
+    eq = GroupEqualizer(dual_lr=0.1, every_n_steps=1, warmup_steps=2)
+    _trainer(tmp_path, [eq], max_epochs=1, logger=logger, log_every_n_steps=3).fit(model, dm)
+    assert eq.num_dual_steps == 7
+    assert sorted(logger.series("fairprune/lambda/g8")) == [3, 6]
+    assert sorted(logger.series("fairprune/violation/g8")) == [3, 6]
+
+
+def test_equalizer_names_groups_in_its_keys(tmp_path):
+    dm = DigitsDataModule(batch_size=64, shuffle=False)
+    model = EqualizedCNN(lr=0.05)
+    logger = CaptureLogger()
+    names = [f"digit {d}" for d in range(10)]
+    eq = GroupEqualizer(dual_lr=0.1, group_names=names)
+    _trainer(tmp_path, [eq], max_epochs=1, logger=logger, log_every_n_steps=1).fit(model, dm)
+    assert sorted(logger.series("fairprune/lambda/digit_8")) == list(range(1, 9))
+    assert logger.series("fairprune/lambda/g8") == {}

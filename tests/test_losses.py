@@ -122,7 +122,7 @@ def test_spatial_outputs_average_over_extra_dims():
     z = torch.randn(4, 3, 2, 2, generator=gen)
     y = torch.randint(0, 3, (4, 2, 2), generator=gen)
     groups = torch.tensor([0, 1, 1, 0])
-    loss_fn = GroupEqualizedLoss(2)
+    loss_fn = GroupEqualizedLoss(2, constraint="absolute")
     torch.testing.assert_close(loss_fn(z, y, groups), F.cross_entropy(z, y))
     per_sample = F.cross_entropy(z, y, reduction="none").mean((1, 2))
     loss_fn.multipliers.fill_(1.0)
@@ -297,10 +297,14 @@ def test_constraint_values_and_accumulator_restore():
     torch.testing.assert_close(
         constraint_values(gaps, "one_sided", 0.1), torch.tensor([0.0, 0.0, 0.0, 0.4])
     )
-    loss_fn = GroupEqualizedLoss(2)
+    loss_fn = GroupEqualizedLoss(2, constraint="absolute")
     loss_fn.set_accumulated([1.0, 3.0], [1.0, 1.0])
     loss_fn.dual_step(1.0)
     assert loss_fn.multipliers.tolist() == [1.0, 1.0]
+    signed = GroupEqualizedLoss(2)  # the default: only the group above the mean gets λ > 0
+    signed.set_accumulated([1.0, 3.0], [1.0, 1.0])
+    signed.dual_step(1.0)
+    assert signed.multipliers.tolist() == [0.0, 1.0]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -315,8 +319,11 @@ def test_bad_inputs_raise_clear_errors(batch):
         loss_fn(z, y, torch.tensor([0, 1, 2, 3, 0, 1, 2, 0, 0]))
     with pytest.raises(ValueError, match=r"ids in \[0, 3\).*\[-1, 2\]"):
         loss_fn(z, y, torch.tensor([0, 1, 2, -1, 0, 1, 2, 0, 0]))
+    with pytest.raises(ValueError, match=r"logits have 4 classes and `num_groups`=3"):
+        loss_fn(z, y)  # the README's old mistake: the class targets silently used as groups
+    per_sample = F.cross_entropy(z, y, reduction="none")
     with pytest.raises(ValueError, match=r"`targets` \(used as groups\) ids in \[0, 3\)"):
-        loss_fn(z, y)  # 4 classes used as groups but only 3 groups
+        GroupEqualizedLoss(3, base_loss=None)(per_sample, y)
     with pytest.raises(ValueError, match=r"Expected `targets` in \[0, 4\)"):
         loss_fn(z, torch.tensor([0, 1, 2, 4, 0, 1, 2, 0, 0]), groups)
     with pytest.raises(TypeError, match="integer tensor of group ids"):
@@ -354,7 +361,7 @@ def test_bad_inputs_raise_clear_errors(batch):
         ({"num_groups": 2, "label_smoothing": 1.5}, "`label_smoothing`"),
         ({"num_groups": 2, "base_loss": "mse"}, "`base_loss`"),
         ({"num_groups": 2, "base_loss": None, "weight": [1.0, 2.0]}, "`weight` apply"),
-        ({"num_groups": 2, "nonnegative": False}, "`nonnegative=True`"),
+        ({"num_groups": 2, "constraint": "absolute", "nonnegative": False}, "`nonnegative=True`"),
         (
             {"num_groups": 2, "constraint": "signed", "nonnegative": False, "tolerance": 0.1},
             "`tolerance=0`",

@@ -20,7 +20,8 @@ from typing_extensions import override
 
 from lightning_fairprune.callbacks.events import PruningEvent, pruning_has_started
 from lightning_fairprune.checks import check_int, check_real
-from lightning_fairprune.logging import log_scalars
+from lightning_fairprune.history import to_plain
+from lightning_fairprune.logging import log_config, log_scalars
 from lightning_fairprune.losses import GroupEqualizedLoss
 
 __all__ = ["GroupEqualizer"]
@@ -37,8 +38,9 @@ class GroupEqualizer(Callback):
        rank computes the same violations and holds identical multipliers;
     2. if the constraint is active, applies ``λ_a ← max(0, λ_a + dual_lr · c_a)``
        (`GroupEqualizedLoss.dual_step`);
-    3. logs ``fairprune/lambda/g{a}`` and ``fairprune/violation/g{a}`` (absent groups are not
-       logged) and resets the accumulators.
+    3. once active, at the Trainer's logging cadence (``log_every_n_steps``), logs
+       ``fairprune/lambda/<group>`` and ``fairprune/violation/<group>`` (absent groups are not
+       logged), and resets the accumulators.
 
     The constraint becomes active once it is *eligible* (from the start of training, or with
     ``start_after_pruning=True`` from the first pruning round: the ``on_pruning_round`` event
@@ -61,7 +63,11 @@ class GroupEqualizer(Callback):
         start_after_pruning: become eligible only once pruning has begun.
         loss: the loss module to drive (default: found among ``pl_module.modules()``).
         loss_attr: dotted attribute name of the loss module in the LightningModule.
-        log: log the multipliers and violations through the Trainer's loggers.
+        log: log the multipliers and violations through the Trainer's loggers (once the
+            constraint is active, every ``log_every_n_steps`` optimizer steps of the Trainer),
+            and the settings into every logger's hyperparameters.
+        group_names: names of the groups for the logger keys (as for `FairnessMonitor`);
+            default ``g0, g1, ...``.
 
     Example:
         >>> equalizer = GroupEqualizer(dual_lr=0.05, every_n_steps=2, warmup_steps=10)
@@ -78,6 +84,7 @@ class GroupEqualizer(Callback):
         loss: GroupEqualizedLoss | None = None,
         loss_attr: str | None = None,
         log: bool = True,
+        group_names: Any = None,
     ) -> None:
         super().__init__()
         check_real(dual_lr, "dual_lr", low=0.0)
@@ -97,6 +104,7 @@ class GroupEqualizer(Callback):
         self.start_after_pruning = bool(start_after_pruning)
         self._log_enabled = bool(log)  # not `self.log`: Lightning overwrites it
         self.loss_attr = loss_attr
+        self.group_names = group_names
         self._given_loss = loss
         self.loss: GroupEqualizedLoss | None = loss
         # plain-value state (checkpointed)
@@ -164,6 +172,8 @@ class GroupEqualizer(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.loss = self.find_loss(pl_module)
+        if self._log_enabled and bool(getattr(trainer, "is_global_zero", True)):
+            log_config(trainer, "equalizer", self.settings())
 
     def _require_loss(self) -> GroupEqualizedLoss:
         if self.loss is None:
@@ -256,14 +266,49 @@ class GroupEqualizer(Callback):
         viol = [None if math.isnan(v) else v for v in violations.cpu().tolist()]
         self.last_violations = viol
         self.last_multipliers = lam
-        if self._log_enabled:
+        if self._log_enabled and self.active and self._log_due(trainer):
+            keys = self._group_keys(len(lam))
             metrics: dict[str, float | None] = {}
-            for a, value in enumerate(lam):
-                metrics[f"fairprune/lambda/g{a}"] = value
-            for a, value in enumerate(viol):
-                metrics[f"fairprune/violation/g{a}"] = value
+            for key, value in zip(keys, lam, strict=True):
+                metrics[f"fairprune/lambda/{key}"] = value
+            for key, value in zip(keys, viol, strict=True):
+                metrics[f"fairprune/violation/{key}"] = value
             log_scalars(trainer, metrics)
         return violations
+
+    @staticmethod
+    def _log_due(trainer: pl.Trainer) -> bool:
+        """The Trainer's cadence: every ``log_every_n_steps`` optimizer steps."""
+        every = int(getattr(trainer, "log_every_n_steps", 1) or 1)
+        return int(trainer.global_step) % max(1, every) == 0
+
+    def _group_keys(self, num_groups: int) -> list[str]:
+        from lightning_fairprune.diagnostics.group_metrics import (
+            group_slugs,
+            normalize_group_names,
+        )
+
+        return group_slugs(normalize_group_names(self.group_names, num_groups))
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor settings and the loss's form, as plain values.
+
+        Example:
+            >>> GroupEqualizer(dual_lr=0.05).settings()["dual_lr"]
+            0.05
+        """
+        loss = self.loss
+        return {
+            "dual_lr": self.dual_lr,
+            "every_n_steps": self.every_n_steps,
+            "warmup_steps": self.warmup_steps,
+            "start_after_pruning": self.start_after_pruning,
+            "loss_attr": self.loss_attr,
+            "group_names": to_plain(self.group_names),
+            "loss": None if loss is None else type(loss).__name__,
+            "constraint": getattr(loss, "constraint", None),
+            "num_groups": getattr(loss, "num_groups", None),
+        }
 
     # ------------------------------------------------------------------ checkpointing
     @override
