@@ -158,6 +158,10 @@ class FairnessMonitor(Callback):
             batch without a group leaves that group's clone untouched); results in the
             record's ``metrics`` and logged as ``fairprune/<name>/<group>``. One more forward
             pass over the fairness data per measurement.
+        metrics_input: what the ``metrics`` get with the targets: ``"preds"`` (the predicted
+            class ids, for accuracy/F1/precision... of binary and multiclass metrics) or
+            ``"probs"`` (softmax probabilities; for two classes and a ``pos_label``, the
+            probability of the positive class, as binary AUROC expects).
         params: parameters used for gradient norms, Hessian traces and the predicted excessive
             loss: ``None`` (the parameters the pruner prunes, else the Conv/Linear weights),
             ``"all"`` (every trainable parameter), or a sequence of fnmatch patterns on the
@@ -207,6 +211,7 @@ class FairnessMonitor(Callback):
         confidence: float = 0.95,
         min_group_size: int = 30,
         metrics: Mapping[str, Any] | None = None,
+        metrics_input: str = "preds",
         params: str | Sequence[str] | None = None,
         num_probes: int = 8,
         lambda_max_iterations: int = 0,
@@ -250,6 +255,11 @@ class FairnessMonitor(Callback):
         self.group_names = group_names
         self._names = self._check_group_names(group_names)
         self.metrics = self._check_metrics(metrics)
+        if metrics_input not in ("preds", "probs"):
+            raise ValueError(
+                f"Expected `metrics_input` to be 'preds' or 'probs', but got {metrics_input!r}"
+            )
+        self.metrics_input = metrics_input
         if name is not None and not isinstance(name, str):
             raise TypeError(f"Expected `name` to be a str or None, but got {name!r}")
         if isinstance(params, str):
@@ -294,7 +304,7 @@ class FairnessMonitor(Callback):
         self.history: list[dict[str, Any]] = []
         self._dense: dict[str, Any] | None = None
         self._num_classes: int | None = None
-        self._num_groups: int | None = num_groups
+        self._num_groups: int | None = self.data.num_groups
         self._param_names: list[str] | None = None
         self._pre_round: dict[str, Tensor] | None = None
         self._file: HistoryFile | None = None
@@ -571,6 +581,7 @@ class FairnessMonitor(Callback):
             "confidence": self.confidence,
             "min_group_size": self.min_group_size,
             "metrics": sorted(self.metrics),
+            "metrics_input": self.metrics_input,
             "history_path": None if self.history_path is None else str(self.history_path),
             "loss_fn": qualified_name(self.loss_fn),
             "forward_fn": qualified_name(self.forward_fn),
@@ -821,8 +832,14 @@ class FairnessMonitor(Callback):
         with torch.no_grad():
             for x, y, g in batches:
                 logits = model(x) if self.forward_fn is None else self.forward_fn(model, x)
+                if self.metrics_input == "preds":
+                    inputs = logits.argmax(1)
+                else:
+                    inputs = logits.float().softmax(1)
+                    if inputs.shape[1] == 2 and self.pos_label is not None:
+                        inputs = inputs[:, self.pos_label]
                 for metric in per_group.values():
-                    metric.update(logits, y, groups=g)
+                    metric.update(inputs, y, groups=g)
         return {name: to_plain(metric.compute()) for name, metric in per_group.items()}
 
     def _predicted(
