@@ -218,3 +218,52 @@ def test_shard_spec_and_full_masks_validation() -> None:
         shard_full_masks({"w": torch.ones(3, dtype=torch.bool)}, {"w": torch.zeros(2)})
     with pytest.raises(ValueError, match="Expected `current_masks` to cover exactly"):
         sharded_global_masks({"w": torch.ones(2)}, 0.5, current_masks={})
+
+
+# ------------------------------------------------------------------ the callback
+
+
+def test_iterative_pruning_under_model_parallel_strategy(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    ranks = run_ddp(HERE / "fsdp_callback_script.py", tmp_path, "fsdp", timeout=300)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "fsdp_callback_script.py"), str(tmp_path), "single"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = json.loads((tmp_path / "single.json").read_text())
+    first, second = ranks[0]["rounds"], ranks[1]["rounds"]
+    # round 1 prunes the initial weights: bitwise the single-process masks
+    assert first[0]["masks"] == second[0]["masks"] == single["rounds"][0]["masks"]
+    assert first[0]["layers"] == single["rounds"][0]["layers"]
+    # round 2 (after sharded training): the unsharded selection on the gathered weights
+    weights = {n: torch.tensor(w).abs() for n, w in first[1]["weights"].items()}
+    current = {n: torch.tensor(m).bool() for n, m in first[0]["masks"].items()}
+    ref = global_masks(weights, first[1]["target"], current_masks=current)
+    for n in ref:
+        assert first[1]["masks"][n] == ref[n].int().tolist() == second[1]["masks"][n]
+    total = sum(w.numel() for w in weights.values())
+    for r in ranks:
+        assert r["sparsity"] == single["sparsity"] == math.floor(0.8 * total + 0.5) / total
+        assert r["pruned_nonzero"] == 0
+        # checkpoint state: packed full masks (1 bit per weight), restored bitwise
+        assert r["state_keys"] == ["masks", "packed_masks"]
+        assert r["packed_bytes"] == sum(math.ceil(w.numel() / 8) for w in weights.values())
+        assert r["restored_equal"]
+        assert r["restored_sparsity"] == r["sparsity"]
+    # export_masks writes the full form, loadable by the unsharded callback
+    exported = torch.load(tmp_path / "export_fsdp.pt", weights_only=True)
+    exported_single = torch.load(tmp_path / "export_single.pt", weights_only=True)
+    assert set(exported) == set(ref)
+    for n in ref:
+        assert exported[n].reshape(-1).int().tolist() == ranks[0]["rounds"][1]["masks"][n]
+        assert exported[n].shape == exported_single[n].shape

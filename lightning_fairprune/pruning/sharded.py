@@ -67,6 +67,7 @@ __all__ = [
     "load_sharded_mask_state",
     "shard_full_masks",
     "shard_spec",
+    "sharded_counts",
     "sharded_global_masks",
     "sharded_layerwise_masks",
     "sharded_mask_state",
@@ -469,15 +470,47 @@ def sharded_layerwise_masks(
     return masks
 
 
-def sharded_realized_sparsity(
+def sharded_counts(
     masks: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None, group: Any = None
-) -> float:
-    """Global fraction of pruned weights from local masks (one all-reduce of two numbers).
+) -> dict[str, tuple[int, int]]:
+    """Pruned and total weights of every full tensor from local masks (one all-reduce).
 
     Args:
         masks: FQN -> local-shard bool mask (or DTensor masks).
         params: FQN -> the (DTensor) parameters the masks belong to, for their layout
             (default: the masks themselves, which must then be DTensors or replicas).
+        group: process group (default: the parameters' mesh group, else the default group).
+
+    Returns:
+        FQN -> ``(pruned, total)`` over the full tensor.
+
+    Example:
+        >>> sharded_counts({"w": torch.tensor([True, False, False, True])})
+        {'w': (2, 4)}
+    """
+    ref = params if params is not None else masks
+    group = _group_of(ref, group)
+    names = list(masks)
+    pruned = torch.zeros(len(names), dtype=torch.int64)
+    totals = []
+    for i, name in enumerate(names):
+        spec = shard_spec(ref[name], group)
+        totals.append(spec.numel)
+        if spec.owner:
+            local = local_tensor(masks[name])
+            pruned[i] = local.numel() - int(torch.count_nonzero(local))
+    pruned = _all_reduce(pruned, group)
+    return {n: (int(pruned[i]), totals[i]) for i, n in enumerate(names)}
+
+
+def sharded_realized_sparsity(
+    masks: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None, group: Any = None
+) -> float:
+    """Global fraction of pruned weights from local masks (one all-reduce).
+
+    Args:
+        masks: FQN -> local-shard bool mask (or DTensor masks).
+        params: FQN -> the (DTensor) parameters the masks belong to (see :func:`sharded_counts`).
         group: process group (default: the parameters' mesh group, else the default group).
 
     Returns:
@@ -487,17 +520,9 @@ def sharded_realized_sparsity(
         >>> sharded_realized_sparsity({"w": torch.tensor([True, False, False, True])})
         0.5
     """
-    ref = params if params is not None else masks
-    group = _group_of(ref, group)
-    pruned, total = 0, 0
-    for name, mask in masks.items():
-        spec = shard_spec(ref[name], group)
-        total += spec.numel
-        if spec.owner:
-            local = local_tensor(mask)
-            pruned += local.numel() - int(torch.count_nonzero(local))
-    stats = _all_reduce(torch.tensor([pruned], dtype=torch.int64), group)
-    return int(stats[0]) / total if total else 0.0
+    counts = sharded_counts(masks, params, group)
+    total = sum(t for _, t in counts.values())
+    return sum(z for z, _ in counts.values()) / total if total else 0.0
 
 
 # ---------------------------------------------------------------------------- checkpoints
