@@ -267,3 +267,11 @@ def test_iterative_pruning_under_model_parallel_strategy(tmp_path: Path) -> None
     for n in ref:
         assert exported[n].reshape(-1).int().tolist() == ranks[0]["rounds"][1]["masks"][n]
         assert exported[n].shape == exported_single[n].shape
+
+
+def test_sharded_selection_rejects_nan_scores() -> None:
+    scores = {"w": torch.tensor([0.5, float("nan"), 0.1, 0.2])}
+    with pytest.raises(ValueError, match="Expected scores without NaN"):
+        sharded_global_masks(scores, 0.5)
+    with pytest.raises(ValueError, match="Expected scores without NaN"):
+        global_masks(scores, 0.5)  # the unsharded reference raises alike

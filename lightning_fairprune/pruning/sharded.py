@@ -269,25 +269,26 @@ def _select_sharded(
             scratch[dev] = _Scratch(dtype, dev, min(_chunk_size(dev), size))
     dev0 = segs[0].flat.device
 
-    # pruned count and NaN flag, in one all-reduce
+    def nan_check() -> None:  # local scan, then one all-reduce so every process raises
+        nan = 0
+        for seg in segs:
+            for a, b in _chunks(seg.flat):
+                key = scratch[seg.flat.device].keys(seg.flat[a:b])
+                if seg.current is not None:
+                    key = key[seg.current[a:b]]
+                if key.numel() and int(key.max()) > inf_key:
+                    nan = 1
+        if int(_all_reduce(torch.tensor([nan], dtype=torch.int64, device=dev0), group)[0]):
+            raise ValueError(
+                "Expected scores without NaN, but a score of a weight that is not pruned is "
+                "NaN (on some process; check the gradients and weights)"
+            )
+
     pruned = 0
-    nan = 0
     for seg in segs:
         if seg.current is not None and seg.spec.owner:
             pruned += seg.current.numel() - int(torch.count_nonzero(seg.current))
-        for a, b in _chunks(seg.flat):
-            key = scratch[seg.flat.device].keys(seg.flat[a:b])
-            if seg.current is not None:
-                key = key[seg.current[a:b]]
-            if key.numel() and int(key.max()) > inf_key:
-                nan = 1
-    stats = _all_reduce(torch.tensor([pruned, nan], dtype=torch.int64, device=dev0), group)
-    already, nan_any = int(stats[0]), int(stats[1])
-    if nan_any:
-        raise ValueError(
-            "Expected scores without NaN, but a score of a weight that is not pruned is NaN "
-            "(on some process; check the gradients and weights)"
-        )
+    already = int(_all_reduce(torch.tensor([pruned], dtype=torch.int64, device=dev0), group)[0])
     rank = k - already
     if rank < 0:
         warnings.warn(
@@ -298,6 +299,7 @@ def _select_sharded(
             stacklevel=3,
         )
     if rank <= 0:
+        nan_check()
         return {
             s.name: (
                 s.current.clone()
@@ -323,6 +325,12 @@ def _select_sharded(
         reduce_fn=lambda h: _all_reduce(h, group),
         sync_free=sync_free,
     )
+    # NaN keys lie above +inf: the (global) top histogram tells every process alike
+    top_shift = bits - 16
+    inf_digit = inf_key >> top_shift
+    hist = sel.top_histogram
+    if int(hist[inf_digit + 1 :].sum()) or (top_shift and int(hist[inf_digit])):
+        nan_check()
     threshold = sel.threshold
     need = sel.rank_in_ties
     ties = need < sel.count_equal
