@@ -58,11 +58,23 @@ from lightning_fairprune.pruning.masks import (
     global_masks,
     layerwise_masks,
     load_masks,
+    local_tensor,
+    pack_mask,
     save_masks,
+    unpack_mask,
     zero_pruned_optimizer_state,
 )
 from lightning_fairprune.pruning.masks import sparsity_report as _sparsity_report
 from lightning_fairprune.pruning.selection import select_parameters
+from lightning_fairprune.pruning.sharded import (
+    gather_full_masks,
+    is_sharded,
+    shard_full_masks,
+    shard_spec,
+    sharded_counts,
+    sharded_global_masks,
+    sharded_layerwise_masks,
+)
 from lightning_fairprune.schedules import RoundPlan
 
 __all__ = ["IterativePruning"]
@@ -271,6 +283,8 @@ class IterativePruning(Callback):
 
         # ---- state (checkpointed; the plan keeps the schedule position) --------------------
         self._masks: dict[str, Tensor] = {}
+        self._sharded = False  # DTensor (FSDP2) parameters: masks hold the local shards
+        self._global_counts: dict[str, tuple[int, int]] = {}  # sharded: (pruned, total)
         self._manual_rounds = 0
         self._rewind_weights: dict[str, Tensor] | None = None
         self._history: list[dict[str, Any]] = []
@@ -385,6 +399,9 @@ class IterativePruning(Callback):
         """Realized fraction of the prunable weights that are pruned (0.0 before any round)."""
         if not self._masks:
             return 0.0
+        if self._sharded:  # counted over all shards when the masks were set
+            total = sum(t for _, t in self._global_counts.values())
+            return sum(z for z, _ in self._global_counts.values()) / total if total else 0.0
         total = sum(m.numel() for m in self._masks.values())
         kept = sum(int(m.sum()) for m in self._masks.values())
         return (total - kept) / total if total else 0.0
@@ -432,19 +449,23 @@ class IterativePruning(Callback):
             self._setup_module(pl_module)
         assert self._fqns is not None
         named = dict(pl_module.named_parameters())
-        return {name: named[name] for name in self._fqns}
+        params = {name: named[name] for name in self._fqns}
+        # strategies shard the model after `setup` (ModelParallelStrategy's configure_model)
+        self._sharded = is_sharded(params)
+        return params
 
     def _setup_module(self, pl_module: nn.Module) -> None:
         params = self._select(pl_module)
         self._fqns = list(params)
         self._pl_module = pl_module
+        self._sharded = is_sharded(params)
         if self.plan.compression_ratio is not None:
             total = sum(p.numel() for p in pl_module.parameters())
             prunable = sum(p.numel() for p in params.values())
             self.plan.resolve_compression(total, prunable)
         if self._pending_masks is not None:
             pending, self._pending_masks = self._pending_masks, None
-            self._set_masks(pl_module, pending, source="imported masks")
+            self._set_masks(pl_module, self._localize(pl_module, pending), source="imported masks")
         if self._pending_state is not None:
             pending_state, self._pending_state = self._pending_state, None
             self.load_state_dict(pending_state)
@@ -745,6 +766,13 @@ class IterativePruning(Callback):
                 )
             del grads
             current = self._masks or None
+            if self._sharded:
+                scores = self._local_scores(params, scores)
+                if self.scope == "global":
+                    masks = sharded_global_masks(scores, target, current_masks=current)
+                else:
+                    masks = sharded_layerwise_masks(scores, target, current_masks=current)
+                return masks  # every process selected its own shard of the same global masks
             if self.scope == "global":
                 masks = global_masks(scores, target, current_masks=current)
             else:
@@ -844,7 +872,8 @@ class IterativePruning(Callback):
                 if count > 1 or scale != 1.0:
                     g.div_(count * scale)
                 grads[name] = g
-        if int(getattr(trainer, "world_size", 1) or 1) > 1:
+        if int(getattr(trainer, "world_size", 1) or 1) > 1 and not self._sharded:
+            # (sharded gradients are already averaged over the processes by FSDP's backward)
             grads = {k: strategy.reduce(v, reduce_op="mean") for k, v in grads.items()}
         return grads
 
@@ -876,17 +905,51 @@ class IterativePruning(Callback):
     def _set_masks(self, pl_module: nn.Module, masks: Mapping[str, Tensor], source: str) -> None:
         """Validate, store and apply masks (they only shrink the kept set)."""
         params = self._params(pl_module)
+        self._sharded = is_sharded(params)
+        targets = {k: local_tensor(p) for k, p in params.items()} if self._sharded else params
         try:
-            check_masks_fit(masks, params)
+            check_masks_fit(masks, targets)
         except (ValueError, TypeError) as err:
             raise ValueError(f"IterativePruning: the {source} do not fit the model: {err}") from err
-        new = {k: masks[k].to(device=params[k].device, dtype=torch.bool) for k in params}
+        new = {k: masks[k].to(device=targets[k].device, dtype=torch.bool) for k in params}
         if self._masks:
             new = {k: v & self._masks[k].to(v.device) for k, v in new.items()}
         self._masks = new
         apply_masks(params, self._masks)
+        if self._sharded:
+            self._count_shards(params)
+
+    def _local_scores(
+        self, params: Mapping[str, Tensor], scores: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Scores of sharded parameters as local shards (a full-shape score is cut down)."""
+        out: dict[str, Tensor] = {}
+        for name, score in scores.items():
+            param = params[name]
+            if is_sharded(score) or not is_sharded(param):
+                out[name] = score
+                continue
+            spec = shard_spec(param)  # a full-shape score (e.g. random): this shard's part
+            local = local_tensor(param)
+            flat = score.reshape(-1)[spec.offset : spec.offset + spec.local_numel]
+            out[name] = flat.to(local.device).view(local.shape)
+        return out
+
+    def _count_shards(self, params: Mapping[str, Tensor]) -> None:
+        """Pruned and total weights per parameter over all shards (one all-reduce)."""
+        self._global_counts = sharded_counts(self._masks, params)
+
+    def _full_masks(self) -> dict[str, Tensor]:
+        """The full (unsharded) masks on the CPU; a collective when the model is sharded."""
+        if not self._sharded:
+            return {k: v.detach().cpu() for k, v in self._masks.items()}
+        assert self._pl_module is not None
+        return gather_full_masks(self._masks, self._params(self._pl_module))
 
     def _layer_sparsity(self) -> dict[str, float]:
+        if self._sharded:
+            # the same arithmetic as for unsharded masks (bitwise equal values)
+            return {k: 1.0 - float(t - z) / t for k, (z, t) in self._global_counts.items()}
         return {k: 1.0 - float(m.sum()) / m.numel() for k, m in self._masks.items()}
 
     def _ensure_enforcers(
@@ -963,6 +1026,10 @@ class IterativePruning(Callback):
     def export_masks(self, path: str | Path) -> None:
         """Save the masks with ``torch.save`` (loadable with ``weights_only=True``).
 
+        The file holds the full masks (one bool tensor per parameter). With sharded (FSDP2)
+        parameters, call it on every process: the shards are gathered and the first process
+        writes the file.
+
         Args:
             path: destination file.
 
@@ -980,7 +1047,13 @@ class IterativePruning(Callback):
         """
         if not self._masks:
             raise ValueError("Expected masks to export, but no pruning round has run yet")
-        save_masks({k: v.detach().cpu() for k, v in self._masks.items()}, path)
+        if not self._sharded:
+            save_masks({k: v.detach().cpu() for k, v in self._masks.items()}, path)
+            return
+        full = self._full_masks()  # sharded: call on every process; the first one writes
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            save_masks(full, path)
 
     def import_masks(self, path: str | Path, pl_module: nn.Module | None = None) -> None:
         """Load masks saved by `export_masks` and apply them (now, or at setup).
@@ -994,7 +1067,7 @@ class IterativePruning(Callback):
         Raises:
             ValueError: if the masks do not fit the selected parameters.
         """
-        masks = load_masks(path)
+        masks = load_masks(path)  # the full form; cut to the local shards when sharded
         if pl_module is None and self._pl_module is None:
             self._pending_masks = masks
             return
@@ -1002,7 +1075,21 @@ class IterativePruning(Callback):
         assert module is not None
         if self._fqns is None:
             self._setup_module(module)
-        self._set_masks(module, masks, source="imported masks")
+        self._set_masks(module, self._localize(module, masks), source="imported masks")
+
+    def _localize(self, pl_module: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Full masks -> local-shard masks for sharded parameters (unchanged otherwise)."""
+        params = self._params(pl_module)
+        if not is_sharded(params):
+            return dict(masks)
+        full = {
+            k: v
+            for k, v in masks.items()
+            if k in params and tuple(v.shape) == tuple(params[k].shape)
+        }
+        if len(full) != len(params) or len(masks) != len(params):
+            return dict(masks)  # already local (or not fitting): `_set_masks` checks them
+        return shard_full_masks(full, params)
 
     def sparsity_report(self, pl_module: nn.Module | None = None) -> dict[str, Any]:
         """Per-layer and overall sparsity of the pruned model (see `masks.sparsity_report`).
@@ -1034,11 +1121,29 @@ class IterativePruning(Callback):
             "version": _STATE_VERSION,
             **self.plan.state_dict(),
             "manual_rounds": self._manual_rounds,
-            "masks": {k: v.detach().cpu() for k, v in self._masks.items()},
+            **self._masks_state(),
             "rewind_weights": None
             if self._rewind_weights is None
             else {k: v.detach().cpu() for k, v in self._rewind_weights.items()},
             "history": [dict(h) for h in self._history],
+        }
+
+    def _masks_state(self) -> dict[str, Any]:
+        """The masks' checkpoint entries: ``masks`` (bool), or ``packed_masks`` when sharded.
+
+        For sharded parameters the full masks are packed 1 bit per weight
+        (``{name: {"bits": uint8, "shape": [...]}}``), the same on every process, so full and
+        distributed checkpoints both restore on any world size.
+        """
+        if not self._sharded:
+            return {"masks": {k: v.detach().cpu() for k, v in self._masks.items()}}
+        full = self._full_masks()
+        return {
+            "masks": {},
+            "packed_masks": {
+                k: {"bits": pack_mask(v.reshape(-1)), "shape": list(v.shape)}
+                for k, v in full.items()
+            },
         }
 
     @override
@@ -1075,8 +1180,15 @@ class IterativePruning(Callback):
             self._pending_state = dict(state_dict)
             return
         masks = state_dict.get("masks") or {}
+        packed = state_dict.get("packed_masks") or {}
+        if packed and not masks:
+            masks = {
+                k: unpack_mask(v["bits"], math.prod(v["shape"])).view(v["shape"])
+                for k, v in packed.items()
+            }
         if masks:
             self._masks = {}
+            masks = self._localize(self._pl_module, masks)
             self._set_masks(self._pl_module, masks, source="checkpoint masks")
         else:
             self._masks = {}

@@ -42,12 +42,15 @@ __all__ = [
     "global_masks",
     "layerwise_masks",
     "load_masks",
+    "local_tensor",
     "masks_to_state",
     "num_to_prune",
+    "pack_mask",
     "radix_select",
     "realized_sparsity",
     "save_masks",
     "sparsity_report",
+    "unpack_mask",
     "zero_pruned_optimizer_state",
 ]
 
@@ -178,6 +181,93 @@ def abs_keys(values: Tensor, dtype: torch.dtype | None = None) -> Tensor:
             f"Expected `dtype` to be float16, bfloat16, float32 or float64, but got {dtype}"
         )
     return values.detach().to(dtype).abs().view(_INT_VIEW[dtype])
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (``t.to_local()``, sharing its storage), else ``t``.
+
+    In-place operations on the result change the DTensor's local shard; this is how masks
+    are enforced on FSDP2-sharded parameters without gathering them.
+
+    Args:
+        t: a tensor or DTensor.
+
+    Returns:
+        The local tensor.
+
+    Example:
+        >>> t = torch.ones(2)
+        >>> local_tensor(t) is t
+        True
+    """
+    to_local = getattr(t, "to_local", None)
+    if to_local is not None and callable(to_local) and type(t).__name__ == "DTensor":
+        return to_local()
+    return t
+
+
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """Pack a bool mask along its last dimension, 8 weights per byte (most significant first).
+
+    Same layout as ``numpy.packbits(mask, axis=-1)``: shape ``(..., n)`` becomes
+    ``(..., ceil(n / 8))`` uint8, the last byte of each row padded with zero bits.
+
+    Args:
+        mask: bool tensor with at least one dimension.
+
+    Returns:
+        uint8 tensor on the mask's device.
+
+    Example:
+        >>> pack_mask(torch.tensor([True, False, True, True, False, False, False, False, True]))
+        tensor([176, 128], dtype=torch.uint8)
+    """
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.ndim < 1:
+        raise ValueError(
+            "Expected `mask` to be a bool tensor with at least one dimension, but got "
+            f"{getattr(mask, 'dtype', type(mask).__name__)} "
+            f"of shape {tuple(getattr(mask, 'shape', ()))}"
+        )
+    n = mask.shape[-1]
+    pad = (-n) % 8
+    bits = mask.to(torch.uint8)
+    if pad:
+        bits = torch.nn.functional.pad(bits, (0, pad))
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
+    grouped = bits.reshape(*mask.shape[:-1], (n + pad) // 8, 8)
+    return (grouped * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`pack_mask`: ``(..., ceil(n / 8))`` uint8 -> ``(..., n)`` bool.
+
+    Args:
+        packed: uint8 tensor from :func:`pack_mask`.
+        n: length of the unpacked last dimension.
+
+    Returns:
+        bool tensor on the packed tensor's device.
+
+    Example:
+        >>> unpack_mask(torch.tensor([176, 128], dtype=torch.uint8), 9).int().tolist()
+        [1, 0, 1, 1, 0, 0, 0, 0, 1]
+    """
+    if not isinstance(packed, Tensor) or packed.dtype != torch.uint8 or packed.ndim < 1:
+        raise ValueError(
+            "Expected `packed` to be a uint8 tensor from pack_mask, but got "
+            f"{getattr(packed, 'dtype', type(packed).__name__)}"
+        )
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 8 * packed.shape[-1]:
+        raise ValueError(
+            f"Expected `n` to be an int in [0, {8 * packed.shape[-1]}] (8 per packed byte), "
+            f"but got {n!r}"
+        )
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
+    bits = packed.unsqueeze(-1).bitwise_and(weights).ne(0)
+    return bits.reshape(*packed.shape[:-1], 8 * packed.shape[-1])[..., :n]
 
 
 class _Scratch:
@@ -332,6 +422,7 @@ def radix_select(
     nbins = 1 << digit_bits
     shifts = [*range(key_bits - digit_bits, 0, -digit_bits), 0]
     scratch = _DigitScratch()
+    device = torch.device("cpu")  # of the last keys seen (for an empty local histogram)
     prefix = 0
     count_equal = 0
     top_hist: Tensor | None = None
@@ -342,6 +433,7 @@ def radix_select(
         hist: Tensor | None = None
         for key, cand in chunks():
             n = key.numel()
+            device = key.device
             if n == 0:
                 continue
             free = key.device.type != "cpu" if sync_free is None else sync_free
@@ -352,10 +444,13 @@ def radix_select(
                 continue
             hist = counts if hist is None else hist.add_(counts)
         if hist is None:
-            raise ValueError(
-                f"Expected `rank` <= the number of candidates, but got rank {rank} and no "
-                "candidate keys"
-            )
+            if reduce_fn is None:
+                raise ValueError(
+                    f"Expected `rank` <= the number of candidates, but got rank {rank} and no "
+                    "candidate keys"
+                )
+            # this process holds no candidate of the bucket: it still joins the reduction
+            hist = torch.zeros(nbins, dtype=torch.int64, device=device)
         if reduce_fn is not None:
             hist = reduce_fn(hist)
         hist = hist.cpu()
@@ -688,6 +783,9 @@ def realized_sparsity(masks: Mapping[str, Tensor]) -> float:
 def apply_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
     """Zero the pruned weights in place (``masked_fill_``; exact zeros, even for NaN/inf).
 
+    DTensor parameters (FSDP2) are masked on their local shards: ``masks`` then holds
+    local-shard-shaped bool tensors (or DTensors placed like the parameters).
+
     Args:
         params: FQN -> parameter.
         masks: FQN -> bool mask with the same names and shapes.
@@ -698,6 +796,8 @@ def apply_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> No
         >>> w.data
         tensor([1., 0., 3.])
     """
+    params = {n: local_tensor(p) for n, p in params.items()}
+    masks = {n: local_tensor(m) for n, m in masks.items()}
     check_masks_fit(masks, params)
     for name, param in params.items():
         mask = masks[name]
@@ -734,16 +834,20 @@ def zero_pruned_optimizer_state(
         >>> opt.state[w]["momentum_buffer"]
         tensor([1., 0.])
     """
-    check_masks_fit(masks, params)
+    check_masks_fit(
+        {n: local_tensor(m) for n, m in masks.items()},
+        {n: local_tensor(p) for n, p in params.items()},
+    )
     touched = 0
     for name, param in params.items():
         state = optimizer.state.get(param)
         if not state:
             continue
-        mask = masks[name].to(param.device)
+        local = local_tensor(param)
+        mask = local_tensor(masks[name]).to(local.device)
         for value in state.values():
             if isinstance(value, Tensor) and value.shape == param.shape:
-                value.mul_(mask)
+                local_tensor(value).mul_(mask)
                 touched += 1
     return touched
 
@@ -763,7 +867,9 @@ class MaskEnforcer:
       what a GPU wants; costs the cast masks' memory, e.g. 2 bytes per bf16 weight).
 
     ``"auto"`` (default) takes ``"uint8"`` on the CPU and ``"foreach"`` elsewhere. Both give
-    identical weights. Use :meth:`remove` to detach it and :meth:`update` for new masks.
+    identical weights. DTensor parameters (FSDP2 ``fully_shard``) are enforced on their local
+    shards, with no gather: their masks are local-shard-shaped bool tensors (or DTensors
+    placed like the parameters). Use :meth:`remove` to detach it and :meth:`update` for new masks.
 
     Args:
         optimizer: the optimizer that updates the parameters.
@@ -818,10 +924,13 @@ class MaskEnforcer:
         Args:
             masks: FQN -> bool mask.
         """
-        check_masks_fit(masks, self._params)
+        # DTensor (FSDP2) parameters: the masks cover the local shards, enforced in place
+        params = {n: local_tensor(p) for n, p in self._params.items()}
+        masks = {n: local_tensor(m) for n, m in masks.items()}
+        check_masks_fit(masks, params)
         pairs: list[tuple[Tensor, Tensor]] = []
         groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-        for n, p in self._params.items():
+        for n, p in params.items():
             mask = masks[n].to(p.device)
             if self._mode_for(p) == "uint8":
                 # a uint8 view of the bool mask (same storage, no copy) takes a 2-3x faster

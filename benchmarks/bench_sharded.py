@@ -1,0 +1,107 @@
+"""Pruning round on FSDP2-sharded weights (2 CPU processes) vs one process, side by side.
+
+One run measures both on the same total weights: a one-process round (magnitude scores,
+`global_masks`, `apply_masks` on the full tensors) and the 2-process round (the same on the
+local shards with `sharded_global_masks`, gloo). Each process uses one thread, so the
+2-process run uses two cores where the one-process run uses one: the figure is the
+wall-clock time of a round, which is what a user waits for.
+
+Usage: ``python benchmarks/bench_sharded.py [--layers 4] [--width 2048] [--repeats 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_fairprune.pruning.masks import apply_masks, global_masks, local_tensor
+from lightning_fairprune.pruning.sharded import sharded_global_masks
+
+
+def _model(layers: int, width: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)])
+
+
+def _round(params: dict, sparsity: float, sharded: bool) -> None:
+    with torch.no_grad():
+        scores = {n: p.detach() for n, p in params.items()}  # magnitude (abs inside)
+        if sharded:
+            masks = sharded_global_masks(scores, sparsity)
+        else:
+            masks = global_masks(scores, sparsity)
+        apply_masks(params, masks)
+
+
+def _single(args: argparse.Namespace) -> list[float]:
+    times = []
+    for _ in range(args.repeats):
+        model = _model(args.layers, args.width)
+        params = dict(model.named_parameters())
+        t0 = time.perf_counter()
+        _round(params, 0.5, sharded=False)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _worker(rank: int, args: argparse.Namespace, path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{path}.pg", rank=rank, world_size=2)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2,))
+    times = []
+    for _ in range(args.repeats):
+        model = _model(args.layers, args.width)
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        params = dict(model.named_parameters())
+        dist.barrier()
+        t0 = time.perf_counter()
+        _round(params, 0.5, sharded=True)
+        dist.barrier()
+        times.append(time.perf_counter() - t0)
+        zeros = sum(int((local_tensor(p) == 0).sum()) for p in params.values())
+        counted = torch.tensor([zeros])
+        dist.all_reduce(counted)
+        assert int(counted) == sum(p.numel() for p in params.values()) // 2
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump(times, f)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    total = args.layers * args.width * args.width
+    single = _single(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "times.json")
+        torch.multiprocessing.spawn(_worker, args=(args, path), nprocs=2, join=True)
+        with open(path) as f:
+            sharded = json.load(f)
+    s, d = statistics.median(single), statistics.median(sharded)
+    print(f"weights: {total:,} ({args.layers} x Linear({args.width}, {args.width})), float32")
+    print(f"one process, full weights:      {s * 1000:8.1f} ms (median of {args.repeats})")
+    print(f"2 processes, FSDP2 shards:      {d * 1000:8.1f} ms (median of {args.repeats})")
+    print(f"ratio sharded / single:         {d / s:8.2f}")
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Plain-torch pruning cores under FSDP2 ``fully_shard``: 2 CPU processes (gloo).
+
+Usage: ``python fsdp_core_script.py OUT_DIR``. Every rank writes ``rank{N}.json`` with its
+local scores, masks and shard offsets, so the test can put the shards together and compare
+them with the unsharded cores on the full tensors (see tests/test_sharded.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_fairprune.pruning.masks import (
+    MaskEnforcer,
+    local_tensor,
+    zero_pruned_optimizer_state,
+)
+from lightning_fairprune.pruning.sharded import (
+    gather_full_masks,
+    shard_spec,
+    sharded_global_masks,
+    sharded_layerwise_masks,
+    sharded_mask_state,
+    sharded_realized_sparsity,
+)
+
+WORLD = 2
+
+
+def build_model(seed: int = 0) -> nn.Module:
+    """The test model; weights rounded to multiples of 1/8 so that many scores tie."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(12, 33), nn.ReLU(), nn.Linear(33, 17), nn.ReLU(), nn.Linear(17, 5)
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.round(p * 8) / 8)
+    return model
+
+
+def data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g)
+
+
+class MaxAlloc(TorchDispatchMode):
+    """Records the largest tensor (in elements) any aten op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+def _local(masks: dict) -> dict:
+    return {k: local_tensor(v).reshape(-1).int().tolist() for k, v in masks.items()}
+
+
+def run(rank: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/pg", rank=rank, world_size=WORLD)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = build_model()
+    for layer in (model[0], model[2], model[4]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    names = ["0.weight", "2.weight", "4.weight", "0.bias"]
+    named = dict(model.named_parameters())
+    params = {n: named[n] for n in names}
+    result: dict = {"rank": rank, "specs": {n: list(shard_spec(p)) for n, p in params.items()}}
+
+    # (a)-(c) magnitude: global, global on top of current masks, layerwise
+    scores = {n: p.detach().abs() for n, p in params.items()}
+    m_a = sharded_global_masks(scores, 0.5)
+    m_b = sharded_global_masks(scores, 0.7, current_masks=m_a)
+    m_c = sharded_layerwise_masks(scores, 0.6, current_masks=m_a)
+    result["magnitude"] = {"a": _local(m_a), "b": _local(m_b), "c": _local(m_c)}
+    result["sparsity_b"] = sharded_realized_sparsity(m_b, params)
+
+    # (d) gradient scores from the sharded gradients of an FSDP backward
+    x, y = data()
+    xs, ys = x[rank * 8 : (rank + 1) * 8], y[rank * 8 : (rank + 1) * 8]
+    nn.functional.cross_entropy(model(xs), ys).backward()
+    gscores = {n: (p.detach() * p.grad).abs() for n, p in params.items()}
+    m_d = sharded_global_masks(gscores, 0.4)
+    result["gradient"] = {
+        "scores": {n: local_tensor(s).reshape(-1).tolist() for n, s in gscores.items()},
+        "masks": _local(m_d),
+    }
+
+    # (e) memory: the largest tensor the selection creates, on a layer bigger than the bins
+    big = nn.Linear(600, 512)
+    fully_shard(big, mesh=mesh)
+    big_scores = {"weight": big.weight.detach().abs()}
+    big_masks = sharded_global_masks(big_scores, 0.3)  # warm-up (lazy imports, caches)
+    with MaxAlloc() as rec:
+        big_masks = sharded_global_masks(big_scores, 0.5, current_masks=big_masks)
+    result["memory"] = {
+        "max_numel": rec.max_numel,
+        "local_numel": local_tensor(big.weight).numel(),
+        "full_numel": big.weight.numel(),
+        "sparsity": sharded_realized_sparsity(big_masks, {"weight": big.weight}),
+    }
+
+    # (f) enforcement on the local shards after optimizer steps (SGD, momentum, decay)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(xs), ys).backward()
+    opt.step()  # momentum buffers exist now
+    with torch.no_grad():
+        for n, p in params.items():
+            local_tensor(p).masked_fill_(~m_b[n], 0)
+    touched = zero_pruned_optimizer_state(opt, params, m_b)
+    momentum_nonzero = sum(
+        int((local_tensor(opt.state[p]["momentum_buffer"])[~m_b[n]] != 0).sum())
+        for n, p in params.items()
+    )
+    enforcer = MaskEnforcer(opt, params, m_b)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xs), ys).backward()
+        opt.step()
+    enforcer.remove()
+    result["enforce"] = {
+        "touched": touched,
+        "pruned_nonzero": sum(
+            int((local_tensor(p)[~m_b[n]] != 0).sum()) for n, p in params.items()
+        ),
+        "kept_nonzero": sum(int((local_tensor(p)[m_b[n]] != 0).sum()) for n, p in params.items()),
+        "momentum_pruned_nonzero": momentum_nonzero,
+    }
+
+    # (g) checkpoints: sharded (DCP, packed) and full form
+    import torch.distributed.checkpoint as dcp
+
+    state = sharded_mask_state(m_b, params)
+    dcp.save({"masks": state}, checkpoint_id=os.path.join(out_dir, "dcp"))
+    result["packed_local_bytes"] = {n: int(local_tensor(t).numel()) for n, t in state.items()}
+    full = gather_full_masks(m_b, params)
+    if rank == 0:
+        torch.save({n: m.clone() for n, m in full.items()}, os.path.join(out_dir, "full.pt"))
+    result["full_hash"] = {n: m.reshape(-1).int().tolist() for n, m in full.items()}
+
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    torch.multiprocessing.spawn(run, args=(sys.argv[1],), nprocs=WORLD, join=True)

@@ -1,0 +1,277 @@
+"""Pruning and diagnostics on FSDP2-sharded parameters (2 real CPU processes, gloo).
+
+References: the unsharded cores (`global_masks`, `layerwise_masks`) on the full tensors put
+together from the shards, numpy.packbits for the packing, and plain loops.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _ddp import run_ddp
+
+from lightning_fairprune.pruning.masks import (
+    global_masks,
+    layerwise_masks,
+    pack_mask,
+    radix_select,
+    unpack_mask,
+)
+from lightning_fairprune.pruning.sharded import (
+    load_sharded_mask_state,
+    shard_full_masks,
+    shard_spec,
+    sharded_global_masks,
+    sharded_layerwise_masks,
+    sharded_mask_state,
+)
+
+HERE = Path(__file__).parent
+NAMES = ["0.weight", "2.weight", "4.weight", "0.bias"]
+
+
+def _assemble(ranks: list[dict], pick, shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """Full tensors from each rank's flat local values, placed at the ranks' offsets."""
+    out = {}
+    for name, shape in shapes.items():
+        full = torch.full((math.prod(shape),), -1.0, dtype=torch.float64)
+        for r in ranks:
+            _, _, offset, local_numel, _ = r["specs"][name]
+            values = torch.tensor(pick(r)[name], dtype=torch.float64)
+            assert values.numel() == local_numel
+            full[offset : offset + local_numel] = values
+        assert bool((full != -1).all()), name  # the shards cover the tensor
+        out[name] = full.view(shape)
+    return out
+
+
+@pytest.fixture(scope="module")
+def core_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+    out = tmp_path_factory.mktemp("fsdp_core")
+    return run_ddp(HERE / "fsdp_core_script.py", out, timeout=300), out
+
+
+def _full_model_scores() -> dict[str, torch.Tensor]:
+    from fsdp_core_script import build_model
+
+    named = dict(build_model().named_parameters())
+    return {n: named[n].detach().abs() for n in NAMES}
+
+
+def test_sharded_selection_equals_unsharded(core_run: tuple[list[dict], Path]) -> None:
+    ranks, _ = core_run
+    shapes = {n: ranks[0]["specs"][n][0] for n in NAMES}
+    # both ranks hold a real shard (not a replica) of every tensor
+    assert [r["specs"]["0.weight"][2] for r in ranks] == [0, 17 * 12]
+    scores = _full_model_scores()
+    ties = sum(int(s.numel() - torch.unique(s).numel()) for s in scores.values())
+    assert ties > 500  # the rounded weights make the tie-break matter
+    ref_a = global_masks(scores, 0.5)
+    ref_b = global_masks(scores, 0.7, current_masks=ref_a)
+    with pytest.warns(UserWarning, match="already pruned"):
+        ref_c = layerwise_masks(scores, 0.6, current_masks=ref_a)
+    for key, ref in (("a", ref_a), ("b", ref_b), ("c", ref_c)):
+        got = _assemble(ranks, lambda r, k=key: r["magnitude"][k], shapes)
+        for n in NAMES:
+            assert torch.equal(got[n].bool(), ref[n]), (key, n)
+    total = sum(s.numel() for s in scores.values())
+    for r in ranks:
+        assert r["sparsity_b"] == math.floor(0.7 * total + 0.5) / total
+
+
+def test_sharded_gradient_scores_select_like_unsharded(core_run: tuple[list[dict], Path]) -> None:
+    ranks, _ = core_run
+    shapes = {n: ranks[0]["specs"][n][0] for n in NAMES}
+    scores = _assemble(ranks, lambda r: r["gradient"]["scores"], shapes)
+    scores = {n: s.float() for n, s in scores.items()}  # the local scores were float32
+    got = _assemble(ranks, lambda r: r["gradient"]["masks"], shapes)
+    ref = global_masks(scores, 0.4)
+    for n in NAMES:
+        assert torch.equal(got[n].bool(), ref[n]), n
+    # the gradients came from an FSDP backward: gradient of the mean loss over both ranks
+    from fsdp_core_script import build_model, data
+
+    model = build_model()
+    x, y = data()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    named = dict(model.named_parameters())
+    for n in NAMES:
+        expect = (named[n].detach() * named[n].grad).abs().double()
+        torch.testing.assert_close(scores[n].double(), expect, rtol=1e-5, atol=1e-7)
+
+
+def test_selection_allocates_nothing_of_full_size(core_run: tuple[list[dict], Path]) -> None:
+    ranks, _ = core_run
+    for r in ranks:
+        mem = r["memory"]
+        # every tensor created during the selection (histograms, masks, scratch, collectives)
+        # is at most a local shard; the full weight is twice that
+        assert mem["full_numel"] == 2 * mem["local_numel"]
+        assert mem["max_numel"] <= mem["local_numel"]
+        assert mem["sparsity"] == 0.5
+
+
+def test_enforcement_on_local_shards(core_run: tuple[list[dict], Path]) -> None:
+    ranks, _ = core_run
+    for r in ranks:
+        assert r["enforce"]["touched"] == 4  # one momentum buffer per masked parameter
+        assert r["enforce"]["momentum_pruned_nonzero"] == 0
+        assert r["enforce"]["pruned_nonzero"] == 0
+        assert r["enforce"]["kept_nonzero"] > 0
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_checkpoint_forms_restore_on_one_process(core_run: tuple[list[dict], Path]) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    ranks, out = core_run
+    shapes = {n: ranks[0]["specs"][n][0] for n in NAMES}
+    expected = _assemble(ranks, lambda r: r["magnitude"]["b"], shapes)
+    expected = {n: t.bool() for n, t in expected.items()}
+    # full form (rank 0 wrote it; every rank gathered the same)
+    full = torch.load(out / "full.pt", weights_only=True)
+    for n in NAMES:
+        assert torch.equal(full[n], expected[n])
+        assert ranks[1]["full_hash"][n] == expected[n].reshape(-1).int().tolist()
+    # sharded form: packed rows, 1 bit per weight (+ row padding)
+    for n in ["0.weight", "2.weight"]:
+        cols = shapes[n][1]
+        local_rows = ranks[0]["specs"][n][3] // cols
+        assert ranks[0]["packed_local_bytes"][n] == local_rows * math.ceil(cols / 8)
+    # world size 2 -> 1: DCP reshards into full-shape targets on one process
+    params = {n: torch.zeros(shapes[n]) for n in NAMES}
+    state = sharded_mask_state({n: torch.ones(shapes[n], dtype=torch.bool) for n in NAMES}, params)
+    dcp.load({"masks": state}, checkpoint_id=str(out / "dcp"))
+    restored = load_sharded_mask_state(state, params)
+    for n in NAMES:
+        assert torch.equal(restored[n], expected[n]), n
+
+
+# ------------------------------------------------------------------ one-process units
+
+
+def test_pack_mask_matches_numpy_packbits() -> None:
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1,), (7,), (8,), (9,), (3, 13), (2, 3, 16)]:
+        mask = torch.rand(shape, generator=g) > 0.5
+        packed = pack_mask(mask)
+        ref = np.packbits(mask.numpy(), axis=-1)
+        assert np.array_equal(packed.numpy(), ref), shape
+        assert torch.equal(unpack_mask(packed, shape[-1]), mask)
+
+
+def test_pack_mask_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="Expected `mask` to be a bool tensor"):
+        pack_mask(torch.zeros(3))
+    with pytest.raises(ValueError, match="Expected `n` to be an int in"):
+        unpack_mask(torch.zeros(2, dtype=torch.uint8), 17)
+
+
+@pytest.mark.filterwarnings("ignore:.*already pruned")
+def test_one_process_equals_unsharded_with_ties() -> None:
+    g = torch.Generator().manual_seed(3)
+    scores = {
+        "a": torch.randint(0, 5, (7, 9), generator=g).float(),
+        "b": torch.randint(0, 5, (11,), generator=g).float(),
+    }
+    current = global_masks(scores, 0.3)
+    for s in (0.0, 0.31, 0.5, 0.9):
+        ref = global_masks(scores, s, current_masks=current)
+        got = sharded_global_masks(scores, s, current_masks=current)
+        assert all(torch.equal(got[n], ref[n]) for n in scores)
+        ref = layerwise_masks(scores, s)
+        got = sharded_layerwise_masks(scores, s)
+        assert all(torch.equal(got[n], ref[n]) for n in scores)
+
+
+def test_radix_select_joins_reduction_without_local_candidates() -> None:
+    # a process whose keys all lie outside the threshold's bucket still contributes a
+    # (zero) histogram to the reduction instead of failing
+    other = torch.tensor([5, 70000, 70001])  # the "other process": same bucket for 70000/1
+    mine = torch.tensor([3])  # nothing in the second pass's bucket
+
+    calls: list[torch.Tensor] = []
+
+    def reduce_fn(hist: torch.Tensor) -> torch.Tensor:
+        calls.append(hist.clone())
+        # add the other process's histogram of the same pass
+        shift = 16 if len(calls) == 1 else 0
+        if shift:
+            part = torch.bincount(other >> 16, minlength=1 << 16)
+        else:
+            part = torch.bincount(other[(other >> 16) == 1] & 0xFFFF, minlength=1 << 16)
+        return hist + part
+
+    sel = radix_select(lambda: [(mine, None)], 4, 32, reduce_fn=reduce_fn)
+    assert sel.threshold == int(torch.sort(torch.cat([mine, other])).values[3]) == 70001
+    assert len(calls) == 2
+    assert int(calls[1].sum()) == 0  # the empty local histogram of the second pass
+
+
+def test_shard_spec_and_full_masks_validation() -> None:
+    assert shard_spec(torch.zeros(4, 2)).offset == 0
+    with pytest.raises(ValueError, match="Expected the full mask of 'w'"):
+        shard_full_masks({"w": torch.ones(3, dtype=torch.bool)}, {"w": torch.zeros(2)})
+    with pytest.raises(ValueError, match="Expected `current_masks` to cover exactly"):
+        sharded_global_masks({"w": torch.ones(2)}, 0.5, current_masks={})
+
+
+# ------------------------------------------------------------------ the callback
+
+
+def test_iterative_pruning_under_model_parallel_strategy(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    ranks = run_ddp(HERE / "fsdp_callback_script.py", tmp_path, "fsdp", timeout=300)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "fsdp_callback_script.py"), str(tmp_path), "single"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = json.loads((tmp_path / "single.json").read_text())
+    first, second = ranks[0]["rounds"], ranks[1]["rounds"]
+    # round 1 prunes the initial weights: bitwise the single-process masks
+    assert first[0]["masks"] == second[0]["masks"] == single["rounds"][0]["masks"]
+    assert first[0]["layers"] == single["rounds"][0]["layers"]
+    # round 2 (after sharded training): the unsharded selection on the gathered weights
+    weights = {n: torch.tensor(w).abs() for n, w in first[1]["weights"].items()}
+    current = {n: torch.tensor(m).bool() for n, m in first[0]["masks"].items()}
+    ref = global_masks(weights, first[1]["target"], current_masks=current)
+    for n in ref:
+        assert first[1]["masks"][n] == ref[n].int().tolist() == second[1]["masks"][n]
+    total = sum(w.numel() for w in weights.values())
+    for r in ranks:
+        assert r["sparsity"] == single["sparsity"] == math.floor(0.8 * total + 0.5) / total
+        assert r["pruned_nonzero"] == 0
+        # checkpoint state: packed full masks (1 bit per weight), restored bitwise
+        assert r["state_keys"] == ["masks", "packed_masks"]
+        assert r["packed_bytes"] == sum(math.ceil(w.numel() / 8) for w in weights.values())
+        assert r["restored_equal"]
+        assert r["restored_sparsity"] == r["sparsity"]
+    # export_masks writes the full form, loadable by the unsharded callback
+    exported = torch.load(tmp_path / "export_fsdp.pt", weights_only=True)
+    exported_single = torch.load(tmp_path / "export_single.pt", weights_only=True)
+    assert set(exported) == set(ref)
+    for n in ref:
+        assert exported[n].reshape(-1).int().tolist() == ranks[0]["rounds"][1]["masks"][n]
+        assert exported[n].shape == exported_single[n].shape
+
+
+def test_sharded_selection_rejects_nan_scores() -> None:
+    scores = {"w": torch.tensor([0.5, float("nan"), 0.1, 0.2])}
+    with pytest.raises(ValueError, match="Expected scores without NaN"):
+        sharded_global_masks(scores, 0.5)
+    with pytest.raises(ValueError, match="Expected scores without NaN"):
+        global_masks(scores, 0.5)  # the unsharded reference raises alike
