@@ -12,6 +12,17 @@ from lightning_fairprune.pruning.criteria import (
     undecayed_scores,
 )
 from lightning_fairprune.pruning.events import PruningEvent, PruningListener
+from lightning_fairprune.pruning.fair_criteria import (
+    FAIR_CRITERIA,
+    GroupStatistics,
+    MinimaxResult,
+    fair_masks,
+    fairgrape_masks,
+    fairprune_masks,
+    forecast_group_damage,
+    group_statistics,
+    worst_group_masks,
+)
 from lightning_fairprune.pruning.masks import (
     MaskEnforcer,
     apply_masks,
@@ -31,17 +42,25 @@ from lightning_fairprune.pruning.selection import find_classifier, select_parame
 
 __all__ = [
     "CRITERIA",
+    "FAIR_CRITERIA",
     "NEEDS_GRADIENTS",
+    "GroupStatistics",
     "MaskEnforcer",
+    "MinimaxResult",
     "PruningEvent",
     "PruningListener",
     "apply_masks",
     "check_masks_fit",
     "compute_scores",
+    "fair_masks",
+    "fairgrape_masks",
+    "fairprune_masks",
     "find_classifier",
+    "forecast_group_damage",
     "full_masks",
     "global_masks",
     "gradient_scores",
+    "group_statistics",
     "layerwise_masks",
     "load_masks",
     "magnitude_scores",
@@ -53,5 +72,6 @@ __all__ = [
     "select_parameters",
     "sparsity_report",
     "undecayed_scores",
+    "worst_group_masks",
     "zero_pruned_optimizer_state",
 ]
