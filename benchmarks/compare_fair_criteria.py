@@ -34,7 +34,12 @@ seed and method the worst-group metric at a level is interpolated linearly betwe
 *adjacent* sparsities whose accuracies bracket it (the sparsest such pair), never across a
 collapsed point (accuracy below chance + 25 % of the dense model's margin over chance); seeds
 without such a pair are "not covered" (coverage reported). Paired t-tests (scipy) over the
-covered seeds, Bonferroni over every test of the study, 95 % t-CIs.
+covered seeds, Bonferroni over every test of the study, 95 % t-CIs. The sparsity at the matched
+point is interpolated the same way; a recipe counts as a winner on a dataset only if its
+worst-group metric is higher than both baselines' (mean > 0, p_Bonf < 0.01) at a level AND its
+mean matched sparsity is not lower than the baseline's by more than one point (a recipe that
+reaches the accuracy only at lower sparsity is a different trade-off, not a win at high
+sparsity).
 
 Also recorded: (a) undecayed (ε = 5e-4) vs magnitude, one-shot + plain FT, at matched
 accuracy; (b) Tran et al.'s factors (per-group ‖ḡ_a‖ and Hutchinson Tr(H_a) of the dense model)
@@ -63,7 +68,12 @@ from scipy import stats as sps
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_fairprune.diagnostics import group_hessian_trace, predicted_excess_loss
+from lightning_fairprune.diagnostics import (
+    group_hessian_trace,
+    intensification_alpha,
+    normalized_recall_balance,
+    predicted_excess_loss,
+)
 from lightning_fairprune.losses import (
     GroupDROLoss,
     GroupEqualizedLoss,
@@ -92,6 +102,7 @@ BASELINES = (("magnitude", "plain"), ("magnitude", "weighted"))
 DATASETS = ("digits", "mnist", "arrests")
 WEIGHT_DECAY = 5e-4
 ROUND_RATE = 0.2
+SPARSITY_SLACK = 0.01  # a winner must reach the matched accuracy at >= baseline sparsity - 1 pt
 
 
 # --------------------------------------------------------------------------- data
@@ -441,11 +452,18 @@ def _spearman(a, b) -> float | None:
 # --------------------------------------------------------------------------- analysis
 
 
+def alpha_of(record, dense) -> float:
+    """Intensification α of a pruned model against its dense model (groups as classes)."""
+    nrb = normalized_recall_balance(torch.tensor(record["group_acc"]), record["acc"])
+    ref = normalized_recall_balance(torch.tensor(dense["group_acc"]), dense["acc"])
+    return float(intensification_alpha(nrb, ref))
+
+
 def curve(records, seed, criterion, schedule, finetune):
     pts = [
         r
         for r in records
-        if r["seed"] == seed
+        if (seed is None or r["seed"] == seed)
         and r["criterion"] == criterion
         and r["schedule"] == schedule
         and r["finetune"] == finetune
@@ -454,10 +472,10 @@ def curve(records, seed, criterion, schedule, finetune):
 
 
 def matched_value(points, level, collapse_acc):
-    """Worst-group metric at accuracy ``level``: linear between adjacent sparsities only.
+    """(worst-group metric, sparsity) at accuracy ``level``, linear between adjacent sparsities.
 
     The sparsest adjacent pair whose accuracies bracket ``level`` (neither point collapsed)
-    is used; None if no such pair exists.
+    is used; (None, None) if no such pair exists.
     """
     for j in range(len(points) - 2, -1, -1):
         a, b = points[j], points[j + 1]
@@ -466,10 +484,13 @@ def matched_value(points, level, collapse_acc):
         lo, hi = sorted((a["acc"], b["acc"]))
         if lo <= level <= hi:
             if a["acc"] == b["acc"]:
-                return a["worst"]
+                return a["worst"], b["sparsity"]
             t = (level - a["acc"]) / (b["acc"] - a["acc"])
-            return a["worst"] + t * (b["worst"] - a["worst"])
-    return None
+            return (
+                a["worst"] + t * (b["worst"] - a["worst"]),
+                a["sparsity"] + t * (b["sparsity"] - a["sparsity"]),
+            )
+    return None, None
 
 
 def t_ci(values, level=0.95):
@@ -493,7 +514,7 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
         for f in FINETUNES
         if s == "oneshot" or c in ROUND_CRITERIA
     ]
-    levels, matched, coverage = {}, {}, {}
+    levels, matched, matched_sparsity, coverage = {}, {}, {}, {}
     for d in cfg["datasets"]:
         drecs = [r for r in records if r["dataset"] == d]
         druns = [r for r in runs if r["dataset"] == d]
@@ -514,13 +535,14 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
         }
         for m in [*methods, ("undecayed", "oneshot", "plain")]:
             key = f"{d}|{'|'.join(m)}"
-            matched[key] = {}
+            matched[key], matched_sparsity[key] = {}, {}
             for s, level in levels[d].items():
-                vals = {}
+                vals, sps_at = {}, {}
                 for seed in seeds_of[d]:
-                    v = matched_value(curve(drecs, seed, *m), level, collapse[seed])
-                    vals[str(seed)] = v
+                    v, sp = matched_value(curve(drecs, seed, *m), level, collapse[seed])
+                    vals[str(seed)], sps_at[str(seed)] = v, sp
                 matched[key][s] = vals
+                matched_sparsity[key][s] = sps_at
                 cov = sum(v is not None for v in vals.values())
                 coverage.setdefault(key, {})[s] = cov / max(1, len(vals))
     # paired tests: every candidate vs both magnitude baselines of the same schedule
@@ -533,6 +555,8 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
                 for s in levels[d]:
                     a = matched[f"{d}|{c}|{sch}|{f}"][s]
                     b = matched[f"{d}|{bc}|{sch}|{bf}"][s]
+                    a_sp = matched_sparsity[f"{d}|{c}|{sch}|{f}"][s]
+                    b_sp = matched_sparsity[f"{d}|{bc}|{sch}|{bf}"][s]
                     both = [k for k in a if a[k] is not None and b[k] is not None]
                     diffs = [a[k] - b[k] for k in both]
                     tests.append(
@@ -543,6 +567,12 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
                             "level_sparsity": s,
                             "n": len(diffs),
                             "seeds": both,
+                            "cand_sparsity": float(np.mean([a_sp[k] for k in both]))
+                            if both
+                            else None,
+                            "base_sparsity": float(np.mean([b_sp[k] for k in both]))
+                            if both
+                            else None,
                             "mean_diff": t_ci(diffs)[0] if diffs else None,
                             "ci95": list(t_ci(diffs)[1:]) if len(diffs) > 1 else None,
                             "p": (
@@ -583,8 +613,12 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
                     and t["candidate"] == [c, sch, f]
                     and t["level_sparsity"] == s
                 ]
+                # better worst group, p_Bonf < 0.01, and no lower sparsity at that accuracy
                 if len(ts) == 2 and all(
-                    t["p_bonf"] is not None and t["p_bonf"] < 0.01 and t["mean_diff"] > 0
+                    t["p_bonf"] is not None
+                    and t["p_bonf"] < 0.01
+                    and t["mean_diff"] > 0
+                    and t["cand_sparsity"] >= t["base_sparsity"] - SPARSITY_SLACK
                     for t in ts
                 ):
                     ok_levels.append(s)
@@ -597,6 +631,34 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
             continue
         key = "|".join(t["candidate"])
         best_upper[key] = max(best_upper.get(key, -math.inf), t["ci_bonf99"][1])
+    # second family: the criterion's own effect, each criterion vs magnitude with the same
+    # schedule and fine-tuning (Bonferroni within this family)
+    criterion_tests = []
+    for d in cfg["datasets"]:
+        for c, sch, f in methods:
+            if c == "magnitude":
+                continue
+            for s in levels[d]:
+                a = matched[f"{d}|{c}|{sch}|{f}"][s]
+                b = matched[f"{d}|magnitude|{sch}|{f}"][s]
+                both = [k for k in a if a[k] is not None and b[k] is not None]
+                diffs = [a[k] - b[k] for k in both]
+                criterion_tests.append(
+                    {
+                        "dataset": d,
+                        "candidate": [c, sch, f],
+                        "level_sparsity": s,
+                        "n": len(diffs),
+                        "mean_diff": t_ci(diffs)[0] if diffs else None,
+                        "ci95": list(t_ci(diffs)[1:]) if len(diffs) > 1 else None,
+                        "p": float(sps.ttest_rel([a[k] for k in both], [b[k] for k in both]).pvalue)
+                        if len(diffs) > 2 and np.std(diffs) > 0
+                        else None,
+                    }
+                )
+    m_crit = sum(t["p"] is not None for t in criterion_tests)
+    for t in criterion_tests:
+        t["p_bonf"] = None if t["p"] is None else min(1.0, t["p"] * m_crit)
     # (a) undecayed vs magnitude at matched accuracy (one-shot, plain FT)
     undecayed = []
     for d in cfg["datasets"]:
@@ -610,6 +672,26 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
                 if len(diffs) > 2 and np.std(diffs) > 0
                 else None
             )
+            # α (Good et al.) of both criteria at the same accuracy, interpolated likewise
+            alphas = {}
+            for crit in ("undecayed", "magnitude"):
+                vals = {}
+                for run in runs:
+                    if run["dataset"] != d:
+                        continue
+                    pts = [
+                        dict(r, worst=alpha_of(r, run["dense"]))
+                        for r in curve(run["records"], None, crit, "oneshot", "plain")
+                    ]
+                    floor = run["chance"] + 0.25 * (run["dense"]["acc"] - run["chance"])
+                    vals[str(run["seed"])] = matched_value(pts, levels[d][s], floor)[0]
+                alphas[crit] = vals
+            both_a = [
+                k
+                for k in alphas["undecayed"]
+                if None not in (alphas["undecayed"][k], alphas["magnitude"][k])
+            ]
+            da = [alphas["undecayed"][k] - alphas["magnitude"][k] for k in both_a]
             undecayed.append(
                 {
                     "dataset": d,
@@ -617,6 +699,17 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
                     "n": len(diffs),
                     "ci95": t_ci(diffs) if diffs else None,
                     "p": p,
+                    "alpha_n": len(da),
+                    "alpha_undecayed": t_ci([alphas["undecayed"][k] for k in both_a])
+                    if da
+                    else None,
+                    "alpha_magnitude": t_ci([alphas["magnitude"][k] for k in both_a])
+                    if da
+                    else None,
+                    "alpha_diff": t_ci(da) if da else None,
+                    "alpha_p": float(sps.ttest_1samp(da, 0.0).pvalue)
+                    if len(da) > 2 and np.std(da) > 0
+                    else None,
                 }
             )
     # (b) Tran's correlations by damage; (c) forecast vs realized by round size
@@ -642,6 +735,7 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
                 ]
             pred = np.concatenate([f["predicted"] for f in sel])
             real = np.concatenate([f["realized"] for f in sel])
+            ratios = real / np.where(np.abs(pred) > 1e-12, pred, np.nan)
             rhos = [_spearman(f["predicted"], f["realized"]) for f in sel]
             rhos = [r for r in rhos if r is not None]
             forecast_rows.append(
@@ -649,11 +743,7 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
                     "schedule": sched,
                     "round_fraction": fr,
                     "n": len(sel),
-                    "median_ratio": float(
-                        np.nanmedian(real / np.where(np.abs(pred) > 1e-12, pred, np.nan))
-                    )
-                    if len(pred)
-                    else None,
+                    "median_ratio": None if np.isnan(ratios).all() else float(np.nanmedian(ratios)),
                     "median_rel_error": float(
                         np.nanmedian(np.abs(real - pred) / np.maximum(np.abs(real), 1e-12))
                     ),
@@ -663,9 +753,11 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
     return {
         "levels": levels,
         "matched": matched,
+        "matched_sparsity": matched_sparsity,
         "coverage": coverage,
         "tests": tests,
         "num_tests": m_tests,
+        "criterion_tests": criterion_tests,
         "verdict": verdict,
         "best_upper_bonf99": best_upper,
         "undecayed_vs_magnitude": undecayed,

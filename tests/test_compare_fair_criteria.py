@@ -39,14 +39,17 @@ def _points(runs, d, seed, method):
 
 def _interp(points, level, floor):
     """Independent re-implementation: the sparsest bracketing adjacent pair, no collapses."""
-    found = None
-    for (_, a0, w0), (_, a1, w1) in itertools.pairwise(points):
+    found = (None, None)
+    for (s0, a0, w0), (s1, a1, w1) in itertools.pairwise(points):
         if min(a0, a1) < floor or not (min(a0, a1) <= level <= max(a0, a1)):
             continue
+        if a0 == a1:
+            found = (w0, s1)
+            continue
+        xs = sorted([a0, a1])
         found = (
-            w0
-            if a0 == a1
-            else float(np.interp(level, sorted([a0, a1]), [w0, w1] if a0 <= a1 else [w1, w0]))
+            float(np.interp(level, xs, [w0, w1] if a0 <= a1 else [w1, w0])),
+            float(np.interp(level, xs, [s0, s1] if a0 <= a1 else [s1, s0])),
         )
     return found
 
@@ -93,12 +96,15 @@ def test_levels_matching_and_coverage_recomputed(result):
                 level = a["levels"][d][s]
                 for run in druns:
                     floor = run["chance"] + 0.25 * (run["dense"]["acc"] - run["chance"])
-                    expect = _interp(_points(runs, d, run["seed"], method), level, floor)
+                    expect, expect_sp = _interp(_points(runs, d, run["seed"], method), level, floor)
                     got = values[str(run["seed"])]
+                    got_sp = a["matched_sparsity"][key][s][str(run["seed"])]
                     if expect is None:
                         assert got is None
+                        assert got_sp is None
                     else:
                         assert got == pytest.approx(expect, abs=1e-12)
+                        assert got_sp == pytest.approx(expect_sp, abs=1e-12)
                 covered = sum(v is not None for v in values.values()) / len(values)
                 assert a["coverage"][key][s] == pytest.approx(covered)
 
@@ -121,6 +127,8 @@ def test_paired_tests_recomputed_with_scipy(result):
             continue
         d = np.array([xc[k] - xb[k] for k in seeds])
         assert t["mean_diff"] == pytest.approx(d.mean(), abs=1e-12)
+        sp = a["matched_sparsity"][key_c][t["level_sparsity"]]
+        assert t["cand_sparsity"] == pytest.approx(np.mean([sp[k] for k in seeds]))
         if t["p"] is not None:
             ref = stats.ttest_rel([xc[k] for k in seeds], [xb[k] for k in seeds])
             assert t["p"] == pytest.approx(ref.pvalue, rel=1e-9)
@@ -144,7 +152,10 @@ def test_verdict_follows_the_tests(result):
                     if t["dataset"] == d and t["candidate"] == cand and t["level_sparsity"] == s
                 ]
                 if len(ts) == 2 and all(
-                    t["p_bonf"] is not None and t["p_bonf"] < 0.01 and t["mean_diff"] > 0
+                    t["p_bonf"] is not None
+                    and t["p_bonf"] < 0.01
+                    and t["mean_diff"] > 0
+                    and t["cand_sparsity"] >= t["base_sparsity"] - 0.01
                     for t in ts
                 ):
                     ok = True
@@ -182,5 +193,5 @@ def test_summary_cis_and_forecast_rows(result):
         ]
         pred = np.concatenate([f["predicted"] for f in sel])
         real = np.concatenate([f["realized"] for f in sel])
-        ratio = np.nanmedian(real / np.where(np.abs(pred) > 1e-12, pred, np.nan))
-        assert math.isclose(r["median_ratio"], ratio, rel_tol=1e-9)
+        ratios = real / np.where(np.abs(pred) > 1e-12, pred, np.nan)
+        assert math.isclose(r["median_ratio"], np.nanmedian(ratios), rel_tol=1e-9)
