@@ -834,6 +834,61 @@ def table_md(res, cfg) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fmt_ci(t) -> str:
+    if t is None or t.get("ci95") is None:
+        return "–"
+    lo, hi = t["ci95"]
+    return f"{t['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def docs_markdown(res, cfg) -> str:
+    """The compact tables pasted into docs/results.md."""
+    a = res["analysis"]
+    lines = []
+    for d in cfg["datasets"]:
+        lv = a["levels"][d]
+        lines += [
+            "",
+            f"**{d}** (accuracy levels: "
+            + ", ".join(f"{lv[s]:.3f} = magnitude one-shot at s = {s}" for s in lv)
+            + ")",
+            "",
+            "| recipe | level s | Δ worst vs mag+plain | Δ worst vs mag+weighted | p_Bonf "
+            "(plain / weighted) | matched sparsity (recipe / baseline) | coverage |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in CRITERIA:
+            for sch in SCHEDULES:
+                if sch == "rounds" and c not in ROUND_CRITERIA:
+                    continue
+                for f in FINETUNES:
+                    for s in lv:
+                        ts = {
+                            t["baseline"][2]: t
+                            for t in a["tests"]
+                            if t["dataset"] == d
+                            and t["candidate"] == [c, sch, f]
+                            and t["level_sparsity"] == s
+                        }
+                        tp, tw = ts.get("plain"), ts.get("weighted")
+                        ps = "/".join(
+                            "–" if t is None or t["p_bonf"] is None else f"{t['p_bonf']:.2g}"
+                            for t in (tp, tw)
+                        )
+                        ref = tw or tp
+                        sp = (
+                            "–"
+                            if ref is None or ref["cand_sparsity"] is None
+                            else f"{ref['cand_sparsity']:.3f} / {ref['base_sparsity']:.3f}"
+                        )
+                        cov = a["coverage"][f"{d}|{c}|{sch}|{f}"][s]
+                        lines.append(
+                            f"| {c} / {sch} / {f} | {s} | {_fmt_ci(tp)} | {_fmt_ci(tw)} | {ps} "
+                            f"| {sp} | {cov:.2f} |"
+                        )
+    return "\n".join(lines) + "\n"
+
+
 def pareto_plots(runs, cfg, prefix: str) -> list[str]:
     import matplotlib
 
@@ -950,6 +1005,7 @@ def main(argv=None) -> dict:
     res["wall_s"] = run_wall
     (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
     (out / "table.md").write_text(table_md(res, cfg))
+    (out / "docs.md").write_text(docs_markdown(res, cfg))
     prefix = args.fig_prefix or str(out / "pareto")
     res["figures"] = pareto_plots(runs, cfg, prefix)
     print(f"done in {res['wall_s']:.0f} s -> {out}", file=sys.stderr)
