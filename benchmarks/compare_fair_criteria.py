@@ -28,8 +28,9 @@ Grid (plain-torch loops for speed; the package's cores do the work):
   Linear layers pruned globally (biases kept).
 
 Metrics on the test split: accuracy and the worst-group accuracy (= worst-class recall on the
-digit sets). Accuracy-matched analysis: for every dataset, accuracy levels are the median
-(over seeds) accuracy of magnitude + one-shot + plain FT at 90, 95 and 97 % sparsity; for every
+digit sets). Accuracy-matched analysis: for every dataset and schedule, accuracy levels are the
+median (over seeds) accuracy of magnitude + plain FT of that schedule at 90, 95 and 97 %
+sparsity (each recipe is compared with the baselines of its own schedule); for every
 seed and method the worst-group metric at a level is interpolated linearly between the two
 *adjacent* sparsities whose accuracies bracket it (the sparsest such pair), never across a
 collapsed point (accuracy below chance + 25 % of the dense model's margin over chance); seeds
@@ -519,16 +520,18 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
         drecs = [r for r in records if r["dataset"] == d]
         druns = [r for r in runs if r["dataset"] == d]
         levels[d] = {}
-        for s in cfg["level_sparsities"]:
-            accs = [
-                r["acc"]
-                for r in drecs
-                if r["criterion"] == "magnitude"
-                and r["schedule"] == "oneshot"
-                and r["finetune"] == "plain"
-                and abs(r["sparsity"] - s) < 1e-9
-            ]
-            levels[d][str(s)] = float(np.median(accs))
+        for sch in SCHEDULES:
+            levels[d][sch] = {}
+            for s in cfg["level_sparsities"]:
+                accs = [
+                    r["acc"]
+                    for r in drecs
+                    if r["criterion"] == "magnitude"
+                    and r["schedule"] == sch
+                    and r["finetune"] == "plain"
+                    and abs(r["sparsity"] - s) < 1e-9
+                ]
+                levels[d][sch][str(s)] = float(np.median(accs))
         collapse = {
             run["seed"]: run["chance"] + 0.25 * (run["dense"]["acc"] - run["chance"])
             for run in druns
@@ -536,7 +539,7 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
         for m in [*methods, ("undecayed", "oneshot", "plain")]:
             key = f"{d}|{'|'.join(m)}"
             matched[key], matched_sparsity[key] = {}, {}
-            for s, level in levels[d].items():
+            for s, level in levels[d][m[1]].items():
                 vals, sps_at = {}, {}
                 for seed in seeds_of[d]:
                     v, sp = matched_value(curve(drecs, seed, *m), level, collapse[seed])
@@ -552,7 +555,7 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
             for bc, bf in BASELINES:
                 if (c, f) == (bc, bf):
                     continue
-                for s in levels[d]:
+                for s in levels[d][sch]:
                     a = matched[f"{d}|{c}|{sch}|{f}"][s]
                     b = matched[f"{d}|{bc}|{sch}|{bf}"][s]
                     a_sp = matched_sparsity[f"{d}|{c}|{sch}|{f}"][s]
@@ -587,7 +590,7 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
     m_tests = sum(t["p"] is not None for t in tests)
     for t in tests:
         t["p_bonf"] = None if t["p"] is None else min(1.0, t["p"] * m_tests)
-        if t["n"] > 1:
+        if t["n"] >= 10:  # a rule-out bound from a handful of seeds would be meaningless
             alpha = 0.01 / max(1, m_tests)
             diffs_sd = None
             if t["ci95"] is not None:
@@ -605,7 +608,7 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
         wins = []
         for d in cfg["datasets"]:
             ok_levels = []
-            for s in levels[d]:
+            for s in levels[d][sch]:
                 ts = [
                     t
                     for t in tests
@@ -638,7 +641,7 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
         for c, sch, f in methods:
             if c == "magnitude":
                 continue
-            for s in levels[d]:
+            for s in levels[d][sch]:
                 a = matched[f"{d}|{c}|{sch}|{f}"][s]
                 b = matched[f"{d}|magnitude|{sch}|{f}"][s]
                 both = [k for k in a if a[k] is not None and b[k] is not None]
@@ -662,7 +665,7 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
     # (a) undecayed vs magnitude at matched accuracy (one-shot, plain FT)
     undecayed = []
     for d in cfg["datasets"]:
-        for s in levels[d]:
+        for s in levels[d]["oneshot"]:
             a = matched[f"{d}|undecayed|oneshot|plain"][s]
             b = matched[f"{d}|magnitude|oneshot|plain"][s]
             both = [k for k in a if a[k] is not None and b[k] is not None]
@@ -684,7 +687,7 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
                         for r in curve(run["records"], None, crit, "oneshot", "plain")
                     ]
                     floor = run["chance"] + 0.25 * (run["dense"]["acc"] - run["chance"])
-                    vals[str(run["seed"])] = matched_value(pts, levels[d][s], floor)[0]
+                    vals[str(run["seed"])] = matched_value(pts, levels[d]["oneshot"][s], floor)[0]
                 alphas[crit] = vals
             both_a = [
                 k
@@ -716,9 +719,9 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
     tran = [dict(t, dataset=r["dataset"], seed=r["seed"]) for r in runs for t in r["tran"]]
     bins = [0.0, 0.02, 0.1, 0.3, 1.01]
     tran_bins = []
-    for lo, hi in itertools.pairwise(bins):
-        sel = [t for t in tran if lo <= t["damage"] < hi]
-        row = {"damage": [lo, hi], "n": len(sel)}
+    for d, (lo, hi) in itertools.product(["all", *cfg["datasets"]], itertools.pairwise(bins)):
+        sel = [t for t in tran if lo <= t["damage"] < hi and d in ("all", t["dataset"])]
+        row = {"dataset": d, "damage": [lo, hi], "n": len(sel)}
         for k in ("rho_grad", "rho_trace"):
             vals = [t[k] for t in sel if t[k] is not None]
             row[k] = t_ci(vals) if len(vals) > 1 else None
@@ -726,13 +729,20 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
     forecast_rows = []
     fc = [dict(f, dataset=r["dataset"], seed=r["seed"]) for r in runs for f in r["forecast"]]
     for sched in ("oneshot", "rounds"):
-        fracs = sorted({round(f["round_fraction"], 3) for f in fc if f["schedule"] == sched})
+        if sched == "oneshot":
+            fracs = sorted({round(f["round_fraction"], 3) for f in fc if f["schedule"] == sched})
+        else:  # every round of the rounds schedule removes <= ~20 % of the remaining weights
+            fracs = ["all"]
         for fr in fracs:
-            sel = [f for f in fc if f["schedule"] == sched and round(f["round_fraction"], 3) == fr]
-            if sched == "rounds":
-                sel = [
-                    f for f in fc if f["schedule"] == sched and abs(f["round_fraction"] - fr) < 1e-3
-                ]
+            sel = [
+                f
+                for f in fc
+                if f["schedule"] == sched
+                and (fr == "all" or round(f["round_fraction"], 3) == fr)
+                and any(abs(x) > 0 for x in f["predicted"])
+            ]
+            if not sel:
+                continue
             pred = np.concatenate([f["predicted"] for f in sel])
             real = np.concatenate([f["realized"] for f in sel])
             ratios = real / np.where(np.abs(pred) > 1e-12, pred, np.nan)
@@ -796,10 +806,8 @@ def table_md(res, cfg) -> str:
             "(mean diff vs baseline, 95 % CI, p_Bonf, n)",
             "",
         ]
-        lv = a["levels"][d]
-        lines.append(
-            "| candidate | " + " | ".join(f"acc {lv[s]:.3f} (mag s={s})" for s in lv) + " |"
-        )
+        lv = a["levels"][d]["oneshot"]
+        lines.append("| candidate | " + " | ".join(f"level s={s}" for s in lv) + " |")
         lines.append("|---|" + "---|" * len(lv))
         for c in CRITERIA:
             for sch in SCHEDULES:
@@ -846,11 +854,14 @@ def docs_markdown(res, cfg) -> str:
     a = res["analysis"]
     lines = []
     for d in cfg["datasets"]:
-        lv = a["levels"][d]
+        lv = a["levels"][d]["oneshot"]
         lines += [
             "",
-            f"**{d}** (accuracy levels: "
-            + ", ".join(f"{lv[s]:.3f} = magnitude one-shot at s = {s}" for s in lv)
+            f"**{d}** (accuracy levels = median accuracy of magnitude + plain FT of the same "
+            "schedule at s: one-shot "
+            + ", ".join(f"{a['levels'][d]['oneshot'][s]:.3f}" for s in lv)
+            + "; rounds "
+            + ", ".join(f"{a['levels'][d]['rounds'][s]:.3f}" for s in lv)
             + ")",
             "",
             "| recipe | level s | Δ worst vs mag+plain | Δ worst vs mag+weighted | p_Bonf "

@@ -78,22 +78,21 @@ def test_levels_matching_and_coverage_recomputed(result):
     runs, a, cfg = saved["runs"], saved["analysis"], saved["config"]
     for d in cfg["datasets"]:
         druns = [r for r in runs if r["dataset"] == d]
-        for s in cfg["level_sparsities"]:
+        for sch, s in itertools.product(("oneshot", "rounds"), cfg["level_sparsities"]):
             accs = [
                 r["acc"]
                 for run in druns
                 for r in run["records"]
-                if (r["criterion"], r["schedule"], r["finetune"])
-                == ("magnitude", "oneshot", "plain")
+                if (r["criterion"], r["schedule"], r["finetune"]) == ("magnitude", sch, "plain")
                 and r["sparsity"] == s
             ]
-            assert a["levels"][d][str(s)] == pytest.approx(float(np.median(accs)))
+            assert a["levels"][d][sch][str(s)] == pytest.approx(float(np.median(accs)))
         for key, by_level in a["matched"].items():
             if not key.startswith(d + "|"):
                 continue
             method = tuple(key.split("|")[1:])
             for s, values in by_level.items():
-                level = a["levels"][d][s]
+                level = a["levels"][d][method[1]][s]
                 for run in druns:
                     floor = run["chance"] + 0.25 * (run["dense"]["acc"] - run["chance"])
                     expect, expect_sp = _interp(_points(runs, d, run["seed"], method), level, floor)
@@ -145,7 +144,7 @@ def test_verdict_follows_the_tests(result):
         expect = []
         for d in cfg["datasets"]:
             ok = False
-            for s in a["levels"][d]:
+            for s in a["levels"][d][cand[1]]:
                 ts = [
                     t
                     for t in a["tests"]
