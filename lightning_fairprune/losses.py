@@ -33,7 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CONSTRAINTS", "GroupEqualizedLoss", "constraint_values"]
+__all__ = [
+    "CONSTRAINTS",
+    "GroupDROLoss",
+    "GroupEqualizedLoss",
+    "GroupWeightedLoss",
+    "constraint_values",
+    "inverse_frequency_weights",
+]
 
 ConstraintName = Literal["absolute", "signed", "one_sided"]
 CONSTRAINTS: tuple[str, ...] = ("absolute", "signed", "one_sided")
@@ -568,3 +575,326 @@ class GroupEqualizedLoss(nn.Module):
         self.multipliers.copy_(new.to(self.multipliers.dtype))
         self.reset_accumulators()
         return v
+
+
+# --------------------------------------------------------------------------- siblings
+#
+# Fine-tuning remedies with the interface of `GroupEqualizedLoss` (they subclass it, so the
+# `GroupEqualizer` callback drives them unchanged: ``active``, the accumulators, the
+# ``multipliers`` buffer, ``violations`` and ``dual_step``).
+
+
+def inverse_frequency_weights(counts: Tensor | Sequence[float]) -> Tensor:
+    """Static inverse-frequency weights ``v_a = N / (G' · n_a)`` (0 for absent groups).
+
+    ``N`` is the total count and ``G'`` the number of groups with samples, so the weighted
+    mean of a constant loss is that constant and every present group gets the same total
+    weight (scikit-learn's ``class_weight="balanced"``).
+
+    Args:
+        counts: samples per group, shape (G,), >= 0, at least one positive.
+
+    Returns:
+        float32 weights (G,).
+
+    Example:
+        >>> inverse_frequency_weights([30.0, 10.0, 0.0])
+        tensor([0.6667, 2.0000, 0.0000])
+    """
+    c = torch.as_tensor(counts, dtype=torch.float64)
+    if c.dim() != 1 or not bool(torch.isfinite(c).all()) or bool((c < 0).any()):
+        raise ValueError(
+            f"Expected `counts` to be a 1-D tensor of finite counts >= 0, but got {counts!r}"
+        )
+    present = c > 0
+    if not bool(present.any()):
+        raise ValueError(f"Expected at least one positive entry in `counts`, but got {counts!r}")
+    w = torch.where(present, c.sum() / (int(present.sum()) * c.clamp_min(1e-300)), 0.0)
+    return w.to(torch.float32)
+
+
+class _GroupTermsMixin:
+    """Shared per-batch work of the siblings: per-sample losses, groups, accumulation."""
+
+    def _group_terms(
+        self, inputs: Tensor, targets: Tensor | None, groups: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Return (num[N], den[N], groups[N], group_sums[G], group_counts[G]); accumulate."""
+        loss = self  # type: ignore[assignment]
+        num, den = loss._per_sample(inputs, targets)  # type: ignore[attr-defined]
+        n = num.shape[0]
+        groups = loss._check_groups(groups, targets, n)  # type: ignore[attr-defined]
+        if loss.validate_inputs and not bool(torch.isfinite(num).all()):  # type: ignore[attr-defined]
+            bad = int((~torch.isfinite(num)).sum())
+            raise ValueError(
+                f"Expected finite per-sample losses, but got {bad} non-finite value(s) (NaN or "
+                f"inf) in a batch of {n}; check the model outputs and the learning rate"
+            )
+        den = den.detach()
+        g = loss.num_groups  # type: ignore[attr-defined]
+        sums = num.new_zeros(g).index_add(0, groups, num)
+        counts = den.new_zeros(g).index_add(0, groups, den)
+        if loss.training:  # type: ignore[attr-defined]
+            loss._accumulate(sums.detach(), counts)  # type: ignore[attr-defined]
+        return num, den, groups, sums, counts
+
+
+class GroupDROLoss(_GroupTermsMixin, GroupEqualizedLoss):
+    """Group DRO (Sagawa et al., ICLR 2020): ``Σ_a q_a J_a`` with exponentiated-gradient ``q``.
+
+    The ``multipliers`` buffer holds the group weights ``q`` (on the simplex, uniform at the
+    start). ``forward`` returns ``Σ_a q_a J_a / Σ_{a present} q_a`` over the groups present in
+    the batch (``J_a`` the group's mean loss; the plain mean ``J`` while ``active`` is
+    ``False``). `dual_step` with step size ``η`` (the `GroupEqualizer`'s ``dual_lr``) applies
+    Sagawa's update ``q_a ← q_a · exp(η · J_a)`` for every group with samples (absent groups:
+    factor 1), then renormalizes; ``J_a`` comes from the accumulated (all-reduced) sums, so
+    every process holds the same ``q``. `violations` returns the gaps ``J_a − J`` (what the
+    callback logs). Sagawa's algorithm updates ``q`` after every batch: use
+    ``GroupEqualizer(dual_lr=η, every_n_steps=1)``; they used ``η`` in {0.001, 0.01, 0.1}.
+
+    Args:
+        num_groups: number of groups G.
+        base_loss: as in `GroupEqualizedLoss`.
+        label_smoothing: passed to cross-entropy.
+        weight: class weights for cross-entropy.
+        active: whether the DRO objective is applied (``False``: plain ``J``).
+        validate_inputs: as in `GroupEqualizedLoss`.
+
+    Example:
+        >>> loss_fn = GroupDROLoss(num_groups=2)
+        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+        >>> targets = torch.tensor([0, 1])
+        >>> loss_fn(logits, targets)  # q = (1/2, 1/2): the mean of the two group losses
+        tensor(0.4100)
+        >>> loss_fn.dual_step(1.0)  # q_a ∝ q_a exp(J_a); returns J_a − J
+        tensor([-0.2831,  0.2831], dtype=torch.float64)
+        >>> loss_fn.multipliers
+        tensor([0.3621, 0.6379])
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        base_loss: str | PerSampleLoss | None = "cross_entropy",
+        label_smoothing: float = 0.0,
+        weight: Tensor | Sequence[float] | None = None,
+        active: bool = True,
+        validate_inputs: bool = True,
+    ) -> None:
+        super().__init__(
+            num_groups,
+            base_loss=base_loss,
+            constraint="signed",
+            label_smoothing=label_smoothing,
+            weight=weight,
+            nonnegative=True,
+            multiplier_init=1.0 / num_groups
+            if isinstance(num_groups, int) and num_groups > 0
+            else 0.0,
+            active=active,
+            validate_inputs=validate_inputs,
+        )
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"num_groups={self.num_groups}, active={self.active}"
+
+    def forward(
+        self, inputs: Tensor, targets: Tensor | None = None, groups: Tensor | None = None
+    ) -> Tensor:
+        """Return ``Σ_a q_a J_a`` over the groups present (or ``J`` while inactive).
+
+        Args:
+            inputs: logits, model outputs or per-sample losses (see `GroupEqualizedLoss`).
+            targets: class indices.
+            groups: group id per sample (default: ``targets``).
+
+        Returns:
+            Scalar tensor to back-propagate.
+        """
+        num, den, _, sums, counts = self._group_terms(inputs, targets, groups)
+        total = den.sum()
+        objective = num.sum() / total
+        present = counts > 0
+        group_losses = sums / counts.clamp_min(torch.finfo(counts.dtype).tiny)
+        self.last_objective = objective.detach()
+        self.last_group_losses = torch.where(
+            present, group_losses.detach(), torch.full_like(group_losses, float("nan"))
+        )
+        if not self.active:
+            return objective
+        q = self.multipliers.detach().to(device=group_losses.device, dtype=group_losses.dtype)
+        q = torch.where(present, q, torch.zeros_like(q))
+        mass = q.sum()
+        if not bool(mass > 0):  # every present group has weight 0 (cannot happen with exp)
+            return objective
+        return (torch.where(present, q * group_losses, torch.zeros_like(q))).sum() / mass
+
+    def reset_multipliers(self, value: float | None = None) -> None:
+        """Reset ``q`` to uniform (``value`` is accepted for compatibility and must be None)."""
+        if value is not None:
+            raise ValueError(
+                f"Expected `value` to be None (group DRO weights reset to uniform), but got {value}"
+            )
+        with torch.no_grad():
+            self.multipliers.fill_(1.0 / self.num_groups)
+
+    @torch.no_grad()
+    def dual_step(
+        self,
+        lr: float,
+        loss_sums: Tensor | Sequence[float] | None = None,
+        counts: Tensor | Sequence[float] | None = None,
+    ) -> Tensor:
+        """Exponentiated-gradient step ``q_a ← q_a exp(lr · J_a)``, renormalized; resets sums.
+
+        Args:
+            lr: step size η >= 0.
+            loss_sums: per-group loss sums (G,), e.g. all-reduced; default: the accumulators.
+            counts: per-group counts (G,).
+
+        Returns:
+            The gaps ``J_a − J`` (float64, NaN for absent groups).
+
+        Example:
+            >>> loss_fn = GroupDROLoss(2)
+            >>> loss_fn.dual_step(0.5, loss_sums=[1.0, 3.0], counts=[2.0, 2.0])
+            tensor([-0.5000,  0.5000], dtype=torch.float64)
+            >>> loss_fn.multipliers  # ∝ (0.5·e^0.25, 0.5·e^0.75)
+            tensor([0.3775, 0.6225])
+        """
+        if (
+            isinstance(lr, bool)
+            or not isinstance(lr, (int, float))
+            or not math.isfinite(lr)
+            or lr < 0
+        ):
+            raise ValueError(
+                f"Expected the step size `lr` to be a finite float >= 0, but got {lr!r}"
+            )
+        if (loss_sums is None) != (counts is None):
+            raise ValueError("Expected both `loss_sums` and `counts`, or neither")
+        if loss_sums is None or counts is None:
+            sums_t, counts_t = self.accumulated
+        else:
+            sums_t, counts_t = self._check_sums(loss_sums, counts)
+        gaps = self.violations(sums_t, counts_t)
+        present = counts_t > 0
+        if bool(present.any()):
+            group_losses = sums_t / counts_t.clamp_min(torch.finfo(torch.float64).tiny)
+            # subtract the largest exponent (a constant factor, removed by the normalization)
+            expo = torch.where(present, lr * group_losses, torch.zeros_like(group_losses))
+            q = self.multipliers.to(torch.float64) * torch.exp(expo - expo.max())
+            self.multipliers.copy_((q / q.sum()).to(self.multipliers.dtype))
+        self.reset_accumulators()
+        return gaps
+
+
+class GroupWeightedLoss(_GroupTermsMixin, GroupEqualizedLoss):
+    """Static group-weighted loss ``Σ_i v_{g_i} ℓ_i / Σ_i v_{g_i}`` (no dual variables).
+
+    The baseline the adaptive remedies must beat. With groups = classes and
+    ``v = inverse_frequency_weights(class counts)`` it equals
+    ``F.cross_entropy(logits, targets, weight=v)``. `dual_step` changes nothing but resets
+    the accumulators and returns the gaps ``J_a − J`` of the *unweighted* per-group losses, so
+    the `GroupEqualizer` callback can log them. The ``multipliers`` buffer holds ``v``.
+
+    Args:
+        group_weights: ``v``, shape (G,), finite, >= 0, not all 0 (see
+            `inverse_frequency_weights`).
+        base_loss: as in `GroupEqualizedLoss`.
+        label_smoothing: passed to cross-entropy.
+        active: whether the weights are applied (``False``: plain mean ``J``).
+        validate_inputs: as in `GroupEqualizedLoss`.
+
+    Example:
+        >>> loss_fn = GroupWeightedLoss([1.0, 3.0])
+        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+        >>> loss_fn(logits, torch.tensor([0, 1]))  # (1·0.1269 + 3·0.6931) / 4
+        tensor(0.5516)
+    """
+
+    def __init__(
+        self,
+        group_weights: Tensor | Sequence[float],
+        base_loss: str | PerSampleLoss | None = "cross_entropy",
+        label_smoothing: float = 0.0,
+        active: bool = True,
+        validate_inputs: bool = True,
+    ) -> None:
+        v = torch.as_tensor(group_weights, dtype=torch.float32)
+        if (
+            v.dim() != 1
+            or v.numel() == 0
+            or not bool(torch.isfinite(v).all())
+            or bool((v < 0).any())
+            or not bool((v > 0).any())
+        ):
+            raise ValueError(
+                "Expected `group_weights` to be a non-empty 1-D tensor of finite weights >= 0, "
+                f"not all 0, but got {group_weights!r}"
+            )
+        super().__init__(
+            int(v.numel()),
+            base_loss=base_loss,
+            constraint="signed",
+            label_smoothing=label_smoothing,
+            active=active,
+            validate_inputs=validate_inputs,
+        )
+        with torch.no_grad():
+            self.multipliers.copy_(v)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"num_groups={self.num_groups}, active={self.active}"
+
+    def forward(
+        self, inputs: Tensor, targets: Tensor | None = None, groups: Tensor | None = None
+    ) -> Tensor:
+        """Return the group-weighted mean loss (or the plain mean while inactive).
+
+        Args:
+            inputs: logits, model outputs or per-sample losses (see `GroupEqualizedLoss`).
+            targets: class indices.
+            groups: group id per sample (default: ``targets``).
+
+        Returns:
+            Scalar tensor to back-propagate.
+        """
+        num, den, groups_t, sums, counts = self._group_terms(inputs, targets, groups)
+        objective = num.sum() / den.sum()
+        present = counts > 0
+        group_losses = sums / counts.clamp_min(torch.finfo(counts.dtype).tiny)
+        self.last_objective = objective.detach()
+        self.last_group_losses = torch.where(
+            present, group_losses.detach(), torch.full_like(group_losses, float("nan"))
+        )
+        if not self.active:
+            return objective
+        v = self.multipliers.detach().to(device=num.device, dtype=num.dtype)[groups_t]
+        weight_sum = (v * den).sum()
+        if self.validate_inputs and not bool(weight_sum > 0):
+            raise ValueError(
+                "Expected a positive total group weight in the batch, but got 0 (every sample "
+                "belongs to a group of weight 0)"
+            )
+        return (v * num).sum() / weight_sum
+
+    def reset_multipliers(self, value: float = 0.0) -> None:
+        """Static weights: nothing to reset (kept for interface compatibility)."""
+
+    @torch.no_grad()
+    def dual_step(
+        self,
+        lr: float,
+        loss_sums: Tensor | Sequence[float] | None = None,
+        counts: Tensor | Sequence[float] | None = None,
+    ) -> Tensor:
+        """No update (static weights); returns the gaps ``J_a − J`` and resets the sums.
+
+        Example:
+            >>> GroupWeightedLoss([1.0, 1.0]).dual_step(0.1, [1.0, 3.0], [2.0, 2.0])
+            tensor([-0.5000,  0.5000], dtype=torch.float64)
+        """
+        gaps = self.violations(loss_sums, counts)
+        self.reset_accumulators()
+        return gaps

@@ -11,6 +11,17 @@ from lightning_fairprune.pruning.criteria import (
     random_scores,
     undecayed_scores,
 )
+from lightning_fairprune.pruning.fair_criteria import (
+    FAIR_CRITERIA,
+    GroupStatistics,
+    MinimaxResult,
+    fair_masks,
+    fairgrape_masks,
+    fairprune_masks,
+    forecast_group_damage,
+    group_statistics,
+    worst_group_masks,
+)
 from lightning_fairprune.pruning.masks import (
     MaskEnforcer,
     apply_masks,
@@ -46,17 +57,25 @@ from lightning_fairprune.pruning.sharded import (
 
 __all__ = [
     "CRITERIA",
+    "FAIR_CRITERIA",
     "NEEDS_GRADIENTS",
+    "GroupStatistics",
     "MaskEnforcer",
+    "MinimaxResult",
     "ShardSpec",
     "apply_masks",
     "check_masks_fit",
     "compute_scores",
+    "fair_masks",
+    "fairgrape_masks",
+    "fairprune_masks",
     "find_classifier",
+    "forecast_group_damage",
     "full_masks",
     "gather_full_masks",
     "global_masks",
     "gradient_scores",
+    "group_statistics",
     "is_sharded",
     "layerwise_masks",
     "load_masks",
@@ -80,5 +99,6 @@ __all__ = [
     "sparsity_report",
     "undecayed_scores",
     "unpack_mask",
+    "worst_group_masks",
     "zero_pruned_optimizer_state",
 ]
