@@ -159,12 +159,12 @@ class GroupEqualizedLoss(nn.Module):
         >>> targets = torch.tensor([0, 1, 2])
         >>> loss_fn(logits, targets)  # λ = 0: the plain mean cross-entropy
         tensor(0.5285)
-        >>> loss_fn.dual_step(lr=1.0)  # λ_a ← max(0, λ_a + |J_a − J|), returns |J_a − J|
-        tensor([0.2889, 0.0230, 0.2659], dtype=torch.float64)
-        >>> loss_fn.multipliers
-        tensor([0.2889, 0.0230, 0.2659])
-        >>> round(float(loss_fn(logits, targets)), 4)  # J + Σ λ_a |J_a − J|
-        0.6832
+        >>> loss_fn.dual_step(lr=1.0)  # λ_a ← max(0, λ_a + (J_a − J)), returns J_a − J
+        tensor([-0.2889,  0.0230,  0.2659], dtype=torch.float64)
+        >>> loss_fn.multipliers  # only the groups above the mean loss get a multiplier
+        tensor([0.0000, 0.0230, 0.2659])
+        >>> round(float(loss_fn(logits, targets)), 4)  # J + Σ λ_a (J_a − J)
+        0.5997
     """
 
     multipliers: Tensor
@@ -460,8 +460,8 @@ class GroupEqualizedLoss(nn.Module):
         Example:
             >>> loss_fn = GroupEqualizedLoss(2)
             >>> loss_fn.set_accumulated([1.0, 3.0], [2.0, 2.0])
-            >>> loss_fn.violations()
-            tensor([0.5000, 0.5000], dtype=torch.float64)
+            >>> loss_fn.violations()  # signed: J_a − J
+            tensor([-0.5000,  0.5000], dtype=torch.float64)
         """
         sums_t, counts_t = self._check_sums(loss_sums, counts)
         self._loss_sums, self._counts = sums_t, counts_t
@@ -512,7 +512,7 @@ class GroupEqualizedLoss(nn.Module):
 
         Example:
             >>> GroupEqualizedLoss(3).violations([2.0, 0.0, 9.0], [2.0, 0.0, 3.0])
-            tensor([1.2000,    nan, 0.8000], dtype=torch.float64)
+            tensor([-1.2000,     nan,  0.8000], dtype=torch.float64)
         """
         if (loss_sums is None) != (counts is None):
             raise ValueError("Expected both `loss_sums` and `counts`, or neither")

@@ -42,7 +42,10 @@ def main(out_dir: Path) -> None:
     model = SmallCNN()
     callbacks = {
         "random": IterativePruning(
-            0.5, criterion="random", include_names=["features.*"], start=1, seed=7
+            0.5, criterion="random", include_names=["features.0.*"], start=1, seed=7
+        ),
+        "worst_group": IterativePruning(
+            0.4, criterion="worst_group", include_names=["features.2.*"], start=1
         ),
         "gradient": IterativePruning(
             0.6, criterion="gradient", include_names=["fc.*"], start=1, gradient_batches=2

@@ -443,7 +443,7 @@ def test_ddp_identical_masks(tmp_path):
     # the rank-dependent criterion really gave different local scores: the broadcast matters
     assert r0["local_scores"]
     assert r0["local_scores"] != r1["local_scores"]
-    for key in ("random", "gradient", "rank_dependent"):
+    for key in ("random", "gradient", "rank_dependent", "worst_group"):
         assert r0[key]["rounds"] == 1
         assert r0[key]["hashes"] == r1[key]["hashes"], key
         assert r0[key]["sparsity"] == r1[key]["sparsity"]

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from _models import DigitsDataModule, digits_tensors, quiet_trainer_kwargs
+from _models import digits_tensors, quiet_trainer_kwargs
 from fairlearn.metrics import (
     MetricFrame,
     demographic_parity_difference,
@@ -77,7 +77,7 @@ def _predictions(model: nn.Module, x: torch.Tensor) -> np.ndarray:
 # ------------------------------------------------------------------ fairlearn agreement
 def test_binary_group_metrics_equal_fairlearn_metricframe(tmp_path):
     torch.manual_seed(0)
-    x, y, thick, region = _binary_data()
+    x, y, _thick, region = _binary_data()
     # one group absent (id 3), one group with a single sample (id 2)
     groups = region.clone()
     groups[groups == 2] = 0
@@ -176,8 +176,14 @@ def test_intersectional_named_groups_from_dict_batches(tmp_path):
         for i in range(0, 240, 60)
     ]
     names = {"ink": ["thin", "thick"], "reg": ["r0", "r1", "r2"]}
-    monitor = FairnessMonitor(batches, num_groups=[2, 3], group_key=["ink", "reg"],
-                              group_names=names, num_probes=0, log=False)  # fmt: skip
+    monitor = FairnessMonitor(
+        batches,
+        num_groups=[2, 3],
+        group_key=["ink", "reg"],
+        group_names=names,
+        num_probes=0,
+        log=False,
+    )
     model = BinaryDigits()
     record = monitor.measure(pl.Trainer(**quiet_trainer_kwargs(tmp_path)), model, "dense")
     expected_names = [
@@ -217,10 +223,19 @@ def _binary_datamodule(batch_size: int = 40):
 def test_model_checkpoint_on_worst_group_accuracy_picks_the_best_measured_epoch(tmp_path):
     torch.manual_seed(0)
     dm, _ = _binary_datamodule()
-    monitor = FairnessMonitor(num_groups=2, group_names=["thin", "thick"], every_n_epochs=1,
-                              num_probes=0, gradient_norms=False)  # fmt: skip
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="fairprune/worst_group_accuracy",
-                                 mode="max", save_top_k=1)  # fmt: skip
+    monitor = FairnessMonitor(
+        num_groups=2,
+        group_names=["thin", "thick"],
+        every_n_epochs=1,
+        num_probes=0,
+        gradient_norms=False,
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt",
+        monitor="fairprune/worst_group_accuracy",
+        mode="max",
+        save_top_k=1,
+    )
     pruning = IterativePruning(0.5, num_rounds=2, start=1, prune_classifier=True)
     kwargs = {**quiet_trainer_kwargs(tmp_path), "enable_checkpointing": True}
     trainer = pl.Trainer(max_epochs=4, callbacks=[pruning, monitor, checkpoint], **kwargs)
@@ -243,8 +258,9 @@ def test_early_stopping_on_a_fairness_metric(tmp_path):
     dm, _ = _binary_datamodule()
     monitor = FairnessMonitor(num_groups=2, every_n_epochs=1, num_probes=0, gradient_norms=False)
     # a worst-group accuracy that must improve by 1.0 per epoch stops after `patience` epochs
-    stopper = EarlyStopping(monitor="fairprune/worst_group_accuracy", mode="max", patience=1,
-                            min_delta=1.0)  # fmt: skip
+    stopper = EarlyStopping(
+        monitor="fairprune/worst_group_accuracy", mode="max", patience=1, min_delta=1.0
+    )
     trainer = pl.Trainer(
         max_epochs=10, callbacks=[monitor, stopper], **quiet_trainer_kwargs(tmp_path)
     )
@@ -274,12 +290,13 @@ def test_fairness_data_mistakes_surface_at_fit_start(tmp_path):
 def test_torchmetrics_per_group_and_small_group_warning(tmp_path):
     from torchmetrics.classification import BinaryF1Score
 
-    x, y, thick, region = _binary_data(n=200)
+    x, y, _thick, region = _binary_data(n=200)
     groups = region.clone()
     groups[:3] = 3  # a 3-sample group
     model = BinaryDigits()
-    monitor = FairnessMonitor([(x, y, groups)], num_groups=4, num_probes=2, log=False,
-                              metrics={"f1": BinaryF1Score()})  # fmt: skip
+    monitor = FairnessMonitor(
+        [(x, y, groups)], num_groups=4, num_probes=2, log=False, metrics={"f1": BinaryF1Score()}
+    )
     trainer = pl.Trainer(**quiet_trainer_kwargs(tmp_path))
     with pytest.warns(UserWarning, match=r"fewer than 30 samples \(\[3\]\)"):
         record = monitor.measure(trainer, model, "dense")

@@ -48,9 +48,11 @@ from lightning_fairprune.checks import (
     check_sparsity,
     is_int,
 )
+from lightning_fairprune.fairness_data import FairnessData
 from lightning_fairprune.logging import log_scalars
 from lightning_fairprune.measure import isolated, precision_context, prepare_batch, quiet_logging
 from lightning_fairprune.pruning.criteria import NEEDS_GRADIENTS, compute_scores, magnitude_scores
+from lightning_fairprune.pruning.fair_criteria import FAIR_CRITERIA, fair_masks, group_statistics
 from lightning_fairprune.pruning.masks import (
     MaskEnforcer,
     apply_masks,
@@ -79,7 +81,8 @@ from lightning_fairprune.schedules import RoundPlan
 
 __all__ = ["IterativePruning"]
 
-_CRITERIA = ("magnitude", "gradient", "undecayed", "random")
+_SCORE_CRITERIA = ("magnitude", "gradient", "undecayed", "random")
+_CRITERIA = (*_SCORE_CRITERIA, *FAIR_CRITERIA)
 _SCOPES = ("global", "layerwise")
 _STATE_VERSION = 2
 
@@ -128,7 +131,12 @@ class IterativePruning(Callback):
         end: last allowed event point (inclusive), or ``None``.
         frequency: distance between event points, ``>= 1``.
         criterion: ``"magnitude"`` (abs(θ)), ``"gradient"`` (abs(θ·g)), ``"undecayed"``
-            (abs(-θ·g + ε·θ²)), ``"random"`` (seeded) or a callable
+            (abs(-θ·g + ε·θ²)), ``"random"`` (seeded), a fairness-aware criterion
+            (``"fairgrape"``: FairGRAPE's balanced greedy over per-group Taylor importance;
+            ``"fairprune"``: FairPrune's per-group OBD saliency with its β trade-off;
+            ``"worst_group"``: ours, minimax over per-group second-order damage forecasts,
+            meant for many small rounds; see
+            :mod:`lightning_fairprune.pruning.fair_criteria`), or a callable
             ``fn(params, grads) -> scores`` (dicts keyed by parameter name).
         scope: ``"global"`` (one threshold over all prunable weights) or ``"layerwise"``
             (every parameter reaches the target sparsity on its own).
@@ -155,6 +163,17 @@ class IterativePruning(Callback):
             rewind weights (the pruned weights are already exactly zero).
         verbose: print one line per round (rank 0).
         name: distinguishes several pruning callbacks in one trainer (checkpoint state key).
+        group_data: for the fairness-aware criteria, where the per-group statistics come from:
+            a `lightning_fairprune.fairness_data.FairnessData` (a loader of ``(x, y, g)``
+            batches with ``num_groups``, or ``group_fn``, ``max_batches``: the same path as
+            `FairnessMonitor`'s). Default: ``gradient_batches`` batches of the training
+            dataloader with groups = classes.
+        curvature: per-group diagonal curvature of the fairness-aware criteria: ``"fisher"``
+            (default for fairprune and worst_group), ``"hutchinson"`` or ``"none"`` (default
+            for fairgrape, which needs none).
+        criterion_options: keyword options of the fairness-aware criterion (fairgrape:
+            ``batch``; fairprune: ``beta``, ``worst``, ``others``; worst_group:
+            ``iterations``, ``eta``, ``clip``, ``swaps``).
 
     Example:
         >>> pruning = IterativePruning(0.9, schedule="geometric", num_rounds=3, start=1)
@@ -198,6 +217,9 @@ class IterativePruning(Callback):
         make_permanent: bool = False,
         verbose: bool = False,
         name: str | None = None,
+        group_data: FairnessData | None = None,
+        curvature: str | None = None,
+        criterion_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # ---- the round plan (schedule arguments, targets, event points, position) ---------
@@ -241,7 +263,34 @@ class IterativePruning(Callback):
                 f"{criterion!r} of type {type(criterion).__name__}"
             )
         self.criterion = criterion
-        self.needs_gradients = uses_grads
+        self.needs_gradients = uses_grads and criterion not in FAIR_CRITERIA
+        self.fair = criterion in FAIR_CRITERIA
+        if group_data is not None and not isinstance(group_data, FairnessData):
+            raise TypeError(
+                "Expected `group_data` to be a lightning_fairprune.FairnessData (a loader with "
+                f"`num_groups`, `group_fn`, ...) or None, but got {type(group_data).__name__}"
+            )
+        if not self.fair and (
+            group_data is not None or curvature is not None or criterion_options is not None
+        ):
+            raise ValueError(
+                "Expected `group_data`, `curvature` and `criterion_options` only with a "
+                f"fairness-aware criterion {FAIR_CRITERIA}, but got criterion={criterion!r}"
+            )
+        if curvature is None:
+            curvature = "none" if criterion == "fairgrape" else "fisher"
+        self.curvature = check_choice(curvature, "curvature", ("fisher", "hutchinson", "none"))
+        if criterion in ("fairprune", "worst_group") and self.curvature == "none":
+            raise ValueError(
+                f"Expected `curvature` 'fisher' or 'hutchinson' with criterion={criterion!r} "
+                "(its saliencies use the per-group diagonal curvature), but got 'none'"
+            )
+        if criterion_options is not None and not isinstance(criterion_options, Mapping):
+            raise TypeError(
+                f"Expected `criterion_options` to be a mapping, but got {criterion_options!r}"
+            )
+        self.group_data = group_data
+        self.criterion_options = dict(criterion_options or {})
         self.scope = check_choice(scope, "scope", _SCOPES)
         self.gradient_batches = check_int(gradient_batches, "gradient_batches", 1)
         self.weight_decay = check_real(weight_decay, "weight_decay", low=0.0, allow_none=True)
@@ -742,6 +791,9 @@ class IterativePruning(Callback):
             tensor([[False,  True],
                     [ True, False]])
         """
+        if self.fair:
+            masks = self._fair_masks(trainer, pl_module, params, target, round_index)
+            return self._agree(trainer, masks, params)
         grads: dict[str, Tensor] | None = None
         decay: float | dict[str, float] = 0.0
         if self.needs_gradients:
@@ -778,13 +830,85 @@ class IterativePruning(Callback):
             else:
                 masks = layerwise_masks(scores, target, current_masks=current)
             del scores
+        return self._agree(trainer, masks, params)
+
+    @staticmethod
+    def _agree(
+        trainer: pl.Trainer | None, masks: dict[str, Tensor], params: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Rank 0's masks on every process (identical masks whatever the local data)."""
         world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
-        if world > 1:
-            assert trainer is not None
+        if world > 1 and trainer is not None:
             cpu_masks = {k: v.detach().cpu() for k, v in masks.items()}
             cpu_masks = trainer.strategy.broadcast(cpu_masks, src=0)
             masks = {k: v.to(params[k].device) for k, v in cpu_masks.items()}
         return masks
+
+    def _fair_masks(
+        self,
+        trainer: pl.Trainer | None,
+        pl_module: nn.Module,
+        params: Mapping[str, Tensor],
+        target: float,
+        round_index: int,
+    ) -> dict[str, Tensor]:
+        """Masks of a fairness-aware criterion from per-group statistics on the group data.
+
+        The statistics (per-group gradient sums and diagonal curvature) are sums over samples,
+        all-reduced across processes, so every process computes the same masks. They are
+        measured in eval mode inside `lightning_fairprune.measure.isolated` (module modes,
+        buffers, RNG and loader generators restored).
+        """
+        if self._sharded:
+            raise ValueError(
+                f"Expected criterion={self._criterion_name!r} on unsharded parameters: the "
+                "fairness-aware criteria do not support FSDP2-sharded models yet; use "
+                "'magnitude', 'gradient', 'undecayed' or 'random'"
+            )
+        data = self.group_data
+        if data is None:
+            loader = getattr(trainer, "train_dataloader", None)
+            if loader is None:
+                raise RuntimeError(
+                    f"IterativePruning: criterion={self._criterion_name!r} needs group data: "
+                    "pass `group_data=FairnessData(loader, ...)` or prune from a training hook "
+                    "(the training dataloader is used, groups = classes)"
+                )
+            data = FairnessData(loader, max_batches=self.gradient_batches)
+        loaders = [data.dataloader] if data.dataloader is not None else []
+        with isolated(pl_module, mode="eval", loaders=loaders):
+            batches = data.batches(trainer, pl_module)
+            num_groups = data.num_groups
+            if num_groups is None:  # groups = classes: the number of classes from the logits
+                x, _, _ = batches.first()
+                num_groups = int(pl_module(x).shape[1])
+            world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+            reduce_fn = None
+            if world > 1 and trainer is not None:
+                strategy = trainer.strategy
+
+                def reduce_fn(t: Tensor) -> Tensor:
+                    return strategy.reduce(t, reduce_op="sum")
+
+            stats = group_statistics(
+                pl_module,
+                batches,
+                num_groups,
+                params=dict(params),
+                curvature=self.curvature,
+                seed=self.seed + round_index,
+                reduce_fn=reduce_fn,
+            )
+        with torch.no_grad():
+            return fair_masks(
+                self._criterion_name,
+                params,
+                stats,
+                target,
+                current_masks=self._masks or None,
+                scope=self.scope,
+                **self.criterion_options,
+            )
 
     # ------------------------------------------------------------------ gradients
     def _task_gradients(

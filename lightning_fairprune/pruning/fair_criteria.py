@@ -64,8 +64,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +73,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_fairprune.diagnostics._batching import check_groups, split_batch
+from lightning_fairprune.measure import isolated
 from lightning_fairprune.pruning.masks import global_masks, layerwise_masks, num_to_prune
 
 __all__ = [
@@ -207,14 +207,12 @@ def _per_group_div(sums: Tensor, counts: Tensor) -> Tensor:
     return sums / c
 
 
-@contextmanager
-def measuring(model: nn.Module, params: Sequence[Tensor]) -> Iterator[None]:
-    """Measure without disturbing training: a local, swappable isolation context.
+def measuring(model: nn.Module, params: Sequence[Tensor]) -> Any:
+    """Measure without disturbing training: `lightning_fairprune.measure.isolated` in eval mode.
 
     Inside: eval mode, gradients enabled (also inside ``torch.inference_mode``), the given
     parameters require grad. Afterwards: every module's training flag, every buffer's value,
-    each parameter's ``requires_grad`` and ``.grad``, and the CPU (and CUDA) RNG state are
-    restored.
+    each parameter's ``requires_grad`` and ``.grad``, and the RNG states are restored.
 
     Args:
         model: the network.
@@ -228,32 +226,7 @@ def measuring(model: nn.Module, params: Sequence[Tensor]) -> Iterator[None]:
         >>> net.training
         True
     """
-    modes = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    all_params = list(model.parameters())
-    flags = [(p, p.requires_grad) for p in all_params]
-    grads = [(p, p.grad) for p in all_params]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    try:
-        model.eval()
-        for p in params:
-            p.requires_grad_(True)
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for p, g in grads:
-            p.grad = g
-        with torch.no_grad():
-            for b, value in buffers:
-                b.copy_(value)
-        for m, mode in modes:
-            m.training = mode
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+    return isolated(model, mode="eval", grad_params=params)
 
 
 def _resolve(
