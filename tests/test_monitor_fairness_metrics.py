@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -333,3 +334,24 @@ def test_wandb_only_runs_keep_their_own_history(tmp_path, monkeypatch):
     files = sorted(tmp_path.rglob("fairprune_history*.jsonl"))
     assert len(files) == 2  # before: both runs wrote <save_dir>/fairprune_history.jsonl
     assert all(len(read_history(f)) == 1 for f in files)
+
+
+def test_each_callback_logs_its_settings_to_every_logger(tmp_path):
+    import yaml
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_fairprune import GroupEqualizer
+
+    logger = CSVLogger(str(tmp_path), name="csv")
+    pruning = IterativePruning(0.6, schedule="cubic", num_rounds=2, criterion="magnitude")
+    monitor = FairnessMonitor(num_groups=2, num_probes=0, gradient_norms=False, name="val")
+    kwargs = {**quiet_trainer_kwargs(tmp_path), "logger": logger}
+    dm, _ = _binary_datamodule()
+    trainer = pl.Trainer(max_epochs=2, callbacks=[pruning, monitor], **kwargs)
+    trainer.fit(BinaryDigits(), datamodule=dm)
+    hparams = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())
+    assert hparams["fairprune/pruning/schedule"] == "cubic"
+    assert hparams["fairprune/pruning/final_sparsity"] == 0.6
+    assert hparams["fairprune/pruning/num_rounds"] == 2
+    assert hparams["fairprune/monitor-val/num_probes"] == 0
+    assert GroupEqualizer(dual_lr=0.02).settings()["dual_lr"] == 0.02

@@ -49,7 +49,7 @@ from lightning_fairprune.checks import (
     is_int,
 )
 from lightning_fairprune.fairness_data import FairnessData
-from lightning_fairprune.logging import log_scalars
+from lightning_fairprune.logging import log_config, log_scalars
 from lightning_fairprune.measure import isolated, precision_context, prepare_batch, quiet_logging
 from lightning_fairprune.pruning.criteria import NEEDS_GRADIENTS, compute_scores, magnitude_scores
 from lightning_fairprune.pruning.fair_criteria import FAIR_CRITERIA, fair_masks, group_statistics
@@ -478,6 +478,8 @@ class IterativePruning(Callback):
             rewind=self.rewind,
             make_permanent=self.make_permanent,
             name=self.name,
+            curvature=self.curvature if self.fair else None,
+            criterion_options=self.criterion_options or None,
             **{k: v for k, v in self.selection.items()},
         )
         return out
@@ -544,6 +546,9 @@ class IterativePruning(Callback):
         if stage != "fit":
             return
         self._setup_module(pl_module)
+        if bool(getattr(trainer, "is_global_zero", True)):
+            section = "pruning" if self.name is None else f"pruning-{self.name}"
+            log_config(trainer, section, self.settings())
         if self.interval == "epoch":
             self._plan_run(trainer)
         if (
