@@ -250,6 +250,11 @@ class FairnessData:
             loader = getattr(trainer, "val_dataloaders", None)
             reason = ""
             if loader is None:
+                loader = _fit_val_dataloaders(trainer)
+                self._stride = (
+                    loader is not None and int(getattr(trainer, "world_size", 1) or 1) > 1
+                )
+            if loader is None:
                 datamodule = getattr(trainer, "datamodule", None)
                 source = datamodule if datamodule is not None else model
                 getter = getattr(source, "val_dataloader", None)
@@ -346,6 +351,22 @@ class FairnessData:
             if not isinstance(device, torch.device):
                 device = next(model.parameters()).device
         return FairnessBatches(self, loader, trainer, device, rank, world, num_groups)
+
+
+def _fit_val_dataloaders(trainer: Any | None) -> Any | None:
+    """Validation loaders given to ``trainer.fit(val_dataloaders=...)``, or ``None``.
+
+    At fit start ``trainer.val_dataloaders`` is still empty: Lightning keeps the loaders in its
+    validation loop's data source until it loads them. A module or datamodule there is not a
+    loader (``None``: the caller asks it for ``val_dataloader()``).
+    """
+    loop = getattr(
+        getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "val_loop", None
+    )
+    instance = getattr(getattr(loop, "_data_source", None), "instance", None)
+    if instance is None or hasattr(instance, "val_dataloader"):
+        return None
+    return instance
 
 
 def _stack_attributes(values: list[Any], keys: list[str]) -> Tensor:
