@@ -313,17 +313,17 @@ def _nan_model():
         (
             lambda m, b: group_gradient_norms(m, [(b[0][0], -b[0][1], b[0][2])], 4),
             ValueError,
-            "non-negative",
+            "non-negative, but got ids from -",
         ),
         (
             lambda m, b: group_gradient_norms(m, [(b[0][0], b[0][1].double(), b[0][2])], 4),
             ValueError,
-            "integer class labels",
+            "integer tensor of class labels",
         ),
         (
             lambda m, b: group_gradient_norms(m, [(b[0][0], b[0][1], b[0][2].double())], 4),
             ValueError,
-            "integer group ids",
+            "integer tensor of group ids",
         ),
         (
             lambda m, b: measure_groups(m, [(b[0][0], b[0][1] + 3, b[0][2])], 4, 3),
@@ -396,7 +396,7 @@ def test_group_hessian_lambda_max_matches_the_exact_top_eigenvalue():
         lam3 = group_hessian_lambda_max(model, _batches(x3, y3, g3, 25), 3, iterations=2)
     assert math.isnan(lam3[1].item())
     assert not math.isnan(lam3[0].item())
-    with pytest.raises(ValueError, match="`iterations` to be a positive int, but got 0"):
+    with pytest.raises(ValueError, match="`iterations` to be an int >= 1, but got 0"):
         group_hessian_lambda_max(model, batches, 2, iterations=0)
     with pytest.raises(ValueError, match="re-iterable"):
         group_hessian_lambda_max(model, iter(batches), 2, iterations=3)

@@ -156,14 +156,14 @@ def test_missing_group_warns_once_and_accuracy_of_nothing():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(targets=torch.tensor([0, -1])), "non-negative"),
-        (dict(targets=torch.tensor([0.0, 1.0])), "integer class labels"),
+        (dict(targets=torch.tensor([0, -1])), "got ids from -1 to 0"),
+        (dict(targets=torch.tensor([0.0, 1.0])), "integer tensor of class labels"),
         (dict(targets=torch.tensor([0, 5])), r"in \[0, 3\)"),
         (dict(groups=torch.tensor([0, 2]), num_groups=2), r"group ids in \[0, 2\)"),
-        (dict(groups=torch.tensor([0, -3]), num_groups=2), "non-negative"),
-        (dict(groups=torch.tensor([0.0, 1.0]), num_groups=2), "integer group ids"),
+        (dict(groups=torch.tensor([0, -3]), num_groups=2), "got ids from -3 to 0"),
+        (dict(groups=torch.tensor([0.0, 1.0]), num_groups=2), "integer tensor of group ids"),
         (dict(targets=torch.tensor([0, 1, 2])), "same length"),
-        (dict(num_groups=0), "positive int"),
+        (dict(num_groups=0), "an int >= 1"),
     ],
 )
 def test_bad_input(kwargs, match):

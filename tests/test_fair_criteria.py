@@ -443,7 +443,7 @@ def test_bad_inputs_name_argument_and_value():
         group_statistics(nn.Linear(2, 2), [], 2, curvature="gauss")
     with pytest.raises(ValueError, match="at least one batch"):
         group_statistics(nn.Linear(2, 2), [], 2)
-    with pytest.raises(ValueError, match=r"Expected group ids in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"`groups` to hold group ids in \[0, 2\)"):
         group_statistics(
             nn.Linear(2, 2), [(torch.randn(2, 2), torch.tensor([0, 1]), torch.tensor([0, 5]))], 2
         )

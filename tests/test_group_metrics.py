@@ -156,9 +156,9 @@ def test_state_dict_round_trip_and_reset():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"groups": torch.tensor([0.0, 1.0])}, "Expected `groups` to hold integer"),
+        ({"groups": torch.tensor([0.0, 1.0])}, "Expected `groups` to be a 1-D integer tensor"),
         ({"groups": torch.tensor([0, 3])}, r"Expected `groups` to hold group ids in \[0, 3\)"),
-        ({"groups": torch.tensor([0, -1])}, "Expected `groups` to hold non-negative"),
+        ({"groups": torch.tensor([0, -1])}, "Expected `groups` to hold group ids in"),
         ({"groups": torch.tensor([0])}, "same length"),
         ({"targets": torch.tensor([0, 2])}, r"Expected `targets` to hold class labels in \[0, 2\)"),
         ({"preds_or_logits": torch.zeros(2, 3)}, "`num_classes`=2"),

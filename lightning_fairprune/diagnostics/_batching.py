@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_fairprune.checks import check_labels
+
 Nested = Any  # a Tensor, or a tuple/list/dict of Nested
 
 
@@ -81,43 +83,19 @@ def split_batch(batch: Any) -> tuple[Nested, Tensor, Tensor]:
 
 def check_groups(groups: Tensor, num_groups: int, n: int) -> None:
     """Raise ValueError unless ``groups`` is 1-D integer of length ``n`` in [0, num_groups)."""
-    if groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
-        raise ValueError(
-            f"Expected `groups` to hold integer group ids, but got dtype {groups.dtype}"
-        )
-    if groups.ndim != 1 or groups.shape[0] != n:
-        raise ValueError(
-            f"Expected `groups` of shape [{n}] (one id per sample), but got {tuple(groups.shape)}"
-        )
-    if n:
-        lo, hi = int(groups.min()), int(groups.max())
-        if lo < 0 or hi >= num_groups:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"Expected group ids in [0, {num_groups}) (`num_groups`={num_groups}), but got"
-                f" {bad}"
-            )
+    check_labels(groups, "groups", upper=num_groups, n=n, what="group ids", upper_name="num_groups")
 
 
 def check_targets(targets: Tensor, n: int, num_classes: int | None) -> None:
     """Raise ValueError unless ``targets`` are integer class labels in [0, num_classes)."""
-    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise ValueError(
-            f"Expected `targets` to hold integer class labels, but got dtype {targets.dtype}"
-        )
-    if targets.ndim != 1 or targets.shape[0] != n:
-        raise ValueError(
-            f"Expected `targets` of shape [{n}] (one label per sample), but got"
-            f" {tuple(targets.shape)}"
-        )
-    if n:
-        lo, hi = int(targets.min()), int(targets.max())
-        if lo < 0:
-            raise ValueError(f"Expected non-negative class labels in `targets`, but got {lo}")
-        if num_classes is not None and hi >= num_classes:
-            raise ValueError(
-                f"Expected class labels in [0, {num_classes}) in `targets`, but got {hi}"
-            )
+    check_labels(
+        targets,
+        "targets",
+        upper=num_classes,
+        n=n,
+        what="class labels",
+        upper_name=None if num_classes is None else "num_classes",
+    )
 
 
 class Regrouper:

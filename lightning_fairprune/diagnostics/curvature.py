@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_fairprune.checks import check_int
 from lightning_fairprune.diagnostics._batching import (
     Nested,
     Regrouper,
@@ -180,10 +181,7 @@ def _warn_missing(fn: str, counts: Tensor) -> None:
 
 
 def _check_positive_int(name: str, value: Any, allow_zero: bool = False) -> None:
-    lo = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        kind = "a non-negative int" if allow_zero else "a positive int"
-        raise ValueError(f"Expected `{name}` to be {kind}, but got {value!r}")
+    check_int(value, name, 0 if allow_zero else 1)
 
 
 def _resolve_params(model: nn.Module, params: ParamsArg) -> list[tuple[str, Tensor]]:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_fairprune.checks import check_int, check_labels
+
 __all__ = [
     "accuracy",
     "disparity",
@@ -38,27 +40,12 @@ def _is_integer_dtype(t: Tensor) -> bool:
 
 
 def _check_labels(name: str, t: Tensor, upper: int | None, what: str) -> None:
-    """Raise if ``t`` is not a 1-D integer tensor with values in ``[0, upper)``."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"Expected `{name}` to be a torch.Tensor of {what}, but got {type(t)}")
-    if not _is_integer_dtype(t):
-        raise ValueError(
-            f"Expected `{name}` to hold integer {what} (int64), but got dtype {t.dtype}"
-        )
-    if t.ndim != 1:
-        raise ValueError(f"Expected `{name}` to be 1-D, but got shape {tuple(t.shape)}")
-    if t.numel() == 0:
-        return
-    lo, hi = int(t.min()), int(t.max())
-    if lo < 0:
-        raise ValueError(f"Expected `{name}` to hold non-negative {what}, but got value {lo}")
-    if upper is not None and hi >= upper:
-        raise ValueError(f"Expected `{name}` to hold {what} in [0, {upper}), but got value {hi}")
+    """`lightning_fairprune.checks.check_labels` with this module's argument order."""
+    check_labels(t, name, upper=upper, what=what)
 
 
 def _check_count(name: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}")
+    check_int(value, name, 1, allow_none=True)
 
 
 def group_counts(

@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_fairprune.diagnostics._batching import check_groups, split_batch
+from lightning_fairprune.diagnostics.curvature import _resolve_params as resolve_params
 from lightning_fairprune.measure import isolated
 from lightning_fairprune.pruning.masks import global_masks, layerwise_masks, num_to_prune
 
@@ -234,24 +235,7 @@ def _resolve(
 ) -> list[tuple[str, Tensor]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model)}")
-    named = dict(model.named_parameters())
-    if params is None:
-        chosen = [n for n, p in named.items() if p.requires_grad]
-    elif isinstance(params, Mapping):
-        chosen = list(params)
-    elif isinstance(params, str) or not isinstance(params, Sequence):
-        raise TypeError(
-            "Expected `params` to be None, a mapping FQN -> parameter or a sequence of names, "
-            f"but got {type(params).__name__}"
-        )
-    else:
-        chosen = list(params)
-    unknown = [n for n in chosen if n not in named]
-    if unknown:
-        raise ValueError(f"Expected `params` to name parameters of `model`, but got {unknown}")
-    if not chosen:
-        raise ValueError("Expected at least one parameter in `params`, but got none")
-    return [(n, named[n]) for n in chosen]
+    return resolve_params(model, params)
 
 
 def _default_loss(outputs: Tensor, targets: Tensor) -> Tensor:

@@ -32,6 +32,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lightning_fairprune.checks import check_sparsity
+
 __all__ = [
     "MaskEnforcer",
     "RadixSelection",
@@ -66,14 +68,7 @@ _BITS = {torch.int16: 16, torch.int32: 32, torch.int64: 64}
 
 
 def _check_sparsity(value: object, name: str = "sparsity") -> float:
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or not 0.0 <= value < 1.0
-    ):
-        raise ValueError(f"Expected `{name}` to be a float in [0, 1), but got {value!r}")
-    return float(value)
+    return check_sparsity(value, name)
 
 
 def num_to_prune(sparsity: float, total: int) -> int:
