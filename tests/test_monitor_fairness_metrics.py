@@ -355,3 +355,16 @@ def test_each_callback_logs_its_settings_to_every_logger(tmp_path):
     assert hparams["fairprune/pruning/num_rounds"] == 2
     assert hparams["fairprune/monitor-val/num_probes"] == 0
     assert GroupEqualizer(dual_lr=0.02).settings()["dual_lr"] == 0.02
+
+
+def test_the_number_of_classes_comes_from_the_measurement_pass(tmp_path):
+    x, y, thick, _ = _binary_data(n=120)
+    calls = []
+    model = BinaryDigits()
+    model.net.register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
+    batches = [(x[:60], y[:60], thick[:60]), (x[60:], y[60:], thick[60:])]
+    monitor = FairnessMonitor(batches, num_groups=2, num_probes=0, gradient_norms=False, log=False)
+    record = monitor.measure(pl.Trainer(**quiet_trainer_kwargs(tmp_path)), model, "dense")
+    assert calls == [60, 60]  # one pass over the data, no extra forward for the class count
+    assert monitor._num_classes == 2
+    assert record["tpr"] is not None  # binary rates: the class count was known in time

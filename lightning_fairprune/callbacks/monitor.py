@@ -753,7 +753,7 @@ class FairnessMonitor(Callback):
         from lightning_fairprune.diagnostics import measure_groups
 
         batches = self._batches(trainer, model)
-        num_classes, num_groups = self._resolve_sizes(model, batches)
+        num_classes, num_groups = self._resolve_sizes(model, batches, classes=False)
         names = self._resolve_param_names(trainer, model)
         named = dict(model.named_parameters())
         params = {n: named[n] for n in names}
@@ -780,6 +780,7 @@ class FairnessMonitor(Callback):
             gradients=self.gradient_norms,
             **common,
         )
+        self._num_classes = int(measurement.support.shape[1])  # from the measurement's logits
         if self.lambda_max_iterations:
             from lightning_fairprune.diagnostics import group_hessian_lambda_max
 
@@ -932,8 +933,16 @@ class FairnessMonitor(Callback):
     def _batches(self, trainer: pl.Trainer, model: pl.LightningModule) -> FairnessBatches:
         return self.data.batches(trainer, model, num_groups=self._num_groups)
 
-    def _resolve_sizes(self, model: nn.Module, batches: FairnessBatches) -> tuple[int, int]:
-        if self._num_classes is not None and self._num_groups is not None:
+    def _resolve_sizes(
+        self, model: nn.Module, batches: FairnessBatches, *, classes: bool = True
+    ) -> tuple[int | None, int]:
+        """(number of classes, number of groups); a forward pass only when it must.
+
+        With ``num_groups`` known and ``classes=False`` the number of classes stays ``None``:
+        the measurement pass reads it from the logits. Otherwise (groups = classes, G not
+        known yet) one batch's logits give it, once per fit (at fit start, `check_data`).
+        """
+        if self._num_groups is not None and (self._num_classes is not None or not classes):
             return self._num_classes, self._num_groups
         x, _, _ = batches.first()
         with torch.no_grad():
