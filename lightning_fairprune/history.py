@@ -579,13 +579,21 @@ def dense_record(history: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | No
     return None
 
 
-def worst_group(record: Mapping[str, Any], key: str = "recall") -> tuple[int | None, float | None]:
+def worst_group(
+    record: Mapping[str, Any], key: str | None = None
+) -> tuple[int | None, float | None]:
     """``(group, value)`` of the lowest ``record[key]`` over groups with a value.
+
+    ``key`` defaults to ``"group_accuracy"`` (``"recall"`` in records of earlier versions).
 
     Example:
         >>> worst_group({"recall": [0.9, None, 0.7]})
         (2, 0.7)
+        >>> worst_group({"group_accuracy": [0.6, 0.8], "recall": None})
+        (0, 0.6)
     """
+    if key is None:
+        key = "group_accuracy" if group_list(record, "group_accuracy") else "recall"
     present = [(v, g) for g, v in enumerate(number(x) for x in group_list(record, key))]
     present = [(v, g) for v, g in present if v is not None]
     if not present:

@@ -6,17 +6,18 @@ for a monitor with a ``name``; each monitor is reported as its own run). This mo
 those files from one or many run directories (searched recursively) and writes:
 
 * ``<run>_recall_vs_sparsity.png``: per-group recall against sparsity (one per run);
-* ``<run>_overview.png``: per-group recall, accuracy and worst-group recall, the
+* ``<run>_overview.png``: per-group accuracy (recall of class groups, with Wilson
+  intervals), accuracy and worst-group accuracy, the
   intensification slope α, and the gradient-norm and Hessian-trace disparities against
   sparsity (one per run);
 * ``alpha_vs_sparsity.png`` and ``disparity_vs_sparsity.png``: the same quantities for all
   runs on shared axes;
-* ``comparison.png``: accuracy and worst-group recall against sparsity for every run, with
+* ``comparison.png``: accuracy and worst-group accuracy against sparsity for every run, with
   the final record of each run drawn as a marker and the Pareto-best runs starred;
 * ``report.txt`` and ``report.md``: one table row per run (also printed).
 
 **Pareto-best.** Each run is summarized by its final record (the last one in its file).
-For a metric m (accuracy, or worst-group recall), run A *dominates* run B when
+For a metric m (accuracy, or worst-group accuracy), run A *dominates* run B when
 ``sparsity_A >= sparsity_B`` and ``m_A >= m_B`` with at least one of the two strict.
 The Pareto-best runs for m are those no other run dominates: no run is at least as sparse
 and at least as good on m while being strictly better on one of them. Runs without a value
@@ -83,6 +84,7 @@ __all__ = [
     "Run",
     "find_histories",
     "format_table",
+    "group_intervals",
     "load_runs",
     "main",
     "pareto_best",
@@ -220,7 +222,7 @@ def summarize_run(run: Run) -> dict[str, Any]:
         ...     {"moment": "end", "round": 3, "sparsity": 0.8, "accuracy": 0.85,
         ...      "recall": [0.93, 0.7], "alpha": 2.0}])
         >>> row = summarize_run(run)
-        >>> row["worst_group"], row["worst_group_recall"], round(row["recall_gap"], 6)
+        >>> row["worst_group"], row["worst_group_accuracy"], round(row["recall_gap"], 6)
         (1, 0.7, 0.23)
         >>> row["dense_accuracy"], row["alpha"]
         (0.9, 2.0)
@@ -236,8 +238,8 @@ def summarize_run(run: Run) -> dict[str, Any]:
         "accuracy": number(final.get("accuracy")),
         "dense_accuracy": number(dense.get("accuracy")) if dense else None,
         "worst_group": group,
-        "worst_group_recall": worst,
-        "dense_worst_group_recall": worst_group(dense)[1] if dense else None,
+        "worst_group_accuracy": worst,
+        "dense_worst_group_accuracy": worst_group(dense)[1] if dense else None,
         "recall_gap": disparity_stat(final, "recall"),
         "alpha": number(final.get("alpha")),
         "grad_norm_gap": disparity_stat(final, "grad_norm"),
@@ -278,7 +280,7 @@ def pareto_best(points: Sequence[tuple[float | None, float | None]]) -> list[boo
 
 
 def _mark_pareto(rows: list[dict[str, Any]]) -> None:
-    for metric, flag in (("accuracy", "pareto_accuracy"), ("worst_group_recall", "pareto_wgr")):
+    for metric, flag in (("accuracy", "pareto_accuracy"), ("worst_group_accuracy", "pareto_wgr")):
         best = pareto_best([(row["sparsity"], row[metric]) for row in rows])
         for row, is_best in zip(rows, best, strict=True):
             row[flag] = is_best
@@ -291,9 +293,9 @@ _COLUMNS: list[tuple[str, str, str]] = [
     ("sparsity", "sparsity", ".4f"),
     ("accuracy", "accuracy", ".4f"),
     ("dense_accuracy", "dense acc", ".4f"),
-    ("worst_group_recall", "worst recall", ".4f"),
+    ("worst_group_accuracy", "worst group", ".4f"),
     ("worst_group", "worst g", "d"),
-    ("dense_worst_group_recall", "dense worst", ".4f"),
+    ("dense_worst_group_accuracy", "dense worst", ".4f"),
     ("recall_gap", "recall gap", ".4f"),
     ("alpha", "alpha", ".3f"),
     ("grad_norm_gap", "grad-norm gap", ".4g"),
@@ -322,11 +324,11 @@ def format_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> s
     """Render summary rows (from `summarize_run`) as fixed-width text or a Markdown table.
 
     The ``pareto`` column lists ``acc`` and/or ``wgr`` when the run is Pareto-best for
-    (sparsity, accuracy) and/or (sparsity, worst-group recall); ``-`` marks a missing value.
+    (sparsity, accuracy) and/or (sparsity, worst-group accuracy); ``-`` marks a missing value.
 
     Example:
         >>> row = {"run": "a", "records": 2, "rounds": 1, "sparsity": 0.5, "accuracy": 0.9,
-        ...        "worst_group_recall": 0.8, "pareto_accuracy": True, "pareto_wgr": True}
+        ...        "worst_group_accuracy": 0.8, "pareto_accuracy": True, "pareto_wgr": True}
         >>> print(format_table([row], markdown=True).splitlines()[2])
         | a | 2 | 1 | 0.5000 | 0.9000 | - | 0.8000 | - | - | - | - | - | - | acc+wgr |
     """
@@ -365,20 +367,56 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
 
 
+def group_intervals(records: Sequence[Mapping[str, Any]], group: int) -> tuple[list, list]:
+    """Wilson interval half-widths below/above each point of a group's curve (`recall_curves`).
+
+    From the ``group_accuracy_ci`` of the latest record at each sparsity level; ``(0, 0)`` where
+    a record has none (older histories).
+
+    Example:
+        >>> recs = [{"sparsity": 0.0, "group_accuracy": [0.8], "group_accuracy_ci": [[0.7, 0.9]]},
+        ...         {"sparsity": 0.5, "group_accuracy": [0.6]}]
+        >>> [[round(v, 6) for v in side] for side in group_intervals(recs, 0)]
+        [[0.1, 0.0], [0.1, 0.0]]
+    """
+    latest = latest_per_sparsity(records)
+    lower: list[float] = []
+    upper: list[float] = []
+    for sparsity in sorted(latest):
+        record = latest[sparsity]
+        values = group_list(record, "group_accuracy") or group_list(record, "recall")
+        if group >= len(values) or number(values[group]) is None:
+            continue
+        value = float(values[group])
+        bounds = group_list(record, "group_accuracy_ci")
+        pair = bounds[group] if group < len(bounds) else None
+        if isinstance(pair, (list, tuple)) and len(pair) == 2 and None not in pair:
+            lower.append(max(0.0, value - float(pair[0])))
+            upper.append(max(0.0, float(pair[1]) - value))
+        else:
+            lower.append(0.0)
+            upper.append(0.0)
+    return lower, upper
+
+
 def _plot_group_recall(ax: Any, run: Run) -> None:
     xs, ys, keys = recall_curves(run.records)
     dense = dense_record(run.records) or run.records[0]
     support = _group_values(dense, "support")
+    classes = any(group_list(r, "recall") for r in run.records)
     for group, (x, y) in enumerate(zip(xs, ys, strict=True)):
         if not x:
             continue
         label = keys[group]
         if group < len(support) and support[group] is not None:
             label += f" (n={int(support[group])})"
-        ax.plot(x, y, marker="o", markersize=3, linewidth=1.2, label=label)
+        lower, upper = group_intervals(run.records, group)
+        ax.errorbar(x, y, yerr=[lower, upper], marker="o", markersize=3, linewidth=1.2,
+                    capsize=2, label=label)  # fmt: skip
+    what = "recall" if classes else "accuracy within group"
     ax.set_xlabel("sparsity")
-    ax.set_ylabel("recall")
-    ax.set_title(f"Per-group recall vs sparsity: {run.name}", fontsize=10)
+    ax.set_ylabel(f"{what} (95% Wilson interval)")
+    ax.set_title(f"Per-group {what} vs sparsity: {run.name}", fontsize=10)
     ax.grid(alpha=0.3)
     if xs:
         ax.legend(fontsize=7, ncol=2 if len(xs) > 5 else 1)
@@ -392,7 +430,7 @@ def _plot_accuracy(ax: Any, run: Run) -> None:
     immediate = _after_round(run.records)
     for label, getter, color in (
         ("accuracy", lambda r: number(r.get("accuracy")), "tab:blue"),
-        ("worst-group recall", lambda r: worst_group(r)[1], "tab:orange"),
+        ("worst-group accuracy", lambda r: worst_group(r)[1], "tab:orange"),
     ):
         x, y = _curve(run.records, getter)
         ax.plot(x, y, "-", color=color, marker="o", markersize=3, label=label)
@@ -401,7 +439,7 @@ def _plot_accuracy(ax: Any, run: Run) -> None:
             ax.plot(x, y, ":", color=color, marker="x", markersize=4,
                     label=f"{label}, right after each round")  # fmt: skip
     ax.set_xlabel("sparsity")
-    ax.set_title("Accuracy and worst-group recall", fontsize=10)
+    ax.set_title("Accuracy and worst-group accuracy", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
@@ -475,7 +513,7 @@ def _plot_comparison(runs: Sequence[Run], rows: Sequence[Mapping[str, Any]], out
     fig, axes = _figure(2, 1, size=(11.0, 4.5))
     panels = (
         ("accuracy", lambda r: number(r.get("accuracy")), "pareto_accuracy"),
-        ("worst-group recall", lambda r: worst_group(r)[1], "pareto_wgr"),
+        ("worst-group accuracy", lambda r: worst_group(r)[1], "pareto_wgr"),
     )
     for ax, (label, getter, flag) in zip(axes[0], panels, strict=True):
         for run, row in zip(runs, rows, strict=True):
@@ -527,7 +565,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Report:
         >>> report = write_report([root / "run"], root / "out")
         >>> sorted(p.name for p in report.figures)[:2]
         ['alpha_vs_sparsity.png', 'comparison.png']
-        >>> report.rows[0]["worst_group_recall"], report.rows[0]["pareto_wgr"]
+        >>> report.rows[0]["worst_group_accuracy"], report.rows[0]["pareto_wgr"]
         (0.7, True)
     """
     runs, errors = load_runs(run_dirs)
@@ -562,7 +600,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Report:
     table = format_table(rows)
     notes = (
         "pareto: 'acc' / 'wgr' = no other run is at least as sparse and at least as accurate "
-        "(acc) or with at least as high a worst-group recall (wgr), strictly better in one."
+        "(acc) or with at least as high a worst-group accuracy (wgr), strictly better in one."
     )
     (out / "report.txt").write_text(table + "\n\n" + notes + "\n", encoding="utf-8")
     md = ["# lightning_fairprune report", "", format_table(rows, markdown=True), "", notes, ""]

@@ -135,7 +135,7 @@ def test_write_report_tables_figures_and_pareto(tmp_path):
         row = rows[name]
         assert row["sparsity"] == sparsity
         assert row["accuracy"] == accuracy
-        assert row["worst_group_recall"] == worst
+        assert row["worst_group_accuracy"] == worst
         assert row["worst_group"] == 1
         assert row["recall_gap"] == pytest.approx(0.99 - worst)
         assert row["alpha"] == 1.5
