@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if type(logger).__name__ == "WandbLogger":
             logger.experiment.finish()
 
-    report = write_report([monitor.history_file], out / "report")
+    report = write_report([monitor.history_file.parent], out / "report")
     elapsed = time.perf_counter() - start_time
     print()
     print(report.table)

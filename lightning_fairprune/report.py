@@ -222,7 +222,7 @@ def summarize_run(run: Run) -> dict[str, Any]:
         ...     {"moment": "end", "round": 3, "sparsity": 0.8, "accuracy": 0.85,
         ...      "recall": [0.93, 0.7], "alpha": 2.0}])
         >>> row = summarize_run(run)
-        >>> row["worst_group"], row["worst_group_accuracy"], round(row["recall_gap"], 6)
+        >>> row["worst_group"], row["worst_group_accuracy"], round(row["accuracy_gap"], 6)
         (1, 0.7, 0.23)
         >>> row["dense_accuracy"], row["alpha"]
         (0.9, 2.0)
@@ -240,7 +240,9 @@ def summarize_run(run: Run) -> dict[str, Any]:
         "worst_group": group,
         "worst_group_accuracy": worst,
         "dense_worst_group_accuracy": worst_group(dense)[1] if dense else None,
-        "recall_gap": disparity_stat(final, "recall"),
+        "accuracy_gap": disparity_stat(final, "group_accuracy")
+        if group_list(final, "group_accuracy")
+        else disparity_stat(final, "recall"),
         "alpha": number(final.get("alpha")),
         "grad_norm_gap": disparity_stat(final, "grad_norm"),
         "hessian_trace_gap": disparity_stat(final, "hessian_trace"),
@@ -293,10 +295,10 @@ _COLUMNS: list[tuple[str, str, str]] = [
     ("sparsity", "sparsity", ".4f"),
     ("accuracy", "accuracy", ".4f"),
     ("dense_accuracy", "dense acc", ".4f"),
-    ("worst_group_accuracy", "worst group", ".4f"),
-    ("worst_group", "worst g", "d"),
+    ("worst_group_accuracy", "worst acc", ".4f"),
+    ("worst_group", "worst group", "d"),
     ("dense_worst_group_accuracy", "dense worst", ".4f"),
-    ("recall_gap", "recall gap", ".4f"),
+    ("accuracy_gap", "group gap", ".4f"),
     ("alpha", "alpha", ".3f"),
     ("grad_norm_gap", "grad-norm gap", ".4g"),
     ("hessian_trace_gap", "H-trace gap", ".4g"),

@@ -137,7 +137,7 @@ def test_write_report_tables_figures_and_pareto(tmp_path):
         assert row["accuracy"] == accuracy
         assert row["worst_group_accuracy"] == worst
         assert row["worst_group"] == 1
-        assert row["recall_gap"] == pytest.approx(0.99 - worst)
+        assert row["accuracy_gap"] == pytest.approx(0.99 - worst)
         assert row["alpha"] == 1.5
         assert row["dense_accuracy"] == 0.95
         assert row["grad_norm_gap"] == pytest.approx(0.6)
