@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ __all__ = [
     "prepare_batch",
     "quiet_logging",
     "rng_restored",
+    "task_gradients",
 ]
 
 _MODES = ("eval", "keep")
@@ -277,3 +278,107 @@ def precision_context(trainer: Any | None, *, autocast: bool = False) -> Any:
     if any(cls.__name__ in true_precision for cls in type(plugin).__mro__):
         return forward()
     return contextlib.nullcontext()
+
+
+def task_gradients(
+    module: nn.Module,
+    batches: Iterable[Any],
+    params: Mapping[str, Tensor],
+    *,
+    step_fn: Callable[[Any, int], Any],
+    num_batches: int = 1,
+    prepare: Callable[[Any], Any] | None = None,
+    context: Callable[[], Any] | None = None,
+    scaler: Any | None = None,
+    loaders: Iterable[Any] = (),
+    no_sync: Callable[[], Any] | None = None,
+    owner: str = "task_gradients",
+) -> dict[str, Tensor]:
+    """Mean task-loss gradient of ``params`` over the first ``num_batches`` batches.
+
+    ``step_fn(batch, batch_idx)`` returns the loss (a tensor, or a mapping with ``"loss"``), as a
+    LightningModule's ``training_step`` does. The pass runs inside `isolated` with the modules
+    in the modes they have (``mode="keep"``: a module frozen in eval mode stays so), so module
+    modes, buffers (BatchNorm statistics), ``.grad``, ``requires_grad``, the RNG states and the
+    generators of ``loaders`` are restored afterwards; frozen ``params`` get a gradient for this
+    pass only.
+
+    Args:
+        module: the model.
+        batches: an iterable of batches (a loader).
+        params: the parameters whose gradients are returned, by name.
+        step_fn: ``fn(batch, batch_idx) -> loss``.
+        num_batches: how many batches to average over (fewer if ``batches`` runs out).
+        prepare: ``fn(batch) -> batch`` applied first (device, precision).
+        context: a context manager factory around each ``step_fn`` call (autocast, dtype).
+        scaler: a gradient scaler (mixed precision): the loss is scaled and the gradients
+            unscaled.
+        loaders: loaders iterated, whose generators are restored.
+        no_sync: a context manager factory that disables gradient synchronization (DDP).
+        owner: the name in error messages.
+
+    Returns:
+        Detached gradients by name (the mean over the batches).
+
+    Raises:
+        RuntimeError: when no batch comes, when ``step_fn`` returns no loss, or when a
+            parameter gets no gradient (unused by ``step_fn``), naming it.
+
+    Example:
+        >>> net = nn.Linear(2, 1)
+        >>> x, y = torch.ones(4, 2), torch.zeros(4, 1)
+        >>> step = lambda batch, i: ((net(batch[0]) - batch[1]) ** 2).mean()
+        >>> grads = task_gradients(net, [(x, y)] * 3, {"weight": net.weight}, step_fn=step,
+        ...                        num_batches=2)
+        >>> expected = torch.autograd.grad(step((x, y), 0), net.weight)[0]
+        >>> bool(torch.allclose(grads["weight"], expected)), net.weight.grad is None
+        (True, True)
+    """
+    grads: dict[str, Tensor] = {}
+    count = 0
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(isolated(module, mode="keep", grad_params=params.values(),
+                                     loaders=loaders))  # fmt: skip
+        stack.enter_context(quiet_logging(module))
+        if no_sync is not None:
+            stack.enter_context(no_sync())
+        iterator = iter(batches)
+        for batch_idx in range(num_batches):
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            if prepare is not None:
+                batch = prepare(batch)
+            with context() if context is not None else contextlib.nullcontext():
+                out = step_fn(batch, batch_idx)
+            loss = out.get("loss") if isinstance(out, Mapping) else out
+            if not isinstance(loss, Tensor):
+                raise RuntimeError(
+                    f"{owner}: the gradient-based criterion needs `training_step` to return the "
+                    "loss (a tensor or a dict with 'loss'), but it returned "
+                    f"{type(out).__name__}"
+                )
+            if scaler is not None:
+                scaler.scale(loss.float()).backward()
+            else:
+                loss.float().backward()
+            count += 1
+        del iterator
+        if count == 0:
+            raise RuntimeError(f"{owner}: the training dataloader yielded no batch")
+        unused = [name for name, p in params.items() if p.grad is None]
+        if unused:
+            raise RuntimeError(
+                f"{owner}: the gradient of every pruned parameter is needed, but {unused} "
+                "received none: they are not used by `training_step`, so their score would be 0 "
+                "and they would be pruned first. Exclude them (`exclude_names=`) or use "
+                "criterion='magnitude'."
+            )
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        for name, p in params.items():
+            g = p.grad.detach().clone()  # type: ignore[union-attr]
+            if count > 1 or scale != 1.0:
+                g.div_(count * scale)
+            grads[name] = g
+    return grads

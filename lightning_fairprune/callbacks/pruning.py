@@ -24,7 +24,6 @@ Differences from Lightning's ``ModelPruning``:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import warnings
@@ -50,7 +49,12 @@ from lightning_fairprune.checks import (
 )
 from lightning_fairprune.fairness_data import FairnessData
 from lightning_fairprune.logging import log_config, log_scalars
-from lightning_fairprune.measure import isolated, precision_context, prepare_batch, quiet_logging
+from lightning_fairprune.measure import (
+    isolated,
+    precision_context,
+    prepare_batch,
+    task_gradients,
+)
 from lightning_fairprune.pruning.criteria import NEEDS_GRADIENTS, compute_scores, magnitude_scores
 from lightning_fairprune.pruning.fair_criteria import FAIR_CRITERIA, fair_masks, group_statistics
 from lightning_fairprune.pruning.masks import (
@@ -952,55 +956,20 @@ class IterativePruning(Callback):
             loaders = [loader]
         strategy = trainer.strategy
         precision = getattr(strategy, "precision_plugin", None)
-        scaler = getattr(precision, "scaler", None)
         no_sync = getattr(getattr(strategy, "model", None), "no_sync", None)
-        grads: dict[str, Tensor] = {}
-        count = 0
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(
-                isolated(pl_module, mode="keep", grad_params=params.values(), loaders=loaders)
-            )
-            stack.enter_context(quiet_logging(pl_module))
-            if callable(no_sync):
-                stack.enter_context(no_sync())
-            iterator = iter(iterable)
-            for batch_idx in range(self.gradient_batches):
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    break
-                batch = prepare_batch(batch, trainer, transfer_hooks=True)
-                with precision_context(trainer, autocast=True):
-                    out = pl_module.training_step(batch, batch_idx)  # type: ignore[operator]
-                loss = out.get("loss") if isinstance(out, Mapping) else out
-                if not isinstance(loss, Tensor):
-                    raise RuntimeError(
-                        "IterativePruning: the gradient-based criterion needs `training_step` "
-                        "to return the loss (a tensor or a dict with 'loss'), but it returned "
-                        f"{type(out).__name__}"
-                    )
-                if scaler is not None:
-                    scaler.scale(loss.float()).backward()
-                else:
-                    loss.float().backward()
-                count += 1
-            del iterator
-            if count == 0:
-                raise RuntimeError("IterativePruning: the training dataloader yielded no batch")
-            unused = [name for name, p in params.items() if p.grad is None]
-            if unused:
-                raise RuntimeError(
-                    f"IterativePruning: criterion={self._criterion_name!r} needs the gradient "
-                    f"of every pruned parameter, but {unused} received none: they are not used "
-                    "by `training_step`, so their score would be 0 and they would be pruned "
-                    "first. Exclude them (`exclude_names=`) or use criterion='magnitude'."
-                )
-            scale = float(scaler.get_scale()) if scaler is not None else 1.0
-            for name, p in params.items():
-                g = p.grad.detach().clone()  # type: ignore[union-attr]
-                if count > 1 or scale != 1.0:
-                    g.div_(count * scale)
-                grads[name] = g
+        grads = task_gradients(
+            pl_module,
+            iterable,
+            params,
+            step_fn=pl_module.training_step,  # type: ignore[arg-type]
+            num_batches=self.gradient_batches,
+            prepare=lambda batch: prepare_batch(batch, trainer, transfer_hooks=True),
+            context=lambda: precision_context(trainer, autocast=True),
+            scaler=getattr(precision, "scaler", None),
+            loaders=loaders,
+            no_sync=no_sync if callable(no_sync) else None,
+            owner=f"IterativePruning (criterion={self._criterion_name!r})",
+        )
         if int(getattr(trainer, "world_size", 1) or 1) > 1 and not self._sharded:
             # (sharded gradients are already averaged over the processes by FSDP's backward)
             grads = {k: strategy.reduce(v, reduce_op="mean") for k, v in grads.items()}
