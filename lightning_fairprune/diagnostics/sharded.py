@@ -19,8 +19,8 @@ Hessian-vector products cannot reach them. This module measures what FSDP allows
   all-reduced), plus the gradient norms above.
 
 **Lockstep.** Every FSDP forward and backward is a collective, so every process must run the
-same number of them. Before measuring, one scan of the local data and one all-reduce (max) of
-``G + 3`` integers fix the chunk size and the number of backward calls of each group; a process
+same number of them. Before measuring, one scan of the local data and two all-reduces (max)
+of 4 and ``G`` integers fix the chunk size and the number of backward calls of each group; a process
 with fewer chunks of a group runs the missing backward calls on one of its samples with a zero
 output gradient (the graph is kept, the gradient is exactly zero). The forward-only part needs
 the same number of batches on every process (checked: a clear error otherwise).
