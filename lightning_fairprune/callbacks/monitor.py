@@ -309,6 +309,8 @@ class FairnessMonitor(Callback):
         self._pre_round: dict[str, Tensor] | None = None
         self._file: HistoryFile | None = None
         self._warned_small = False
+        self._warned_sharded = False
+        self._sharded = False  # the measured parameters are FSDP2 DTensors
         self._last_logged_step: int | None = None
         self._periodic_epoch: int | None = None
 
@@ -485,6 +487,7 @@ class FairnessMonitor(Callback):
         self._file = HistoryFile(path)
         self.data.reset()
         self._warned_small = False
+        self._warned_sharded = False
         self._last_logged_step = None
         if self._log_enabled and bool(getattr(trainer, "is_global_zero", True)):
             fp_logging.log_config(trainer, self._config_name(), self.settings())
@@ -750,7 +753,7 @@ class FairnessMonitor(Callback):
         moment: str,
         event: PruningEvent | None,
     ) -> dict[str, Any]:
-        from lightning_fairprune.diagnostics import measure_groups
+        from lightning_fairprune.diagnostics.sharded import has_dtensor_params
 
         batches = self._batches(trainer, model)
         num_classes, num_groups = self._resolve_sizes(model, batches, classes=False)
@@ -765,35 +768,15 @@ class FairnessMonitor(Callback):
             "reduce_fn": reduce_fn,
         }
 
-        predicted = None
-        pre = self._pre_round
-        if moment == "after_round" and self.predict_excess_loss and pre is not None:
-            predicted = self._predicted(model, batches, num_groups, params, common, pre)
-
-        measurement = measure_groups(
-            model,
-            batches,
-            num_groups,
-            num_classes,
-            num_probes=self.num_probes,
-            seed=self.seed,
-            gradients=self.gradient_norms,
-            **common,
-        )
+        self._sharded = has_dtensor_params(params.values())
+        if self._sharded:  # FSDP2: no double backward through the sharded parameters
+            measurement = self._measure_sharded(model, batches, num_groups, num_classes, common)
+            predicted = None
+        else:
+            measurement, predicted = self._measure_plain(
+                model, batches, num_groups, num_classes, params, common, moment
+            )
         self._num_classes = int(measurement.support.shape[1])  # from the measurement's logits
-        if self.lambda_max_iterations:
-            from lightning_fairprune.diagnostics import group_hessian_lambda_max
-
-            with warnings.catch_warnings():  # absent groups were already reported above
-                warnings.simplefilter("ignore", UserWarning)
-                measurement.hessian_lambda_max = group_hessian_lambda_max(
-                    model,
-                    batches,
-                    num_groups,
-                    iterations=self.lambda_max_iterations,
-                    seed=self.seed,
-                    **common,
-                )
         record = make_record(
             measurement,
             moment=moment,
@@ -814,6 +797,88 @@ class FairnessMonitor(Callback):
         if self.metrics:
             record["metrics"] = self._user_metrics(trainer, model, batches, num_groups)
         return record
+
+    def _measure_plain(
+        self,
+        model: nn.Module,
+        batches: FairnessBatches,
+        num_groups: int,
+        num_classes: int | None,
+        params: dict[str, nn.Parameter],
+        common: dict[str, Any],
+        moment: str,
+    ) -> tuple[Any, Tensor | None]:
+        """`measure_groups` (and λ_max, the predicted excess loss) on unsharded parameters."""
+        from lightning_fairprune.diagnostics import measure_groups
+
+        predicted = None
+        pre = self._pre_round
+        if moment == "after_round" and self.predict_excess_loss and pre is not None:
+            predicted = self._predicted(model, batches, num_groups, params, common, pre)
+
+        measurement = measure_groups(
+            model,
+            batches,
+            num_groups,
+            num_classes,
+            num_probes=self.num_probes,
+            seed=self.seed,
+            gradients=self.gradient_norms,
+            **common,
+        )
+        if self.lambda_max_iterations:
+            from lightning_fairprune.diagnostics import group_hessian_lambda_max
+
+            with warnings.catch_warnings():  # absent groups were already reported above
+                warnings.simplefilter("ignore", UserWarning)
+                measurement.hessian_lambda_max = group_hessian_lambda_max(
+                    model,
+                    batches,
+                    num_groups,
+                    iterations=self.lambda_max_iterations,
+                    seed=self.seed,
+                    **common,
+                )
+        return measurement, predicted
+
+    def _measure_sharded(
+        self,
+        model: nn.Module,
+        batches: FairnessBatches,
+        num_groups: int,
+        num_classes: int | None,
+        common: dict[str, Any],
+    ) -> Any:
+        """FSDP2-sharded parameters: forward-only sums and gradient norms from local shards.
+
+        The Hutchinson trace, λ_max and the predicted excess loss need double backward,
+        which FSDP2 does not provide: recorded as None, with one warning per monitor.
+        """
+        from lightning_fairprune.diagnostics.sharded import (
+            CURVATURE_UNAVAILABLE,
+            sharded_measure_groups,
+        )
+
+        wants = self.num_probes > 0 or self.lambda_max_iterations > 0 or self.predict_excess_loss
+        if wants and not self._warned_sharded:
+            self._warned_sharded = True
+            warnings.warn(
+                f"FairnessMonitor: {CURVATURE_UNAVAILABLE}; they are recorded as None "
+                "(`num_probes`, `lambda_max_iterations` and `predict_excess_loss` are ignored "
+                "under FSDP2). Gradient norms, losses and accuracies are measured.",
+                UserWarning,
+                stacklevel=4,
+            )
+        return sharded_measure_groups(
+            model,
+            batches,
+            num_groups,
+            num_classes,
+            params=common["params"],
+            loss_fn=self.loss_fn,
+            forward_fn=self.forward_fn,
+            gradients=self.gradient_norms,
+        )
 
     def _user_metrics(
         self,
@@ -873,7 +938,7 @@ class FairnessMonitor(Callback):
 
     def _snapshot(self, model: nn.Module) -> None:
         """Keep θ_pre of the measured parameters for the predicted excessive loss."""
-        if not self.predict_excess_loss or self._param_names is None:
+        if not self.predict_excess_loss or self._param_names is None or self._sharded:
             self._pre_round = None
             return
         named = dict(model.named_parameters())

@@ -8,6 +8,8 @@
   groups and any torchmetrics metric per group.
 * `curvature`: per-group gradient norms, Hutchinson Hessian traces (and λ_max), predicted
   excess loss, and `measure_groups` that does all of it in one pass.
+* `sharded`: per-group gradient norms and forward-only measurements on FSDP2-sharded
+  parameters (local shards, no gather).
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ from lightning_fairprune.diagnostics.recall import (
     normalized_recall_balance,
     recall_balance,
 )
+from lightning_fairprune.diagnostics.sharded import (
+    sharded_group_gradient_norms,
+    sharded_measure_groups,
+)
 
 __all__ = [
     "INTENSIFICATION_MIN_ABS_REF",
@@ -90,6 +96,8 @@ __all__ = [
     "rademacher_probes",
     "rate",
     "recall_balance",
+    "sharded_group_gradient_norms",
+    "sharded_measure_groups",
     "split_groups",
     "wilson_interval",
 ]
