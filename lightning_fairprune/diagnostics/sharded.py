@@ -72,6 +72,7 @@ from lightning_fairprune.diagnostics.curvature import (
     _warn_missing,
     measure_groups,
 )
+from lightning_fairprune.dtensor import _group_of, is_sharded, local_tensor, shard_spec
 from lightning_fairprune.measure import isolated
 
 __all__ = [
@@ -95,15 +96,11 @@ def has_dtensor_params(params: Iterable[Tensor]) -> bool:
         >>> has_dtensor_params([torch.zeros(2)])
         False
     """
-    from lightning_fairprune.pruning.sharded import is_sharded
-
     return any(is_sharded(p) for p in params)
 
 
 def _process_group(params: list[Tensor], group: Any) -> Any:
     """The group given, else the DTensors' mesh group (one mesh), else the default group."""
-    from lightning_fairprune.pruning.sharded import _group_of
-
     return _group_of({str(i): p for i, p in enumerate(params)}, group)
 
 
@@ -236,9 +233,6 @@ def _local_sq_norm(
     named: list[tuple[str, Tensor]], factors: dict[int, float], group: Any
 ) -> Tensor:
     """Σ over this process's owned elements of S_a², S_a the *summed* global gradient."""
-    from lightning_fairprune.pruning.masks import local_tensor
-    from lightning_fairprune.pruning.sharded import shard_spec
-
     total = torch.zeros((), dtype=torch.float64)
     for _, p in named:
         grad = p.grad
@@ -314,7 +308,6 @@ def _gradient_sums(
 
 
 def _check_params_sharded(named: list[tuple[str, Tensor]]) -> None:
-    from lightning_fairprune.pruning.sharded import shard_spec
 
     for _, p in named:
         shard_spec(p)  # raises for placements other than Shard(0) / Replicate on a 1-D mesh

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_fairprune.checks import check_sparsity
+from lightning_fairprune.dtensor import local_tensor
 
 __all__ = [
     "MaskEnforcer",
@@ -176,29 +177,6 @@ def abs_keys(values: Tensor, dtype: torch.dtype | None = None) -> Tensor:
             f"Expected `dtype` to be float16, bfloat16, float32 or float64, but got {dtype}"
         )
     return values.detach().to(dtype).abs().view(_INT_VIEW[dtype])
-
-
-def local_tensor(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (``t.to_local()``, sharing its storage), else ``t``.
-
-    In-place operations on the result change the DTensor's local shard; this is how masks
-    are enforced on FSDP2-sharded parameters without gathering them.
-
-    Args:
-        t: a tensor or DTensor.
-
-    Returns:
-        The local tensor.
-
-    Example:
-        >>> t = torch.ones(2)
-        >>> local_tensor(t) is t
-        True
-    """
-    to_local = getattr(t, "to_local", None)
-    if to_local is not None and callable(to_local) and type(t).__name__ == "DTensor":
-        return to_local()
-    return t
 
 
 _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
