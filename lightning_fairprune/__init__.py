@@ -1,7 +1,8 @@
 """lightning_fairprune: prune neural networks in PyTorch Lightning and see who lost accuracy.
 
-The callbacks (`IterativePruning`, `FairnessMonitor`, `GroupEqualizer`) and the loss module
-(`GroupEqualizedLoss`) are exported here. The plain-torch cores live in
+The callbacks (`IterativePruning`, `FairnessMonitor`, `GroupEqualizer`), the fairness-data
+path (`FairnessData`) and the loss modules (`GroupEqualizedLoss`, `GroupDROLoss`,
+`GroupWeightedLoss`) are exported here. The plain-torch cores live in
 `lightning_fairprune.schedules`, `lightning_fairprune.pruning` and
 `lightning_fairprune.diagnostics`, usable without a Trainer.
 """
@@ -26,8 +27,14 @@ from lightning_fairprune.diagnostics import (
     measure_groups,
     predicted_excess_loss,
 )
+from lightning_fairprune.fairness_data import FairnessData
 from lightning_fairprune.logging import log_config, log_round, log_scalars, log_summary
-from lightning_fairprune.losses import GroupEqualizedLoss
+from lightning_fairprune.losses import (
+    GroupDROLoss,
+    GroupEqualizedLoss,
+    GroupWeightedLoss,
+    inverse_frequency_weights,
+)
 from lightning_fairprune.pruning.masks import load_masks, save_masks, sparsity_report
 from lightning_fairprune.pruning.selection import select_parameters
 from lightning_fairprune.report import write_report
@@ -40,9 +47,12 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "SCHEDULES",
+    "FairnessData",
     "FairnessMonitor",
+    "GroupDROLoss",
     "GroupEqualizedLoss",
     "GroupEqualizer",
+    "GroupWeightedLoss",
     "IterativePruning",
     "Pruner",
     "PruningEvent",
@@ -52,6 +62,7 @@ __all__ = [
     "group_gradient_norms",
     "group_hessian_trace",
     "intensification_alpha",
+    "inverse_frequency_weights",
     "load_masks",
     "log_config",
     "log_round",
