@@ -367,8 +367,8 @@ def rademacher_probes(
     for k in range(num_probes):
         base = _mix32_int(seed_key + 0x9E3779B9 * (start + k + 1))
         x = _mix32(low ^ base)
-        if offset + size > _M32:
-            x = _mix32((x + high) & _M32)
+        if offset + size > _M32:  # elements past 2**32 mix in their high bits
+            x = torch.where(high > 0, _mix32((x + high) & _M32), x)
         # top bit -> ±1
         torch.sub(1, (x >> 31).to(dtype), alpha=2, out=out[k])
     return out

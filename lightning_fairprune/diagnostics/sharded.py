@@ -102,8 +102,8 @@ __all__ = [
 LAMBDA_MAX_UNAVAILABLE = (
     "λ_max (power iteration on the group Hessians) is not measured on FSDP2-sharded "
     "parameters: FSDP2 reduce-scatters their gradients in hooks outside autograd, so there is "
-    "no double backward through them, and power iteration is not implemented with the "
-    "finite-difference Hessian-vector products used for the trace"
+    "no double backward through them, and power iteration on finite-difference "
+    "Hessian-vector products is not implemented"
 )
 
 
