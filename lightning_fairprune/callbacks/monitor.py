@@ -769,9 +769,10 @@ class FairnessMonitor(Callback):
         }
 
         self._sharded = has_dtensor_params(params.values())
-        if self._sharded:  # FSDP2: no double backward through the sharded parameters
-            measurement = self._measure_sharded(model, batches, num_groups, num_classes, common)
-            predicted = None
+        if self._sharded:  # FSDP2: no double backward; finite-difference curvature
+            measurement, predicted = self._measure_sharded(
+                model, batches, num_groups, num_classes, common, moment
+            )
         else:
             measurement, predicted = self._measure_plain(
                 model, batches, num_groups, num_classes, params, common, moment
@@ -848,37 +849,98 @@ class FairnessMonitor(Callback):
         num_groups: int,
         num_classes: int | None,
         common: dict[str, Any],
-    ) -> Any:
-        """FSDP2-sharded parameters: forward-only sums and gradient norms from local shards.
+        moment: str,
+    ) -> tuple[Any, Tensor | None]:
+        """FSDP2-sharded parameters: everything from local shards, λ_max excepted.
 
-        The Hutchinson trace, λ_max and the predicted excess loss need double backward,
-        which FSDP2 does not provide: recorded as None, with one warning per monitor.
+        Forward-only sums and gradient norms (`sharded_measure_groups`), the Hutchinson trace
+        with its standard error (`sharded_group_hessian_trace`, the probes of the unsharded
+        path) and the predicted excess loss (`sharded_predicted_excess_loss`), both by
+        central differences of sharded gradients (``2 · num_probes · G`` and ``2 · G``
+        sharded backward sets). λ_max needs power iteration, not available under FSDP2:
+        recorded as None, with one warning per monitor.
         """
         from lightning_fairprune.diagnostics.sharded import (
-            CURVATURE_UNAVAILABLE,
+            LAMBDA_MAX_UNAVAILABLE,
+            sharded_group_hessian_trace,
             sharded_measure_groups,
         )
 
-        wants = self.num_probes > 0 or self.lambda_max_iterations > 0 or self.predict_excess_loss
-        if wants and not self._warned_sharded:
+        if self.lambda_max_iterations > 0 and not self._warned_sharded:
             self._warned_sharded = True
             warnings.warn(
-                f"FairnessMonitor: {CURVATURE_UNAVAILABLE}; they are recorded as None "
-                "(`num_probes`, `lambda_max_iterations` and `predict_excess_loss` are ignored "
-                "under FSDP2). Gradient norms, losses and accuracies are measured.",
+                f"FairnessMonitor: {LAMBDA_MAX_UNAVAILABLE}; it is recorded as None "
+                "(`lambda_max_iterations` is ignored under FSDP2).",
                 UserWarning,
                 stacklevel=4,
             )
-        return sharded_measure_groups(
+        params = common["params"]
+        predicted = None
+        pre = self._pre_round
+        if moment == "after_round" and self.predict_excess_loss and pre is not None:
+            predicted = self._predicted_sharded(model, batches, num_groups, params, pre)
+        measurement = sharded_measure_groups(
             model,
             batches,
             num_groups,
             num_classes,
-            params=common["params"],
+            params=params,
             loss_fn=self.loss_fn,
             forward_fn=self.forward_fn,
             gradients=self.gradient_norms,
         )
+        if self.num_probes > 0:
+            with warnings.catch_warnings():  # absent groups were already reported above
+                warnings.simplefilter("ignore", UserWarning)
+                trace = sharded_group_hessian_trace(
+                    model,
+                    batches,
+                    num_groups,
+                    num_probes=self.num_probes,
+                    seed=self.seed,
+                    params=params,
+                    loss_fn=self.loss_fn,
+                    forward_fn=self.forward_fn,
+                )
+            measurement.hessian_trace = trace.trace
+            measurement.hessian_trace_stderr = trace.stderr
+            measurement.num_probes = trace.num_probes
+        return measurement, predicted
+
+    def _predicted_sharded(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        num_groups: int,
+        params: dict[str, nn.Parameter],
+        pre: dict[str, Tensor],
+    ) -> Tensor:
+        """`_predicted` on local shards: δ = θ̄ − θ_pre per shard, measured at θ_pre."""
+        from lightning_fairprune.diagnostics.sharded import sharded_predicted_excess_loss
+        from lightning_fairprune.dtensor import local_tensor
+
+        shards = {n: local_tensor(params[n]) for n in pre}
+        post = {n: shards[n].detach().clone() for n in pre}
+        delta = {n: post[n] - pre[n] for n in pre}
+        try:
+            with torch.no_grad():
+                for n in pre:
+                    shards[n].copy_(pre[n])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return sharded_predicted_excess_loss(
+                    model,
+                    batches,
+                    delta,
+                    num_groups,
+                    params=list(pre),
+                    loss_fn=self.loss_fn,
+                    forward_fn=self.forward_fn,
+                )
+        finally:
+            with torch.no_grad():
+                for n in pre:
+                    shards[n].copy_(post[n])
 
     def _user_metrics(
         self,
@@ -938,11 +1000,13 @@ class FairnessMonitor(Callback):
 
     def _snapshot(self, model: nn.Module) -> None:
         """Keep θ_pre of the measured parameters for the predicted excessive loss."""
-        if not self.predict_excess_loss or self._param_names is None or self._sharded:
+        if not self.predict_excess_loss or self._param_names is None:
             self._pre_round = None
             return
-        named = dict(model.named_parameters())
-        self._pre_round = {n: named[n].detach().clone() for n in self._param_names}
+        from lightning_fairprune.dtensor import local_tensor
+
+        named = dict(model.named_parameters())  # FSDP2: the local shards
+        self._pre_round = {n: local_tensor(named[n]).detach().clone() for n in self._param_names}
 
     # ---------------------------------------------------------------- record
     def _round(self, trainer: pl.Trainer, moment: str, event: PruningEvent | None) -> int:

@@ -8,7 +8,8 @@
   groups and any torchmetrics metric per group.
 * `curvature`: per-group gradient norms, Hutchinson Hessian traces (and λ_max), predicted
   excess loss, and `measure_groups` that does all of it in one pass.
-* `sharded`: per-group gradient norms and forward-only measurements on FSDP2-sharded
+* `sharded`: per-group gradient norms, forward-only measurements, Hutchinson traces and
+  predicted excess loss (finite-difference Hessian-vector products) on FSDP2-sharded
   parameters (local shards, no gather).
 """
 
@@ -57,8 +58,13 @@ from lightning_fairprune.diagnostics.recall import (
     recall_balance,
 )
 from lightning_fairprune.diagnostics.sharded import (
+    GroupDirectional,
+    local_rademacher_probes,
+    sharded_group_directional,
     sharded_group_gradient_norms,
+    sharded_group_hessian_trace,
     sharded_measure_groups,
+    sharded_predicted_excess_loss,
 )
 
 __all__ = [
@@ -66,6 +72,7 @@ __all__ = [
     "SMALL_GROUP_SIZE",
     "CombinedGroups",
     "GroupConfusion",
+    "GroupDirectional",
     "GroupGradients",
     "GroupHessianTrace",
     "GroupMeasurement",
@@ -88,6 +95,7 @@ __all__ = [
     "guarded_intensification_ratio",
     "intensification_alpha",
     "intensification_ratio",
+    "local_rademacher_probes",
     "measure_groups",
     "normalize_group_names",
     "normalized_recall_balance",
@@ -96,8 +104,11 @@ __all__ = [
     "rademacher_probes",
     "rate",
     "recall_balance",
+    "sharded_group_directional",
     "sharded_group_gradient_norms",
+    "sharded_group_hessian_trace",
     "sharded_measure_groups",
+    "sharded_predicted_excess_loss",
     "split_groups",
     "wilson_interval",
 ]

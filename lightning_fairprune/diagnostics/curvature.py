@@ -317,12 +317,13 @@ def rademacher_probes(
     seed: int | torch.Generator = 0,
     *,
     start: int = 0,
+    offset: int = 0,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Rademacher (±1) probe vectors ``[num_probes, size]``, a pure function of the seed.
 
-    Entry ``i`` of probe ``k`` is a bit of an integer hash of ``(seed, start + k, i)``
+    Entry ``i`` of probe ``k`` is a bit of an integer hash of ``(seed, start + k, offset + i)``
     computed with integer tensor ops on ``device``: the same seed gives bit-identical probes
     on every process and every device (CPU or GPU), nothing is generated on the host and
     copied over, and probe ``k`` does not depend on how many probes are drawn at once
@@ -334,6 +335,9 @@ def rademacher_probes(
         seed: a non-negative int seed (a CPU `torch.Generator` is accepted and consumed:
             one int seed is drawn from it).
         start: index of the first probe.
+        offset: element index of the first column: the result is columns
+            ``[offset, offset + size)`` of the probes of any longer length, so a process holding
+            a shard of the parameters builds exactly its slice of every probe.
         device: where to build the probes (default CPU).
         dtype: floating dtype of the result.
 
@@ -346,22 +350,25 @@ def rademacher_probes(
         (torch.Size([3, 5]), True)
         >>> torch.equal(rademacher_probes(2, 5, seed=0, start=1), v[1:])
         True
+        >>> torch.equal(rademacher_probes(3, 2, seed=0, offset=3), v[:, 3:])
+        True
     """
     if isinstance(seed, torch.Generator):
         seed = int(torch.randint(0, 2**62, (1,), generator=seed))
     _check_positive_int("seed", seed, allow_zero=True)
     _check_positive_int("start", start, allow_zero=True)
+    _check_positive_int("offset", offset, allow_zero=True)
     out = torch.empty(num_probes, size, dtype=dtype, device=device)
     if num_probes == 0 or size == 0:
         return out
-    idx = torch.arange(size, dtype=torch.int64, device=out.device)
+    idx = torch.arange(offset, offset + size, dtype=torch.int64, device=out.device)
     low, high = idx & _M32, idx >> 32
     seed_key = _mix32_int(_mix32_int(seed & _M32) ^ (seed >> 32))
     for k in range(num_probes):
         base = _mix32_int(seed_key + 0x9E3779B9 * (start + k + 1))
         x = _mix32(low ^ base)
-        if size > _M32:
-            x = _mix32((x + high) & _M32)
+        if offset + size > _M32:  # elements past 2**32 mix in their high bits
+            x = torch.where(high > 0, _mix32((x + high) & _M32), x)
         # top bit -> ±1
         torch.sub(1, (x >> 31).to(dtype), alpha=2, out=out[k])
     return out

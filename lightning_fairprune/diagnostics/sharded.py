@@ -33,9 +33,15 @@ full gradient reduce-scatters per measurement (the unsharded
 ``[G, P]`` tensor instead). Backward calls reach every trainable parameter, not only the
 measured ones (FSDP reduces whole parameter groups).
 
-**Not available under FSDP.** Hutchinson traces, λ_max and the quadratic term of the
-predicted excess loss need double backward through the parameters, which FSDP2's
-reduce-scatter hooks do not provide.
+**Curvature by finite differences.** FSDP2's reduce-scatter hooks give no double backward,
+but first-order sharded gradients at perturbed weights give Hessian-vector products along a
+direction d: dᵀH_a d ≈ dᵀ(g_a(θ+εd) − g_a(θ−εd)) / (2ε).
+:func:`sharded_group_directional` does this for directions given as local shards (weights
+moved in place and restored bit for bit), :func:`sharded_group_hessian_trace` runs Hutchinson
+with each process's slice of the unsharded probes (`local_rademacher_probes`), and
+:func:`sharded_predicted_excess_loss` gives g_aᵀδ + ½ δᵀH_aδ. Cost: ``2 K G`` sharded
+backward sets per trace of K probes, ``2 G`` per predicted excess loss. λ_max (power
+iteration) is not available under FSDP (:data:`LAMBDA_MAX_UNAVAILABLE`).
 
 Everything runs inside `lightning_fairprune.measure.isolated`: module modes, buffers,
 ``.grad`` and ``requires_grad`` of every parameter and the RNG states are restored afterwards.
@@ -43,12 +49,14 @@ Everything runs inside `lightning_fairprune.measure.isolated`: module modes, buf
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_fairprune.checks import check_int
 from lightning_fairprune.diagnostics._batching import (
     Nested,
     check_groups,
@@ -62,6 +70,7 @@ from lightning_fairprune.diagnostics._batching import (
 from lightning_fairprune.diagnostics.curvature import (
     ForwardFn,
     GroupGradients,
+    GroupHessianTrace,
     GroupMeasurement,
     LossFn,
     ParamsArg,
@@ -69,23 +78,32 @@ from lightning_fairprune.diagnostics.curvature import (
     _check_pass_args,
     _resolve_params,
     _safe_div,
+    _trace_stats,
     _warn_missing,
     measure_groups,
+    rademacher_probes,
 )
 from lightning_fairprune.dtensor import _group_of, is_sharded, local_tensor, shard_spec
 from lightning_fairprune.measure import isolated
 
 __all__ = [
-    "CURVATURE_UNAVAILABLE",
+    "LAMBDA_MAX_UNAVAILABLE",
+    "GroupDirectional",
+    "default_relative_step",
     "has_dtensor_params",
+    "local_rademacher_probes",
+    "sharded_group_directional",
     "sharded_group_gradient_norms",
+    "sharded_group_hessian_trace",
     "sharded_measure_groups",
+    "sharded_predicted_excess_loss",
 ]
 
-CURVATURE_UNAVAILABLE = (
-    "the Hutchinson Hessian trace, λ_max and the predicted excess loss are not measured on "
-    "FSDP2-sharded parameters: FSDP2 computes and reduce-scatters their gradients in hooks "
-    "outside autograd, so there is no double backward (Hessian-vector product) through them"
+LAMBDA_MAX_UNAVAILABLE = (
+    "λ_max (power iteration on the group Hessians) is not measured on FSDP2-sharded "
+    "parameters: FSDP2 reduce-scatters their gradients in hooks outside autograd, so there is "
+    "no double backward through them, and power iteration on finite-difference "
+    "Hessian-vector products is not implemented"
 )
 
 
@@ -256,23 +274,24 @@ def _local_sq_norm(
     return total
 
 
-def _gradient_sums(
+def _lockstep_backward(
     model: nn.Module,
     batches: Iterable[Any],
     num_groups: int,
-    named: list[tuple[str, Tensor]],
     plan: _Plan,
     loss_fn: LossFn | None,
     forward_fn: ForwardFn | None,
-    group: Any,
-) -> tuple[Tensor, Tensor]:
-    """Local ``[G]`` squared-norm contributions and loss sums (before the all-reduce)."""
+    device: torch.device,
+    on_group: Callable[[int], None],
+) -> Tensor:
+    """Per group: ``.backward()`` of the summed group loss in lockstep, then ``on_group(a)``.
+
+    On ``on_group(a)`` every parameter's ``.grad`` holds the (reduce-scattered, divided) shard
+    of S_a. Returns the local ``[G]`` loss sums.
+    """
     loss_fn = loss_fn or default_loss
     forward_fn = forward_fn or default_forward
-    device = named[0][1].device
     every = list(model.parameters())
-    factors = _divide_factors(model)
-    sq = torch.zeros(num_groups, dtype=torch.float64)
     loss_sums = torch.zeros(num_groups, dtype=torch.float64)
     pad_x = plan.sample[0]
     for a in range(num_groups):
@@ -301,9 +320,32 @@ def _gradient_sums(
         for _ in range(plan.chunks[a] - done):  # lockstep: zero-gradient backward calls
             out = forward_fn(model, tree_map(lambda t: t.to(device), pad_x))
             out.backward(torch.zeros_like(out))
-        sq[a] = _local_sq_norm(named, factors, group)
+        on_group(a)
     for p in every:
         p.grad = None
+    return loss_sums
+
+
+def _gradient_sums(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_groups: int,
+    named: list[tuple[str, Tensor]],
+    plan: _Plan,
+    loss_fn: LossFn | None,
+    forward_fn: ForwardFn | None,
+    group: Any,
+) -> tuple[Tensor, Tensor]:
+    """Local ``[G]`` squared-norm contributions and loss sums (before the all-reduce)."""
+    factors = _divide_factors(model)
+    sq = torch.zeros(num_groups, dtype=torch.float64)
+
+    def on_group(a: int) -> None:
+        sq[a] = _local_sq_norm(named, factors, group)
+
+    loss_sums = _lockstep_backward(
+        model, batches, num_groups, plan, loss_fn, forward_fn, named[0][1].device, on_group
+    )
     return sq, loss_sums
 
 
@@ -416,7 +458,8 @@ def sharded_measure_groups(
     The forward-only part is `measure_groups` with ``gradients=False`` and ``num_probes=0``
     and an all-reduce (sum) of its sums; the gradient norms come from
     :func:`sharded_group_gradient_norms`. The Hessian trace, λ_max and predicted excess loss
-    stay ``None`` (:data:`CURVATURE_UNAVAILABLE`). Every process must call it, with the same
+    stay ``None`` (see :func:`sharded_group_hessian_trace` and
+    :func:`sharded_predicted_excess_loss`). Every process must call it, with the same
     number of batches (checked).
 
     Args:
@@ -481,3 +524,556 @@ def sharded_measure_groups(
             )
             result.grad_norms = res.norms
     return result
+
+
+# --------------------------------------------------------------------------- curvature
+
+Directions = Mapping[str, Tensor]
+
+
+@dataclass
+class GroupDirectional:
+    """Result of :func:`sharded_group_directional` (float64, CPU, indexed by group id).
+
+    Attributes:
+        linear: ``[G, K]`` g_aᵀd_k, g_a the gradient of group a's *mean* loss (NaN if missing).
+        quadratic: ``[G, K]`` d_kᵀH_a d_k by central differences (NaN if missing).
+        counts: ``[G]`` samples per group (all processes).
+        eps: ``[K]`` the finite-difference step ε_k used along each direction.
+    """
+
+    linear: Tensor
+    quadratic: Tensor
+    counts: Tensor
+    eps: Tensor
+
+
+def default_relative_step(dtype: torch.dtype) -> float:
+    """The default relative finite-difference step r: ``min(finfo(dtype).eps ** (1/3), 1e-4)``.
+
+    For a smooth loss the central difference of the gradient has a truncation error O(ε²)
+    and a rounding error O(u/ε) (u the unit roundoff); r = u^(1/3) balances them (6e-6 in
+    float64). With piecewise-linear activations (ReLU) the difference quotient also counts
+    the units that switch on or off within ±ε, a term that does not shrink with ε until no
+    unit switches; so r is capped at 1e-4 (float32: the smooth optimum 5e-3 gave errors of
+    100x on a ReLU MLP, 1e-4 gave 4e-3 there and 1e-2 on a tanh MLP; see
+    ``docs/sharded_curvature.md``).
+
+    Example:
+        >>> round(default_relative_step(torch.float64), 8), default_relative_step(torch.float32)
+        (6.06e-06, 0.0001)
+    """
+    return min(float(torch.finfo(dtype).eps) ** (1.0 / 3.0), 1e-4)
+
+
+def _local_dot(
+    named: list[tuple[str, Tensor]],
+    dirs: list[Tensor | None],
+    factors: dict[int, float],
+    group: Any,
+) -> float:
+    """Σ over this process's owned elements of S_a · d, S_a the *summed* global gradient."""
+    total = 0.0
+    for (_, p), d in zip(named, dirs, strict=True):
+        if d is None:
+            continue
+        grad = p.grad
+        spec = shard_spec(p, group)
+        if is_sharded(p):
+            if grad is None or not spec.owner:
+                continue
+            local = local_tensor(grad).detach().to(torch.float64)
+            factor = factors.get(id(p), float(p.device_mesh.size()))  # type: ignore[attr-defined]
+            total += float((local * d.to(torch.float64)).sum()) * factor
+            continue
+        # a plain (replicated) parameter: its gradient is local to each process, sum it
+        local = (
+            torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+            if grad is None
+            else grad.detach().to(torch.float64)
+        )
+        local = _all_reduce(local.clone(), group)
+        if spec.owner:
+            total += float((local * d.to(torch.float64)).sum())
+    return total
+
+
+def _owned_sq(named: list[tuple[str, Tensor]], tensors: list[Tensor | None], group: Any) -> float:
+    """Σ of squares over this process's owned elements (plain tensors: the first process)."""
+    total = 0.0
+    for (_, p), t in zip(named, tensors, strict=True):
+        if t is not None and shard_spec(p, group).owner:
+            total += float(torch.linalg.vector_norm(t.detach().to(torch.float64))) ** 2
+    return total
+
+
+def _check_eps(eps: Any) -> None:
+    if eps is not None and (
+        isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1
+    ):
+        raise ValueError(
+            f"Expected `eps` to be None or a float in (0, 1) (the relative finite-difference "
+            f"step), but got {eps!r}"
+        )
+
+
+def _directional_sums(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_groups: int,
+    named: list[tuple[str, Tensor]],
+    plan: _Plan,
+    num_dirs: int,
+    direction: Callable[[int], list[Tensor | None]],
+    eps: float | None,
+    loss_fn: LossFn | None,
+    forward_fn: ForwardFn | None,
+    group: Any,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Global ``[G, K]`` sums S_a·d_k at θ ± ε_k d_k, and ε ``[K]``; weights restored exactly.
+
+    ``direction(k)`` gives the local part of d_k per selected parameter (None: zero).
+    """
+    device = _comm_device(named)
+    locals_ = [local_tensor(p) for _, p in named]
+    saved = [t.detach().clone() for t in locals_]
+    rel = eps if eps is not None else max(default_relative_step(t.dtype) for t in locals_)
+    # ‖θ‖ and ‖d_k‖ over the selected parameters, summed across processes (one all-reduce)
+    norms = torch.tensor(
+        [_owned_sq(named, list(saved), group)]
+        + [_owned_sq(named, direction(k), group) for k in range(num_dirs)],
+        dtype=torch.float64,
+    )
+    norms = _all_reduce(norms.to(device), group).cpu().clamp_min(0).sqrt()
+    theta_norm = float(norms[0]) if float(norms[0]) > 0 else 1.0
+    steps = torch.zeros(num_dirs, dtype=torch.float64)
+    factors = _divide_factors(model)
+    plus = torch.zeros(num_groups, num_dirs, dtype=torch.float64)
+    minus = torch.zeros(num_groups, num_dirs, dtype=torch.float64)
+    try:
+        for k in range(num_dirs):
+            if float(norms[k + 1]) == 0:  # a zero direction: both terms are exactly 0
+                continue
+            step = rel * theta_norm / float(norms[k + 1])
+            steps[k] = step
+            dirs = direction(k)
+            for sign, out in ((1.0, plus), (-1.0, minus)):
+                with torch.no_grad():
+                    for t, s, d in zip(locals_, saved, dirs, strict=True):
+                        t.copy_(s)
+                        if d is not None:
+                            t.add_(d.to(t.dtype), alpha=sign * step)
+
+                def on_group(a: int, out: Tensor = out, dirs: list = dirs, k: int = k) -> None:
+                    out[a, k] = _local_dot(named, dirs, factors, group)
+
+                _lockstep_backward(
+                    model, batches, num_groups, plan, loss_fn, forward_fn, device, on_group
+                )
+    finally:
+        with torch.no_grad():
+            for t, s in zip(locals_, saved, strict=True):
+                t.copy_(s)
+    packed = torch.cat([plus.flatten(), minus.flatten(), plan.local_counts.to(torch.float64)])
+    packed = _all_reduce(packed.to(device), group).cpu()
+    g_k = num_groups * num_dirs
+    plus = packed[:g_k].view(num_groups, num_dirs)
+    minus = packed[g_k : 2 * g_k].view(num_groups, num_dirs)
+    return plus, minus, torch.cat([steps, packed[2 * g_k :]])
+
+
+def _directional(
+    fn: str,
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_groups: int,
+    named: list[tuple[str, Tensor]],
+    num_dirs: int,
+    direction: Callable[[int], list[Tensor | None]],
+    eps: float | None,
+    loss_fn: LossFn | None,
+    forward_fn: ForwardFn | None,
+    chunk_size: int | None,
+    group: Any,
+) -> GroupDirectional:
+    pg = _process_group([p for _, p in named], group)
+    with isolated(model, mode="eval", grad_params=[p for _, p in named]):
+        plan = _Plan(batches, num_groups, chunk_size, pg, loss_fn is None, _comm_device(named))
+        plus, minus, rest = _directional_sums(
+            model,
+            batches,
+            num_groups,
+            named,
+            plan,
+            num_dirs,
+            direction,
+            eps,
+            loss_fn,
+            forward_fn,
+            pg,
+        )
+    steps, counts = rest[:num_dirs], rest[num_dirs:]
+    _warn_missing(fn, counts)
+    safe = torch.where(steps > 0, 2 * steps, torch.ones_like(steps))
+    quad = torch.where(steps > 0, (plus - minus) / safe, torch.zeros_like(plus))
+    lin = torch.where(steps > 0, (plus + minus) / 2, torch.zeros_like(plus))
+    return GroupDirectional(
+        linear=_safe_div(lin, counts[:, None]),
+        quadratic=_safe_div(quad, counts[:, None]),
+        counts=counts,
+        eps=steps,
+    )
+
+
+def _local_directions(
+    named: list[tuple[str, Tensor]], directions: Sequence[Directions], arg: str
+) -> list[list[Tensor | None]]:
+    """Per direction, the local part per selected parameter (validated), None where absent."""
+    index = {n: i for i, (n, _) in enumerate(named)}
+    out = []
+    for k, mapping in enumerate(directions):
+        if not isinstance(mapping, Mapping):
+            raise TypeError(
+                f"Expected `{arg}` to hold mappings FQN -> tensor, but got "
+                f"{type(mapping).__name__} at position {k}"
+            )
+        unknown = [n for n in mapping if n not in index]
+        if unknown:
+            raise ValueError(
+                f"Expected the keys of `{arg}` to be selected parameters "
+                f"{[n for n, _ in named]}, but got {unknown}"
+            )
+        parts: list[Tensor | None] = [None] * len(named)
+        for name, value in mapping.items():
+            p = named[index[name]][1]
+            want = tuple(local_tensor(p).shape)
+            if not isinstance(value, Tensor):
+                raise TypeError(
+                    f"Expected `{arg}[{name!r}]` to be a tensor, but got {type(value).__name__}"
+                )
+            value = local_tensor(value).detach()
+            if tuple(value.shape) != want:
+                raise ValueError(
+                    f"Expected `{arg}[{name!r}]` to have the shape of this process's local "
+                    f"shard {want}, but got {tuple(value.shape)}"
+                )
+            parts[index[name]] = value.to(device=local_tensor(p).device)
+        out.append(parts)
+    return out
+
+
+def sharded_group_directional(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_groups: int,
+    directions: Directions | Sequence[Directions],
+    *,
+    eps: float | None = None,
+    params: ParamsArg = None,
+    loss_fn: LossFn | None = None,
+    forward_fn: ForwardFn | None = None,
+    chunk_size: int | None = None,
+    group: Any = None,
+) -> GroupDirectional:
+    """Per group, g_aᵀd and dᵀH_a d along given directions, from sharded first-order gradients.
+
+    FSDP2 has no double backward, but its (sharded) gradients can be taken at perturbed
+    weights. For each direction d (given as this process's *local shards*), the local shards
+    of the selected parameters are moved in place to θ ± ε d and, per group, the summed group
+    gradient S_a is taken in lockstep as in :func:`sharded_group_gradient_norms`; then
+
+    * dᵀH_a d ≈ dᵀ(g_a(θ + εd) − g_a(θ − εd)) / (2ε) (central difference: exact for a
+      quadratic loss, O(ε²) error otherwise),
+    * g_aᵀd ≈ dᵀ(g_a(θ + εd) + g_a(θ − εd)) / 2 (also O(ε²)),
+
+    each dot product taken on the local shards. One all-reduce of ``1 + K`` numbers
+    (‖θ‖², ‖d_k‖²) fixes the steps and one of ``2 G K + G`` numbers gives every process the
+    global results. The weights are restored bit for bit (saved local shards copied back,
+    also on error).
+
+    **Step.** ε_k = r · ‖θ‖ / ‖d_k‖ over the selected parameters (‖θ‖ replaced by 1 if
+    zero): the perturbation ε d has norm r · ‖θ‖, relative to the weights. ``r`` defaults to
+    `default_relative_step` of the parameters' dtype (6e-6 in float64, 1e-4 in float32);
+    the perturbation is added in the parameters' dtype. With ReLU-like activations, units
+    switching within ±ε add to the quotient what the (almost everywhere) Hessian of double
+    backward does not have: prefer float64 or a smaller ``eps`` when that matters.
+
+    **Cost.** ``2 K`` lockstep passes of ``G`` per-group backward sets (each reduce-scatters
+    the gradient of every trainable parameter).
+
+    Args:
+        model: the (sharded) network; eval mode during the measurement, then restored.
+        batches: re-iterable ``(inputs, targets, groups)`` or ``(inputs, targets)``: this
+            process's share of the data.
+        num_groups: number of groups G.
+        directions: one mapping FQN -> local part of d (the shard this process holds, of
+            ``local_tensor(param)``'s shape; a DTensor is taken by its local shard; a plain
+            parameter takes the full tensor, identical on every process), or a sequence of
+            them. Parameters not listed have d = 0.
+        eps: relative step r in (0, 1) (default: `default_relative_step`).
+        params: parameters to perturb and differentiate (default: the keys of
+            ``directions``).
+        loss_fn: ``(outputs, targets) -> Tensor[N]`` per-sample losses (default cross-entropy).
+        forward_fn: ``(model, inputs) -> outputs``.
+        chunk_size: samples per backward call.
+        group: process group (default: the DTensors' mesh group, else the default group).
+
+    Returns:
+        `GroupDirectional`, identical on every process (NaN, one warning, for groups without
+        samples).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Linear(3, 2).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.tensor([0, 1] * 4)
+        >>> d = {"weight": torch.ones(2, 3, dtype=torch.float64)}
+        >>> res = sharded_group_directional(model, [(x, y, y)], 2, d)
+        >>> from torch.func import functional_call, hessian
+        >>> def loss(w):  # group 0's mean loss as a function of the weight
+        ...     out = functional_call(model, {"weight": w, "bias": model.bias}, (x[y == 0],))
+        ...     return nn.functional.cross_entropy(out, y[y == 0])
+        >>> exact = hessian(loss)(model.weight.detach()).reshape(6, 6).sum()
+        >>> bool(torch.isclose(res.quadratic[0, 0], exact, rtol=1e-6))
+        True
+    """
+    _check_pass_args(num_groups, chunk_size, batches)
+    _check_iterable(batches, 2)
+    _check_eps(eps)
+    many = [directions] if isinstance(directions, Mapping) else directions
+    if isinstance(many, (str, bytes)) or not isinstance(many, Sequence) or not many:
+        raise TypeError(
+            "Expected `directions` to be a mapping FQN -> tensor or a non-empty sequence of "
+            f"them, but got {type(directions).__name__}"
+        )
+    if params is None:
+        keys: list[str] = []
+        for mapping in many:
+            if isinstance(mapping, Mapping):
+                keys += [n for n in mapping if n not in keys]
+        params = keys
+    named = _resolve_params(model, params)
+    _check_params_sharded(named)
+    parts = _local_directions(named, many, "directions")
+    return _directional(
+        "sharded_group_directional",
+        model,
+        batches,
+        num_groups,
+        named,
+        len(parts),
+        parts.__getitem__,
+        eps,
+        loss_fn,
+        forward_fn,
+        chunk_size,
+        group,
+    )
+
+
+def _flat_bases(named: list[tuple[str, Tensor]], group: Any) -> list[int]:
+    """Flat index, in the unsharded concatenation of ``named``, of each local shard's start."""
+    bases, base = [], 0
+    for _, p in named:
+        spec = shard_spec(p, group)
+        bases.append(base + spec.offset)
+        base += spec.numel
+    return bases
+
+
+def local_rademacher_probes(
+    named: Sequence[tuple[str, Tensor]],
+    probe: int,
+    seed: int = 0,
+    group: Any = None,
+) -> list[Tensor]:
+    """This process's slice, per parameter, of Rademacher probe number ``probe``.
+
+    The unsharded probe is `~lightning_fairprune.diagnostics.curvature.rademacher_probes`
+    over the flat concatenation of the parameters (in order, as in `group_hessian_trace`);
+    each local shard gets the columns at its flat offset (`shard_spec`), so the slices are
+    those probes element for element, generated without building the full probe.
+
+    Args:
+        named: (FQN, parameter) pairs, sharded or plain, in the order of the flat probe.
+        probe: probe index k (>= 0).
+        seed: probe seed.
+        group: process group of plain tensors (see `shard_spec`).
+
+    Returns:
+        One tensor per parameter, of its local shard's shape, dtype and device.
+
+    Example:
+        >>> net = nn.Linear(2, 3)
+        >>> parts = local_rademacher_probes(list(net.named_parameters()), probe=1)
+        >>> full = rademacher_probes(2, 9)[1]
+        >>> torch.equal(torch.cat([t.flatten() for t in parts]), full)
+        True
+    """
+    out = []
+    for (_, p), base in zip(named, _flat_bases(list(named), group), strict=True):
+        local = local_tensor(p)
+        flat = rademacher_probes(
+            1,
+            local.numel(),
+            seed,
+            start=probe,
+            offset=base,
+            device=local.device,
+            dtype=local.dtype,
+        )
+        out.append(flat.view(local.shape))
+    return out
+
+
+def sharded_group_hessian_trace(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_groups: int,
+    *,
+    num_probes: int = 16,
+    seed: int = 0,
+    eps: float | None = None,
+    params: ParamsArg = None,
+    loss_fn: LossFn | None = None,
+    forward_fn: ForwardFn | None = None,
+    chunk_size: int | None = None,
+    group: Any = None,
+) -> GroupHessianTrace:
+    """Hutchinson Tr(H_a) per group on FSDP2-sharded parameters, by finite-difference HVPs.
+
+    The same estimator and probes as
+    `~lightning_fairprune.diagnostics.curvature.group_hessian_trace` (mean over K
+    Rademacher probes of v_kᵀH_a v_k, standard error over probes), with v_kᵀH_a v_k from
+    :func:`sharded_group_directional` (central differences of sharded gradients). Every
+    process builds only its slice of each probe (`local_rademacher_probes`), one probe at a
+    time. λ_max is not computed (``None``).
+
+    **Cost.** ``2 K`` lockstep passes, each ``G`` per-group backward sets: ``2 K G`` sharded
+    backward sets per trace (the unsharded double-backward path costs about K HVPs over the
+    data), plus one all-reduce of ``1 + K`` and one of ``2 G K + G`` numbers.
+
+    Args:
+        model: the (sharded) network; eval mode during the measurement, then restored.
+        batches: re-iterable ``(inputs, targets, groups)`` or ``(inputs, targets)``.
+        num_groups: number of groups G.
+        num_probes: number of probes K.
+        seed: probe seed (the probes of `group_hessian_trace` with this seed).
+        eps: relative finite-difference step (see :func:`sharded_group_directional`).
+        params: parameters spanning the Hessian (default: all trainable).
+        loss_fn: per-sample loss (default cross-entropy).
+        forward_fn: ``(model, inputs) -> outputs``.
+        chunk_size: samples per backward call.
+        group: process group.
+
+    Returns:
+        `GroupHessianTrace` (``lambda_max=None``), identical on every process.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.tensor([0, 1] * 4)
+        >>> res = sharded_group_hessian_trace(model, [(x, y, y)], 2, num_probes=3)
+        >>> from lightning_fairprune.diagnostics import group_hessian_trace
+        >>> ref = group_hessian_trace(model, [(x, y, y)], 2, num_probes=3)
+        >>> bool(torch.allclose(res.probe_values, ref.probe_values, rtol=1e-6))
+        True
+    """
+    _check_pass_args(num_groups, chunk_size, batches)
+    check_int(num_probes, "num_probes", 1)
+    check_int(seed, "seed", 0)
+    _check_iterable(batches, 2)
+    _check_eps(eps)
+    named = _resolve_params(model, params)
+    _check_params_sharded(named)
+    pg = _process_group([p for _, p in named], group)
+
+    def probe(k: int) -> list[Tensor | None]:
+        return list(local_rademacher_probes(named, k, seed, pg))
+
+    res = _directional(
+        "sharded_group_hessian_trace",
+        model,
+        batches,
+        num_groups,
+        named,
+        num_probes,
+        probe,
+        eps,
+        loss_fn,
+        forward_fn,
+        chunk_size,
+        pg,
+    )
+    trace, stderr = _trace_stats(res.quadratic)
+    return GroupHessianTrace(
+        trace=trace,
+        stderr=stderr,
+        num_probes=num_probes,
+        lambda_max=None,
+        counts=res.counts,
+        probe_values=res.quadratic,
+    )
+
+
+def sharded_predicted_excess_loss(
+    model: nn.Module,
+    batches: Iterable[Any],
+    delta: Directions,
+    num_groups: int,
+    *,
+    eps: float | None = None,
+    params: ParamsArg = None,
+    loss_fn: LossFn | None = None,
+    forward_fn: ForwardFn | None = None,
+    chunk_size: int | None = None,
+    group: Any = None,
+) -> Tensor:
+    """R̂(a) = g_aᵀδ + ½ δᵀH_aδ per group on FSDP2-sharded parameters (central differences).
+
+    `~lightning_fairprune.diagnostics.curvature.predicted_excess_loss` for a step δ given
+    as local shards, from :func:`sharded_group_directional` with the one direction δ: two
+    lockstep passes of ``G`` per-group backward sets.
+
+    Args:
+        model: the (sharded) network at θ*.
+        batches: re-iterable ``(inputs, targets, groups)`` or ``(inputs, targets)``.
+        delta: FQN -> this process's local shard of δ = θ̄ − θ* (parameters not listed: 0).
+        num_groups: number of groups G.
+        eps: relative finite-difference step (see :func:`sharded_group_directional`).
+        params: parameters to differentiate (default: the keys of ``delta``).
+        loss_fn: per-sample loss (default cross-entropy).
+        forward_fn: ``(model, inputs) -> outputs``.
+        chunk_size: samples per backward call.
+        group: process group.
+
+    Returns:
+        float64 ``[G]`` on the CPU, identical on every process (NaN for missing groups).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.tensor([0, 1] * 4)
+        >>> delta = {"0.weight": -0.1 * model[0].weight.detach()}
+        >>> res = sharded_predicted_excess_loss(model, [(x, y, y)], delta, 2)
+        >>> from lightning_fairprune.diagnostics import predicted_excess_loss
+        >>> ref = predicted_excess_loss(model, [(x, y, y)], delta, 2)
+        >>> bool(torch.allclose(res, ref, rtol=1e-6))
+        True
+    """
+    if not isinstance(delta, Mapping):
+        raise TypeError(
+            f"Expected `delta` to be a mapping FQN -> tensor, but got {type(delta).__name__}"
+        )
+    res = sharded_group_directional(
+        model,
+        batches,
+        num_groups,
+        delta,
+        eps=eps,
+        params=params,
+        loss_fn=loss_fn,
+        forward_fn=forward_fn,
+        chunk_size=chunk_size,
+        group=group,
+    )
+    return (res.linear + 0.5 * res.quadratic)[:, 0]
