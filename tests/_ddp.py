@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port the OS has just handed out (not one a previous run may still hold)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def run_ddp(script: Path, out_dir: Path, *args: str, timeout: float = 240) -> list[dict]:
@@ -19,7 +27,8 @@ def run_ddp(script: Path, out_dir: Path, *args: str, timeout: float = 240) -> li
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     env.setdefault("TMPDIR", str(out_dir))
-    env["MASTER_PORT"] = str(29500 + (os.getpid() % 2000))
+    env["MASTER_ADDR"] = "127.0.0.1"
+    env["MASTER_PORT"] = str(free_port())
     proc = subprocess.run(
         [sys.executable, str(script), str(out_dir), *args],
         capture_output=True,
