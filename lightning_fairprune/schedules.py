@@ -643,15 +643,19 @@ class RoundPlan:
 
     # ---------------------------------------------------------------- resolution
     @property
-    def needs_horizon(self) -> bool:
-        """Whether the number of rounds waits for the length of the run (`resolve_horizon`)."""
+    def spread_over_run(self) -> bool:
+        """Whether the rounds are spread over the run (a gradual schedule without a count)."""
         return (
             self.schedule_name in _GRADUAL
             and self.num_rounds_arg is None
             and self.end is None
             and self.rate is None
-            and self._horizon_rounds is None
         )
+
+    @property
+    def needs_horizon(self) -> bool:
+        """Whether the number of rounds waits for the length of the run (`resolve_horizon`)."""
+        return self.spread_over_run and self._horizon_rounds is None
 
     def resolve_horizon(self, horizon: int) -> None:
         """Spread the rounds of a gradual schedule over a run of ``horizon`` event points.
@@ -890,7 +894,7 @@ class RoundPlan:
         self.rounds_done = int(state.get("rounds_done", 0))
         self.last_target = float(state.get("last_target", 0.0))
         horizon = state.get("horizon_rounds")
-        if horizon is not None and self.needs_horizon:
+        if horizon is not None and self.spread_over_run:  # the saved spread wins
             self._horizon_rounds = int(horizon)
             self._resolve_targets()
         saved = state.get("final_sparsity")

@@ -417,3 +417,16 @@ def test_pruning_event_carries_parameter_names():
     assert isinstance(seen[0], PruningEvent)
     assert seen[0].parameter_names == ("0.weight", "1.weight")
     assert seen[0].to_dict()["parameter_names"] == ["0.weight", "1.weight"]
+
+
+def test_round_plan_keeps_its_saved_horizon_when_resumed_under_another_run_length():
+    first = RoundPlan(0.8, schedule="cubic")
+    first.resolve_horizon(4)  # rounds at 0, 1, 2
+    first.record_round(first.target(0))
+    state = first.state_dict()
+    resumed = RoundPlan(0.8, schedule="cubic")
+    resumed.resolve_horizon(8)  # the resumed fit has max_epochs=8 ...
+    resumed.load_state_dict(state)  # ... but the schedule already spread over 4 epochs wins
+    assert resumed.event_points == first.event_points == [0, 1, 2]
+    assert resumed.targets == first.targets
+    assert resumed.rounds_done == 1
