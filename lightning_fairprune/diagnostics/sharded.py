@@ -247,22 +247,30 @@ def _group_chunks(batches: Iterable[Any], a: int, chunk: int) -> Iterator[tuple[
         yield tree_cat(buf_x), torch.cat(buf_y)
 
 
-def _local_sq_norm(
-    named: list[tuple[str, Tensor]], factors: dict[int, float], group: Any
-) -> Tensor:
-    """Σ over this process's owned elements of S_a², S_a the *summed* global gradient."""
-    total = torch.zeros((), dtype=torch.float64)
-    for _, p in named:
+def _owned_summed_grads(
+    named: list[tuple[str, Tensor]],
+    factors: dict[int, float],
+    group: Any,
+    wanted: list[bool] | None = None,
+) -> Iterator[tuple[int, Tensor]]:
+    """``(index, part)``: this process's owned part of each parameter's *summed* gradient.
+
+    A sharded parameter gives its local gradient shard times FSDP's divide factor (FSDP
+    averaged it over the processes); a plain (replicated) parameter gives its gradient summed
+    over the processes, on the owning process only. The all-reduce of plain parameters is a
+    collective: every process must exhaust the generator over the same ``wanted`` parameters.
+    """
+    for i, (_, p) in enumerate(named):
+        if wanted is not None and not wanted[i]:
+            continue
         grad = p.grad
         spec = shard_spec(p, group)
-        if has_dtensor_params([p]):
+        if is_sharded(p):
             if grad is None or not spec.owner:
                 continue
-            local = local_tensor(grad).detach().to(torch.float64)
             factor = factors.get(id(p), float(p.device_mesh.size()))  # type: ignore[attr-defined]
-            total += float(torch.linalg.vector_norm(local * factor)) ** 2
+            yield i, local_tensor(grad).detach().to(torch.float64) * factor
             continue
-        # a plain (unsharded) parameter: its gradient is local to each process, sum it
         local = (
             torch.zeros(p.shape, dtype=torch.float64, device=p.device)
             if grad is None
@@ -270,7 +278,16 @@ def _local_sq_norm(
         )
         local = _all_reduce(local.clone(), group)
         if spec.owner:
-            total += float(torch.linalg.vector_norm(local)) ** 2
+            yield i, local
+
+
+def _local_sq_norm(
+    named: list[tuple[str, Tensor]], factors: dict[int, float], group: Any
+) -> Tensor:
+    """Σ over this process's owned elements of S_a², S_a the *summed* global gradient."""
+    total = torch.zeros((), dtype=torch.float64)
+    for _, part in _owned_summed_grads(named, factors, group):
+        total += float(torch.linalg.vector_norm(part)) ** 2
     return total
 
 
@@ -573,29 +590,11 @@ def _local_dot(
     group: Any,
 ) -> float:
     """Σ over this process's owned elements of S_a · d, S_a the *summed* global gradient."""
-    total = 0.0
-    for (_, p), d in zip(named, dirs, strict=True):
-        if d is None:
-            continue
-        grad = p.grad
-        spec = shard_spec(p, group)
-        if is_sharded(p):
-            if grad is None or not spec.owner:
-                continue
-            local = local_tensor(grad).detach().to(torch.float64)
-            factor = factors.get(id(p), float(p.device_mesh.size()))  # type: ignore[attr-defined]
-            total += float((local * d.to(torch.float64)).sum()) * factor
-            continue
-        # a plain (replicated) parameter: its gradient is local to each process, sum it
-        local = (
-            torch.zeros(p.shape, dtype=torch.float64, device=p.device)
-            if grad is None
-            else grad.detach().to(torch.float64)
-        )
-        local = _all_reduce(local.clone(), group)
-        if spec.owner:
-            total += float((local * d.to(torch.float64)).sum())
-    return total
+    wanted = [d is not None for d in dirs]
+    return sum(
+        float((part * dirs[i].to(torch.float64)).sum())  # type: ignore[union-attr]
+        for i, part in _owned_summed_grads(named, factors, group, wanted)
+    )
 
 
 def _owned_sq(named: list[tuple[str, Tensor]], tensors: list[Tensor | None], group: Any) -> float:
