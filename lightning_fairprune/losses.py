@@ -616,6 +616,9 @@ def inverse_frequency_weights(counts: Tensor | Sequence[float]) -> Tensor:
 class _GroupTermsMixin:
     """Shared per-batch work of the siblings: per-sample losses, groups, accumulation."""
 
+    def extra_repr(self) -> str:
+        return f"num_groups={self.num_groups}, active={self.active}"
+
     def _group_terms(
         self, inputs: Tensor, targets: Tensor | None, groups: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -694,9 +697,6 @@ class GroupDROLoss(_GroupTermsMixin, GroupEqualizedLoss):
             active=active,
             validate_inputs=validate_inputs,
         )
-
-    def extra_repr(self) -> str:  # noqa: D102
-        return f"num_groups={self.num_groups}, active={self.active}"
 
     def forward(
         self, inputs: Tensor, targets: Tensor | None = None, groups: Tensor | None = None
@@ -843,9 +843,6 @@ class GroupWeightedLoss(_GroupTermsMixin, GroupEqualizedLoss):
         )
         with torch.no_grad():
             self.multipliers.copy_(v)
-
-    def extra_repr(self) -> str:  # noqa: D102
-        return f"num_groups={self.num_groups}, active={self.active}"
 
     def forward(
         self, inputs: Tensor, targets: Tensor | None = None, groups: Tensor | None = None
