@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"rank {trainer.global_rank}: global sparsity {pruning.current_sparsity:.4f}, "
         + ", ".join(f"{k} local shard {v:.3f}" for k, v in local.items())
     )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rank_file = out / f"rank{trainer.global_rank}_of_{trainer.world_size}.json"
+    rank_file.write_text(json.dumps({"sparsity": pruning.current_sparsity, "local": local}))
     final = monitor.history[-1]
     summary = {
         "world_size": trainer.world_size,
@@ -113,8 +117,6 @@ def main(argv: list[str] | None = None) -> dict:
         "moments": [r["moment"] for r in monitor.history],
     }
     if trainer.is_global_zero:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         (out / f"summary_{trainer.world_size}.json").write_text(json.dumps(summary))
         print(
             f"sparsity {summary['sparsity']:.3f}, accuracy {summary['accuracy']:.3f}, "
