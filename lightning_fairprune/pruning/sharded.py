@@ -90,6 +90,51 @@ def _all_reduce(t: Tensor, group: Any) -> Tensor:
     return t
 
 
+_MAX_STORED_TIES = 1 << 22
+"""Global number of threshold ties up to which the mask pass keeps their positions (int64:
+at most 32 MiB); above it a separate counting pass precedes the mask pass."""
+
+
+def _cat_positions(parts: list[Tensor], device: torch.device) -> Tensor:
+    """One int64 tensor of the positions found chunk by chunk (empty if none)."""
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
+
+
+def _count_ties(seg: _Segment, scratch: dict[torch.device, _Scratch], threshold: int) -> int:
+    """Unpruned weights of one local segment whose key equals ``threshold`` (one pass)."""
+    buffers = scratch[seg.flat.device]
+    n_eq = 0
+    for a, b in _chunks(seg.flat):
+        eq = torch.eq(buffers.keys(seg.flat[a:b]), threshold, out=buffers.flags[: b - a])
+        if seg.current is not None:
+            eq &= seg.current[a:b]
+        n_eq += int(torch.count_nonzero(eq))
+    return n_eq
+
+
+def _tie_prefix(segs: list[_Segment], local_ties: list[int], group: Any) -> list[int]:
+    """Per segment, the ties that precede it in the global flat order (one all-reduce).
+
+    Every process contributes its tie count and flat offset per segment (replicas: their
+    first holder only) to a ``[world, 2 * segments]`` table; a segment is preceded by all
+    ties of earlier tensors and by the ties of the same tensor held at lower offsets.
+    """
+    r, world = _world(group)
+    dev0 = segs[0].flat.device
+    table = torch.zeros(world, 2 * len(segs), dtype=torch.int64, device=dev0)
+    for j, seg in enumerate(segs):
+        if seg.spec.owner:
+            table[r, 2 * j] = local_ties[j]
+            table[r, 2 * j + 1] = seg.spec.offset
+    table = _all_reduce(table, group).cpu()
+    counts, offsets = table[:, 0::2], table[:, 1::2]
+    totals = counts.sum(0)
+    return [
+        int(totals[:j].sum()) + int(counts[:, j][offsets[:, j] < seg.spec.offset].sum())
+        for j, seg in enumerate(segs)
+    ]
+
+
 class _Segment(NamedTuple):
     name: str
     index: int  # position in the mapping (global flat order)
@@ -210,31 +255,18 @@ def _select_sharded(
     need = sel.rank_in_ties
     ties = need < sel.count_equal
 
+    # Ties at the threshold are pruned in the global flat order, which needs the number of
+    # ties every process holds before each of its segments. When the ties are few (the usual
+    # case), the mask pass prunes all of them and keeps their positions; one all-reduce of
+    # the tie table then gives each process how many of its own to keep pruned. Otherwise
+    # (very many equal scores) a counting pass comes first and the mask pass needs no memory.
+    count_first = ties and sel.count_equal > _MAX_STORED_TIES
     preceding = [0] * len(segs)
-    if ties:
-        # tie counts and offsets of every process's segments -> exclusive prefix, global order
-        r, world = _world(group)
-        table = torch.zeros(world, 2 * len(segs), dtype=torch.int64, device=dev0)
-        for j, seg in enumerate(segs):
-            if not seg.spec.owner:
-                continue
-            n_eq = 0
-            for a, b in _chunks(seg.flat):
-                eq = scratch[seg.flat.device].keys(seg.flat[a:b]) == threshold
-                if seg.current is not None:
-                    eq &= seg.current[a:b]
-                n_eq += int(torch.count_nonzero(eq))
-            table[r, 2 * j] = n_eq
-            table[r, 2 * j + 1] = seg.spec.offset
-        table = _all_reduce(table, group).cpu()
-        counts, offsets = table[:, 0::2], table[:, 1::2]
-        totals = counts.sum(0)
-        for j, seg in enumerate(segs):
-            before = int(totals[:j].sum())
-            before += int(counts[:, j][offsets[:, j] < seg.spec.offset].sum())
-            preceding[j] = before
+    if count_first:
+        preceding = _tie_prefix(segs, [_count_ties(seg, scratch, threshold) for seg in segs], group)
 
     masks: dict[str, Tensor] = {}
+    stored: list[list[Tensor]] = [[] for _ in segs]  # local flat positions of the ties
     for j, seg in enumerate(segs):
         buffers = scratch[seg.flat.device]
         out = torch.empty(seg.flat.numel(), dtype=torch.bool, device=seg.flat.device)
@@ -245,18 +277,35 @@ def _select_sharded(
             torch.gt(key, threshold, out=keep)
             if seg.current is not None:
                 keep &= seg.current[a:b]
-            if not ties:
+            if not ties or (count_first and left == 0):
+                if ties:  # every later tie of this segment is kept
+                    eq = torch.eq(key, threshold, out=buffers.flags[: b - a])
+                    if seg.current is not None:
+                        eq &= seg.current[a:b]
+                    keep |= eq
                 continue
-            eq = key == threshold
+            eq = torch.eq(key, threshold, out=buffers.flags[: b - a])
             if seg.current is not None:
                 eq &= seg.current[a:b]
             positions = eq.nonzero().flatten()
-            if positions.numel() <= left:
+            if not count_first:
+                if positions.numel():
+                    stored[j].append(positions.add_(a))
+            elif positions.numel() <= left:
                 left -= positions.numel()
             else:
                 keep[positions[left:]] = True
                 left = 0
         masks[seg.name] = out.view(seg.shape)
+    if ties and not count_first:
+        found = [
+            _cat_positions(parts, seg.flat.device) for parts, seg in zip(stored, segs, strict=True)
+        ]
+        preceding = _tie_prefix(segs, [int(f.numel()) for f in found], group)
+        for j, seg in enumerate(segs):
+            left = max(0, need - preceding[j])
+            if found[j].numel() > left:  # the ties after the first `left` are kept
+                masks[seg.name].view(-1)[found[j][left:]] = True
     return masks
 
 
