@@ -67,6 +67,13 @@ class Recorder(pl.Callback):
         self.rounds.append({"weights": weights, "target": event.target_sparsity})
 
     def on_pruning_round(self, trainer, pl_module, event) -> None:
+        # the survivors were rewound to the initial weights: record them (a collective)
+        after = {}
+        for name, p in pl_module.named_parameters():
+            if name in event.parameter_names:
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                after[name] = full.detach().reshape(-1).tolist()
+        self.rounds[-1]["after"] = after
         full = self.pruning._full_masks()  # a collective when sharded: every rank is here
         self.rounds[-1]["masks"] = {k: v.reshape(-1).int().tolist() for k, v in full.items()}
         self.rounds[-1]["sparsity"] = event.realized_sparsity
@@ -77,7 +84,7 @@ def main(out_dir: Path, mode: str) -> None:
     pl.seed_everything(0, workers=True)
     shard = mode == "fsdp"
     model = MLP(shard)
-    pruning = IterativePruning(0.8, num_rounds=2, start=0, prune_classifier=True)
+    pruning = IterativePruning(0.8, num_rounds=2, start=0, prune_classifier=True, rewind="init")
     recorder = Recorder(pruning)
     if shard:
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -109,10 +116,16 @@ def main(out_dir: Path, mode: str) -> None:
             local = p.to_local() if hasattr(p, "to_local") else p
             pruned_nonzero += int((local[~pruning.masks[name]] != 0).sum())
     # restore the checkpointed state into a fresh callback on this (sharded) model
-    restored = IterativePruning(0.8, num_rounds=2, start=0, prune_classifier=True)
+    restored = IterativePruning(0.8, num_rounds=2, start=0, prune_classifier=True, rewind="init")
     restored._setup_module(model)
     restored.load_state_dict(state)
     same = all(torch.equal(restored.masks[k], pruning.masks[k]) for k in pruning.masks)
+    assert restored._rewind_weights is not None
+    assert pruning._rewind_weights is not None
+    rewind_same = all(
+        torch.equal(restored._rewind_weights[k], pruning._rewind_weights[k])
+        for k in pruning._rewind_weights
+    )
     result = {
         "rank": trainer.global_rank,
         "rounds": recorder.rounds,
@@ -123,6 +136,9 @@ def main(out_dir: Path, mode: str) -> None:
             int(v["bits"].numel()) for v in (state.get("packed_masks") or {}).values()
         ),
         "restored_equal": same,
+        "restored_rewind_equal": rewind_same,
+        "rewind_state": {k: v.reshape(-1).tolist() for k, v in state["rewind_weights"].items()},
+        "rewind_local_shapes": {k: list(v.shape) for k, v in pruning._rewind_weights.items()},
         "restored_sparsity": restored.current_sparsity,
     }
     name = f"rank{trainer.global_rank}.json" if shard else "single.json"

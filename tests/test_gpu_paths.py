@@ -228,12 +228,11 @@ def test_enforcer_foreach_equals_uint8_and_where(dtype):
             assert int(torch.count_nonzero(res[name][~masks[name]])) == 0
     with pytest.raises(ValueError, match="Expected `mode`"):
         MaskEnforcer(torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1), {}, {}, mode="x")
-    # the bit patterns: "bitwise" (auto's choice on the CPU) writes +0.0, "uint8" -0.0
+    # the bit patterns: "bitwise" writes +0.0 (where "uint8" writes -0.0 for negatives)
     int_dtype = {torch.float32: torch.int32, torch.bfloat16: torch.int16}.get(dtype, torch.int64)
     for i in range(len(base)):
         pruned = ~masks[f"p{i}"]
-        for mode in ("bitwise", "auto"):
-            assert int(results[mode][f"p{i}"].view(int_dtype)[pruned].abs().sum()) == 0, mode
+        assert int(results["bitwise"][f"p{i}"].view(int_dtype)[pruned].abs().sum()) == 0
 
 
 def test_enforcer_bitwise_zeroes_nan_and_refuses_what_it_cannot_view():
@@ -256,6 +255,22 @@ def test_enforcer_bitwise_zeroes_nan_and_refuses_what_it_cannot_view():
     enforcer = MaskEnforcer(opt, {"t": t}, {"t": keep})
     enforcer.enforce()
     assert torch.equal(t.detach(), expected)
+    assert enforcer._mode_for(t) == "uint8"
+
+
+def test_enforcer_auto_takes_bitwise_for_large_cpu_tensors(monkeypatch):
+    import lightning_fairprune.pruning.masks as masks_module
+
+    monkeypatch.setattr(masks_module, "_BITWISE_MIN", 10)
+    big, small = nn.Parameter(torch.randn(12)), nn.Parameter(torch.randn(9))
+    keep = {"big": torch.arange(12) % 3 > 0, "small": torch.arange(9) % 2 > 0}
+    opt = torch.optim.SGD([big, small], lr=0.1)
+    enforcer = MaskEnforcer(opt, {"big": big, "small": small}, keep)
+    assert [p is big for p, _ in enforcer._bitwise] == [True]
+    assert [p is small for p, _ in enforcer._pairs] == [True]
+    enforcer.enforce()
+    assert torch.equal(big.detach() != 0, keep["big"])
+    assert torch.equal(small.detach() != 0, keep["small"])
 
 
 # --------------------------------------------------------------------------- diagnostics

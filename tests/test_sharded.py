@@ -263,6 +263,20 @@ def test_iterative_pruning_under_model_parallel_strategy(tmp_path: Path) -> None
         assert r["packed_bytes"] == sum(math.ceil(w.numel() / 8) for w in weights.values())
         assert r["restored_equal"]
         assert r["restored_sparsity"] == r["sparsity"]
+        # rewind weights: local shards in memory, the full form in the checkpoint state
+        # (the initial weights, bitwise those of the single-process run), restored bitwise
+        assert r["rewind_state"] == single["rewind_state"]
+        assert r["restored_rewind_equal"]
+        for n, shape in r["rewind_local_shapes"].items():
+            full_rows = len(r["rewind_state"][n]) // math.prod(shape[1:])
+            assert shape[0] == -(-full_rows // 2) or shape[0] == full_rows - -(-full_rows // 2)
+    # each round rewound the survivors to the initial weights on every shard
+    init = {n: torch.tensor(w) for n, w in single["rewind_state"].items()}
+    for rounds in (first, second, single["rounds"]):
+        for rnd in rounds:
+            for n, after in rnd["after"].items():
+                keep = torch.tensor(rnd["masks"][n]).bool()
+                assert torch.equal(torch.tensor(after), torch.where(keep, init[n], 0.0)), n
     # export_masks writes the full form, loadable by the unsharded callback
     exported = torch.load(tmp_path / "export_fsdp.pt", weights_only=True)
     exported_single = torch.load(tmp_path / "export_single.pt", weights_only=True)

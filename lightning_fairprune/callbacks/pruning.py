@@ -74,8 +74,10 @@ from lightning_fairprune.pruning.masks import sparsity_report as _sparsity_repor
 from lightning_fairprune.pruning.selection import select_parameters
 from lightning_fairprune.pruning.sharded import (
     gather_full_masks,
+    gather_full_tensors,
     is_sharded,
     shard_full_masks,
+    shard_full_tensors,
     shard_spec,
     sharded_counts,
     sharded_global_masks,
@@ -1083,8 +1085,9 @@ class IterativePruning(Callback):
 
     # ------------------------------------------------------------------ rewinding
     def _capture_rewind(self, pl_module: nn.Module) -> None:
+        # sharded parameters: the local shards (no gather), like the masks
         params = self._params(pl_module)
-        self._rewind_weights = {k: p.detach().clone() for k, p in params.items()}
+        self._rewind_weights = {k: local_tensor(p).detach().clone() for k, p in params.items()}
 
     def _maybe_capture_rewind(self, pl_module: nn.Module, now: int) -> None:
         if is_int(self.rewind) and self._rewind_weights is None and now == self.rewind:
@@ -1094,7 +1097,8 @@ class IterativePruning(Callback):
         assert self._rewind_weights is not None
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(self._rewind_weights[name].to(p.device))
+                local = local_tensor(p)
+                local.copy_(self._rewind_weights[name].to(local.device))
         apply_masks(params, self._masks)
 
     # ------------------------------------------------------------------ the end
@@ -1220,11 +1224,22 @@ class IterativePruning(Callback):
             **self.plan.state_dict(),
             "manual_rounds": self._manual_rounds,
             **self._masks_state(),
-            "rewind_weights": None
-            if self._rewind_weights is None
-            else {k: v.detach().cpu() for k, v in self._rewind_weights.items()},
+            "rewind_weights": self._rewind_state(),
             "history": [dict(h) for h in self._history],
         }
+
+    def _rewind_state(self) -> dict[str, Tensor] | None:
+        """The rewind weights in full form on the CPU (sharded: gathered one tensor at a time).
+
+        Like the masks, the entry is the same on every process and restores on any world
+        size; under sharding it costs one full copy of the pruned weights in CPU memory.
+        """
+        if self._rewind_weights is None:
+            return None
+        if not self._sharded:
+            return {k: v.detach().cpu() for k, v in self._rewind_weights.items()}
+        assert self._pl_module is not None
+        return gather_full_tensors(self._rewind_weights, self._params(self._pl_module))
 
     def _masks_state(self) -> dict[str, Any]:
         """The masks' checkpoint entries: ``masks`` (bool), or ``packed_masks`` when sharded.
@@ -1294,14 +1309,23 @@ class IterativePruning(Callback):
         if rewind is not None:
             params = self._params(self._pl_module)
             try:
-                check_masks_fit(
-                    {k: torch.ones_like(v, dtype=torch.bool) for k, v in rewind.items()}, params
-                )
+                if is_sharded(params):  # the full form, cut to this process's shards
+                    if set(rewind) != set(params):
+                        raise ValueError(
+                            f"Expected rewind weights for {sorted(params)}, but got "
+                            f"{sorted(rewind)}"
+                        )
+                    self._rewind_weights = shard_full_tensors(rewind, params)
+                else:
+                    check_masks_fit(
+                        {k: torch.ones_like(v, dtype=torch.bool) for k, v in rewind.items()},
+                        params,
+                    )
+                    self._rewind_weights = {k: rewind[k].to(params[k].device) for k in params}
             except (ValueError, TypeError) as err:
                 raise ValueError(
                     f"IterativePruning: the checkpoint rewind weights do not fit the model: {err}"
                 ) from err
-            self._rewind_weights = {k: rewind[k].to(params[k].device) for k in params}
         self._manual_rounds = int(state_dict.get("manual_rounds", 0))
         self._history = [dict(h) for h in state_dict.get("history", [])]
         self.plan.load_state_dict(state_dict)

@@ -71,9 +71,11 @@ from lightning_fairprune.pruning.masks import (
 __all__ = [
     "ShardSpec",
     "gather_full_masks",
+    "gather_full_tensors",
     "is_sharded",
     "load_sharded_mask_state",
     "shard_full_masks",
+    "shard_full_tensors",
     "shard_spec",
     "sharded_counts",
     "sharded_global_masks",
@@ -502,6 +504,92 @@ def gather_full_masks(
     return out
 
 
+def gather_full_tensors(
+    local: Mapping[str, Tensor], params: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """Full CPU tensors from local shards laid out like ``params``, one tensor at a time.
+
+    Each local shard is wrapped as a DTensor placed like its (DTensor) parameter and
+    all-gathered (``full_tensor``), so every process holds one full tensor on its device at a
+    time (what an FSDP2 forward pass all-gathers anyway) before it moves to the CPU. Plain
+    parameters (replicas) are copied to the CPU. A collective when any parameter is sharded:
+    call it on every process. Used for checkpoint entries of full form (e.g. the rewind
+    weights of `IterativePruning`).
+
+    Args:
+        local: FQN -> local shard (of ``local_tensor(param)``'s shape).
+        params: FQN -> (DTensor) parameter, for the layout.
+
+    Returns:
+        FQN -> full-shape CPU tensor.
+
+    Example:
+        >>> gather_full_tensors({"w": torch.ones(2)}, {"w": torch.zeros(2)})
+        {'w': tensor([1., 1.])}
+    """
+    dtensor = _dtensor_type()
+    out: dict[str, Tensor] = {}
+    for name, param in params.items():
+        value = local[name].detach()
+        if dtensor is not None and isinstance(param, dtensor):
+            wrapped = dtensor.from_local(
+                value.to(param.to_local().device),
+                param.device_mesh,
+                param.placements,
+                shape=param.shape,
+                stride=param.stride(),
+                run_check=False,
+            )
+            out[name] = wrapped.full_tensor().cpu()
+        else:
+            out[name] = value.cpu().clone()
+    return out
+
+
+def _local_part(full: Tensor, param: Tensor, group: Any) -> Tensor:
+    """This process's shard of ``full`` (a tensor of ``param``'s full shape), on its device."""
+    spec = shard_spec(param, group)
+    local = local_tensor(param)
+    flat = full.reshape(-1)[spec.offset : spec.offset + spec.local_numel]
+    return flat.to(local.device).clone().view(local.shape)
+
+
+def shard_full_tensors(
+    full: Mapping[str, Tensor], params: Mapping[str, Tensor], group: Any = None
+) -> dict[str, Tensor]:
+    """Local shards cut from full tensors (the inverse of :func:`gather_full_tensors`).
+
+    Args:
+        full: FQN -> tensor of the parameter's full shape (any dtype).
+        params: FQN -> (DTensor) parameter.
+        group: process group of plain parameters.
+
+    Returns:
+        FQN -> local shard on the parameter's device, in the full tensor's dtype.
+
+    Raises:
+        ValueError: if a tensor is missing or does not have its parameter's full shape.
+
+    Example:
+        >>> shard_full_tensors({"w": torch.arange(3.0)}, {"w": torch.zeros(3)})
+        {'w': tensor([0., 1., 2.])}
+    """
+    group = _group_of(params, group)
+    missing = [n for n in params if n not in full]
+    if missing:
+        raise ValueError(f"Expected a full tensor for every parameter, but {missing} are missing")
+    out: dict[str, Tensor] = {}
+    for name, param in params.items():
+        shape = tuple(int(d) for d in param.shape)
+        if tuple(full[name].shape) != shape:
+            raise ValueError(
+                f"Expected the full tensor of {name!r} to have shape {shape}, but got "
+                f"{tuple(full[name].shape)}"
+            )
+        out[name] = _local_part(full[name], param, group)
+    return out
+
+
 def shard_full_masks(
     full_masks: Mapping[str, Tensor], params: Mapping[str, Tensor], group: Any = None
 ) -> dict[str, Tensor]:
@@ -532,9 +620,7 @@ def shard_full_masks(
                 f"Expected the full mask of {name!r} to be a bool tensor of shape {spec.shape}, "
                 f"but got {mask.dtype} {tuple(mask.shape)}"
             )
-        local = local_tensor(param)
-        flat = mask.reshape(-1)[spec.offset : spec.offset + spec.local_numel]
-        out[name] = flat.to(local.device).clone().view(local.shape)
+        out[name] = _local_part(mask, param, group)
     return out
 
 
