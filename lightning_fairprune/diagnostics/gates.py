@@ -253,6 +253,7 @@ class FrozenGates(TorchFunctionMode):
         self._phase: str | None = None
         self._key: Hashable = None
         self._pos = 0
+        self._paused = False
 
     # ---------------------------------------------------------------- phases
 
@@ -295,6 +296,15 @@ class FrozenGates(TorchFunctionMode):
         finally:
             self._phase, self._key = None, None
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Let every call through unchanged inside (e.g. a backward pass within a record)."""
+        before, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = before
+
     def num_gates(self, key: Hashable) -> int:
         """Number of gates recorded under ``key``."""
         return len(self._store.get(key, []))
@@ -323,7 +333,7 @@ class FrozenGates(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         entry = _TABLE.get(func)
-        if entry is None or self._phase is None or "out" in kwargs:
+        if entry is None or self._phase is None or self._paused or "out" in kwargs:
             return func(*args, **kwargs)
         kind, parser, inplace, dims = entry
         x, opts = parser(*args, **kwargs)

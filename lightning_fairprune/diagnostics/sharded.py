@@ -50,13 +50,14 @@ Everything runs inside `lightning_fairprune.measure.isolated`: module modes, buf
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_fairprune.checks import check_int
+from lightning_fairprune.checks import check_choice, check_int
 from lightning_fairprune.diagnostics._batching import (
     Nested,
     check_groups,
@@ -83,6 +84,7 @@ from lightning_fairprune.diagnostics.curvature import (
     measure_groups,
     rademacher_probes,
 )
+from lightning_fairprune.diagnostics.gates import FrozenGates
 from lightning_fairprune.dtensor import _group_of, is_sharded, local_tensor, shard_spec
 from lightning_fairprune.measure import isolated
 
@@ -252,12 +254,14 @@ def _owned_summed_grads(
     factors: dict[int, float],
     group: Any,
     wanted: list[bool] | None = None,
+    replicas: bool = False,
 ) -> Iterator[tuple[int, Tensor]]:
     """``(index, part)``: this process's owned part of each parameter's *summed* gradient.
 
     A sharded parameter gives its local gradient shard times FSDP's divide factor (FSDP
     averaged it over the processes); a plain (replicated) parameter gives its gradient summed
-    over the processes, on the owning process only. The all-reduce of plain parameters is a
+    over the processes, on the owning process only (on every process with ``replicas``: the
+    caller then counts it once, see `shard_spec`). The all-reduce of plain parameters is a
     collective: every process must exhaust the generator over the same ``wanted`` parameters.
     """
     for i, (_, p) in enumerate(named):
@@ -266,7 +270,7 @@ def _owned_summed_grads(
         grad = p.grad
         spec = shard_spec(p, group)
         if is_sharded(p):
-            if grad is None or not spec.owner:
+            if grad is None or not (spec.owner or replicas):
                 continue
             factor = factors.get(id(p), float(p.device_mesh.size()))  # type: ignore[attr-defined]
             yield i, local_tensor(grad).detach().to(torch.float64) * factor
@@ -277,7 +281,7 @@ def _owned_summed_grads(
             else grad.detach().to(torch.float64)
         )
         local = _all_reduce(local.clone(), group)
-        if spec.owner:
+        if spec.owner or replicas:
             yield i, local
 
 
@@ -300,47 +304,67 @@ def _lockstep_backward(
     forward_fn: ForwardFn | None,
     device: torch.device,
     on_group: Callable[[int], None],
+    *,
+    groups: Sequence[int] | None = None,
+    gates: FrozenGates | None = None,
+    gate_phase: str = "record",
 ) -> Tensor:
     """Per group: ``.backward()`` of the summed group loss in lockstep, then ``on_group(a)``.
 
     On ``on_group(a)`` every parameter's ``.grad`` holds the (reduce-scattered, divided) shard
-    of S_a. Returns the local ``[G]`` loss sums.
+    of S_a. ``groups`` runs only those groups (every process must pass the same ones: each
+    backward is a collective). With ``gates``, the forward passes (and losses) of group ``a``
+    run inside ``gates.record(a)`` or ``gates.replay(a)`` (``gate_phase``); the backward
+    passes do not. Returns the local ``[G]`` loss sums (zero for groups not run).
     """
     loss_fn = loss_fn or default_loss
     forward_fn = forward_fn or default_forward
     every = list(model.parameters())
     loss_sums = torch.zeros(num_groups, dtype=torch.float64)
     pad_x = plan.sample[0]
-    for a in range(num_groups):
+    for a in range(num_groups) if groups is None else groups:
         for p in every:
             p.grad = None
-        done = 0
-        for x, y in _group_chunks(batches, a, plan.chunk):
-            x = tree_map(lambda t: t.to(device), x)
-            out = forward_fn(model, x)
-            losses = loss_fn(out, y.to(device))
-            if not isinstance(losses, Tensor) or losses.shape != (y.shape[0],):
-                raise ValueError(
-                    f"Expected `loss_fn` to return per-sample losses of shape [{y.shape[0]}],"
-                    " but got"
-                    f" {tuple(losses.shape) if isinstance(losses, Tensor) else type(losses)}"
-                )
-            if not bool(torch.isfinite(losses).all()):
-                raise ValueError(
-                    "Expected finite losses, but `loss_fn` returned NaN or inf (check the "
-                    "model weights and inputs)"
-                )
-            total = losses.sum()
-            loss_sums[a] += float(total.detach())
-            total.backward()
-            done += 1
-        for _ in range(plan.chunks[a] - done):  # lockstep: zero-gradient backward calls
-            out = forward_fn(model, tree_map(lambda t: t.to(device), pad_x))
-            out.backward(torch.zeros_like(out))
+        if gates is None:
+            phase: AbstractContextManager[None] = nullcontext()
+        elif gate_phase == "record":
+            phase = gates.record(a)
+        else:
+            phase = gates.replay(a)
+        with phase:
+            done = 0
+            for x, y in _group_chunks(batches, a, plan.chunk):
+                x = tree_map(lambda t: t.to(device), x)
+                out = forward_fn(model, x)
+                losses = loss_fn(out, y.to(device))
+                if not isinstance(losses, Tensor) or losses.shape != (y.shape[0],):
+                    raise ValueError(
+                        "Expected `loss_fn` to return per-sample losses of shape "
+                        f"[{y.shape[0]}], but got "
+                        f"{tuple(losses.shape) if isinstance(losses, Tensor) else type(losses)}"
+                    )
+                if not bool(torch.isfinite(losses).all()):
+                    raise ValueError(
+                        "Expected finite losses, but `loss_fn` returned NaN or inf (check the "
+                        "model weights and inputs)"
+                    )
+                total = losses.sum()
+                loss_sums[a] += float(total.detach())
+                with _paused(gates):
+                    total.backward()
+                done += 1
+            for _ in range(plan.chunks[a] - done):  # lockstep: zero-gradient backward calls
+                out = forward_fn(model, tree_map(lambda t: t.to(device), pad_x))
+                with _paused(gates):
+                    out.backward(torch.zeros_like(out))
         on_group(a)
     for p in every:
         p.grad = None
     return loss_sums
+
+
+def _paused(gates: FrozenGates | None) -> AbstractContextManager[None]:
+    return nullcontext() if gates is None else gates.paused()
 
 
 def _gradient_sums(
@@ -565,22 +589,39 @@ class GroupDirectional:
     eps: Tensor
 
 
-def default_relative_step(dtype: torch.dtype) -> float:
-    """The default relative finite-difference step r: ``min(finfo(dtype).eps ** (1/3), 1e-4)``.
+GATES = ("frozen", "live")
+
+
+def default_relative_step(dtype: torch.dtype, gates: str = "frozen") -> float:
+    """The default relative finite-difference step r for parameters of ``dtype``.
 
     For a smooth loss the central difference of the gradient has a truncation error O(ε²)
-    and a rounding error O(u/ε) (u the unit roundoff); r = u^(1/3) balances them (6e-6 in
-    float64). With piecewise-linear activations (ReLU) the difference quotient also counts
-    the units that switch on or off within ±ε, a term that does not shrink with ε until no
-    unit switches; so r is capped at 1e-4 (float32: the smooth optimum 5e-3 gave errors of
-    100x on a ReLU MLP, 1e-4 gave 4e-3 there and 1e-2 on a tanh MLP; see
-    ``docs/sharded_curvature.md``).
+    and a rounding error O(u/ε) (u the unit roundoff); r = u^(1/3) balances them (6.06e-6 in
+    float64, 4.9e-3 in float32). With ``gates="frozen"`` (the activation pattern of every
+    ReLU-like op and max pool replayed from θ, see
+    `~lightning_fairprune.diagnostics.gates.FrozenGates`) the perturbed network is smooth and
+    the default is ``min(u^(1/3), 1e-3)``: in float32 r = 1e-3 had the smallest worst-case
+    error over ReLU and tanh MLPs and a ReLU + max-pool CNN (3e-3, against 6e-3 at
+    u^(1/3), where the truncation error of the tanh MLP shows). With ``gates="live"`` the
+    difference quotient also counts the units that switch on or off within ±ε, a term that
+    does not shrink with ε until no unit switches, so r is capped at 1e-4:
+    ``min(u^(1/3), 1e-4)`` (still errors of 10-60x on a float32 ReLU MLP). Float16 and
+    bfloat16 parameters need an explicit, larger ``eps``. The measurements are in
+    ``docs/sharded_curvature.md`` (``benchmarks/sharded_curvature_accuracy.py``).
+
+    Args:
+        dtype: floating dtype of the perturbed parameters.
+        gates: ``"frozen"`` or ``"live"``.
 
     Example:
         >>> round(default_relative_step(torch.float64), 8), default_relative_step(torch.float32)
-        (6.06e-06, 0.0001)
+        (6.06e-06, 0.001)
+        >>> default_relative_step(torch.float32, gates="live")
+        0.0001
     """
-    return min(float(torch.finfo(dtype).eps) ** (1.0 / 3.0), 1e-4)
+    check_choice(gates, "gates", GATES)
+    r = float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
+    return min(r, 1e-3 if gates == "frozen" else 1e-4)
 
 
 def _local_dot(
@@ -616,6 +657,27 @@ def _check_eps(eps: Any) -> None:
         )
 
 
+def _step_norms(
+    named: list[tuple[str, Tensor]],
+    saved: list[Tensor],
+    extra: list[float],
+    device: torch.device,
+    group: Any,
+) -> Tensor:
+    """``[‖θ‖, *sqrt(extra)]`` over all processes: one all-reduce of ``1 + len(extra)``."""
+    norms = torch.tensor([_owned_sq(named, list(saved), group), *extra], dtype=torch.float64)
+    return _all_reduce(norms.to(device), group).cpu().clamp_min(0).sqrt()
+
+
+def _move(locals_: list[Tensor], saved: list[Tensor], dirs: list[Tensor | None], step: float) -> None:
+    """Local shards to θ + step · d (in the parameters' dtype), θ itself where d is None."""
+    with torch.no_grad():
+        for t, s, d in zip(locals_, saved, dirs, strict=True):
+            t.copy_(s)
+            if d is not None:
+                t.add_(d.to(t.dtype), alpha=step)
+
+
 def _directional_sums(
     model: nn.Module,
     batches: Iterable[Any],
@@ -628,57 +690,77 @@ def _directional_sums(
     loss_fn: LossFn | None,
     forward_fn: ForwardFn | None,
     group: Any,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Global ``[G, K]`` sums S_a·d_k at θ ± ε_k d_k, and ε ``[K]``; weights restored exactly.
+    gates: str,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """Global ``[G, K]`` sums S_a·d_k at θ ± ε_k d_k, at θ (frozen gates, else None), and
+    ``[K + G]`` (ε, counts); weights restored exactly.
 
-    ``direction(k)`` gives the local part of d_k per selected parameter (None: zero).
+    ``direction(k)`` gives the local part of d_k per selected parameter (None: zero). With
+    ``gates="frozen"`` one more lockstep pass at θ records the gates (and gives S_a(θ)·d_k),
+    and the 2K perturbed passes replay them.
     """
     device = _comm_device(named)
     locals_ = [local_tensor(p) for _, p in named]
     saved = [t.detach().clone() for t in locals_]
-    rel = eps if eps is not None else max(default_relative_step(t.dtype) for t in locals_)
+    rel = eps if eps is not None else max(default_relative_step(t.dtype, gates) for t in locals_)
     # ‖θ‖ and ‖d_k‖ over the selected parameters, summed across processes (one all-reduce)
-    norms = torch.tensor(
-        [_owned_sq(named, list(saved), group)]
-        + [_owned_sq(named, direction(k), group) for k in range(num_dirs)],
-        dtype=torch.float64,
-    )
-    norms = _all_reduce(norms.to(device), group).cpu().clamp_min(0).sqrt()
+    sq = [_owned_sq(named, direction(k), group) for k in range(num_dirs)]
+    norms = _step_norms(named, saved, sq, device, group)
     theta_norm = float(norms[0]) if float(norms[0]) > 0 else 1.0
     steps = torch.zeros(num_dirs, dtype=torch.float64)
     factors = _divide_factors(model)
     plus = torch.zeros(num_groups, num_dirs, dtype=torch.float64)
     minus = torch.zeros(num_groups, num_dirs, dtype=torch.float64)
+    at_theta = torch.zeros(num_groups, num_dirs, dtype=torch.float64)
+    live = [k for k in range(num_dirs) if float(norms[k + 1]) > 0]  # zero directions: 0
+    frozen = FrozenGates() if gates == "frozen" else None
     try:
-        for k in range(num_dirs):
-            if float(norms[k + 1]) == 0:  # a zero direction: both terms are exactly 0
-                continue
+        if frozen is not None:
+            wanted = [False] * len(named)
+            for k in live:
+                wanted = [w or d is not None for w, d in zip(wanted, direction(k), strict=True)]
+
+            def on_theta(a: int) -> None:
+                parts = dict(_owned_summed_grads(named, factors, group, wanted))
+                for k in live:
+                    dirs = direction(k)
+                    at_theta[a, k] = sum(
+                        float((part * dirs[i].to(torch.float64)).sum())  # type: ignore[union-attr]
+                        for i, part in parts.items()
+                        if dirs[i] is not None
+                    )
+
+            _lockstep_backward(
+                model, batches, num_groups, plan, loss_fn, forward_fn, device, on_theta,
+                gates=frozen, gate_phase="record",
+            )  # fmt: skip
+        for k in live:
             step = rel * theta_norm / float(norms[k + 1])
             steps[k] = step
             dirs = direction(k)
             for sign, out in ((1.0, plus), (-1.0, minus)):
-                with torch.no_grad():
-                    for t, s, d in zip(locals_, saved, dirs, strict=True):
-                        t.copy_(s)
-                        if d is not None:
-                            t.add_(d.to(t.dtype), alpha=sign * step)
+                _move(locals_, saved, dirs, sign * step)
 
                 def on_group(a: int, out: Tensor = out, dirs: list = dirs, k: int = k) -> None:
                     out[a, k] = _local_dot(named, dirs, factors, group)
 
                 _lockstep_backward(
-                    model, batches, num_groups, plan, loss_fn, forward_fn, device, on_group
-                )
+                    model, batches, num_groups, plan, loss_fn, forward_fn, device, on_group,
+                    gates=frozen, gate_phase="replay",
+                )  # fmt: skip
     finally:
-        with torch.no_grad():
-            for t, s in zip(locals_, saved, strict=True):
-                t.copy_(s)
-    packed = torch.cat([plus.flatten(), minus.flatten(), plan.local_counts.to(torch.float64)])
+        _move(locals_, saved, [None] * len(saved), 0.0)
+    parts = [plus.flatten(), minus.flatten()]
+    if frozen is not None:
+        parts.append(at_theta.flatten())
+    packed = torch.cat([*parts, plan.local_counts.to(torch.float64)])
     packed = _all_reduce(packed.to(device), group).cpu()
     g_k = num_groups * num_dirs
     plus = packed[:g_k].view(num_groups, num_dirs)
     minus = packed[g_k : 2 * g_k].view(num_groups, num_dirs)
-    return plus, minus, torch.cat([steps, packed[2 * g_k :]])
+    theta = packed[2 * g_k : 3 * g_k].view(num_groups, num_dirs) if frozen is not None else None
+    counts = packed[len(parts) * g_k :]
+    return plus, minus, theta, torch.cat([steps, counts])
 
 
 def _directional(
@@ -694,11 +776,12 @@ def _directional(
     forward_fn: ForwardFn | None,
     chunk_size: int | None,
     group: Any,
+    gates: str,
 ) -> GroupDirectional:
     pg = _process_group([p for _, p in named], group)
     with isolated(model, mode="eval", grad_params=[p for _, p in named]):
         plan = _Plan(batches, num_groups, chunk_size, pg, loss_fn is None, _comm_device(named))
-        plus, minus, rest = _directional_sums(
+        plus, minus, theta, rest = _directional_sums(
             model,
             batches,
             num_groups,
@@ -710,12 +793,16 @@ def _directional(
             loss_fn,
             forward_fn,
             pg,
+            gates,
         )
     steps, counts = rest[:num_dirs], rest[num_dirs:]
     _warn_missing(fn, counts)
     safe = torch.where(steps > 0, 2 * steps, torch.ones_like(steps))
     quad = torch.where(steps > 0, (plus - minus) / safe, torch.zeros_like(plus))
-    lin = torch.where(steps > 0, (plus + minus) / 2, torch.zeros_like(plus))
+    if theta is None:
+        lin = torch.where(steps > 0, (plus + minus) / 2, torch.zeros_like(plus))
+    else:
+        lin = torch.where(steps > 0, theta, torch.zeros_like(plus))
     return GroupDirectional(
         linear=_safe_div(lin, counts[:, None]),
         quadratic=_safe_div(quad, counts[:, None]),
@@ -768,6 +855,7 @@ def sharded_group_directional(
     directions: Directions | Sequence[Directions],
     *,
     eps: float | None = None,
+    gates: str = "frozen",
     params: ParamsArg = None,
     loss_fn: LossFn | None = None,
     forward_fn: ForwardFn | None = None,
@@ -838,6 +926,7 @@ def sharded_group_directional(
     _check_pass_args(num_groups, chunk_size, batches)
     _check_iterable(batches, 2)
     _check_eps(eps)
+    check_choice(gates, "gates", GATES)
     many = [directions] if isinstance(directions, Mapping) else directions
     if isinstance(many, (str, bytes)) or not isinstance(many, Sequence) or not many:
         raise TypeError(
@@ -866,6 +955,7 @@ def sharded_group_directional(
         forward_fn,
         chunk_size,
         group,
+        gates,
     )
 
 
@@ -932,6 +1022,7 @@ def sharded_group_hessian_trace(
     num_probes: int = 16,
     seed: int = 0,
     eps: float | None = None,
+    gates: str = "frozen",
     params: ParamsArg = None,
     loss_fn: LossFn | None = None,
     forward_fn: ForwardFn | None = None,
@@ -982,6 +1073,7 @@ def sharded_group_hessian_trace(
     check_int(seed, "seed", 0)
     _check_iterable(batches, 2)
     _check_eps(eps)
+    check_choice(gates, "gates", GATES)
     named = _resolve_params(model, params)
     _check_params_sharded(named)
     pg = _process_group([p for _, p in named], group)
@@ -1002,6 +1094,7 @@ def sharded_group_hessian_trace(
         forward_fn,
         chunk_size,
         pg,
+        gates,
     )
     trace, stderr = _trace_stats(res.quadratic)
     return GroupHessianTrace(
@@ -1021,6 +1114,7 @@ def sharded_predicted_excess_loss(
     num_groups: int,
     *,
     eps: float | None = None,
+    gates: str = "frozen",
     params: ParamsArg = None,
     loss_fn: LossFn | None = None,
     forward_fn: ForwardFn | None = None,
@@ -1069,6 +1163,7 @@ def sharded_predicted_excess_loss(
         num_groups,
         delta,
         eps=eps,
+        gates=gates,
         params=params,
         loss_fn=loss_fn,
         forward_fn=forward_fn,
