@@ -34,6 +34,7 @@ from lightning_fairprune.diagnostics import (
 from lightning_fairprune.diagnostics.sharded import default_relative_step
 
 PROBES = 4
+STEPS = (1e-5, 1e-4, 1e-3, 2e-3, 4.9e-3, 2e-2)
 GROUPS = 10
 
 
@@ -98,7 +99,7 @@ def main() -> None:
             b = [(x.to(dtype), y, g) for x, y, g in batches]
             delta = {n: t.to(dtype) for n, t in delta64.items()}
             for gates in ("live", "frozen"):
-                steps = sorted({default_relative_step(dtype, gates), 1e-5, 1e-4, 1e-3, 2e-3, 4.9e-3, 2e-2})
+                steps = sorted({default_relative_step(dtype, gates), *STEPS})
                 for r in steps:
                     kw = dict(eps=r, gates=gates)
                     tr = sharded_group_hessian_trace(m, b, GROUPS, num_probes=PROBES, **kw)
@@ -118,7 +119,7 @@ def main() -> None:
         worst = int((ref_pred.abs()).argmin())
         print(f"# {name}: smallest |predicted excess loss| group {worst}: {ref_pred[worst]:.3g}")
     print()
-    print("| model | dtype | gates | r | trace probes: max rel. error | predicted: max rel. error |")
+    print("| model | dtype | gates | r | trace probes: max rel. err. | predicted: max rel. err. |")
     print("|---|---|---|---|---|---|")
     for name, dtype, gates, r, e_tr, e_pred in rows:
         print(f"| {name} | {dtype} | {gates} | {r} | {e_tr:.1e} | {e_pred:.1e} |")

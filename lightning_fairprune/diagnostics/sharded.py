@@ -39,9 +39,15 @@ direction d: dᵀH_a d ≈ dᵀ(g_a(θ+εd) − g_a(θ−εd)) / (2ε).
 :func:`sharded_group_directional` does this for directions given as local shards (weights
 moved in place and restored bit for bit), :func:`sharded_group_hessian_trace` runs Hutchinson
 with each process's slice of the unsharded probes (`local_rademacher_probes`), and
-:func:`sharded_predicted_excess_loss` gives g_aᵀδ + ½ δᵀH_aδ. Cost: ``2 K G`` sharded
-backward sets per trace of K probes, ``2 G`` per predicted excess loss. λ_max (power
-iteration) is not available under FSDP (:data:`LAMBDA_MAX_UNAVAILABLE`).
+:func:`sharded_predicted_excess_loss` gives g_aᵀδ + ½ δᵀH_aδ and
+:func:`sharded_group_hessian_lambda_max` runs power iteration with the vectors kept as local
+shards. By default (``gates="frozen"``) a first lockstep pass at θ records the activation
+pattern of every ReLU-like op and max pool (`~lightning_fairprune.diagnostics.gates.FrozenGates`)
+and the perturbed passes replay it, so the difference quotient is that of the smooth network
+whose Hessian at θ is the almost-everywhere Hessian of double backward (no term from units
+switching within ±ε); that pass also gives g_aᵀd exactly. Cost: ``(2 K + 1) G`` sharded
+backward sets per trace of K probes, ``3 G`` per predicted excess loss, ``(2 T + 1) G`` for T
+power iterations (``gates="live"``: one ``G`` less each).
 
 Everything runs inside `lightning_fairprune.measure.isolated`: module modes, buffers,
 ``.grad`` and ``requires_grad`` of every parameter and the RNG states are restored afterwards.
@@ -49,6 +55,7 @@ Everything runs inside `lightning_fairprune.measure.isolated`: module modes, buf
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -89,24 +96,18 @@ from lightning_fairprune.dtensor import _group_of, is_sharded, local_tensor, sha
 from lightning_fairprune.measure import isolated
 
 __all__ = [
-    "LAMBDA_MAX_UNAVAILABLE",
+    "GATES",
     "GroupDirectional",
     "default_relative_step",
     "has_dtensor_params",
     "local_rademacher_probes",
     "sharded_group_directional",
     "sharded_group_gradient_norms",
+    "sharded_group_hessian_lambda_max",
     "sharded_group_hessian_trace",
     "sharded_measure_groups",
     "sharded_predicted_excess_loss",
 ]
-
-LAMBDA_MAX_UNAVAILABLE = (
-    "λ_max (power iteration on the group Hessians) is not measured on FSDP2-sharded "
-    "parameters: FSDP2 reduce-scatters their gradients in hooks outside autograd, so there is "
-    "no double backward through them, and power iteration on finite-difference "
-    "Hessian-vector products is not implemented"
-)
 
 
 def has_dtensor_params(params: Iterable[Tensor]) -> bool:
@@ -669,7 +670,9 @@ def _step_norms(
     return _all_reduce(norms.to(device), group).cpu().clamp_min(0).sqrt()
 
 
-def _move(locals_: list[Tensor], saved: list[Tensor], dirs: list[Tensor | None], step: float) -> None:
+def _move(
+    locals_: list[Tensor], saved: list[Tensor], dirs: list[Tensor | None], step: float
+) -> None:
     """Local shards to θ + step · d (in the parameters' dtype), θ itself where d is None."""
     with torch.no_grad():
         for t, s, d in zip(locals_, saved, dirs, strict=True):
@@ -692,12 +695,12 @@ def _directional_sums(
     group: Any,
     gates: str,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """Global ``[G, K]`` sums S_a·d_k at θ ± ε_k d_k, at θ (frozen gates, else None), and
-    ``[K + G]`` (ε, counts); weights restored exactly.
+    """Global ``[G, K]`` sums S_a·d_k at θ ± ε_k d_k and at θ, and ``[K + G]`` (ε, counts).
 
-    ``direction(k)`` gives the local part of d_k per selected parameter (None: zero). With
-    ``gates="frozen"`` one more lockstep pass at θ records the gates (and gives S_a(θ)·d_k),
-    and the 2K perturbed passes replay them.
+    The sums at θ are None with live gates. Weights are restored exactly. ``direction(k)``
+    gives the local part of d_k per selected parameter (None: zero). With frozen gates one
+    more lockstep pass at θ records the gates (and gives S_a(θ)·d_k), and the 2K perturbed
+    passes replay them.
     """
     device = _comm_device(named)
     locals_ = [local_tensor(p) for _, p in named]
@@ -871,22 +874,35 @@ def sharded_group_directional(
 
     * dᵀH_a d ≈ dᵀ(g_a(θ + εd) − g_a(θ − εd)) / (2ε) (central difference: exact for a
       quadratic loss, O(ε²) error otherwise),
-    * g_aᵀd ≈ dᵀ(g_a(θ + εd) + g_a(θ − εd)) / 2 (also O(ε²)),
+    * g_aᵀd from the gradient at θ itself (``gates="frozen"``), or
+      ≈ dᵀ(g_a(θ + εd) + g_a(θ − εd)) / 2 (``gates="live"``, also O(ε²)),
 
     each dot product taken on the local shards. One all-reduce of ``1 + K`` numbers
-    (‖θ‖², ‖d_k‖²) fixes the steps and one of ``2 G K + G`` numbers gives every process the
-    global results. The weights are restored bit for bit (saved local shards copied back,
-    also on error).
+    (‖θ‖², ‖d_k‖²) fixes the steps and one of ``3 G K + G`` numbers (``2 G K + G`` live)
+    gives every process the global results. The weights are restored bit for bit (saved
+    local shards copied back, also on error).
+
+    **Gates.** With piecewise-linear activations (ReLU) the loss is smooth only piecewise;
+    double backward gives the Hessian of the piece containing θ (almost everywhere), but a
+    difference quotient also counts the units that switch on or off within ±ε, a term that
+    does not shrink with ε (in float32 it gave errors of 10-60x). ``gates="frozen"``
+    (default) runs one more lockstep pass at θ that records the activation pattern of every
+    ReLU-like op, clamp and max pool
+    (`~lightning_fairprune.diagnostics.gates.FrozenGates`, which lists the ops covered) and
+    replays it at θ ± εd: the perturbed network is the smooth piece of θ, so the quotient
+    is O(ε²) accurate with no switching term. The forward must gate the same ops in the
+    same order at θ ± εd (a `RuntimeError` otherwise). Memory: one bit per gated
+    activation element (an int32 per max-pool output) over all the data, held during the
+    call. ``gates="live"`` is the plain difference.
 
     **Step.** ε_k = r · ‖θ‖ / ‖d_k‖ over the selected parameters (‖θ‖ replaced by 1 if
     zero): the perturbation ε d has norm r · ‖θ‖, relative to the weights. ``r`` defaults to
-    `default_relative_step` of the parameters' dtype (6e-6 in float64, 1e-4 in float32);
-    the perturbation is added in the parameters' dtype. With ReLU-like activations, units
-    switching within ±ε add to the quotient what the (almost everywhere) Hessian of double
-    backward does not have: prefer float64 or a smaller ``eps`` when that matters.
+    `default_relative_step` of the parameters' dtype and ``gates`` (6e-6 in float64; in
+    float32 1e-3 with frozen gates, 1e-4 live); the perturbation is added in the parameters'
+    dtype.
 
     **Cost.** ``2 K`` lockstep passes of ``G`` per-group backward sets (each reduce-scatters
-    the gradient of every trainable parameter).
+    the gradient of every trainable parameter), plus one at θ with frozen gates.
 
     Args:
         model: the (sharded) network; eval mode during the measurement, then restored.
@@ -898,6 +914,7 @@ def sharded_group_directional(
             parameter takes the full tensor, identical on every process), or a sequence of
             them. Parameters not listed have d = 0.
         eps: relative step r in (0, 1) (default: `default_relative_step`).
+        gates: ``"frozen"`` (replay the activation pattern of θ) or ``"live"``.
         params: parameters to perturb and differentiate (default: the keys of
             ``directions``).
         loss_fn: ``(outputs, targets) -> Tensor[N]`` per-sample losses (default cross-entropy).
@@ -1036,11 +1053,12 @@ def sharded_group_hessian_trace(
     Rademacher probes of v_kᵀH_a v_k, standard error over probes), with v_kᵀH_a v_k from
     :func:`sharded_group_directional` (central differences of sharded gradients). Every
     process builds only its slice of each probe (`local_rademacher_probes`), one probe at a
-    time. λ_max is not computed (``None``).
+    time. λ_max is not computed here (``None``; see :func:`sharded_group_hessian_lambda_max`).
 
     **Cost.** ``2 K`` lockstep passes, each ``G`` per-group backward sets: ``2 K G`` sharded
     backward sets per trace (the unsharded double-backward path costs about K HVPs over the
-    data), plus one all-reduce of ``1 + K`` and one of ``2 G K + G`` numbers.
+    data), plus ``G`` for the record pass of frozen gates, one all-reduce of ``1 + K`` and one
+    of ``3 G K + G`` numbers.
 
     Args:
         model: the (sharded) network; eval mode during the measurement, then restored.
@@ -1049,6 +1067,7 @@ def sharded_group_hessian_trace(
         num_probes: number of probes K.
         seed: probe seed (the probes of `group_hessian_trace` with this seed).
         eps: relative finite-difference step (see :func:`sharded_group_directional`).
+        gates: ``"frozen"`` or ``"live"`` (see :func:`sharded_group_directional`).
         params: parameters spanning the Hessian (default: all trainable).
         loss_fn: per-sample loss (default cross-entropy).
         forward_fn: ``(model, inputs) -> outputs``.
@@ -1125,7 +1144,8 @@ def sharded_predicted_excess_loss(
 
     `~lightning_fairprune.diagnostics.curvature.predicted_excess_loss` for a step δ given
     as local shards, from :func:`sharded_group_directional` with the one direction δ: two
-    lockstep passes of ``G`` per-group backward sets.
+    lockstep passes of ``G`` per-group backward sets, plus one at θ with frozen gates (which
+    gives g_aᵀδ exactly).
 
     Args:
         model: the (sharded) network at θ*.
@@ -1133,6 +1153,7 @@ def sharded_predicted_excess_loss(
         delta: FQN -> this process's local shard of δ = θ̄ − θ* (parameters not listed: 0).
         num_groups: number of groups G.
         eps: relative finite-difference step (see :func:`sharded_group_directional`).
+        gates: ``"frozen"`` or ``"live"`` (see :func:`sharded_group_directional`).
         params: parameters to differentiate (default: the keys of ``delta``).
         loss_fn: per-sample loss (default cross-entropy).
         forward_fn: ``(model, inputs) -> outputs``.
@@ -1171,3 +1192,195 @@ def sharded_predicted_excess_loss(
         group=group,
     )
     return (res.linear + 0.5 * res.quadratic)[:, 0]
+
+
+def _start_vectors(
+    named: list[tuple[str, Tensor]], num_groups: int, seed: int, group: Any
+) -> list[list[Tensor]]:
+    """Per group a, this process's slice of the power-iteration start vector of group a.
+
+    The unsharded start vector is row a of ``rademacher_probes(G, P, seed + 1)`` divided by
+    √P (`~lightning_fairprune.diagnostics.curvature.group_hessian_lambda_max`); each local
+    shard takes its columns (`local_rademacher_probes`), in the parameters' dtype.
+    """
+    size = sum(shard_spec(p, group).numel for _, p in named)
+    scale = 1.0 / math.sqrt(max(size, 1))
+    out = []
+    for a in range(num_groups):
+        parts = []
+        for (_, p), base in zip(named, _flat_bases(named, group), strict=True):
+            local = local_tensor(p)
+            row = rademacher_probes(
+                1,
+                local.numel(),
+                seed + 1,
+                start=a,
+                offset=base,
+                device=local.device,
+                dtype=torch.float64,
+            )[0]
+            parts.append((row * scale).to(local.dtype).view(local.shape))
+        out.append(parts)
+    return out
+
+
+def sharded_group_hessian_lambda_max(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_groups: int,
+    *,
+    iterations: int = 20,
+    seed: int = 0,
+    eps: float | None = None,
+    gates: str = "frozen",
+    params: ParamsArg = None,
+    loss_fn: LossFn | None = None,
+    forward_fn: ForwardFn | None = None,
+    chunk_size: int | None = None,
+    group: Any = None,
+) -> Tensor:
+    """λ_max(H_a) per group on FSDP2-sharded parameters: power iteration on sharded HVPs.
+
+    The iteration of `~lightning_fairprune.diagnostics.curvature.group_hessian_lambda_max`
+    (v_a ← H_a v_a / ‖H_a v_a‖, estimate the Rayleigh quotient v_aᵀH_a v_a, the same start
+    vectors for a given ``seed``), with H_a v_a taken by a central difference of sharded
+    gradients: per iteration and group a, the local shards move to θ ± ε v_a, the lockstep
+    backward of group a alone gives the owned shards of S_a(θ ± ε v_a), and
+    H_a v_a ≈ (S_a(+) − S_a(−)) / (2 ε n_a). The vectors v_a stay local shards (memory: G
+    local shards of the selected parameters, plus two float64 gradient shards); the Rayleigh
+    quotients and norms of one iteration take one all-reduce of ``2 G`` numbers. With
+    ``gates="frozen"`` (default) one more lockstep pass at θ records the activation pattern
+    of ReLU-like ops and max pools, which the perturbed passes replay (see
+    :func:`sharded_group_directional`); ε = r · ‖θ‖ with r from `default_relative_step`
+    (‖v_a‖ = 1).
+
+    **Cost.** ``2 · iterations · G`` sharded backward sets (each group's alone), plus ``G``
+    for the record pass; the unsharded path needs ``iterations`` passes with one HVP per
+    chunk.
+
+    Args:
+        model: the (sharded) network; eval mode during the measurement, then restored.
+        batches: re-iterable ``(inputs, targets, groups)`` or ``(inputs, targets)``: this
+            process's share of the data.
+        num_groups: number of groups G.
+        iterations: power iterations, at least 1.
+        seed: seed of the start vectors.
+        eps: relative finite-difference step r in (0, 1) (default: `default_relative_step`).
+        gates: ``"frozen"`` (replay the activation pattern of θ) or ``"live"``.
+        params: parameters spanning the Hessian (default: all trainable).
+        loss_fn: ``(outputs, targets) -> Tensor[N]`` per-sample losses (default cross-entropy).
+        forward_fn: ``(model, inputs) -> outputs``.
+        chunk_size: samples per backward call.
+        group: process group (default: the DTensors' mesh group, else the default group).
+
+    Returns:
+        float64 ``[G]`` on the CPU, identical on every process (NaN, with one warning, for
+        groups without samples).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.tensor([0, 1] * 4)
+        >>> lam = sharded_group_hessian_lambda_max(model, [(x, y, y)], 2, iterations=5)
+        >>> from lightning_fairprune.diagnostics import group_hessian_lambda_max
+        >>> ref = group_hessian_lambda_max(model, [(x, y, y)], 2, iterations=5)
+        >>> bool(torch.allclose(lam, ref, rtol=1e-6))
+        True
+    """
+    _check_pass_args(num_groups, chunk_size, batches)
+    check_int(iterations, "iterations", 1)
+    check_int(seed, "seed", 0)
+    _check_iterable(batches, 2)
+    _check_eps(eps)
+    check_choice(gates, "gates", GATES)
+    named = _resolve_params(model, params)
+    _check_params_sharded(named)
+    pg = _process_group([p for _, p in named], group)
+    with isolated(model, mode="eval", grad_params=[p for _, p in named]):
+        plan = _Plan(batches, num_groups, chunk_size, pg, loss_fn is None, _comm_device(named))
+        lam, counts = _sharded_power_iteration(
+            model, batches, num_groups, named, plan, iterations, seed, eps, gates,
+            loss_fn, forward_fn, pg,
+        )  # fmt: skip
+    _warn_missing("sharded_group_hessian_lambda_max", counts)
+    return lam
+
+
+def _sharded_power_iteration(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_groups: int,
+    named: list[tuple[str, Tensor]],
+    plan: _Plan,
+    iterations: int,
+    seed: int,
+    eps: float | None,
+    gates: str,
+    loss_fn: LossFn | None,
+    forward_fn: ForwardFn | None,
+    group: Any,
+) -> tuple[Tensor, Tensor]:
+    """λ_max per group and the global counts; weights restored exactly."""
+    device = _comm_device(named)
+    locals_ = [local_tensor(p) for _, p in named]
+    saved = [t.detach().clone() for t in locals_]
+    rel = eps if eps is not None else max(default_relative_step(t.dtype, gates) for t in locals_)
+    head = torch.cat(
+        [
+            torch.tensor([_owned_sq(named, list(saved), group)], dtype=torch.float64),
+            plan.local_counts.to(torch.float64),
+        ]
+    )
+    head = _all_reduce(head.to(device), group).cpu()
+    theta_norm = math.sqrt(max(float(head[0]), 0.0)) or 1.0
+    counts = head[1:]
+    present = [a for a in range(num_groups) if float(counts[a]) > 0]
+    owners = [shard_spec(p, group).owner for _, p in named]
+    vecs = _start_vectors(named, num_groups, seed, group)
+    factors = _divide_factors(model)
+    frozen = FrozenGates() if gates == "frozen" else None
+    lam = torch.full((num_groups,), math.nan, dtype=torch.float64)
+    step = rel * theta_norm  # ‖v_a‖ = 1
+    try:
+        if frozen is not None and present:
+            _lockstep_backward(
+                model, batches, num_groups, plan, loss_fn, forward_fn, device, lambda a: None,
+                groups=present, gates=frozen, gate_phase="record",
+            )  # fmt: skip
+        for _ in range(iterations):
+            sums = torch.zeros(2 * num_groups, dtype=torch.float64)
+            for a in present:
+                grads: dict[float, dict[int, Tensor]] = {}
+                for sign in (1.0, -1.0):
+                    _move(locals_, saved, list(vecs[a]), sign * step)
+
+                    def on_group(
+                        _: int, sign: float = sign, grads: dict[float, Any] = grads
+                    ) -> None:
+                        grads[sign] = dict(
+                            _owned_summed_grads(named, factors, group, replicas=True)
+                        )
+
+                    _lockstep_backward(
+                        model, batches, num_groups, plan, loss_fn, forward_fn, device,
+                        on_group, groups=[a], gates=frozen, gate_phase="replay",
+                    )  # fmt: skip
+                scale = 1.0 / (2.0 * step * float(counts[a]))
+                for i, t in enumerate(locals_):
+                    zero = torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+                    plus, minus = grads[1.0].get(i, zero), grads[-1.0].get(i, zero)
+                    hv = ((plus - minus) * scale).view(t.shape)
+                    if owners[i]:
+                        sums[a] += float((hv * vecs[a][i].to(torch.float64)).sum())
+                        sums[num_groups + a] += float((hv * hv).sum())
+                    vecs[a][i] = hv  # normalized below (float64 until then)
+            sums = _all_reduce(sums.to(device), group).cpu()
+            for a in present:
+                lam[a] = sums[a]
+                norm = math.sqrt(max(float(sums[num_groups + a]), 0.0))
+                for i, t in enumerate(locals_):
+                    v = vecs[a][i] / norm if norm > 0 else vecs[a][i]
+                    vecs[a][i] = v.to(t.dtype)
+    finally:
+        _move(locals_, saved, [None] * len(saved), 0.0)
+    return lam, counts
