@@ -22,11 +22,13 @@ from torch import nn
 from torch.func import functional_call, grad, hessian
 
 from lightning_fairprune.diagnostics import (
+    group_hessian_lambda_max,
     group_hessian_trace,
     local_rademacher_probes,
     predicted_excess_loss,
     rademacher_probes,
     sharded_group_directional,
+    sharded_group_hessian_lambda_max,
     sharded_group_hessian_trace,
     sharded_predicted_excess_loss,
 )
@@ -260,3 +262,68 @@ def test_monitor_trace_under_model_parallel_strategy(tmp_path: Path) -> None:
             assert rec["hessian_lambda_max"] is None
     assert single["records"][1]["predicted_excess_loss"] is not None
     assert single["records"][3]["predicted_excess_loss"] is not None
+
+
+def _relu_tiny():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    batches = [
+        (torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,)), torch.arange(n) % 3)
+        for n in (9, 7)
+    ]
+    return model, batches
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 7])
+def test_lambda_max_equals_the_unsharded_iterates(iterations: int) -> None:
+    model, batches = _relu_tiny()
+    before = [p.detach().clone() for p in model.parameters()]
+    ref = group_hessian_lambda_max(model, batches, 3, iterations=iterations, seed=4)
+    got = sharded_group_hessian_lambda_max(
+        model, batches, 3, iterations=iterations, seed=4, chunk_size=4
+    )
+    assert got.dtype == torch.float64
+    assert got.shape == (3,)
+    assert torch.allclose(got, ref, rtol=1e-6, atol=0)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    # another seed starts elsewhere (the start vectors are those of the unsharded path)
+    other = group_hessian_lambda_max(model, batches, 3, iterations=iterations, seed=5)
+    if iterations == 1:
+        assert not torch.allclose(other, ref, rtol=1e-3)
+
+
+def test_lambda_max_start_vectors_are_sliceable_rademacher_rows() -> None:
+    from lightning_fairprune.diagnostics.sharded import _start_vectors
+
+    model, _ = _relu_tiny()
+    named = list(model.named_parameters())
+    size = sum(p.numel() for _, p in named)
+    parts = _start_vectors(named, 3, seed=4, group=None)
+    rows = rademacher_probes(3, size, seed=5, dtype=torch.float64) / math.sqrt(size)
+    for a in range(3):
+        assert torch.equal(torch.cat([t.flatten() for t in parts[a]]), rows[a])
+
+
+def test_lambda_max_converges_to_the_exact_top_eigenvalue() -> None:
+    model, batches = _tiny()
+    names = [n for n, _ in model.named_parameters()]
+    exact = _exact(model, batches, names, 2)
+    for gates in ("frozen", "live"):
+        lam = sharded_group_hessian_lambda_max(model, batches, 2, iterations=150, gates=gates)
+        for a, (_, h) in enumerate(exact):
+            eig = torch.linalg.eigvalsh(h)
+            top = eig[eig.abs().argmax()]
+            assert float(lam[a]) == pytest.approx(float(top), rel=1e-6), (gates, a)
+
+
+def test_lambda_max_validation_and_missing_groups() -> None:
+    model, batches = _tiny()
+    with pytest.raises(ValueError, match="Expected `iterations` to be an int >= 1"):
+        sharded_group_hessian_lambda_max(model, batches, 2, iterations=0)
+    with pytest.raises(ValueError, match=r"Expected `gates` to be one of \('frozen', 'live'\)"):
+        sharded_group_hessian_lambda_max(model, batches, 2, gates="none")
+    with pytest.warns(UserWarning, match="sharded_group_hessian_lambda_max"):
+        lam = sharded_group_hessian_lambda_max(model, batches, 3, iterations=2)
+    ref = group_hessian_lambda_max(model, batches, 2, iterations=2)
+    assert math.isnan(float(lam[2]))
+    assert torch.allclose(lam[:2], ref, rtol=1e-6)
