@@ -4,9 +4,10 @@ Usage:
 
 * ``python fsdp_hvp_script.py OUT_DIR core``: the sharded Hutchinson trace, directional terms,
   predicted excess loss and λ_max on the float64 model of ``fsdp_diag_script.py`` sharded with
-  ``fully_shard``, and the same (frozen gates) on a float32 CNN with ReLU and max pooling; every rank writes ``rank{N}.json`` with the full weights, its own data, the
-  full step δ and the sharded results, so the test recomputes everything on the gathered
-  model with the unsharded cores.
+  ``fully_shard``, and the same (frozen gates) on a float32 CNN with ReLU and max pooling;
+  every rank writes ``rank{N}.json`` with the full weights, its own data, the full step δ and
+  the sharded results, so the test recomputes everything on the gathered model with the
+  unsharded cores.
 * ``python fsdp_hvp_script.py OUT_DIR fsdp|single``: ``Trainer.fit`` of a float64 tanh MLP
   with IterativePruning and FairnessMonitor under ``ModelParallelStrategy`` (2 processes) or
   on one process with the same global batches.
