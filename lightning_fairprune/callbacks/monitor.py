@@ -169,7 +169,9 @@ class FairnessMonitor(Callback):
         num_probes: Rademacher probes of the Hutchinson Hessian trace; ``0`` disables it.
         lambda_max_iterations: power iterations for the top Hessian eigenvalue λ_max of each
             group (record key ``hessian_lambda_max``); each is one more pass over the fairness
-            data with one Hessian-vector product per chunk; ``0`` (default) disables it.
+            data with one Hessian-vector product per chunk (under FSDP2: two lockstep
+            backward sets per group, finite differences with frozen gates); ``0`` (default)
+            disables it.
         gradient_norms: measure the per-group gradient norms.
         predict_excess_loss: compute the predicted excessive loss at every ``after_round``.
         seed: seed of the Hutchinson probes (the same probes at every measurement).
