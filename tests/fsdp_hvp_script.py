@@ -2,11 +2,12 @@
 
 Usage:
 
-* ``python fsdp_hvp_script.py OUT_DIR core``: the sharded Hutchinson trace, directional terms
-  and predicted excess loss on the float64 model of ``fsdp_diag_script.py`` sharded with
-  ``fully_shard``; every rank writes ``rank{N}.json`` with the full weights, its own data, the
-  full step δ and the sharded results, so the test recomputes everything on the gathered
-  model with the unsharded cores.
+* ``python fsdp_hvp_script.py OUT_DIR core``: the sharded Hutchinson trace, directional terms,
+  predicted excess loss and λ_max on the float64 model of ``fsdp_diag_script.py`` sharded with
+  ``fully_shard``, and the same (frozen gates) on a float32 CNN with ReLU and max pooling;
+  every rank writes ``rank{N}.json`` with the full weights, its own data, the full step δ and
+  the sharded results, so the test recomputes everything on the gathered model with the
+  unsharded cores.
 * ``python fsdp_hvp_script.py OUT_DIR fsdp|single``: ``Trainer.fit`` of a float64 tanh MLP
   with IterativePruning and FairnessMonitor under ``ModelParallelStrategy`` (2 processes) or
   on one process with the same global batches.
@@ -26,6 +27,31 @@ from torch import nn
 WORLD = 2
 PROBES = 3
 SEED = 5
+LAMBDA_ITERATIONS = 3
+
+
+def conv_model() -> nn.Module:
+    """float32 CNN with ReLU (also in place) and max pooling: kinks everywhere."""
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(36, 8),
+        nn.ReLU(inplace=True),
+        nn.Linear(8, 3),
+    )
+
+
+def conv_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(20 + rank)
+    out = []
+    for n in [8, 6] if rank == 0 else [5, 9, 3]:
+        x = torch.randn(n, 1, 6, 6, generator=g)
+        y = torch.randint(0, 3, (n,), generator=g)
+        out.append((x, y, torch.randint(0, 3, (n,), generator=g)))
+    return out
 
 
 def full_delta(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -49,6 +75,7 @@ def run_core(rank: int, out_dir: str) -> None:
     from lightning_fairprune.diagnostics.sharded import (
         local_rademacher_probes,
         sharded_group_directional,
+        sharded_group_hessian_lambda_max,
         sharded_group_hessian_trace,
         sharded_predicted_excess_loss,
     )
@@ -89,11 +116,40 @@ def run_core(rank: int, out_dir: str) -> None:
     directional = sharded_group_directional(
         model, batches, GROUPS, [delta, half], eps=1e-5, params=names
     )
+    lambda_max = sharded_group_hessian_lambda_max(
+        model, batches, GROUPS, iterations=LAMBDA_ITERATIONS, seed=SEED, params=names
+    )
     restored = all(
         torch.equal(local_tensor(p), before[n]) and p.grad is sentinel[n]
         for n, p in model.named_parameters()
     )
     restored = restored and model.training
+    # float32 CNN (ReLU, in-place ReLU, max pooling) with the default frozen gates
+    conv = conv_model()
+    for layer in (conv[0], conv[4], conv[6]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(conv, mesh=mesh)
+    conv_full = {n: p.full_tensor().tolist() for n, p in conv.named_parameters()}
+    cb = conv_batches(rank)
+    conv_before = {n: local_tensor(p).detach().clone() for n, p in conv.named_parameters()}
+    conv_trace = sharded_group_hessian_trace(conv, cb, 3, num_probes=PROBES, seed=SEED)
+    conv_names = [n for n, _ in conv.named_parameters()]
+    conv_delta_full = full_delta(conv, ["0.weight", "4.weight"])
+    conv_params = dict(conv.named_parameters())
+
+    def conv_local(n: str, t: torch.Tensor) -> torch.Tensor:
+        spec = shard_spec(conv_params[n])
+        shape = local_tensor(conv_params[n]).shape
+        return t.flatten()[spec.offset : spec.offset + spec.local_numel].view(shape)
+
+    conv_delta = {n: conv_local(n, t) for n, t in conv_delta_full.items()}
+    conv_pred = sharded_predicted_excess_loss(conv, cb, conv_delta, 3, chunk_size=3)
+    conv_lam = sharded_group_hessian_lambda_max(
+        conv, cb, 3, iterations=LAMBDA_ITERATIONS, seed=SEED
+    )
+    restored = restored and all(
+        torch.equal(local_tensor(p), conv_before[n]) for n, p in conv.named_parameters()
+    )
     probe_parts = [[t.flatten().tolist() for t in local_rademacher_probes(named, 1, SEED)]]
     offsets = [shard_spec(p).offset for _, p in named]
     result = {
@@ -114,6 +170,16 @@ def run_core(rank: int, out_dir: str) -> None:
         "restored": bool(restored),
         "probe_parts": probe_parts,
         "offsets": offsets,
+        "lambda_max_power": lambda_max.tolist(),
+        "conv": {
+            "full": conv_full,
+            "names": conv_names,
+            "batches": [[x.tolist(), y.tolist(), g.tolist()] for x, y, g in cb],
+            "delta": {n: t.tolist() for n, t in conv_delta_full.items()},
+            "probe_values": conv_trace.probe_values.tolist(),
+            "predicted": conv_pred.tolist(),
+            "lambda_max": conv_lam.tolist(),
+        },
     }
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
@@ -211,7 +277,7 @@ def run_fit(out_dir: Path, mode: str) -> None:
     keys = ("moment", "support", "grad_norm", "hessian_trace", "hessian_trace_se")
     keys += ("hessian_lambda_max", "predicted_excess_loss", "sparsity")
     records = [{k: r.get(k) for k in keys} for r in monitor.history]
-    messages = [str(w.message) for w in caught if "FairnessMonitor: λ_max" in str(w.message)]
+    messages = [str(w.message) for w in caught if "λ_max" in str(w.message)]
     result = {"records": records, "warnings": messages}
     name = f"rank{trainer.global_rank}.json" if shard else "single.json"
     (out_dir / name).write_text(json.dumps(result))

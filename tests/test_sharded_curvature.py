@@ -22,11 +22,13 @@ from torch import nn
 from torch.func import functional_call, grad, hessian
 
 from lightning_fairprune.diagnostics import (
+    group_hessian_lambda_max,
     group_hessian_trace,
     local_rademacher_probes,
     predicted_excess_loss,
     rademacher_probes,
     sharded_group_directional,
+    sharded_group_hessian_lambda_max,
     sharded_group_hessian_trace,
     sharded_predicted_excess_loss,
 )
@@ -165,7 +167,7 @@ def _as_batches(rows):
 def test_fsdp_curvature_equals_exact_hessians(tmp_path: Path) -> None:
     sys.path.insert(0, str(HERE))
     from fsdp_diag_script import GROUPS, core_model
-    from fsdp_hvp_script import PROBES, SEED
+    from fsdp_hvp_script import LAMBDA_ITERATIONS, PROBES, SEED, conv_model
 
     ranks = run_ddp(HERE / "fsdp_hvp_script.py", tmp_path, "core", timeout=240)
     first, second = ranks
@@ -190,6 +192,9 @@ def test_fsdp_curvature_equals_exact_hessians(tmp_path: Path) -> None:
                                         params=names)  # fmt: skip
         ref_all = group_hessian_trace(model, union, GROUPS, num_probes=2)
         ref_pred = predicted_excess_loss(model, union, delta, GROUPS)
+        ref_lam = group_hessian_lambda_max(
+            model, union, GROUPS, iterations=LAMBDA_ITERATIONS, seed=SEED, params=names
+        )
     # the references agree with each other (double backward vs torch.func)
     assert torch.allclose(ref_trace.probe_values, values, rtol=1e-10)
     assert torch.allclose(ref_pred, lin + 0.5 * quad, rtol=1e-10)
@@ -209,6 +214,7 @@ def test_fsdp_curvature_equals_exact_hessians(tmp_path: Path) -> None:
         quadratic = torch.tensor(r["quadratic"], dtype=torch.float64)
         assert torch.allclose(linear, torch.stack([lin, 0.5 * lin], 1), rtol=1e-6)
         assert torch.allclose(quadratic, torch.stack([quad, 0.25 * quad], 1), rtol=1e-6)
+        assert r["lambda_max_power"] == pytest.approx(ref_lam.tolist(), rel=1e-6)
     # each rank's probe slices are the unsharded probe's columns at its shard's offset
     sizes = [named[n].numel() for n in names]
     full_parts = rademacher_probes(2, size, seed=SEED, dtype=torch.float64)[1].split(sizes)
@@ -216,6 +222,24 @@ def test_fsdp_curvature_equals_exact_hessians(tmp_path: Path) -> None:
         for part, ref, off in zip(r["probe_parts"][0], full_parts, r["offsets"], strict=True):
             assert part == ref[off : off + len(part)].tolist()
     assert first["offsets"] != second["offsets"]
+    # float32 CNN (ReLU, in-place ReLU, max pooling), frozen gates, against double backward
+    # on a float64 copy of the gathered weights and both processes' data
+    conv = conv_model().double()
+    with torch.no_grad():
+        for n, p in conv.named_parameters():
+            p.copy_(torch.tensor(first["conv"]["full"][n], dtype=torch.float64))
+    cunion = _as_batches(first["conv"]["batches"]) + _as_batches(second["conv"]["batches"])
+    cdelta = {n: torch.tensor(v, dtype=torch.float64) for n, v in first["conv"]["delta"].items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c_trace = group_hessian_trace(conv, cunion, 3, num_probes=PROBES, seed=SEED)
+        c_pred = predicted_excess_loss(conv, cunion, cdelta, 3)
+        c_lam = group_hessian_lambda_max(conv, cunion, 3, iterations=LAMBDA_ITERATIONS, seed=SEED)
+    for r in ranks:
+        got = torch.tensor(r["conv"]["probe_values"], dtype=torch.float64)
+        assert torch.allclose(got, c_trace.probe_values, rtol=1e-2, atol=0), (got, c_trace)
+        assert r["conv"]["predicted"] == pytest.approx(c_pred.tolist(), rel=1e-2)
+        assert r["conv"]["lambda_max"] == pytest.approx(c_lam.tolist(), rel=1e-2)
 
 
 def _close(a, b, rel: float) -> bool:
@@ -245,9 +269,7 @@ def test_monitor_trace_under_model_parallel_strategy(tmp_path: Path) -> None:
     assert moments == ["dense", "after_round", "before_round", "after_round", "end"]
     assert single["warnings"] == []
     for r in ranks:
-        assert len(r["warnings"]) == 1  # λ_max only
-        assert "trace" not in r["warnings"][0]
-        assert "predicted" not in r["warnings"][0]
+        assert r["warnings"] == []  # λ_max is measured under FSDP2 too
         for rec, ref in zip(r["records"], single["records"], strict=True):
             assert rec["moment"] == ref["moment"]
             assert rec["support"] == ref["support"]
@@ -257,6 +279,71 @@ def test_monitor_trace_under_model_parallel_strategy(tmp_path: Path) -> None:
             assert _close(rec["hessian_trace_se"], ref["hessian_trace_se"], rel=1e-4)
             assert _close(rec["predicted_excess_loss"], ref["predicted_excess_loss"], rel=1e-6)
             assert ref["hessian_lambda_max"] is not None
-            assert rec["hessian_lambda_max"] is None
+            assert _close(rec["hessian_lambda_max"], ref["hessian_lambda_max"], rel=1e-6)
     assert single["records"][1]["predicted_excess_loss"] is not None
     assert single["records"][3]["predicted_excess_loss"] is not None
+
+
+def _relu_tiny():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    batches = [
+        (torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,)), torch.arange(n) % 3)
+        for n in (9, 7)
+    ]
+    return model, batches
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 7])
+def test_lambda_max_equals_the_unsharded_iterates(iterations: int) -> None:
+    model, batches = _relu_tiny()
+    before = [p.detach().clone() for p in model.parameters()]
+    ref = group_hessian_lambda_max(model, batches, 3, iterations=iterations, seed=4)
+    got = sharded_group_hessian_lambda_max(
+        model, batches, 3, iterations=iterations, seed=4, chunk_size=4
+    )
+    assert got.dtype == torch.float64
+    assert got.shape == (3,)
+    assert torch.allclose(got, ref, rtol=1e-6, atol=0)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    # another seed starts elsewhere (the start vectors are those of the unsharded path)
+    other = group_hessian_lambda_max(model, batches, 3, iterations=iterations, seed=5)
+    if iterations == 1:
+        assert not torch.allclose(other, ref, rtol=1e-3)
+
+
+def test_lambda_max_start_vectors_are_sliceable_rademacher_rows() -> None:
+    from lightning_fairprune.diagnostics.sharded import _start_vectors
+
+    model, _ = _relu_tiny()
+    named = list(model.named_parameters())
+    size = sum(p.numel() for _, p in named)
+    parts = _start_vectors(named, 3, seed=4, group=None)
+    rows = rademacher_probes(3, size, seed=5, dtype=torch.float64) / math.sqrt(size)
+    for a in range(3):
+        assert torch.equal(torch.cat([t.flatten() for t in parts[a]]), rows[a])
+
+
+def test_lambda_max_converges_to_the_exact_top_eigenvalue() -> None:
+    model, batches = _tiny()
+    names = [n for n, _ in model.named_parameters()]
+    exact = _exact(model, batches, names, 2)
+    for gates in ("frozen", "live"):
+        lam = sharded_group_hessian_lambda_max(model, batches, 2, iterations=150, gates=gates)
+        for a, (_, h) in enumerate(exact):
+            eig = torch.linalg.eigvalsh(h)
+            top = eig[eig.abs().argmax()]
+            assert float(lam[a]) == pytest.approx(float(top), rel=1e-6), (gates, a)
+
+
+def test_lambda_max_validation_and_missing_groups() -> None:
+    model, batches = _tiny()
+    with pytest.raises(ValueError, match="Expected `iterations` to be an int >= 1"):
+        sharded_group_hessian_lambda_max(model, batches, 2, iterations=0)
+    with pytest.raises(ValueError, match=r"Expected `gates` to be one of \('frozen', 'live'\)"):
+        sharded_group_hessian_lambda_max(model, batches, 2, gates="none")
+    with pytest.warns(UserWarning, match="sharded_group_hessian_lambda_max"):
+        lam = sharded_group_hessian_lambda_max(model, batches, 3, iterations=2)
+    ref = group_hessian_lambda_max(model, batches, 2, iterations=2)
+    assert math.isnan(float(lam[2]))
+    assert torch.allclose(lam[:2], ref, rtol=1e-6)

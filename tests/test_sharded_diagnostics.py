@@ -156,21 +156,26 @@ def test_monitor_and_equalizer_under_model_parallel_strategy(tmp_path: Path) -> 
     assert moments == ["dense", "after_round", "before_round", "after_round", "end"]
     for r in ranks:
         assert [rec["moment"] for rec in r["records"]] == moments
-        assert r["warnings"] == 1  # one UserWarning about the skipped λ_max, per process
+        assert r["warnings"] == 0  # λ_max is measured under FSDP2 too (no skip warning)
         for rec, ref in zip(r["records"], single["records"], strict=True):
             assert rec["support"] == ref["support"]
             assert rec["sparsity"] == pytest.approx(ref["sparsity"])
             for key in ("recall", "accuracy", "loss", "grad_norm"):
                 assert _close(rec[key], ref[key]), (rec["moment"], key, rec[key], ref[key])
-            # under FSDP: the trace by finite differences (float32, ReLU: see
-            # test_sharded_curvature.py for the float64 check at 1e-6); λ_max is skipped
+            # under FSDP: trace, λ_max and predicted excess loss by finite differences with
+            # frozen gates (float32, ReLU; see test_sharded_curvature.py for float64 at 1e-6)
             assert ref["hessian_trace"] is not None
             scale = max(abs(v) for v in ref["hessian_trace"])
-            assert _close(rec["hessian_trace"], ref["hessian_trace"], rel=2e-2, abs_=2e-3 * scale)
-            assert rec["hessian_lambda_max"] is None
-            # float32 + ReLU: a unit switching within ±ε along δ can spoil one group's
-            # difference quotient (seen: one group of ten in the first round), so only presence
-            assert (rec["predicted_excess_loss"] is None) == (ref["predicted_excess_loss"] is None)
+            assert _close(rec["hessian_trace"], ref["hessian_trace"], rel=1e-2, abs_=1e-3 * scale)
+            assert ref["hessian_lambda_max"] is not None
+            lam = max(abs(v) for v in ref["hessian_lambda_max"])
+            assert _close(rec["hessian_lambda_max"], ref["hessian_lambda_max"], 1e-2, 1e-3 * lam)
+            # live gates spoiled one group of ten here (1.26 against 0.008); frozen gates fix it
+            pred, ref_pred = rec["predicted_excess_loss"], ref["predicted_excess_loss"]
+            assert (pred is None) == (ref_pred is None)
+            if ref_pred is not None:
+                top = max(abs(v) for v in ref_pred)
+                assert _close(pred, ref_pred, rel=1e-2, abs_=1e-3 * top), (pred, ref_pred)
         assert r["num_dual_steps"] == single["num_dual_steps"] == 1
         assert any(v > 0 for v in single["multipliers"])
         assert _close(r["multipliers"], single["multipliers"], rel=1e-5)

@@ -169,7 +169,9 @@ class FairnessMonitor(Callback):
         num_probes: Rademacher probes of the Hutchinson Hessian trace; ``0`` disables it.
         lambda_max_iterations: power iterations for the top Hessian eigenvalue λ_max of each
             group (record key ``hessian_lambda_max``); each is one more pass over the fairness
-            data with one Hessian-vector product per chunk; ``0`` (default) disables it.
+            data with one Hessian-vector product per chunk (under FSDP2: two lockstep
+            backward sets per group, finite differences with frozen gates); ``0`` (default)
+            disables it.
         gradient_norms: measure the per-group gradient norms.
         predict_excess_loss: compute the predicted excessive loss at every ``after_round``.
         seed: seed of the Hutchinson probes (the same probes at every measurement).
@@ -309,7 +311,6 @@ class FairnessMonitor(Callback):
         self._pre_round: dict[str, Tensor] | None = None
         self._file: HistoryFile | None = None
         self._warned_small = False
-        self._warned_sharded = False
         self._sharded = False  # the measured parameters are FSDP2 DTensors
         self._last_logged_step: int | None = None
         self._periodic_epoch: int | None = None
@@ -487,7 +488,6 @@ class FairnessMonitor(Callback):
         self._file = HistoryFile(path)
         self.data.reset()
         self._warned_small = False
-        self._warned_sharded = False
         self._last_logged_step = None
         if self._log_enabled and bool(getattr(trainer, "is_global_zero", True)):
             fp_logging.log_config(trainer, self._config_name(), self.settings())
@@ -851,29 +851,21 @@ class FairnessMonitor(Callback):
         common: dict[str, Any],
         moment: str,
     ) -> tuple[Any, Tensor | None]:
-        """FSDP2-sharded parameters: everything from local shards, λ_max excepted.
+        """FSDP2-sharded parameters: everything from local shards.
 
         Forward-only sums and gradient norms (`sharded_measure_groups`), the Hutchinson trace
         with its standard error (`sharded_group_hessian_trace`, the probes of the unsharded
-        path) and the predicted excess loss (`sharded_predicted_excess_loss`), both by
-        central differences of sharded gradients (``2 · num_probes · G`` and ``2 · G``
-        sharded backward sets). λ_max needs power iteration, not available under FSDP2:
-        recorded as None, with one warning per monitor.
+        path), the predicted excess loss (`sharded_predicted_excess_loss`) and λ_max
+        (`sharded_group_hessian_lambda_max`, the start vectors of the unsharded path), all by
+        central differences of sharded gradients with frozen gates (``(2 · num_probes + 1) ·
+        G``, ``3 · G`` and ``(2 · lambda_max_iterations + 1) · G`` sharded backward sets).
         """
         from lightning_fairprune.diagnostics.sharded import (
-            LAMBDA_MAX_UNAVAILABLE,
+            sharded_group_hessian_lambda_max,
             sharded_group_hessian_trace,
             sharded_measure_groups,
         )
 
-        if self.lambda_max_iterations > 0 and not self._warned_sharded:
-            self._warned_sharded = True
-            warnings.warn(
-                f"FairnessMonitor: {LAMBDA_MAX_UNAVAILABLE}; it is recorded as None "
-                "(`lambda_max_iterations` is ignored under FSDP2).",
-                UserWarning,
-                stacklevel=4,
-            )
         params = common["params"]
         predicted = None
         pre = self._pre_round
@@ -905,6 +897,19 @@ class FairnessMonitor(Callback):
             measurement.hessian_trace = trace.trace
             measurement.hessian_trace_stderr = trace.stderr
             measurement.num_probes = trace.num_probes
+        if self.lambda_max_iterations > 0:
+            with warnings.catch_warnings():  # absent groups were already reported above
+                warnings.simplefilter("ignore", UserWarning)
+                measurement.hessian_lambda_max = sharded_group_hessian_lambda_max(
+                    model,
+                    batches,
+                    num_groups,
+                    iterations=self.lambda_max_iterations,
+                    seed=self.seed,
+                    params=params,
+                    loss_fn=self.loss_fn,
+                    forward_fn=self.forward_fn,
+                )
         return measurement, predicted
 
     def _predicted_sharded(

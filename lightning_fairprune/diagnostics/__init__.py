@@ -8,9 +8,11 @@
   groups and any torchmetrics metric per group.
 * `curvature`: per-group gradient norms, Hutchinson Hessian traces (and λ_max), predicted
   excess loss, and `measure_groups` that does all of it in one pass.
-* `sharded`: per-group gradient norms, forward-only measurements, Hutchinson traces and
-  predicted excess loss (finite-difference Hessian-vector products) on FSDP2-sharded
-  parameters (local shards, no gather).
+* `sharded`: per-group gradient norms, forward-only measurements, Hutchinson traces,
+  predicted excess loss and λ_max (finite-difference Hessian-vector products) on
+  FSDP2-sharded parameters (local shards, no gather).
+* `gates`: `FrozenGates`, which replays the activation pattern of ReLU-like ops and max
+  pools at perturbed weights (the finite differences of `sharded` use it).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from lightning_fairprune.diagnostics.curvature import (
     predicted_excess_loss,
     rademacher_probes,
 )
+from lightning_fairprune.diagnostics.gates import FrozenGates
 from lightning_fairprune.diagnostics.group_metrics import (
     INTENSIFICATION_MIN_ABS_REF,
     SMALL_GROUP_SIZE,
@@ -62,6 +65,7 @@ from lightning_fairprune.diagnostics.sharded import (
     local_rademacher_probes,
     sharded_group_directional,
     sharded_group_gradient_norms,
+    sharded_group_hessian_lambda_max,
     sharded_group_hessian_trace,
     sharded_measure_groups,
     sharded_predicted_excess_loss,
@@ -71,6 +75,7 @@ __all__ = [
     "INTENSIFICATION_MIN_ABS_REF",
     "SMALL_GROUP_SIZE",
     "CombinedGroups",
+    "FrozenGates",
     "GroupConfusion",
     "GroupDirectional",
     "GroupGradients",
@@ -106,6 +111,7 @@ __all__ = [
     "recall_balance",
     "sharded_group_directional",
     "sharded_group_gradient_norms",
+    "sharded_group_hessian_lambda_max",
     "sharded_group_hessian_trace",
     "sharded_measure_groups",
     "sharded_predicted_excess_loss",

@@ -1169,9 +1169,9 @@ def _power_iteration(
     """λ_max(H_a) and the sample counts for all groups: one pass per iteration."""
     ref = named[0][1]
     size = sum(p.numel() for _, p in named)
-    gen = torch.Generator().manual_seed(seed + 1)
-    vecs = torch.randn(num_groups, size, generator=gen, dtype=torch.float64)
-    vecs = (vecs / torch.linalg.vector_norm(vecs, dim=1, keepdim=True)).to(ref.device, ref.dtype)
+    # counter-based Rademacher rows (sliceable per shard: the sharded path starts the same)
+    vecs = rademacher_probes(num_groups, size, seed + 1, device=ref.device, dtype=torch.float64)
+    vecs = (vecs * (1.0 / math.sqrt(max(size, 1)))).to(ref.dtype)
     lam = torch.full((num_groups,), math.nan, dtype=torch.float64)
     counts = torch.zeros(num_groups, dtype=torch.float64)
     for _ in range(iterations):
@@ -1206,9 +1206,11 @@ def group_hessian_lambda_max(
     Each iteration is one pass over ``batches`` with one Hessian-vector product per pure-group
     chunk (v_a ← H_a v_a / ‖H_a v_a‖); the estimate is the Rayleigh quotient v_aᵀ H_a v_a,
     i.e. the eigenvalue of largest magnitude (the top curvature of a trained model, where
-    negative eigenvalues are small). Start vectors come from a CPU generator seeded with
-    ``seed + 1``, identical on every process; with ``reduce_fn`` every process gets the same
-    estimates.
+    negative eigenvalues are small). The start vector of group a is row a of
+    ``rademacher_probes(G, P, seed + 1)`` divided by √P (counter-based, identical on every
+    process and device, and sliceable per shard: the FSDP2 path
+    `~lightning_fairprune.diagnostics.sharded.sharded_group_hessian_lambda_max` starts from
+    the same vectors); with ``reduce_fn`` every process gets the same estimates.
 
     Args:
         model: the network (eval mode during the measurement, then restored).

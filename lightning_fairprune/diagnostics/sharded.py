@@ -39,9 +39,15 @@ direction d: dᵀH_a d ≈ dᵀ(g_a(θ+εd) − g_a(θ−εd)) / (2ε).
 :func:`sharded_group_directional` does this for directions given as local shards (weights
 moved in place and restored bit for bit), :func:`sharded_group_hessian_trace` runs Hutchinson
 with each process's slice of the unsharded probes (`local_rademacher_probes`), and
-:func:`sharded_predicted_excess_loss` gives g_aᵀδ + ½ δᵀH_aδ. Cost: ``2 K G`` sharded
-backward sets per trace of K probes, ``2 G`` per predicted excess loss. λ_max (power
-iteration) is not available under FSDP (:data:`LAMBDA_MAX_UNAVAILABLE`).
+:func:`sharded_predicted_excess_loss` gives g_aᵀδ + ½ δᵀH_aδ and
+:func:`sharded_group_hessian_lambda_max` runs power iteration with the vectors kept as local
+shards. By default (``gates="frozen"``) a first lockstep pass at θ records the activation
+pattern of every ReLU-like op and max pool (`~lightning_fairprune.diagnostics.gates.FrozenGates`)
+and the perturbed passes replay it, so the difference quotient is that of the smooth network
+whose Hessian at θ is the almost-everywhere Hessian of double backward (no term from units
+switching within ±ε); that pass also gives g_aᵀd exactly. Cost: ``(2 K + 1) G`` sharded
+backward sets per trace of K probes, ``3 G`` per predicted excess loss, ``(2 T + 1) G`` for T
+power iterations (``gates="live"``: one ``G`` less each).
 
 Everything runs inside `lightning_fairprune.measure.isolated`: module modes, buffers,
 ``.grad`` and ``requires_grad`` of every parameter and the RNG states are restored afterwards.
@@ -49,14 +55,16 @@ Everything runs inside `lightning_fairprune.measure.isolated`: module modes, buf
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_fairprune.checks import check_int
+from lightning_fairprune.checks import check_choice, check_int
 from lightning_fairprune.diagnostics._batching import (
     Nested,
     check_groups,
@@ -83,28 +91,23 @@ from lightning_fairprune.diagnostics.curvature import (
     measure_groups,
     rademacher_probes,
 )
+from lightning_fairprune.diagnostics.gates import FrozenGates
 from lightning_fairprune.dtensor import _group_of, is_sharded, local_tensor, shard_spec
 from lightning_fairprune.measure import isolated
 
 __all__ = [
-    "LAMBDA_MAX_UNAVAILABLE",
+    "GATES",
     "GroupDirectional",
     "default_relative_step",
     "has_dtensor_params",
     "local_rademacher_probes",
     "sharded_group_directional",
     "sharded_group_gradient_norms",
+    "sharded_group_hessian_lambda_max",
     "sharded_group_hessian_trace",
     "sharded_measure_groups",
     "sharded_predicted_excess_loss",
 ]
-
-LAMBDA_MAX_UNAVAILABLE = (
-    "λ_max (power iteration on the group Hessians) is not measured on FSDP2-sharded "
-    "parameters: FSDP2 reduce-scatters their gradients in hooks outside autograd, so there is "
-    "no double backward through them, and power iteration on finite-difference "
-    "Hessian-vector products is not implemented"
-)
 
 
 def has_dtensor_params(params: Iterable[Tensor]) -> bool:
@@ -252,12 +255,14 @@ def _owned_summed_grads(
     factors: dict[int, float],
     group: Any,
     wanted: list[bool] | None = None,
+    replicas: bool = False,
 ) -> Iterator[tuple[int, Tensor]]:
     """``(index, part)``: this process's owned part of each parameter's *summed* gradient.
 
     A sharded parameter gives its local gradient shard times FSDP's divide factor (FSDP
     averaged it over the processes); a plain (replicated) parameter gives its gradient summed
-    over the processes, on the owning process only. The all-reduce of plain parameters is a
+    over the processes, on the owning process only (on every process with ``replicas``: the
+    caller then counts it once, see `shard_spec`). The all-reduce of plain parameters is a
     collective: every process must exhaust the generator over the same ``wanted`` parameters.
     """
     for i, (_, p) in enumerate(named):
@@ -266,7 +271,7 @@ def _owned_summed_grads(
         grad = p.grad
         spec = shard_spec(p, group)
         if is_sharded(p):
-            if grad is None or not spec.owner:
+            if grad is None or not (spec.owner or replicas):
                 continue
             factor = factors.get(id(p), float(p.device_mesh.size()))  # type: ignore[attr-defined]
             yield i, local_tensor(grad).detach().to(torch.float64) * factor
@@ -277,7 +282,7 @@ def _owned_summed_grads(
             else grad.detach().to(torch.float64)
         )
         local = _all_reduce(local.clone(), group)
-        if spec.owner:
+        if spec.owner or replicas:
             yield i, local
 
 
@@ -300,47 +305,67 @@ def _lockstep_backward(
     forward_fn: ForwardFn | None,
     device: torch.device,
     on_group: Callable[[int], None],
+    *,
+    groups: Sequence[int] | None = None,
+    gates: FrozenGates | None = None,
+    gate_phase: str = "record",
 ) -> Tensor:
     """Per group: ``.backward()`` of the summed group loss in lockstep, then ``on_group(a)``.
 
     On ``on_group(a)`` every parameter's ``.grad`` holds the (reduce-scattered, divided) shard
-    of S_a. Returns the local ``[G]`` loss sums.
+    of S_a. ``groups`` runs only those groups (every process must pass the same ones: each
+    backward is a collective). With ``gates``, the forward passes (and losses) of group ``a``
+    run inside ``gates.record(a)`` or ``gates.replay(a)`` (``gate_phase``); the backward
+    passes do not. Returns the local ``[G]`` loss sums (zero for groups not run).
     """
     loss_fn = loss_fn or default_loss
     forward_fn = forward_fn or default_forward
     every = list(model.parameters())
     loss_sums = torch.zeros(num_groups, dtype=torch.float64)
     pad_x = plan.sample[0]
-    for a in range(num_groups):
+    for a in range(num_groups) if groups is None else groups:
         for p in every:
             p.grad = None
-        done = 0
-        for x, y in _group_chunks(batches, a, plan.chunk):
-            x = tree_map(lambda t: t.to(device), x)
-            out = forward_fn(model, x)
-            losses = loss_fn(out, y.to(device))
-            if not isinstance(losses, Tensor) or losses.shape != (y.shape[0],):
-                raise ValueError(
-                    f"Expected `loss_fn` to return per-sample losses of shape [{y.shape[0]}],"
-                    " but got"
-                    f" {tuple(losses.shape) if isinstance(losses, Tensor) else type(losses)}"
-                )
-            if not bool(torch.isfinite(losses).all()):
-                raise ValueError(
-                    "Expected finite losses, but `loss_fn` returned NaN or inf (check the "
-                    "model weights and inputs)"
-                )
-            total = losses.sum()
-            loss_sums[a] += float(total.detach())
-            total.backward()
-            done += 1
-        for _ in range(plan.chunks[a] - done):  # lockstep: zero-gradient backward calls
-            out = forward_fn(model, tree_map(lambda t: t.to(device), pad_x))
-            out.backward(torch.zeros_like(out))
+        if gates is None:
+            phase: AbstractContextManager[None] = nullcontext()
+        elif gate_phase == "record":
+            phase = gates.record(a)
+        else:
+            phase = gates.replay(a)
+        with phase:
+            done = 0
+            for x, y in _group_chunks(batches, a, plan.chunk):
+                x = tree_map(lambda t: t.to(device), x)
+                out = forward_fn(model, x)
+                losses = loss_fn(out, y.to(device))
+                if not isinstance(losses, Tensor) or losses.shape != (y.shape[0],):
+                    raise ValueError(
+                        "Expected `loss_fn` to return per-sample losses of shape "
+                        f"[{y.shape[0]}], but got "
+                        f"{tuple(losses.shape) if isinstance(losses, Tensor) else type(losses)}"
+                    )
+                if not bool(torch.isfinite(losses).all()):
+                    raise ValueError(
+                        "Expected finite losses, but `loss_fn` returned NaN or inf (check the "
+                        "model weights and inputs)"
+                    )
+                total = losses.sum()
+                loss_sums[a] += float(total.detach())
+                with _paused(gates):
+                    total.backward()
+                done += 1
+            for _ in range(plan.chunks[a] - done):  # lockstep: zero-gradient backward calls
+                out = forward_fn(model, tree_map(lambda t: t.to(device), pad_x))
+                with _paused(gates):
+                    out.backward(torch.zeros_like(out))
         on_group(a)
     for p in every:
         p.grad = None
     return loss_sums
+
+
+def _paused(gates: FrozenGates | None) -> AbstractContextManager[None]:
+    return nullcontext() if gates is None else gates.paused()
 
 
 def _gradient_sums(
@@ -565,22 +590,39 @@ class GroupDirectional:
     eps: Tensor
 
 
-def default_relative_step(dtype: torch.dtype) -> float:
-    """The default relative finite-difference step r: ``min(finfo(dtype).eps ** (1/3), 1e-4)``.
+GATES = ("frozen", "live")
+
+
+def default_relative_step(dtype: torch.dtype, gates: str = "frozen") -> float:
+    """The default relative finite-difference step r for parameters of ``dtype``.
 
     For a smooth loss the central difference of the gradient has a truncation error O(ε²)
-    and a rounding error O(u/ε) (u the unit roundoff); r = u^(1/3) balances them (6e-6 in
-    float64). With piecewise-linear activations (ReLU) the difference quotient also counts
-    the units that switch on or off within ±ε, a term that does not shrink with ε until no
-    unit switches; so r is capped at 1e-4 (float32: the smooth optimum 5e-3 gave errors of
-    100x on a ReLU MLP, 1e-4 gave 4e-3 there and 1e-2 on a tanh MLP; see
-    ``docs/sharded_curvature.md``).
+    and a rounding error O(u/ε) (u the unit roundoff); r = u^(1/3) balances them (6.06e-6 in
+    float64, 4.9e-3 in float32). With ``gates="frozen"`` (the activation pattern of every
+    ReLU-like op and max pool replayed from θ, see
+    `~lightning_fairprune.diagnostics.gates.FrozenGates`) the perturbed network is smooth and
+    the default is ``min(u^(1/3), 1e-3)``: in float32 r = 1e-3 had the smallest worst-case
+    error over ReLU and tanh MLPs and a ReLU + max-pool CNN (3e-3, against 6e-3 at
+    u^(1/3), where the truncation error of the tanh MLP shows). With ``gates="live"`` the
+    difference quotient also counts the units that switch on or off within ±ε, a term that
+    does not shrink with ε until no unit switches, so r is capped at 1e-4:
+    ``min(u^(1/3), 1e-4)`` (still errors of 10-60x on a float32 ReLU MLP). Float16 and
+    bfloat16 parameters need an explicit, larger ``eps``. The measurements are in
+    ``docs/sharded_curvature.md`` (``benchmarks/sharded_curvature_accuracy.py``).
+
+    Args:
+        dtype: floating dtype of the perturbed parameters.
+        gates: ``"frozen"`` or ``"live"``.
 
     Example:
         >>> round(default_relative_step(torch.float64), 8), default_relative_step(torch.float32)
-        (6.06e-06, 0.0001)
+        (6.06e-06, 0.001)
+        >>> default_relative_step(torch.float32, gates="live")
+        0.0001
     """
-    return min(float(torch.finfo(dtype).eps) ** (1.0 / 3.0), 1e-4)
+    check_choice(gates, "gates", GATES)
+    r = float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
+    return min(r, 1e-3 if gates == "frozen" else 1e-4)
 
 
 def _local_dot(
@@ -616,6 +658,29 @@ def _check_eps(eps: Any) -> None:
         )
 
 
+def _step_norms(
+    named: list[tuple[str, Tensor]],
+    saved: list[Tensor],
+    extra: list[float],
+    device: torch.device,
+    group: Any,
+) -> Tensor:
+    """``[‖θ‖, *sqrt(extra)]`` over all processes: one all-reduce of ``1 + len(extra)``."""
+    norms = torch.tensor([_owned_sq(named, list(saved), group), *extra], dtype=torch.float64)
+    return _all_reduce(norms.to(device), group).cpu().clamp_min(0).sqrt()
+
+
+def _move(
+    locals_: list[Tensor], saved: list[Tensor], dirs: list[Tensor | None], step: float
+) -> None:
+    """Local shards to θ + step · d (in the parameters' dtype), θ itself where d is None."""
+    with torch.no_grad():
+        for t, s, d in zip(locals_, saved, dirs, strict=True):
+            t.copy_(s)
+            if d is not None:
+                t.add_(d.to(t.dtype), alpha=step)
+
+
 def _directional_sums(
     model: nn.Module,
     batches: Iterable[Any],
@@ -628,57 +693,77 @@ def _directional_sums(
     loss_fn: LossFn | None,
     forward_fn: ForwardFn | None,
     group: Any,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Global ``[G, K]`` sums S_a·d_k at θ ± ε_k d_k, and ε ``[K]``; weights restored exactly.
+    gates: str,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """Global ``[G, K]`` sums S_a·d_k at θ ± ε_k d_k and at θ, and ``[K + G]`` (ε, counts).
 
-    ``direction(k)`` gives the local part of d_k per selected parameter (None: zero).
+    The sums at θ are None with live gates. Weights are restored exactly. ``direction(k)``
+    gives the local part of d_k per selected parameter (None: zero). With frozen gates one
+    more lockstep pass at θ records the gates (and gives S_a(θ)·d_k), and the 2K perturbed
+    passes replay them.
     """
     device = _comm_device(named)
     locals_ = [local_tensor(p) for _, p in named]
     saved = [t.detach().clone() for t in locals_]
-    rel = eps if eps is not None else max(default_relative_step(t.dtype) for t in locals_)
+    rel = eps if eps is not None else max(default_relative_step(t.dtype, gates) for t in locals_)
     # ‖θ‖ and ‖d_k‖ over the selected parameters, summed across processes (one all-reduce)
-    norms = torch.tensor(
-        [_owned_sq(named, list(saved), group)]
-        + [_owned_sq(named, direction(k), group) for k in range(num_dirs)],
-        dtype=torch.float64,
-    )
-    norms = _all_reduce(norms.to(device), group).cpu().clamp_min(0).sqrt()
+    sq = [_owned_sq(named, direction(k), group) for k in range(num_dirs)]
+    norms = _step_norms(named, saved, sq, device, group)
     theta_norm = float(norms[0]) if float(norms[0]) > 0 else 1.0
     steps = torch.zeros(num_dirs, dtype=torch.float64)
     factors = _divide_factors(model)
     plus = torch.zeros(num_groups, num_dirs, dtype=torch.float64)
     minus = torch.zeros(num_groups, num_dirs, dtype=torch.float64)
+    at_theta = torch.zeros(num_groups, num_dirs, dtype=torch.float64)
+    live = [k for k in range(num_dirs) if float(norms[k + 1]) > 0]  # zero directions: 0
+    frozen = FrozenGates() if gates == "frozen" else None
     try:
-        for k in range(num_dirs):
-            if float(norms[k + 1]) == 0:  # a zero direction: both terms are exactly 0
-                continue
+        if frozen is not None:
+            wanted = [False] * len(named)
+            for k in live:
+                wanted = [w or d is not None for w, d in zip(wanted, direction(k), strict=True)]
+
+            def on_theta(a: int) -> None:
+                parts = dict(_owned_summed_grads(named, factors, group, wanted))
+                for k in live:
+                    dirs = direction(k)
+                    at_theta[a, k] = sum(
+                        float((part * dirs[i].to(torch.float64)).sum())  # type: ignore[union-attr]
+                        for i, part in parts.items()
+                        if dirs[i] is not None
+                    )
+
+            _lockstep_backward(
+                model, batches, num_groups, plan, loss_fn, forward_fn, device, on_theta,
+                gates=frozen, gate_phase="record",
+            )  # fmt: skip
+        for k in live:
             step = rel * theta_norm / float(norms[k + 1])
             steps[k] = step
             dirs = direction(k)
             for sign, out in ((1.0, plus), (-1.0, minus)):
-                with torch.no_grad():
-                    for t, s, d in zip(locals_, saved, dirs, strict=True):
-                        t.copy_(s)
-                        if d is not None:
-                            t.add_(d.to(t.dtype), alpha=sign * step)
+                _move(locals_, saved, dirs, sign * step)
 
                 def on_group(a: int, out: Tensor = out, dirs: list = dirs, k: int = k) -> None:
                     out[a, k] = _local_dot(named, dirs, factors, group)
 
                 _lockstep_backward(
-                    model, batches, num_groups, plan, loss_fn, forward_fn, device, on_group
-                )
+                    model, batches, num_groups, plan, loss_fn, forward_fn, device, on_group,
+                    gates=frozen, gate_phase="replay",
+                )  # fmt: skip
     finally:
-        with torch.no_grad():
-            for t, s in zip(locals_, saved, strict=True):
-                t.copy_(s)
-    packed = torch.cat([plus.flatten(), minus.flatten(), plan.local_counts.to(torch.float64)])
+        _move(locals_, saved, [None] * len(saved), 0.0)
+    parts = [plus.flatten(), minus.flatten()]
+    if frozen is not None:
+        parts.append(at_theta.flatten())
+    packed = torch.cat([*parts, plan.local_counts.to(torch.float64)])
     packed = _all_reduce(packed.to(device), group).cpu()
     g_k = num_groups * num_dirs
     plus = packed[:g_k].view(num_groups, num_dirs)
     minus = packed[g_k : 2 * g_k].view(num_groups, num_dirs)
-    return plus, minus, torch.cat([steps, packed[2 * g_k :]])
+    theta = packed[2 * g_k : 3 * g_k].view(num_groups, num_dirs) if frozen is not None else None
+    counts = packed[len(parts) * g_k :]
+    return plus, minus, theta, torch.cat([steps, counts])
 
 
 def _directional(
@@ -694,11 +779,12 @@ def _directional(
     forward_fn: ForwardFn | None,
     chunk_size: int | None,
     group: Any,
+    gates: str,
 ) -> GroupDirectional:
     pg = _process_group([p for _, p in named], group)
     with isolated(model, mode="eval", grad_params=[p for _, p in named]):
         plan = _Plan(batches, num_groups, chunk_size, pg, loss_fn is None, _comm_device(named))
-        plus, minus, rest = _directional_sums(
+        plus, minus, theta, rest = _directional_sums(
             model,
             batches,
             num_groups,
@@ -710,12 +796,16 @@ def _directional(
             loss_fn,
             forward_fn,
             pg,
+            gates,
         )
     steps, counts = rest[:num_dirs], rest[num_dirs:]
     _warn_missing(fn, counts)
     safe = torch.where(steps > 0, 2 * steps, torch.ones_like(steps))
     quad = torch.where(steps > 0, (plus - minus) / safe, torch.zeros_like(plus))
-    lin = torch.where(steps > 0, (plus + minus) / 2, torch.zeros_like(plus))
+    if theta is None:
+        lin = torch.where(steps > 0, (plus + minus) / 2, torch.zeros_like(plus))
+    else:
+        lin = torch.where(steps > 0, theta, torch.zeros_like(plus))
     return GroupDirectional(
         linear=_safe_div(lin, counts[:, None]),
         quadratic=_safe_div(quad, counts[:, None]),
@@ -768,6 +858,7 @@ def sharded_group_directional(
     directions: Directions | Sequence[Directions],
     *,
     eps: float | None = None,
+    gates: str = "frozen",
     params: ParamsArg = None,
     loss_fn: LossFn | None = None,
     forward_fn: ForwardFn | None = None,
@@ -783,22 +874,35 @@ def sharded_group_directional(
 
     * dᵀH_a d ≈ dᵀ(g_a(θ + εd) − g_a(θ − εd)) / (2ε) (central difference: exact for a
       quadratic loss, O(ε²) error otherwise),
-    * g_aᵀd ≈ dᵀ(g_a(θ + εd) + g_a(θ − εd)) / 2 (also O(ε²)),
+    * g_aᵀd from the gradient at θ itself (``gates="frozen"``), or
+      ≈ dᵀ(g_a(θ + εd) + g_a(θ − εd)) / 2 (``gates="live"``, also O(ε²)),
 
     each dot product taken on the local shards. One all-reduce of ``1 + K`` numbers
-    (‖θ‖², ‖d_k‖²) fixes the steps and one of ``2 G K + G`` numbers gives every process the
-    global results. The weights are restored bit for bit (saved local shards copied back,
-    also on error).
+    (‖θ‖², ‖d_k‖²) fixes the steps and one of ``3 G K + G`` numbers (``2 G K + G`` live)
+    gives every process the global results. The weights are restored bit for bit (saved
+    local shards copied back, also on error).
+
+    **Gates.** With piecewise-linear activations (ReLU) the loss is smooth only piecewise;
+    double backward gives the Hessian of the piece containing θ (almost everywhere), but a
+    difference quotient also counts the units that switch on or off within ±ε, a term that
+    does not shrink with ε (in float32 it gave errors of 10-60x). ``gates="frozen"``
+    (default) runs one more lockstep pass at θ that records the activation pattern of every
+    ReLU-like op, clamp and max pool
+    (`~lightning_fairprune.diagnostics.gates.FrozenGates`, which lists the ops covered) and
+    replays it at θ ± εd: the perturbed network is the smooth piece of θ, so the quotient
+    is O(ε²) accurate with no switching term. The forward must gate the same ops in the
+    same order at θ ± εd (a `RuntimeError` otherwise). Memory: one bit per gated
+    activation element (an int32 per max-pool output) over all the data, held during the
+    call. ``gates="live"`` is the plain difference.
 
     **Step.** ε_k = r · ‖θ‖ / ‖d_k‖ over the selected parameters (‖θ‖ replaced by 1 if
     zero): the perturbation ε d has norm r · ‖θ‖, relative to the weights. ``r`` defaults to
-    `default_relative_step` of the parameters' dtype (6e-6 in float64, 1e-4 in float32);
-    the perturbation is added in the parameters' dtype. With ReLU-like activations, units
-    switching within ±ε add to the quotient what the (almost everywhere) Hessian of double
-    backward does not have: prefer float64 or a smaller ``eps`` when that matters.
+    `default_relative_step` of the parameters' dtype and ``gates`` (6e-6 in float64; in
+    float32 1e-3 with frozen gates, 1e-4 live); the perturbation is added in the parameters'
+    dtype.
 
     **Cost.** ``2 K`` lockstep passes of ``G`` per-group backward sets (each reduce-scatters
-    the gradient of every trainable parameter).
+    the gradient of every trainable parameter), plus one at θ with frozen gates.
 
     Args:
         model: the (sharded) network; eval mode during the measurement, then restored.
@@ -810,6 +914,7 @@ def sharded_group_directional(
             parameter takes the full tensor, identical on every process), or a sequence of
             them. Parameters not listed have d = 0.
         eps: relative step r in (0, 1) (default: `default_relative_step`).
+        gates: ``"frozen"`` (replay the activation pattern of θ) or ``"live"``.
         params: parameters to perturb and differentiate (default: the keys of
             ``directions``).
         loss_fn: ``(outputs, targets) -> Tensor[N]`` per-sample losses (default cross-entropy).
@@ -838,6 +943,7 @@ def sharded_group_directional(
     _check_pass_args(num_groups, chunk_size, batches)
     _check_iterable(batches, 2)
     _check_eps(eps)
+    check_choice(gates, "gates", GATES)
     many = [directions] if isinstance(directions, Mapping) else directions
     if isinstance(many, (str, bytes)) or not isinstance(many, Sequence) or not many:
         raise TypeError(
@@ -866,6 +972,7 @@ def sharded_group_directional(
         forward_fn,
         chunk_size,
         group,
+        gates,
     )
 
 
@@ -932,6 +1039,7 @@ def sharded_group_hessian_trace(
     num_probes: int = 16,
     seed: int = 0,
     eps: float | None = None,
+    gates: str = "frozen",
     params: ParamsArg = None,
     loss_fn: LossFn | None = None,
     forward_fn: ForwardFn | None = None,
@@ -945,11 +1053,12 @@ def sharded_group_hessian_trace(
     Rademacher probes of v_kᵀH_a v_k, standard error over probes), with v_kᵀH_a v_k from
     :func:`sharded_group_directional` (central differences of sharded gradients). Every
     process builds only its slice of each probe (`local_rademacher_probes`), one probe at a
-    time. λ_max is not computed (``None``).
+    time. λ_max is not computed here (``None``; see :func:`sharded_group_hessian_lambda_max`).
 
     **Cost.** ``2 K`` lockstep passes, each ``G`` per-group backward sets: ``2 K G`` sharded
     backward sets per trace (the unsharded double-backward path costs about K HVPs over the
-    data), plus one all-reduce of ``1 + K`` and one of ``2 G K + G`` numbers.
+    data), plus ``G`` for the record pass of frozen gates, one all-reduce of ``1 + K`` and one
+    of ``3 G K + G`` numbers.
 
     Args:
         model: the (sharded) network; eval mode during the measurement, then restored.
@@ -958,6 +1067,7 @@ def sharded_group_hessian_trace(
         num_probes: number of probes K.
         seed: probe seed (the probes of `group_hessian_trace` with this seed).
         eps: relative finite-difference step (see :func:`sharded_group_directional`).
+        gates: ``"frozen"`` or ``"live"`` (see :func:`sharded_group_directional`).
         params: parameters spanning the Hessian (default: all trainable).
         loss_fn: per-sample loss (default cross-entropy).
         forward_fn: ``(model, inputs) -> outputs``.
@@ -982,6 +1092,7 @@ def sharded_group_hessian_trace(
     check_int(seed, "seed", 0)
     _check_iterable(batches, 2)
     _check_eps(eps)
+    check_choice(gates, "gates", GATES)
     named = _resolve_params(model, params)
     _check_params_sharded(named)
     pg = _process_group([p for _, p in named], group)
@@ -1002,6 +1113,7 @@ def sharded_group_hessian_trace(
         forward_fn,
         chunk_size,
         pg,
+        gates,
     )
     trace, stderr = _trace_stats(res.quadratic)
     return GroupHessianTrace(
@@ -1021,6 +1133,7 @@ def sharded_predicted_excess_loss(
     num_groups: int,
     *,
     eps: float | None = None,
+    gates: str = "frozen",
     params: ParamsArg = None,
     loss_fn: LossFn | None = None,
     forward_fn: ForwardFn | None = None,
@@ -1031,7 +1144,8 @@ def sharded_predicted_excess_loss(
 
     `~lightning_fairprune.diagnostics.curvature.predicted_excess_loss` for a step δ given
     as local shards, from :func:`sharded_group_directional` with the one direction δ: two
-    lockstep passes of ``G`` per-group backward sets.
+    lockstep passes of ``G`` per-group backward sets, plus one at θ with frozen gates (which
+    gives g_aᵀδ exactly).
 
     Args:
         model: the (sharded) network at θ*.
@@ -1039,6 +1153,7 @@ def sharded_predicted_excess_loss(
         delta: FQN -> this process's local shard of δ = θ̄ − θ* (parameters not listed: 0).
         num_groups: number of groups G.
         eps: relative finite-difference step (see :func:`sharded_group_directional`).
+        gates: ``"frozen"`` or ``"live"`` (see :func:`sharded_group_directional`).
         params: parameters to differentiate (default: the keys of ``delta``).
         loss_fn: per-sample loss (default cross-entropy).
         forward_fn: ``(model, inputs) -> outputs``.
@@ -1069,6 +1184,7 @@ def sharded_predicted_excess_loss(
         num_groups,
         delta,
         eps=eps,
+        gates=gates,
         params=params,
         loss_fn=loss_fn,
         forward_fn=forward_fn,
@@ -1076,3 +1192,195 @@ def sharded_predicted_excess_loss(
         group=group,
     )
     return (res.linear + 0.5 * res.quadratic)[:, 0]
+
+
+def _start_vectors(
+    named: list[tuple[str, Tensor]], num_groups: int, seed: int, group: Any
+) -> list[list[Tensor]]:
+    """Per group a, this process's slice of the power-iteration start vector of group a.
+
+    The unsharded start vector is row a of ``rademacher_probes(G, P, seed + 1)`` divided by
+    √P (`~lightning_fairprune.diagnostics.curvature.group_hessian_lambda_max`); each local
+    shard takes its columns (`local_rademacher_probes`), in the parameters' dtype.
+    """
+    size = sum(shard_spec(p, group).numel for _, p in named)
+    scale = 1.0 / math.sqrt(max(size, 1))
+    out = []
+    for a in range(num_groups):
+        parts = []
+        for (_, p), base in zip(named, _flat_bases(named, group), strict=True):
+            local = local_tensor(p)
+            row = rademacher_probes(
+                1,
+                local.numel(),
+                seed + 1,
+                start=a,
+                offset=base,
+                device=local.device,
+                dtype=torch.float64,
+            )[0]
+            parts.append((row * scale).to(local.dtype).view(local.shape))
+        out.append(parts)
+    return out
+
+
+def sharded_group_hessian_lambda_max(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_groups: int,
+    *,
+    iterations: int = 20,
+    seed: int = 0,
+    eps: float | None = None,
+    gates: str = "frozen",
+    params: ParamsArg = None,
+    loss_fn: LossFn | None = None,
+    forward_fn: ForwardFn | None = None,
+    chunk_size: int | None = None,
+    group: Any = None,
+) -> Tensor:
+    """λ_max(H_a) per group on FSDP2-sharded parameters: power iteration on sharded HVPs.
+
+    The iteration of `~lightning_fairprune.diagnostics.curvature.group_hessian_lambda_max`
+    (v_a ← H_a v_a / ‖H_a v_a‖, estimate the Rayleigh quotient v_aᵀH_a v_a, the same start
+    vectors for a given ``seed``), with H_a v_a taken by a central difference of sharded
+    gradients: per iteration and group a, the local shards move to θ ± ε v_a, the lockstep
+    backward of group a alone gives the owned shards of S_a(θ ± ε v_a), and
+    H_a v_a ≈ (S_a(+) − S_a(−)) / (2 ε n_a). The vectors v_a stay local shards (memory: G
+    local shards of the selected parameters, plus two float64 gradient shards); the Rayleigh
+    quotients and norms of one iteration take one all-reduce of ``2 G`` numbers. With
+    ``gates="frozen"`` (default) one more lockstep pass at θ records the activation pattern
+    of ReLU-like ops and max pools, which the perturbed passes replay (see
+    :func:`sharded_group_directional`); ε = r · ‖θ‖ with r from `default_relative_step`
+    (‖v_a‖ = 1).
+
+    **Cost.** ``2 · iterations · G`` sharded backward sets (each group's alone), plus ``G``
+    for the record pass; the unsharded path needs ``iterations`` passes with one HVP per
+    chunk.
+
+    Args:
+        model: the (sharded) network; eval mode during the measurement, then restored.
+        batches: re-iterable ``(inputs, targets, groups)`` or ``(inputs, targets)``: this
+            process's share of the data.
+        num_groups: number of groups G.
+        iterations: power iterations, at least 1.
+        seed: seed of the start vectors.
+        eps: relative finite-difference step r in (0, 1) (default: `default_relative_step`).
+        gates: ``"frozen"`` (replay the activation pattern of θ) or ``"live"``.
+        params: parameters spanning the Hessian (default: all trainable).
+        loss_fn: ``(outputs, targets) -> Tensor[N]`` per-sample losses (default cross-entropy).
+        forward_fn: ``(model, inputs) -> outputs``.
+        chunk_size: samples per backward call.
+        group: process group (default: the DTensors' mesh group, else the default group).
+
+    Returns:
+        float64 ``[G]`` on the CPU, identical on every process (NaN, with one warning, for
+        groups without samples).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.tensor([0, 1] * 4)
+        >>> lam = sharded_group_hessian_lambda_max(model, [(x, y, y)], 2, iterations=5)
+        >>> from lightning_fairprune.diagnostics import group_hessian_lambda_max
+        >>> ref = group_hessian_lambda_max(model, [(x, y, y)], 2, iterations=5)
+        >>> bool(torch.allclose(lam, ref, rtol=1e-6))
+        True
+    """
+    _check_pass_args(num_groups, chunk_size, batches)
+    check_int(iterations, "iterations", 1)
+    check_int(seed, "seed", 0)
+    _check_iterable(batches, 2)
+    _check_eps(eps)
+    check_choice(gates, "gates", GATES)
+    named = _resolve_params(model, params)
+    _check_params_sharded(named)
+    pg = _process_group([p for _, p in named], group)
+    with isolated(model, mode="eval", grad_params=[p for _, p in named]):
+        plan = _Plan(batches, num_groups, chunk_size, pg, loss_fn is None, _comm_device(named))
+        lam, counts = _sharded_power_iteration(
+            model, batches, num_groups, named, plan, iterations, seed, eps, gates,
+            loss_fn, forward_fn, pg,
+        )  # fmt: skip
+    _warn_missing("sharded_group_hessian_lambda_max", counts)
+    return lam
+
+
+def _sharded_power_iteration(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_groups: int,
+    named: list[tuple[str, Tensor]],
+    plan: _Plan,
+    iterations: int,
+    seed: int,
+    eps: float | None,
+    gates: str,
+    loss_fn: LossFn | None,
+    forward_fn: ForwardFn | None,
+    group: Any,
+) -> tuple[Tensor, Tensor]:
+    """λ_max per group and the global counts; weights restored exactly."""
+    device = _comm_device(named)
+    locals_ = [local_tensor(p) for _, p in named]
+    saved = [t.detach().clone() for t in locals_]
+    rel = eps if eps is not None else max(default_relative_step(t.dtype, gates) for t in locals_)
+    head = torch.cat(
+        [
+            torch.tensor([_owned_sq(named, list(saved), group)], dtype=torch.float64),
+            plan.local_counts.to(torch.float64),
+        ]
+    )
+    head = _all_reduce(head.to(device), group).cpu()
+    theta_norm = math.sqrt(max(float(head[0]), 0.0)) or 1.0
+    counts = head[1:]
+    present = [a for a in range(num_groups) if float(counts[a]) > 0]
+    owners = [shard_spec(p, group).owner for _, p in named]
+    vecs = _start_vectors(named, num_groups, seed, group)
+    factors = _divide_factors(model)
+    frozen = FrozenGates() if gates == "frozen" else None
+    lam = torch.full((num_groups,), math.nan, dtype=torch.float64)
+    step = rel * theta_norm  # ‖v_a‖ = 1
+    try:
+        if frozen is not None and present:
+            _lockstep_backward(
+                model, batches, num_groups, plan, loss_fn, forward_fn, device, lambda a: None,
+                groups=present, gates=frozen, gate_phase="record",
+            )  # fmt: skip
+        for _ in range(iterations):
+            sums = torch.zeros(2 * num_groups, dtype=torch.float64)
+            for a in present:
+                grads: dict[float, dict[int, Tensor]] = {}
+                for sign in (1.0, -1.0):
+                    _move(locals_, saved, list(vecs[a]), sign * step)
+
+                    def on_group(
+                        _: int, sign: float = sign, grads: dict[float, Any] = grads
+                    ) -> None:
+                        grads[sign] = dict(
+                            _owned_summed_grads(named, factors, group, replicas=True)
+                        )
+
+                    _lockstep_backward(
+                        model, batches, num_groups, plan, loss_fn, forward_fn, device,
+                        on_group, groups=[a], gates=frozen, gate_phase="replay",
+                    )  # fmt: skip
+                scale = 1.0 / (2.0 * step * float(counts[a]))
+                for i, t in enumerate(locals_):
+                    zero = torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+                    plus, minus = grads[1.0].get(i, zero), grads[-1.0].get(i, zero)
+                    hv = ((plus - minus) * scale).view(t.shape)
+                    if owners[i]:
+                        sums[a] += float((hv * vecs[a][i].to(torch.float64)).sum())
+                        sums[num_groups + a] += float((hv * hv).sum())
+                    vecs[a][i] = hv  # normalized below (float64 until then)
+            sums = _all_reduce(sums.to(device), group).cpu()
+            for a in present:
+                lam[a] = sums[a]
+                norm = math.sqrt(max(float(sums[num_groups + a]), 0.0))
+                for i, t in enumerate(locals_):
+                    v = vecs[a][i] / norm if norm > 0 else vecs[a][i]
+                    vecs[a][i] = v.to(t.dtype)
+    finally:
+        _move(locals_, saved, [None] * len(saved), 0.0)
+    return lam, counts
