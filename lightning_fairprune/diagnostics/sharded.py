@@ -1205,23 +1205,13 @@ def _start_vectors(
     """
     size = sum(shard_spec(p, group).numel for _, p in named)
     scale = 1.0 / math.sqrt(max(size, 1))
-    out = []
-    for a in range(num_groups):
-        parts = []
-        for (_, p), base in zip(named, _flat_bases(named, group), strict=True):
-            local = local_tensor(p)
-            row = rademacher_probes(
-                1,
-                local.numel(),
-                seed + 1,
-                start=a,
-                offset=base,
-                device=local.device,
-                dtype=torch.float64,
-            )[0]
-            parts.append((row * scale).to(local.dtype).view(local.shape))
-        out.append(parts)
-    return out
+    return [
+        [  # ±1 entries are exact in every float dtype: scale in float64, then cast back
+            (part.to(torch.float64) * scale).to(part.dtype)
+            for part in local_rademacher_probes(named, a, seed + 1, group)
+        ]
+        for a in range(num_groups)
+    ]
 
 
 def sharded_group_hessian_lambda_max(
