@@ -51,6 +51,7 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["FrozenGates"]
 
 _SHIFTS: dict[torch.device, Tensor] = {}
+_EVERY: Any = object()  # `FrozenGates.nbytes`: every key
 
 
 def _shifts(device: torch.device) -> Tensor:
@@ -309,14 +310,14 @@ class FrozenGates(TorchFunctionMode):
         """Number of gates recorded under ``key``."""
         return len(self._store.get(key, []))
 
-    def nbytes(self) -> int:
-        """Bytes held by all recorded gates."""
-        return sum(
-            t.numel() * t.element_size()
-            for gates in self._store.values()
-            for gate in gates
-            for t in gate.data
-        )
+    def nbytes(self, key: Hashable = _EVERY) -> int:
+        """Bytes held by the recorded gates: of every key, or of ``key`` alone (0 if none)."""
+        records = self._store.values() if key is _EVERY else [self._store.get(key, [])]
+        return sum(t.numel() * t.element_size() for gates in records for g in gates for t in g.data)
+
+    def drop(self, key: Hashable) -> None:
+        """Forget ``key``'s record (no error if there is none)."""
+        self._store.pop(key, None)
 
     def clear(self) -> None:
         """Forget every record."""
