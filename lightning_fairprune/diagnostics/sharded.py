@@ -570,6 +570,7 @@ def sharded_group_gradient_norms(
     """
     _check_pass_args(num_groups, chunk_size, batches)
     _check_iterable(batches, 2)
+    _reshard(model)  # FSDP2 parameters as DTensors (a no-grad forward leaves the root unsharded)
     named = _resolve_params(model, params)
     _check_params_sharded(named)
     pg = _process_group([p for _, p in named], group)
@@ -657,6 +658,7 @@ def sharded_measure_groups(
     """
     _check_pass_args(num_groups, chunk_size, batches)
     _check_iterable(batches, 2)
+    _reshard(model)  # FSDP2 parameters as DTensors (a no-grad forward leaves the root unsharded)
     named = _resolve_params(model, params)
     _check_params_sharded(named)
     pg = _process_group([p for _, p in named], group)
@@ -1114,6 +1116,7 @@ def sharded_group_directional(
             if isinstance(mapping, Mapping):
                 keys += [n for n in mapping if n not in keys]
         params = keys
+    _reshard(model)  # FSDP2 parameters as DTensors (a no-grad forward leaves the root unsharded)
     named = _resolve_params(model, params)
     _check_params_sharded(named)
     parts = _local_directions(named, many, "directions")
@@ -1256,6 +1259,7 @@ def sharded_group_hessian_trace(
     _check_eps(eps)
     check_choice(gates, "gates", GATES)
     _check_gate_memory(gate_memory)
+    _reshard(model)  # FSDP2 parameters as DTensors (a no-grad forward leaves the root unsharded)
     named = _resolve_params(model, params)
     _check_params_sharded(named)
     pg = _process_group([p for _, p in named], group)
@@ -1465,6 +1469,7 @@ def sharded_group_hessian_lambda_max(
     _check_eps(eps)
     check_choice(gates, "gates", GATES)
     _check_gate_memory(gate_memory)
+    _reshard(model)  # FSDP2 parameters as DTensors (a no-grad forward leaves the root unsharded)
     named = _resolve_params(model, params)
     _check_params_sharded(named)
     pg = _process_group([p for _, p in named], group)
