@@ -393,6 +393,12 @@ class _Gating:
         """``"stored"`` / ``"per_chunk"`` (``"stored"`` if nothing was recorded)."""
         return self.mode or "stored"
 
+    def finish(self) -> None:
+        """Forget the gates; log the most bytes held at once (debug level)."""
+        self.gates.clear()
+        self.held = 0
+        _log.debug("frozen gates: %s, peak %d bytes held", self.summary(), self.peak)
+
 
 def _lockstep_backward(
     model: nn.Module,
@@ -892,6 +898,8 @@ def _directional_sums(
                 )  # fmt: skip
     finally:
         _move(locals_, saved, [None] * len(saved), 0.0)
+        if frozen is not None:
+            frozen.finish()
     parts = [plus.flatten(), minus.flatten()]
     if frozen is not None:
         parts.append(at_theta.flatten())
@@ -1569,4 +1577,6 @@ def _sharded_power_iteration(
                     vecs[a][i] = v.to(t.dtype)
     finally:
         _move(locals_, saved, [None] * len(saved), 0.0)
+        if frozen is not None:
+            frozen.finish()
     return lam, counts
