@@ -32,8 +32,10 @@ custom autograd function or a C++ extension does internally.
 
 Memory: one bit per gated activation element (bit-packed masks) and one int32 (int64 for
 huge planes) per max-pool output element, for every forward recorded, on the activations'
-device: the gates of the whole measured data set are held between the record pass and the
-last replay.
+device, until the key is dropped (`FrozenGates.drop`) or cleared. The sharded curvature
+functions either hold the gates of the whole measured data set between the record pass and
+the last replay, or, above their ``gate_memory`` budget, record and drop one chunk's gates
+at a time (see `lightning_fairprune.diagnostics.sharded`).
 """
 
 from __future__ import annotations
@@ -244,8 +246,11 @@ class FrozenGates(TorchFunctionMode):
         ...     frozen = net(x)
         >>> bool(((frozen == 0) == (at_theta == 0)).all())  # the units off at θ stay off
         True
-        >>> gates.num_gates(0), gates.nbytes() > 0
-        (1, True)
+        >>> gates.num_gates(0), gates.nbytes(), gates.nbytes(0)  # 5 x 4 bits, packed
+        (1, 3, 3)
+        >>> gates.drop(0)
+        >>> gates.num_gates(0), gates.nbytes()
+        (0, 0)
     """
 
     def __init__(self) -> None:

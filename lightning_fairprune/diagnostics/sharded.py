@@ -47,7 +47,10 @@ and the perturbed passes replay it, so the difference quotient is that of the sm
 whose Hessian at θ is the almost-everywhere Hessian of double backward (no term from units
 switching within ±ε); that pass also gives g_aᵀd exactly. Cost: ``(2 K + 1) G`` sharded
 backward sets per trace of K probes, ``3 G`` per predicted excess loss, ``(2 T + 1) G`` for T
-power iterations (``gates="live"``: one ``G`` less each).
+power iterations (``gates="live"``: one ``G`` less each). The gates are stored for the whole
+data when their estimated size fits ``gate_memory`` (default `GATE_MEMORY`, 1 GiB), else
+recomputed per chunk by one more no-grad forward before each perturbed call (memory: one
+chunk's gates; the same results bit for bit; see :func:`sharded_group_directional`).
 
 Everything runs inside `lightning_fairprune.measure.isolated`: module modes, buffers,
 ``.grad`` and ``requires_grad`` of every parameter and the RNG states are restored afterwards.
