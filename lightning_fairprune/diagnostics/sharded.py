@@ -345,7 +345,6 @@ class _Gating:
 
     def __init__(
         self,
-        model: nn.Module,
         locals_: list[Tensor],
         saved: list[Tensor],
         budget: int | None,
@@ -354,7 +353,6 @@ class _Gating:
         device: torch.device,
     ) -> None:
         self.gates = FrozenGates()
-        self.model = model
         self.locals_ = locals_
         self.saved = saved
         self.budget = budget
@@ -858,7 +856,7 @@ def _directional_sums(
     at_theta = torch.zeros(num_groups, num_dirs, dtype=torch.float64)
     live = [k for k in range(num_dirs) if float(norms[k + 1]) > 0]  # zero directions: 0
     frozen = (
-        _Gating(model, locals_, saved, gate_memory, sum(plan.chunks), group, device)
+        _Gating(locals_, saved, gate_memory, sum(plan.chunks), group, device)
         if gates == "frozen"
         else None
     )
@@ -1529,9 +1527,7 @@ def _sharded_power_iteration(
     factors = _divide_factors(model)
     calls = sum(plan.chunks[a] for a in present)
     frozen = (
-        _Gating(model, locals_, saved, gate_memory, calls, group, device)
-        if gates == "frozen"
-        else None
+        _Gating(locals_, saved, gate_memory, calls, group, device) if gates == "frozen" else None
     )
     lam = torch.full((num_groups,), math.nan, dtype=torch.float64)
     step = rel * theta_norm  # ‖v_a‖ = 1
