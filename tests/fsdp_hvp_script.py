@@ -124,14 +124,18 @@ def run_core(rank: int, out_dir: str) -> None:
         for n, p in model.named_parameters()
     )
     restored = restored and model.training
-    # float32 CNN (ReLU, in-place ReLU, max pooling) with the default frozen gates
+    # float32 CNN (ReLU, in-place ReLU, max pooling) with the default frozen gates; the last
+    # layer belongs to the root module (FSDP2 keeps the root's parameters unsharded after a
+    # forward: the per-chunk gates' no-grad forward must not leave them stale)
     conv = conv_model()
-    for layer in (conv[0], conv[4], conv[6]):
+    for layer in (conv[0], conv[4]):
         fully_shard(layer, mesh=mesh)
     fully_shard(conv, mesh=mesh)
     conv_full = {n: p.full_tensor().tolist() for n, p in conv.named_parameters()}
     cb = conv_batches(rank)
     conv_before = {n: local_tensor(p).detach().clone() for n, p in conv.named_parameters()}
+    with torch.no_grad():  # leaves the root's parameters unsharded (FSDP2 keeps them)
+        out_before = conv(cb[0][0])
     conv_trace = sharded_group_hessian_trace(conv, cb, 3, num_probes=PROBES, seed=SEED)
     conv_names = [n for n, _ in conv.named_parameters()]
     conv_delta_full = full_delta(conv, ["0.weight", "4.weight"])
@@ -147,9 +151,23 @@ def run_core(rank: int, out_dir: str) -> None:
     conv_lam = sharded_group_hessian_lambda_max(
         conv, cb, 3, iterations=LAMBDA_ITERATIONS, seed=SEED
     )
+    conv_dir = sharded_group_directional(conv, cb, 3, conv_delta, chunk_size=3)
+    # the same with the gates recomputed per chunk (gate_memory=0): equal bit for bit
+    chunked_trace = sharded_group_hessian_trace(
+        conv, cb, 3, num_probes=PROBES, seed=SEED, gate_memory=0
+    )
+    chunked_pred = sharded_predicted_excess_loss(
+        conv, cb, conv_delta, 3, chunk_size=3, gate_memory=0
+    )
+    chunked_lam = sharded_group_hessian_lambda_max(
+        conv, cb, 3, iterations=LAMBDA_ITERATIONS, seed=SEED, gate_memory=0
+    )
+    chunked_dir = sharded_group_directional(conv, cb, 3, conv_delta, chunk_size=3, gate_memory=0)
     restored = restored and all(
         torch.equal(local_tensor(p), conv_before[n]) for n, p in conv.named_parameters()
     )
+    with torch.no_grad():  # no stale unsharded parameters left behind
+        restored = restored and torch.equal(conv(cb[0][0]), out_before)
     probe_parts = [[t.flatten().tolist() for t in local_rademacher_probes(named, 1, SEED)]]
     offsets = [shard_spec(p).offset for _, p in named]
     result = {
@@ -179,6 +197,14 @@ def run_core(rank: int, out_dir: str) -> None:
             "probe_values": conv_trace.probe_values.tolist(),
             "predicted": conv_pred.tolist(),
             "lambda_max": conv_lam.tolist(),
+            "modes": [conv_dir.gate_mode, chunked_dir.gate_mode],
+            "per_chunk_equal": {
+                "probe_values": torch.equal(chunked_trace.probe_values, conv_trace.probe_values),
+                "predicted": torch.equal(chunked_pred, conv_pred),
+                "lambda_max": torch.equal(chunked_lam, conv_lam),
+                "linear": torch.equal(chunked_dir.linear, conv_dir.linear),
+                "quadratic": torch.equal(chunked_dir.quadratic, conv_dir.quadratic),
+            },
         },
     }
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))

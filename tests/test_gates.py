@@ -7,6 +7,8 @@ whose ReLUs are replaced by explicit masks, and the double-backward cores on a f
 from __future__ import annotations
 
 import copy
+import logging
+import re
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from lightning_fairprune.diagnostics import (
     group_hessian_trace,
     predicted_excess_loss,
     sharded_group_directional,
+    sharded_group_hessian_lambda_max,
     sharded_group_hessian_trace,
     sharded_predicted_excess_loss,
 )
@@ -224,3 +227,146 @@ def test_gates_argument_is_validated() -> None:
         sharded_group_hessian_trace(model, batches, 10, gates="off")
     with pytest.raises(ValueError, match=match):
         sharded_predicted_excess_loss(model, batches, d, 10, gates="off")
+
+
+# ------------------------------------------------------------ gate memory (per-chunk mode)
+
+
+def _relu_pool_cnn():
+    """A float32 CNN with ReLU (in place too), max pooling and a clamp; 3 uneven groups."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(36, 10),
+        nn.ReLU(),
+        nn.Linear(10, 3),
+    )
+    g = torch.Generator().manual_seed(4)
+    batches = []
+    for n in (7, 9, 4):
+        x = torch.randn(n, 1, 6, 6, generator=g)
+        y = torch.randint(0, 3, (n,), generator=g)
+        batches.append((x, y, torch.randint(0, 3, (n,), generator=g)))
+    delta = {"0.weight": -0.5 * model[0].weight.detach(), "4.weight": torch.randn(10, 36) / 9}
+    return model, batches, delta
+
+
+def _gate_runs(model, batches, delta, gate_memory):
+    kw = {"gate_memory": gate_memory, "chunk_size": 3}
+    return {
+        "trace": sharded_group_hessian_trace(model, batches, 3, num_probes=2, seed=1, **kw),
+        "predicted": sharded_predicted_excess_loss(model, batches, delta, 3, **kw),
+        "lambda_max": sharded_group_hessian_lambda_max(model, batches, 3, iterations=2, **kw),
+        "directional": sharded_group_directional(model, batches, 3, [delta, delta], **kw),
+    }
+
+
+def _logged(caplog: pytest.LogCaptureFixture) -> list[tuple[str, int, int, int]]:
+    """(mode, estimate, calls, peak bytes held) per measurement, from the debug log."""
+    text = caplog.text
+    heads = re.findall(r"frozen gates: (\w+) \(estimated (\d+) bytes for (\d+) lockstep", text)
+    peaks = re.findall(r"frozen gates: (\w+), peak (\d+) bytes held", text)
+    assert len(heads) == len(peaks)
+    return [
+        (m, int(est), int(calls), int(peak))
+        for (m, est, calls), (m2, peak) in zip(heads, peaks, strict=True)
+        if m == m2
+    ]
+
+
+def test_per_chunk_gates_equal_stored_gates_bitwise(caplog: pytest.LogCaptureFixture) -> None:
+    model, batches, delta = _relu_pool_cnn()
+    before = [p.detach().clone() for p in model.parameters()]
+    logger = "lightning_fairprune.diagnostics.sharded"
+    with caplog.at_level(logging.DEBUG, logger=logger):
+        stored = _gate_runs(model, batches, delta, None)
+        stored_log = _logged(caplog)
+        caplog.clear()
+        chunked = _gate_runs(model, batches, delta, 0)
+        chunked_log = _logged(caplog)
+    assert torch.equal(stored["trace"].probe_values, chunked["trace"].probe_values)
+    assert torch.equal(stored["predicted"], chunked["predicted"])
+    assert torch.equal(stored["lambda_max"], chunked["lambda_max"])
+    for field in ("linear", "quadratic", "eps"):
+        assert torch.equal(
+            getattr(stored["directional"], field), getattr(chunked["directional"], field)
+        )
+    assert stored["directional"].gate_mode == "stored"
+    assert chunked["directional"].gate_mode == "per_chunk"
+    live = sharded_group_directional(model, batches, 3, delta, gates="live", gate_memory=0)
+    assert live.gate_mode == "live"
+    assert not torch.equal(live.quadratic, stored["directional"].quadratic[:, :1])  # kinks count
+    # what was held: stored, the gates of all the data; per chunk, one chunk's
+    assert [m for m, *_ in stored_log] == ["stored"] * 4
+    assert [m for m, *_ in chunked_log] == ["per_chunk"] * 4
+    for (_, est, calls, peak), (_, est2, calls2, peak2) in zip(
+        stored_log, chunked_log, strict=True
+    ):
+        assert (est, calls) == (est2, calls2)
+        assert calls >= 7
+        assert est // 2 < peak <= est  # the last chunk of a group is shorter
+        assert 0 < peak2 <= est // calls
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_gate_memory_budget_picks_the_mode(caplog: pytest.LogCaptureFixture) -> None:
+    model, batches, delta = _relu_pool_cnn()
+    logger = "lightning_fairprune.diagnostics.sharded"
+    with caplog.at_level(logging.DEBUG, logger=logger):
+        default = sharded_group_directional(model, batches, 3, delta, chunk_size=3)
+        ((_, estimate, _, _),) = _logged(caplog)
+    assert default.gate_mode == "stored"  # a few KB within the default 1 GiB
+    fits = sharded_group_directional(model, batches, 3, delta, chunk_size=3, gate_memory=estimate)
+    over = sharded_group_directional(
+        model, batches, 3, delta, chunk_size=3, gate_memory=estimate - 1
+    )
+    assert (fits.gate_mode, over.gate_mode) == ("stored", "per_chunk")
+    assert torch.equal(fits.quadratic, over.quadratic)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "1GB"])
+def test_gate_memory_is_validated(value: object) -> None:
+    model, batches, delta = _relu_pool_cnn()
+    match = re.escape(f"Expected `gate_memory` to be None or an int >= 0, but got {value!r}")
+    with pytest.raises(ValueError, match=match):
+        sharded_group_directional(model, batches, 3, delta, gate_memory=value)
+    with pytest.raises(ValueError, match=match):
+        sharded_group_hessian_trace(model, batches, 3, gate_memory=value)
+    with pytest.raises(ValueError, match=match):
+        sharded_predicted_excess_loss(model, batches, delta, 3, gate_memory=value)
+    with pytest.raises(ValueError, match=match):
+        sharded_group_hessian_lambda_max(model, batches, 3, gate_memory=value)
+
+
+@pytest.mark.parametrize("gate_memory", [None, 0])
+@pytest.mark.parametrize("fail_at", [2, 8, 9])
+def test_weights_restored_bitwise_when_a_pass_fails(gate_memory: int | None, fail_at: int) -> None:
+    """An error anywhere restores the weights bit for bit.
+
+    7 lockstep calls per pass: forward call 2 is in the record pass at θ, 8 the first call of
+    the first perturbed pass (per chunk: the no-grad forward at θ), 9 the next one (per chunk:
+    the replayed forward at θ + εd).
+    """
+    model, batches, delta = _relu_pool_cnn()
+    before = [p.detach().clone() for p in model.parameters()]
+    calls: list[int] = []
+
+    def forward_fn(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("boom")
+        return net(x)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sharded_predicted_excess_loss(
+            model, batches, delta, 3, chunk_size=3, gate_memory=gate_memory, forward_fn=forward_fn
+        )
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert all(p.grad is None for p in model.parameters())
+    # and the next measurement runs normally, with the same result as a fresh model
+    res = sharded_predicted_excess_loss(model, batches, delta, 3, gate_memory=gate_memory)
+    fresh, _, _ = _relu_pool_cnn()
+    assert torch.equal(res, sharded_predicted_excess_loss(fresh, batches, delta, 3))

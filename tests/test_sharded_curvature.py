@@ -240,6 +240,11 @@ def test_fsdp_curvature_equals_exact_hessians(tmp_path: Path) -> None:
         assert torch.allclose(got, c_trace.probe_values, rtol=1e-2, atol=0), (got, c_trace)
         assert r["conv"]["predicted"] == pytest.approx(c_pred.tolist(), rel=1e-2)
         assert r["conv"]["lambda_max"] == pytest.approx(c_lam.tolist(), rel=1e-2)
+        # gates recomputed per chunk (gate_memory=0) equal the stored ones bit for bit
+        assert r["conv"]["modes"] == ["stored", "per_chunk"]
+        assert r["conv"]["per_chunk_equal"] == dict.fromkeys(
+            ("probe_values", "predicted", "lambda_max", "linear", "quadratic"), True
+        )
 
 
 def _close(a, b, rel: float) -> bool:

@@ -858,9 +858,12 @@ class FairnessMonitor(Callback):
         path), the predicted excess loss (`sharded_predicted_excess_loss`) and λ_max
         (`sharded_group_hessian_lambda_max`, the start vectors of the unsharded path), all by
         central differences of sharded gradients with frozen gates (``(2 · num_probes + 1) ·
-        G``, ``3 · G`` and ``(2 · lambda_max_iterations + 1) · G`` sharded backward sets).
+        G``, ``3 · G`` and ``(2 · lambda_max_iterations + 1) · G`` sharded backward sets),
+        stored for the whole data within the default ``gate_memory`` (`GATE_MEMORY`, 1 GiB),
+        else recomputed per chunk (same results, one more no-grad forward per chunk).
         """
         from lightning_fairprune.diagnostics.sharded import (
+            GATE_MEMORY,
             sharded_group_hessian_lambda_max,
             sharded_group_hessian_trace,
             sharded_measure_groups,
@@ -890,6 +893,7 @@ class FairnessMonitor(Callback):
                     num_groups,
                     num_probes=self.num_probes,
                     seed=self.seed,
+                    gate_memory=GATE_MEMORY,
                     params=params,
                     loss_fn=self.loss_fn,
                     forward_fn=self.forward_fn,
@@ -906,6 +910,7 @@ class FairnessMonitor(Callback):
                     num_groups,
                     iterations=self.lambda_max_iterations,
                     seed=self.seed,
+                    gate_memory=GATE_MEMORY,
                     params=params,
                     loss_fn=self.loss_fn,
                     forward_fn=self.forward_fn,
@@ -921,7 +926,10 @@ class FairnessMonitor(Callback):
         pre: dict[str, Tensor],
     ) -> Tensor:
         """`_predicted` on local shards: δ = θ̄ − θ_pre per shard, measured at θ_pre."""
-        from lightning_fairprune.diagnostics.sharded import sharded_predicted_excess_loss
+        from lightning_fairprune.diagnostics.sharded import (
+            GATE_MEMORY,
+            sharded_predicted_excess_loss,
+        )
         from lightning_fairprune.dtensor import local_tensor
 
         shards = {n: local_tensor(params[n]) for n in pre}
@@ -938,6 +946,7 @@ class FairnessMonitor(Callback):
                     batches,
                     delta,
                     num_groups,
+                    gate_memory=GATE_MEMORY,
                     params=list(pre),
                     loss_fn=self.loss_fn,
                     forward_fn=self.forward_fn,

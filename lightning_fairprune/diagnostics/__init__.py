@@ -61,6 +61,7 @@ from lightning_fairprune.diagnostics.recall import (
     recall_balance,
 )
 from lightning_fairprune.diagnostics.sharded import (
+    GATE_MEMORY,
     GroupDirectional,
     local_rademacher_probes,
     sharded_group_directional,
@@ -72,6 +73,7 @@ from lightning_fairprune.diagnostics.sharded import (
 )
 
 __all__ = [
+    "GATE_MEMORY",
     "INTENSIFICATION_MIN_ABS_REF",
     "SMALL_GROUP_SIZE",
     "CombinedGroups",

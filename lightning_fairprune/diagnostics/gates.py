@@ -32,8 +32,10 @@ custom autograd function or a C++ extension does internally.
 
 Memory: one bit per gated activation element (bit-packed masks) and one int32 (int64 for
 huge planes) per max-pool output element, for every forward recorded, on the activations'
-device: the gates of the whole measured data set are held between the record pass and the
-last replay.
+device, until the key is dropped (`FrozenGates.drop`) or cleared. The sharded curvature
+functions either hold the gates of the whole measured data set between the record pass and
+the last replay, or, above their ``gate_memory`` budget, record and drop one chunk's gates
+at a time (see `lightning_fairprune.diagnostics.sharded`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["FrozenGates"]
 
 _SHIFTS: dict[torch.device, Tensor] = {}
+_EVERY: Any = object()  # `FrozenGates.nbytes`: every key
 
 
 def _shifts(device: torch.device) -> Tensor:
@@ -243,8 +246,11 @@ class FrozenGates(TorchFunctionMode):
         ...     frozen = net(x)
         >>> bool(((frozen == 0) == (at_theta == 0)).all())  # the units off at θ stay off
         True
-        >>> gates.num_gates(0), gates.nbytes() > 0
-        (1, True)
+        >>> gates.num_gates(0), gates.nbytes(), gates.nbytes(0)  # 5 x 4 bits, packed
+        (1, 3, 3)
+        >>> gates.drop(0)
+        >>> gates.num_gates(0), gates.nbytes()
+        (0, 0)
     """
 
     def __init__(self) -> None:
@@ -309,14 +315,14 @@ class FrozenGates(TorchFunctionMode):
         """Number of gates recorded under ``key``."""
         return len(self._store.get(key, []))
 
-    def nbytes(self) -> int:
-        """Bytes held by all recorded gates."""
-        return sum(
-            t.numel() * t.element_size()
-            for gates in self._store.values()
-            for gate in gates
-            for t in gate.data
-        )
+    def nbytes(self, key: Hashable = _EVERY) -> int:
+        """Bytes held by the recorded gates: of every key, or of ``key`` alone (0 if none)."""
+        records = self._store.values() if key is _EVERY else [self._store.get(key, [])]
+        return sum(t.numel() * t.element_size() for gates in records for g in gates for t in g.data)
+
+    def drop(self, key: Hashable) -> None:
+        """Forget ``key``'s record (no error if there is none)."""
+        self._store.pop(key, None)
 
     def clear(self) -> None:
         """Forget every record."""

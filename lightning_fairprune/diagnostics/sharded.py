@@ -47,7 +47,10 @@ and the perturbed passes replay it, so the difference quotient is that of the sm
 whose Hessian at θ is the almost-everywhere Hessian of double backward (no term from units
 switching within ±ε); that pass also gives g_aᵀd exactly. Cost: ``(2 K + 1) G`` sharded
 backward sets per trace of K probes, ``3 G`` per predicted excess loss, ``(2 T + 1) G`` for T
-power iterations (``gates="live"``: one ``G`` less each).
+power iterations (``gates="live"``: one ``G`` less each). The gates are stored for the whole
+data when their estimated size fits ``gate_memory`` (default `GATE_MEMORY`, 1 GiB), else
+recomputed per chunk by one more no-grad forward before each perturbed call (memory: one
+chunk's gates; the same results bit for bit; see :func:`sharded_group_directional`).
 
 Everything runs inside `lightning_fairprune.measure.isolated`: module modes, buffers,
 ``.grad`` and ``requires_grad`` of every parameter and the RNG states are restored afterwards.
@@ -55,9 +58,9 @@ Everything runs inside `lightning_fairprune.measure.isolated`: module modes, buf
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +100,7 @@ from lightning_fairprune.measure import isolated
 
 __all__ = [
     "GATES",
+    "GATE_MEMORY",
     "GroupDirectional",
     "default_relative_step",
     "has_dtensor_params",
@@ -108,6 +112,9 @@ __all__ = [
     "sharded_measure_groups",
     "sharded_predicted_excess_loss",
 ]
+
+
+_log = logging.getLogger(__name__)
 
 
 def has_dtensor_params(params: Iterable[Tensor]) -> bool:
@@ -296,6 +303,104 @@ def _local_sq_norm(
     return total
 
 
+GATE_MEMORY = 1 << 30
+"""Default ``gate_memory`` (bytes) of the frozen-gate functions: 1 GiB."""
+
+_SCRATCH = "chunk"  # FrozenGates key of the gates of one chunk (per-chunk mode)
+
+
+def _check_gate_memory(value: Any) -> int | None:
+    return check_int(value, "gate_memory", 0, allow_none=True)  # type: ignore[no-any-return]
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free every FSDP2 unsharded parameter, so the next forward all-gathers the local shards.
+
+    FSDP2 keeps the root module's parameters unsharded after a forward pass (they are
+    resharded after the backward); after a forward without backward (no grad) and an in-place
+    change of the local shards, the next forward would use the stale unsharded values.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+class _Gating:
+    """The frozen gates of one measurement: stored for all the data, or recomputed per chunk.
+
+    The record pass at θ (`_lockstep_backward` with ``phase="record"``) records each lockstep
+    call (pure-group chunk or padded call) under its own key ``(group, call)``. After the
+    first call, one all-reduce (max) of its gate bytes over the processes gives the estimate
+    ``bytes × calls`` (``calls``: the lockstep calls of the record pass, padding included) and
+    the mode, the same on every process: ``"stored"`` if it fits ``budget`` (or ``budget`` is
+    None), else ``"per_chunk"``: the record pass then drops each call's gates after its
+    backward, and every perturbed call first puts the local shards back to θ (``saved``), runs
+    a no-grad forward recording that call's gates, moves the shards back to the perturbed point
+    and replays them (then drops them). ``held`` / ``peak`` count the bytes of gates held.
+    """
+
+    def __init__(
+        self,
+        locals_: list[Tensor],
+        saved: list[Tensor],
+        budget: int | None,
+        calls: int,
+        group: Any,
+        device: torch.device,
+    ) -> None:
+        self.gates = FrozenGates()
+        self.locals_ = locals_
+        self.saved = saved
+        self.budget = budget
+        self.calls = calls
+        self.group = group
+        self.device = device
+        self.mode: str | None = None
+        self.estimate = 0
+        self.held = 0
+        self.peak = 0
+
+    def recorded(self, key: Any) -> None:
+        self.held += self.gates.nbytes(key)
+        self.peak = max(self.peak, self.held)
+
+    def drop(self, key: Any) -> None:
+        self.held -= self.gates.nbytes(key)
+        self.gates.drop(key)
+
+    def decide(self, first_bytes: int) -> None:
+        """The mode from the first call's gate bytes: one all-reduce (max), every process."""
+        head = torch.tensor([first_bytes], dtype=torch.int64, device=self.device)
+        head = _all_reduce(head, self.group, torch.distributed.ReduceOp.MAX).cpu()
+        self.estimate = int(head[0]) * self.calls
+        fits = self.budget is None or self.estimate <= self.budget
+        self.mode = "stored" if fits else "per_chunk"
+        _log.debug(
+            "frozen gates: %s (estimated %d bytes for %d lockstep calls, gate_memory=%s)",
+            self.mode,
+            self.estimate,
+            self.calls,
+            self.budget,
+        )
+
+    def to_theta(self) -> None:
+        _move(self.locals_, self.saved, [None] * len(self.saved), 0.0)
+
+    def summary(self) -> str:
+        """``"stored"`` / ``"per_chunk"`` (``"stored"`` if nothing was recorded)."""
+        return self.mode or "stored"
+
+    def finish(self) -> None:
+        """Forget the gates; log the most bytes held at once (debug level)."""
+        self.gates.clear()
+        self.held = 0
+        _log.debug("frozen gates: %s, peak %d bytes held", self.summary(), self.peak)
+
+
 def _lockstep_backward(
     model: nn.Module,
     batches: Iterable[Any],
@@ -307,65 +412,91 @@ def _lockstep_backward(
     on_group: Callable[[int], None],
     *,
     groups: Sequence[int] | None = None,
-    gates: FrozenGates | None = None,
-    gate_phase: str = "record",
+    gating: _Gating | None = None,
+    phase: str = "record",
+    point: Callable[[], None] | None = None,
 ) -> Tensor:
     """Per group: ``.backward()`` of the summed group loss in lockstep, then ``on_group(a)``.
 
     On ``on_group(a)`` every parameter's ``.grad`` holds the (reduce-scattered, divided) shard
     of S_a. ``groups`` runs only those groups (every process must pass the same ones: each
-    backward is a collective). With ``gates``, the forward passes (and losses) of group ``a``
-    run inside ``gates.record(a)`` or ``gates.replay(a)`` (``gate_phase``); the backward
-    passes do not. Returns the local ``[G]`` loss sums (zero for groups not run).
+    backward is a collective). With ``gating``, the forward pass (and loss) of each lockstep
+    call records (``phase="record"``, at θ) or replays (``phase="replay"``) its frozen gates,
+    stored or recomputed per chunk (see `_Gating`; ``point()`` moves the local shards from θ
+    to the perturbed point); the backward passes do not. Returns the local ``[G]`` loss sums
+    (zero for groups not run).
     """
     loss_fn = loss_fn or default_loss
     forward_fn = forward_fn or default_forward
     every = list(model.parameters())
     loss_sums = torch.zeros(num_groups, dtype=torch.float64)
-    pad_x = plan.sample[0]
+    pad_x = tree_map(lambda t: t.to(device), plan.sample[0])
+
+    def forward(x: Nested, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(tensor to backward, its output gradient): the summed loss, or a padded call."""
+        out = forward_fn(model, x)
+        if y is None:  # lockstep padding: a zero output gradient
+            return out, torch.zeros_like(out)
+        losses = loss_fn(out, y)
+        if not isinstance(losses, Tensor) or losses.shape != (y.shape[0],):
+            raise ValueError(
+                "Expected `loss_fn` to return per-sample losses of shape "
+                f"[{y.shape[0]}], but got "
+                f"{tuple(losses.shape) if isinstance(losses, Tensor) else type(losses)}"
+            )
+        if not bool(torch.isfinite(losses).all()):
+            raise ValueError(
+                "Expected finite losses, but `loss_fn` returned NaN or inf (check the "
+                "model weights and inputs)"
+            )
+        return losses.sum(), None
+
+    def call(a: int, i: int, x: Nested, y: Tensor | None) -> None:
+        if gating is None:
+            total, grad = forward(x, y)
+        elif phase == "record":
+            key: Any = _SCRATCH if gating.mode == "per_chunk" else (a, i)
+            with gating.gates.record(key):
+                total, grad = forward(x, y)
+            gating.recorded(key)
+        elif gating.summary() == "stored":
+            with gating.gates.replay((a, i)):
+                total, grad = forward(x, y)
+        else:  # per chunk: the gates of this call at θ, then the perturbed pass
+            assert point is not None
+            gating.to_theta()
+            with torch.no_grad(), gating.gates.record(_SCRATCH):
+                forward(x, y)
+            gating.recorded(_SCRATCH)
+            _reshard(model)
+            point()
+            with gating.gates.replay(_SCRATCH):
+                total, grad = forward(x, y)
+        if y is not None:
+            loss_sums[a] += float(total.detach())
+        total.backward(grad)
+        if gating is not None:
+            if phase == "record" and gating.mode is None:
+                gating.decide(gating.held)
+                if gating.mode == "per_chunk":
+                    gating.drop((a, i))
+            elif gating.mode == "per_chunk":
+                gating.drop(_SCRATCH)
+
+    _reshard(model)  # the local shards may have moved since FSDP's last forward
     for a in range(num_groups) if groups is None else groups:
         for p in every:
             p.grad = None
-        if gates is None:
-            phase: AbstractContextManager[None] = nullcontext()
-        elif gate_phase == "record":
-            phase = gates.record(a)
-        else:
-            phase = gates.replay(a)
-        with phase:
-            done = 0
-            for x, y in _group_chunks(batches, a, plan.chunk):
-                x = tree_map(lambda t: t.to(device), x)
-                out = forward_fn(model, x)
-                losses = loss_fn(out, y.to(device))
-                if not isinstance(losses, Tensor) or losses.shape != (y.shape[0],):
-                    raise ValueError(
-                        "Expected `loss_fn` to return per-sample losses of shape "
-                        f"[{y.shape[0]}], but got "
-                        f"{tuple(losses.shape) if isinstance(losses, Tensor) else type(losses)}"
-                    )
-                if not bool(torch.isfinite(losses).all()):
-                    raise ValueError(
-                        "Expected finite losses, but `loss_fn` returned NaN or inf (check the "
-                        "model weights and inputs)"
-                    )
-                total = losses.sum()
-                loss_sums[a] += float(total.detach())
-                with _paused(gates):
-                    total.backward()
-                done += 1
-            for _ in range(plan.chunks[a] - done):  # lockstep: zero-gradient backward calls
-                out = forward_fn(model, tree_map(lambda t: t.to(device), pad_x))
-                with _paused(gates):
-                    out.backward(torch.zeros_like(out))
+        done = 0
+        for x, y in _group_chunks(batches, a, plan.chunk):
+            call(a, done, tree_map(lambda t: t.to(device), x), y.to(device))
+            done += 1
+        for i in range(done, plan.chunks[a]):  # lockstep: zero-gradient backward calls
+            call(a, i, pad_x, None)
         on_group(a)
     for p in every:
         p.grad = None
     return loss_sums
-
-
-def _paused(gates: FrozenGates | None) -> AbstractContextManager[None]:
-    return nullcontext() if gates is None else gates.paused()
 
 
 def _gradient_sums(
@@ -446,6 +577,7 @@ def sharded_group_gradient_norms(
     """
     _check_pass_args(num_groups, chunk_size, batches)
     _check_iterable(batches, 2)
+    _reshard(model)  # FSDP2 parameters as DTensors (a no-grad forward leaves the root unsharded)
     named = _resolve_params(model, params)
     _check_params_sharded(named)
     pg = _process_group([p for _, p in named], group)
@@ -533,6 +665,7 @@ def sharded_measure_groups(
     """
     _check_pass_args(num_groups, chunk_size, batches)
     _check_iterable(batches, 2)
+    _reshard(model)  # FSDP2 parameters as DTensors (a no-grad forward leaves the root unsharded)
     named = _resolve_params(model, params)
     _check_params_sharded(named)
     pg = _process_group([p for _, p in named], group)
@@ -582,12 +715,16 @@ class GroupDirectional:
         quadratic: ``[G, K]`` d_kᵀH_a d_k by central differences (NaN if missing).
         counts: ``[G]`` samples per group (all processes).
         eps: ``[K]`` the finite-difference step ε_k used along each direction.
+        gate_mode: how the gates ran: ``"stored"`` (frozen gates of all the data held),
+            ``"per_chunk"`` (frozen gates recomputed per chunk, see ``gate_memory``) or
+            ``"live"``.
     """
 
     linear: Tensor
     quadratic: Tensor
     counts: Tensor
     eps: Tensor
+    gate_mode: str | None = None
 
 
 GATES = ("frozen", "live")
@@ -694,13 +831,15 @@ def _directional_sums(
     forward_fn: ForwardFn | None,
     group: Any,
     gates: str,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """Global ``[G, K]`` sums S_a·d_k at θ ± ε_k d_k and at θ, and ``[K + G]`` (ε, counts).
+    gate_memory: int | None = GATE_MEMORY,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, str]:
+    """Global ``[G, K]`` sums S_a·d_k at θ ± ε_k d_k and at θ, ``[K + G]`` (ε, counts), mode.
 
     The sums at θ are None with live gates. Weights are restored exactly. ``direction(k)``
     gives the local part of d_k per selected parameter (None: zero). With frozen gates one
     more lockstep pass at θ records the gates (and gives S_a(θ)·d_k), and the 2K perturbed
-    passes replay them.
+    passes replay them, stored or recomputed per chunk (`_Gating`, ``gate_memory``). The mode
+    is ``"stored"``, ``"per_chunk"`` or ``"live"``.
     """
     device = _comm_device(named)
     locals_ = [local_tensor(p) for _, p in named]
@@ -716,7 +855,11 @@ def _directional_sums(
     minus = torch.zeros(num_groups, num_dirs, dtype=torch.float64)
     at_theta = torch.zeros(num_groups, num_dirs, dtype=torch.float64)
     live = [k for k in range(num_dirs) if float(norms[k + 1]) > 0]  # zero directions: 0
-    frozen = FrozenGates() if gates == "frozen" else None
+    frozen = (
+        _Gating(locals_, saved, gate_memory, sum(plan.chunks), group, device)
+        if gates == "frozen"
+        else None
+    )
     try:
         if frozen is not None:
             wanted = [False] * len(named)
@@ -735,7 +878,7 @@ def _directional_sums(
 
             _lockstep_backward(
                 model, batches, num_groups, plan, loss_fn, forward_fn, device, on_theta,
-                gates=frozen, gate_phase="record",
+                gating=frozen, phase="record",
             )  # fmt: skip
         for k in live:
             step = rel * theta_norm / float(norms[k + 1])
@@ -747,12 +890,17 @@ def _directional_sums(
                 def on_group(a: int, out: Tensor = out, dirs: list = dirs, k: int = k) -> None:
                     out[a, k] = _local_dot(named, dirs, factors, group)
 
+                def point(dirs: list = dirs, at: float = sign * step) -> None:
+                    _move(locals_, saved, dirs, at)
+
                 _lockstep_backward(
                     model, batches, num_groups, plan, loss_fn, forward_fn, device, on_group,
-                    gates=frozen, gate_phase="replay",
+                    gating=frozen, phase="replay", point=point,
                 )  # fmt: skip
     finally:
         _move(locals_, saved, [None] * len(saved), 0.0)
+        if frozen is not None:
+            frozen.finish()
     parts = [plus.flatten(), minus.flatten()]
     if frozen is not None:
         parts.append(at_theta.flatten())
@@ -763,7 +911,8 @@ def _directional_sums(
     minus = packed[g_k : 2 * g_k].view(num_groups, num_dirs)
     theta = packed[2 * g_k : 3 * g_k].view(num_groups, num_dirs) if frozen is not None else None
     counts = packed[len(parts) * g_k :]
-    return plus, minus, theta, torch.cat([steps, counts])
+    mode = "live" if frozen is None else frozen.summary()
+    return plus, minus, theta, torch.cat([steps, counts]), mode
 
 
 def _directional(
@@ -780,11 +929,12 @@ def _directional(
     chunk_size: int | None,
     group: Any,
     gates: str,
+    gate_memory: int | None,
 ) -> GroupDirectional:
     pg = _process_group([p for _, p in named], group)
     with isolated(model, mode="eval", grad_params=[p for _, p in named]):
         plan = _Plan(batches, num_groups, chunk_size, pg, loss_fn is None, _comm_device(named))
-        plus, minus, theta, rest = _directional_sums(
+        plus, minus, theta, rest, mode = _directional_sums(
             model,
             batches,
             num_groups,
@@ -797,6 +947,7 @@ def _directional(
             forward_fn,
             pg,
             gates,
+            gate_memory,
         )
     steps, counts = rest[:num_dirs], rest[num_dirs:]
     _warn_missing(fn, counts)
@@ -811,6 +962,7 @@ def _directional(
         quadratic=_safe_div(quad, counts[:, None]),
         counts=counts,
         eps=steps,
+        gate_mode=mode,
     )
 
 
@@ -859,6 +1011,7 @@ def sharded_group_directional(
     *,
     eps: float | None = None,
     gates: str = "frozen",
+    gate_memory: int | None = GATE_MEMORY,
     params: ParamsArg = None,
     loss_fn: LossFn | None = None,
     forward_fn: ForwardFn | None = None,
@@ -891,9 +1044,21 @@ def sharded_group_directional(
     (`~lightning_fairprune.diagnostics.gates.FrozenGates`, which lists the ops covered) and
     replays it at θ ± εd: the perturbed network is the smooth piece of θ, so the quotient
     is O(ε²) accurate with no switching term. The forward must gate the same ops in the
-    same order at θ ± εd (a `RuntimeError` otherwise). Memory: one bit per gated
-    activation element (an int32 per max-pool output) over all the data, held during the
-    call. ``gates="live"`` is the plain difference.
+    same order at θ ± εd (a `RuntimeError` otherwise). ``gates="live"`` is the plain
+    difference.
+
+    **Gate memory.** Stored, the gates take one bit per gated activation element (an int32
+    per max-pool output) over all the data, held during the call (e.g. about 1.2 MB per
+    224×224 image on a ResNet-50). After the first lockstep call of the pass at θ, one
+    all-reduce (max) of its gate bytes gives the estimate ``bytes × calls`` (every lockstep
+    call of the pass, padding included), the same on every process: within ``gate_memory``
+    the gates are stored; above it they are *recomputed per chunk*: before each perturbed
+    call the local shards go back to θ (a copy of the saved shards), a no-grad forward of
+    that chunk records its gates, the shards move to θ ± εd and the forward and backward
+    replay them; then they are dropped. Memory: the gates of one chunk. Cost: one more
+    no-grad forward (an FSDP all-gather) and two local-shard copies per chunk of each
+    perturbed pass. The gates, hence the results, are the same bit for bit. The mode is in
+    `GroupDirectional.gate_mode` and in a debug-level log of this module.
 
     **Step.** ε_k = r · ‖θ‖ / ‖d_k‖ over the selected parameters (‖θ‖ replaced by 1 if
     zero): the perturbation ε d has norm r · ‖θ‖, relative to the weights. ``r`` defaults to
@@ -915,6 +1080,9 @@ def sharded_group_directional(
             them. Parameters not listed have d = 0.
         eps: relative step r in (0, 1) (default: `default_relative_step`).
         gates: ``"frozen"`` (replay the activation pattern of θ) or ``"live"``.
+        gate_memory: bytes the frozen gates of all the data may take (default
+            `GATE_MEMORY`, 1 GiB; ``None``: no limit). Above it the gates are recomputed per
+            chunk (see **Gate memory**); the results are the same, bit for bit.
         params: parameters to perturb and differentiate (default: the keys of
             ``directions``).
         loss_fn: ``(outputs, targets) -> Tensor[N]`` per-sample losses (default cross-entropy).
@@ -944,6 +1112,7 @@ def sharded_group_directional(
     _check_iterable(batches, 2)
     _check_eps(eps)
     check_choice(gates, "gates", GATES)
+    _check_gate_memory(gate_memory)
     many = [directions] if isinstance(directions, Mapping) else directions
     if isinstance(many, (str, bytes)) or not isinstance(many, Sequence) or not many:
         raise TypeError(
@@ -956,6 +1125,7 @@ def sharded_group_directional(
             if isinstance(mapping, Mapping):
                 keys += [n for n in mapping if n not in keys]
         params = keys
+    _reshard(model)  # FSDP2 parameters as DTensors (a no-grad forward leaves the root unsharded)
     named = _resolve_params(model, params)
     _check_params_sharded(named)
     parts = _local_directions(named, many, "directions")
@@ -973,6 +1143,7 @@ def sharded_group_directional(
         chunk_size,
         group,
         gates,
+        gate_memory,
     )
 
 
@@ -1040,6 +1211,7 @@ def sharded_group_hessian_trace(
     seed: int = 0,
     eps: float | None = None,
     gates: str = "frozen",
+    gate_memory: int | None = GATE_MEMORY,
     params: ParamsArg = None,
     loss_fn: LossFn | None = None,
     forward_fn: ForwardFn | None = None,
@@ -1068,6 +1240,8 @@ def sharded_group_hessian_trace(
         seed: probe seed (the probes of `group_hessian_trace` with this seed).
         eps: relative finite-difference step (see :func:`sharded_group_directional`).
         gates: ``"frozen"`` or ``"live"`` (see :func:`sharded_group_directional`).
+        gate_memory: bytes for stored frozen gates, ``None``: no limit (see
+            :func:`sharded_group_directional`).
         params: parameters spanning the Hessian (default: all trainable).
         loss_fn: per-sample loss (default cross-entropy).
         forward_fn: ``(model, inputs) -> outputs``.
@@ -1093,6 +1267,8 @@ def sharded_group_hessian_trace(
     _check_iterable(batches, 2)
     _check_eps(eps)
     check_choice(gates, "gates", GATES)
+    _check_gate_memory(gate_memory)
+    _reshard(model)  # FSDP2 parameters as DTensors (a no-grad forward leaves the root unsharded)
     named = _resolve_params(model, params)
     _check_params_sharded(named)
     pg = _process_group([p for _, p in named], group)
@@ -1114,6 +1290,7 @@ def sharded_group_hessian_trace(
         chunk_size,
         pg,
         gates,
+        gate_memory,
     )
     trace, stderr = _trace_stats(res.quadratic)
     return GroupHessianTrace(
@@ -1134,6 +1311,7 @@ def sharded_predicted_excess_loss(
     *,
     eps: float | None = None,
     gates: str = "frozen",
+    gate_memory: int | None = GATE_MEMORY,
     params: ParamsArg = None,
     loss_fn: LossFn | None = None,
     forward_fn: ForwardFn | None = None,
@@ -1154,6 +1332,8 @@ def sharded_predicted_excess_loss(
         num_groups: number of groups G.
         eps: relative finite-difference step (see :func:`sharded_group_directional`).
         gates: ``"frozen"`` or ``"live"`` (see :func:`sharded_group_directional`).
+        gate_memory: bytes for stored frozen gates, ``None``: no limit (see
+            :func:`sharded_group_directional`).
         params: parameters to differentiate (default: the keys of ``delta``).
         loss_fn: per-sample loss (default cross-entropy).
         forward_fn: ``(model, inputs) -> outputs``.
@@ -1185,6 +1365,7 @@ def sharded_predicted_excess_loss(
         delta,
         eps=eps,
         gates=gates,
+        gate_memory=gate_memory,
         params=params,
         loss_fn=loss_fn,
         forward_fn=forward_fn,
@@ -1223,6 +1404,7 @@ def sharded_group_hessian_lambda_max(
     seed: int = 0,
     eps: float | None = None,
     gates: str = "frozen",
+    gate_memory: int | None = GATE_MEMORY,
     params: ParamsArg = None,
     loss_fn: LossFn | None = None,
     forward_fn: ForwardFn | None = None,
@@ -1257,6 +1439,8 @@ def sharded_group_hessian_lambda_max(
         seed: seed of the start vectors.
         eps: relative finite-difference step r in (0, 1) (default: `default_relative_step`).
         gates: ``"frozen"`` (replay the activation pattern of θ) or ``"live"``.
+        gate_memory: bytes for stored frozen gates, ``None``: no limit (see
+            :func:`sharded_group_directional`).
         params: parameters spanning the Hessian (default: all trainable).
         loss_fn: ``(outputs, targets) -> Tensor[N]`` per-sample losses (default cross-entropy).
         forward_fn: ``(model, inputs) -> outputs``.
@@ -1283,6 +1467,8 @@ def sharded_group_hessian_lambda_max(
     _check_iterable(batches, 2)
     _check_eps(eps)
     check_choice(gates, "gates", GATES)
+    _check_gate_memory(gate_memory)
+    _reshard(model)  # FSDP2 parameters as DTensors (a no-grad forward leaves the root unsharded)
     named = _resolve_params(model, params)
     _check_params_sharded(named)
     pg = _process_group([p for _, p in named], group)
@@ -1290,7 +1476,7 @@ def sharded_group_hessian_lambda_max(
         plan = _Plan(batches, num_groups, chunk_size, pg, loss_fn is None, _comm_device(named))
         lam, counts = _sharded_power_iteration(
             model, batches, num_groups, named, plan, iterations, seed, eps, gates,
-            loss_fn, forward_fn, pg,
+            loss_fn, forward_fn, pg, gate_memory,
         )  # fmt: skip
     _warn_missing("sharded_group_hessian_lambda_max", counts)
     return lam
@@ -1309,6 +1495,7 @@ def _sharded_power_iteration(
     loss_fn: LossFn | None,
     forward_fn: ForwardFn | None,
     group: Any,
+    gate_memory: int | None = GATE_MEMORY,
 ) -> tuple[Tensor, Tensor]:
     """λ_max per group and the global counts; weights restored exactly."""
     device = _comm_device(named)
@@ -1328,14 +1515,17 @@ def _sharded_power_iteration(
     owners = [shard_spec(p, group).owner for _, p in named]
     vecs = _start_vectors(named, num_groups, seed, group)
     factors = _divide_factors(model)
-    frozen = FrozenGates() if gates == "frozen" else None
+    calls = sum(plan.chunks[a] for a in present)
+    frozen = (
+        _Gating(locals_, saved, gate_memory, calls, group, device) if gates == "frozen" else None
+    )
     lam = torch.full((num_groups,), math.nan, dtype=torch.float64)
     step = rel * theta_norm  # ‖v_a‖ = 1
     try:
         if frozen is not None and present:
             _lockstep_backward(
                 model, batches, num_groups, plan, loss_fn, forward_fn, device, lambda a: None,
-                groups=present, gates=frozen, gate_phase="record",
+                groups=present, gating=frozen, phase="record",
             )  # fmt: skip
         for _ in range(iterations):
             sums = torch.zeros(2 * num_groups, dtype=torch.float64)
@@ -1351,9 +1541,12 @@ def _sharded_power_iteration(
                             _owned_summed_grads(named, factors, group, replicas=True)
                         )
 
+                    def point(v: list[Tensor] = vecs[a], at: float = sign * step) -> None:
+                        _move(locals_, saved, list(v), at)
+
                     _lockstep_backward(
                         model, batches, num_groups, plan, loss_fn, forward_fn, device,
-                        on_group, groups=[a], gates=frozen, gate_phase="replay",
+                        on_group, groups=[a], gating=frozen, phase="replay", point=point,
                     )  # fmt: skip
                 scale = 1.0 / (2.0 * step * float(counts[a]))
                 for i, t in enumerate(locals_):
@@ -1373,4 +1566,6 @@ def _sharded_power_iteration(
                     vecs[a][i] = v.to(t.dtype)
     finally:
         _move(locals_, saved, [None] * len(saved), 0.0)
+        if frozen is not None:
+            frozen.finish()
     return lam, counts
