@@ -70,6 +70,22 @@ _AND_CHUNK = 1 << 20  # elements per chunk of the widened mask in `_and_mask_`
 _BITWISE_MIN = 1 << 22  # MaskEnforcer "auto": "bitwise" from this size on (CPU), else "uint8"
 
 
+def _true_positions(flags: Tensor) -> Tensor:
+    """Flat int64 indices of the ``True`` entries of a 1-D bool tensor.
+
+    A ``max`` over the ``uint8`` view first (about 40x cheaper than ``nonzero`` on the CPU)
+    skips ``nonzero`` when nothing is set, which is the usual case for the ties of a
+    selection threshold. One host synchronisation.
+
+    Example:
+        >>> _true_positions(torch.tensor([False, True, False, True])).tolist()
+        [1, 3]
+    """
+    if flags.numel() == 0 or not int(flags.view(torch.uint8).max()):
+        return torch.zeros(0, dtype=torch.int64, device=flags.device)
+    return flags.nonzero().flatten()
+
+
 def _can_and(t: Tensor) -> bool:
     """Whether `_and_mask_` applies: a contiguous CPU float tensor of a supported dtype."""
     return t.device.type == "cpu" and t.dtype in _INT_VIEW and t.is_contiguous()
@@ -617,7 +633,7 @@ def _select(
                 keep |= eq & (running > need_equal)
                 seen.copy_(running[-1])
             elif need_equal > 0:
-                positions = eq.nonzero().flatten()
+                positions = _true_positions(eq)
                 if positions.numel() <= need_equal:
                     need_equal -= positions.numel()
                 else:

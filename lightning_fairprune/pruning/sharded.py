@@ -61,6 +61,7 @@ from lightning_fairprune.pruning.masks import (
     _chunks,
     _common_dtype,
     _Scratch,
+    _true_positions,
     local_tensor,
     num_to_prune,
     pack_mask,
@@ -289,7 +290,7 @@ def _select_sharded(
             eq = torch.eq(key, threshold, out=buffers.flags[: b - a])
             if seg.current is not None:
                 eq &= seg.current[a:b]
-            positions = eq.nonzero().flatten()
+            positions = _true_positions(eq)
             if not count_first:
                 if positions.numel():
                     stored[j].append(positions.add_(a))
