@@ -207,11 +207,14 @@ def _select_sharded(
                 "NaN (on some process; check the gradients and weights)"
             )
 
-    pruned = 0
-    for seg in segs:
-        if seg.current is not None and seg.spec.owner:
-            pruned += seg.current.numel() - int(torch.count_nonzero(seg.current))
-    already = int(_all_reduce(torch.tensor([pruned], dtype=torch.int64, device=dev0), group)[0])
+    already = 0  # without current masks on any process (the same call everywhere): none
+    if any(seg.current is not None for seg in segs):
+        pruned = 0
+        for seg in segs:
+            if seg.current is not None and seg.spec.owner:
+                pruned += seg.current.numel() - int(torch.count_nonzero(seg.current))
+        counted = torch.tensor([pruned], dtype=torch.int64, device=dev0)
+        already = int(_all_reduce(counted, group)[0])
     rank = k - already
     if rank < 0:
         warnings.warn(
@@ -322,7 +325,8 @@ def sharded_global_masks(
 ) -> dict[str, Tensor]:
     """Local masks of :func:`~lightning_fairprune.pruning.masks.global_masks` over shards.
 
-    Call it on every process of the group at once (it runs collectives). The local masks of
+    Call it on every process of the group at once (it runs collectives), with
+    ``current_masks`` given on every process or on none. The local masks of
     all processes put together equal ``global_masks`` of the gathered scores, bit for bit:
     exactly ``round(sparsity · N)`` weights pruned, ``N`` the number of weights of the full
     tensors (see the module docstring for the algorithm and its communication).
