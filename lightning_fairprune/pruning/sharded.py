@@ -14,16 +14,19 @@ give on the gathered scores, same ordering rules (already-pruned weights first, 
 1. the threshold key comes from :func:`~lightning_fairprune.pruning.masks.radix_select`
    with an all-reduce (sum) of each pass's histogram: two all-reduces of 65,536 int64
    counts for float32 scores (four for float64, one for 16-bit floats);
-2. if the threshold is tied, every process counts its ties per parameter; one all-reduce
-   of a ``[world, 2 * num_params]`` int64 table (tie counts and flat offsets) gives the
-   exclusive prefix of ties in the global flat order, so each process knows how many of
-   its own ties to prune, lowest local index first;
-3. one all-reduce of a few numbers (pruned count, a NaN flag).
+2. if the threshold is tied, the mask pass prunes every tie and keeps their local positions
+   (few, as a rule); one all-reduce of a ``[world, 2 * num_params]`` int64 table (tie counts
+   and flat offsets) then gives the exclusive prefix of ties in the global flat order, so
+   each process knows how many of its own ties stay pruned (lowest index first) and keeps
+   the rest. Beyond 4 Mi ties a counting pass precedes the mask pass instead, so memory
+   stays bounded;
+3. with current masks, one all-reduce of the pruned count (and of a NaN flag when needed).
 
 Communication per round is therefore ``O(bins + world · num_params)`` numbers whatever the
 number of weights (about 1 MiB for float32: two 512 KiB histograms); the layerwise scope
 does this once per parameter. Memory per process: the local scores, the local masks, the
-65,536-bin histograms and chunk-sized scratch buffers; no tensor of a full parameter is
+65,536-bin histograms, chunk-sized scratch buffers and the local positions of threshold
+ties (int64, fewer than 4 Mi over all processes); no tensor of a full parameter is
 ever created (tested by recording every tensor the selection allocates).
 
 **Checkpoints.** Masks are stored packed, 1 bit per weight (:func:`pack_mask`):
