@@ -3,8 +3,8 @@
 `configure_model` shards every Linear with torch's `fully_shard` (parameters become DTensors,
 each process holding half of the rows). `IterativePruning` selects exactly across the shards
 without gathering any weight, `FairnessMonitor` measures per-group accuracy and gradient norms
-(and Hutchinson traces by finite differences) on the shards, and every process prints its
-local shard's sparsity next to the global one.
+(and Hutchinson traces and λ_max by finite differences) on the shards, and every process
+prints its local shard's sparsity next to the global one.
 
 Run (CPU, gloo; about 20 s)::
 
@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
     val = DataLoader(TensorDataset(x[1200:], y[1200:]), batch_size=100)
 
     pruning = IterativePruning(0.7, num_rounds=2, start=3, prune_classifier=True)
-    monitor = FairnessMonitor(num_probes=2, max_batches=2)
+    # Hutchinson traces (2 probes) and λ_max (2 power iterations) by finite differences of
+    # the sharded gradients: FSDP2 has no double backward
+    monitor = FairnessMonitor(num_probes=2, lambda_max_iterations=2, max_batches=2)
     strategy: object = "auto"
     if args.devices > 1:
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         "worst_group_accuracy": final["fairness"]["worst_group_accuracy"],
         "grad_norm": final["grad_norm"],
         "hessian_trace": final["hessian_trace"],
+        "hessian_lambda_max": final["hessian_lambda_max"],
         "moments": [r["moment"] for r in monitor.history],
     }
     if trainer.is_global_zero:

@@ -36,6 +36,8 @@ def test_sharded_example_prunes_exactly_and_measures_on_shards(tmp_path):
     assert len(summary["grad_norm"]) == 10
     assert all(v is not None and math.isfinite(v) for v in summary["grad_norm"])
     assert all(v is not None and math.isfinite(v) for v in summary["hessian_trace"])
+    assert len(summary["hessian_lambda_max"]) == 10
+    assert all(v is not None and math.isfinite(v) for v in summary["hessian_lambda_max"])
     # both processes report the same global sparsity, from different local shards (each
     # process writes its own file: their stdout lines may interleave)
     ranks = [json.loads((tmp_path / f"rank{r}_of_2.json").read_text()) for r in (0, 1)]
