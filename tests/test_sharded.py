@@ -292,3 +292,25 @@ def test_sharded_selection_rejects_nan_scores() -> None:
         sharded_global_masks(scores, 0.5)
     with pytest.raises(ValueError, match="Expected scores without NaN"):
         global_masks(scores, 0.5)  # the unsharded reference raises alike
+
+
+def test_checkpoint_and_resume_under_model_parallel_strategy(tmp_path: Path) -> None:
+    # real Lightning checkpoints (ModelCheckpoint) in both of ModelParallelStrategy's forms,
+    # then a fresh fit resumed after epoch 0 with `ckpt_path`: it must end where the
+    # uninterrupted fit ended, bit for bit
+    ranks = run_ddp(HERE / "fsdp_resume_script.py", tmp_path, timeout=300)
+    for form, kind in (("dcp", "dir"), ("full", "file")):
+        for r in ranks:
+            a, b = r[form]["a"], r[form]["b"]
+            assert r[form]["kind"] == kind
+            assert a["rounds_done"] == b["rounds_done"] == 2
+            assert a["epochs"] == b["epochs"] == [0, 2]  # no round ran twice
+            assert a["masks"] == b["masks"]
+            assert a["rewind"] == b["rewind"]
+            assert a["weights"] == b["weights"]
+            total = sum(len(m) for m in a["masks"].values())
+            assert b["sparsity"] == math.floor(0.75 * total + 0.5) / total
+            for name, mask in b["masks"].items():
+                pruned = [w for w, m in zip(b["weights"][name], mask, strict=True) if not m]
+                assert all(w == 0.0 for w in pruned), name
+        assert ranks[0][form] == ranks[1][form]  # every process holds the same full state
