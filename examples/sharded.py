@@ -130,3 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Lightning leaves the process group up after `fit`: take it down on every process
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from _ddp import finish_distributed
 from _models import DigitsDataModule, SmallCNN
 
 from lightning_fairprune.callbacks.equalizer import GroupEqualizer
@@ -84,3 +85,4 @@ def main(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    finish_distributed()

@@ -23,6 +23,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from _ddp import finish_distributed
 from _models import DigitsDataModule, SmallCNN, digits_tensors
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -115,3 +116,4 @@ if __name__ == "__main__":
         int(sys.argv[2]) if len(sys.argv) > 2 else 2,
         sys.argv[3] if len(sys.argv) > 3 else "",
     )
+    finish_distributed()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _ddp import finish_distributed
 from _models import DigitsDataModule, SmallCNN
 
 from lightning_fairprune.callbacks.pruning import IterativePruning
@@ -91,3 +92,4 @@ def main(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    finish_distributed()

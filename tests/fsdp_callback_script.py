@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _ddp import finish_distributed
 from _models import DigitsDataModule
 from torch import nn
 
@@ -147,3 +148,4 @@ def main(out_dir: Path, mode: str) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2])
+    finish_distributed()

@@ -162,7 +162,7 @@ def run_fit(out_dir: Path, mode: str) -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
-    shard = mode == "fsdp"
+    shard = mode in ("fsdp", "fsdp_unmonitored")
     model = MLP(shard)
     pruning = IterativePruning(0.6, num_rounds=2, start=0, prune_classifier=True)
     # held-out fairness data: 60 digits; under FSDP rank 0 gets 34 and rank 1 gets 26 of them
@@ -182,7 +182,11 @@ def run_fit(out_dir: Path, mode: str) -> None:
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
-        callbacks=[pruning, monitor, equalizer],
+        # "fsdp_unmonitored": the same fit without the monitor, whose final weights must be
+        # those of the monitored fit bit for bit (measurement never changes training)
+        callbacks=[pruning, equalizer]
+        if mode == "fsdp_unmonitored"
+        else [pruning, monitor, equalizer],
         max_epochs=3,
         use_distributed_sampler=False,
         enable_progress_bar=False,
@@ -212,7 +216,12 @@ def run_fit(out_dir: Path, mode: str) -> None:
     keys = ("moment", "support", "recall", "accuracy", "loss", "grad_norm", "hessian_trace")
     keys += ("hessian_lambda_max", "predicted_excess_loss", "sparsity", "global_step")
     records = [{k: r.get(k) for k in keys} for r in monitor.history]
+    weights = {}
+    for name, p in model.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        weights[name] = full.detach().reshape(-1).tolist()
     result = {
+        "weights": weights,
         "records": records,
         "multipliers": model.criterion.multipliers.double().tolist(),
         "num_dual_steps": equalizer.num_dual_steps,
@@ -227,4 +236,7 @@ if __name__ == "__main__":
     if what == "core":
         torch.multiprocessing.spawn(run_core, args=(out,), nprocs=WORLD, join=True)
     else:
+        from _ddp import finish_distributed
+
         run_fit(Path(out), what)
+        finish_distributed()

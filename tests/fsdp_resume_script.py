@@ -16,6 +16,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _ddp import finish_distributed
 from _models import DigitsDataModule
 from fsdp_callback_script import MLP
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -103,3 +104,4 @@ def main(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    finish_distributed()

@@ -180,3 +180,12 @@ def test_monitor_and_equalizer_under_model_parallel_strategy(tmp_path: Path) -> 
         assert any(v > 0 for v in single["multipliers"])
         assert _close(r["multipliers"], single["multipliers"], rel=1e-5)
     assert single["records"][1]["predicted_excess_loss"] is not None
+    # measurement never changes training: without the monitor (its forward passes at
+    # perturbed weights, gate records, FSDP reshards) the fit ends with the same weights
+    (tmp_path / "unmonitored").mkdir()
+    unmonitored = run_ddp(
+        HERE / "fsdp_diag_script.py", tmp_path / "unmonitored", "fsdp_unmonitored", timeout=400
+    )
+    for r, other in zip(ranks, unmonitored, strict=True):
+        assert other["records"] == []
+        assert r["weights"] == other["weights"]
