@@ -578,6 +578,8 @@ def test_without_pruner_warns_and_measures_the_end(tmp_path):
         ({"every_n_epochs": 0}, "`every_n_epochs`"),
         ({"params": "weights"}, "`params`"),
         ({"params": []}, "`params`"),
+        ({"gate_memory": -1}, r"`gate_memory` to be None or an int >= 0, but got -1"),
+        ({"gate_memory": 1.5}, "`gate_memory`"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -715,6 +717,7 @@ def test_lambda_max_option_records_logs_and_matches_the_core(tmp_path):
     assert "fairprune/disparity/hessian_lambda_max/gap" in scalars
     assert "hessian_lambda_max" in GROUP_TABLE_COLUMNS
     assert monitor.settings()["lambda_max_iterations"] == 8
+    assert monitor.settings()["gate_memory"] == 1 << 30  # the diagnostics' GATE_MEMORY
     # off by default: nothing computed, nothing logged
     off = FairnessMonitor(loader, num_probes=0).measure(trainer, model, "end")
     assert off["hessian_lambda_max"] is None

@@ -50,6 +50,7 @@ from typing_extensions import override
 from lightning_fairprune import logging as fp_logging
 from lightning_fairprune.callbacks.events import PruningEvent, find_pruner
 from lightning_fairprune.checks import check_bool, check_callable, check_int, check_real
+from lightning_fairprune.diagnostics.sharded import GATE_MEMORY
 from lightning_fairprune.fairness_data import FairnessBatches, FairnessData
 from lightning_fairprune.history import (
     HISTORY_FILENAME,
@@ -187,6 +188,11 @@ class FairnessMonitor(Callback):
             the final numbers of `history` into the W&B run summary at the end of training.
         name: distinguishes several monitors in one trainer (checkpoint state key, history
             file ``fairprune_history-<name>.jsonl``, ``"monitor"`` field of the records).
+        gate_memory: FSDP2-sharded models only: bytes the frozen activation gates of the
+            finite-difference curvature (trace, λ_max, predicted excess loss) may take when
+            stored for the whole fairness data (default 1 GiB, the diagnostics'
+            ``GATE_MEMORY``); above it they are recomputed per chunk (the same numbers, one
+            more no-grad forward per chunk); ``None``: no limit.
 
     Example:
         >>> monitor = FairnessMonitor(num_probes=0, max_batches=2)
@@ -227,6 +233,7 @@ class FairnessMonitor(Callback):
         forward_fn: Callable[[nn.Module, Any], Tensor] | None = None,
         log: bool = True,
         name: str | None = None,
+        gate_memory: int | None = GATE_MEMORY,
     ) -> None:
         super().__init__()
         # the fairness-data path validates dataloader, num_groups, max_batches, group_fn, keys
@@ -243,6 +250,7 @@ class FairnessMonitor(Callback):
             self.data.group_fn = self._split_with_override  # a subclass parses batches itself
         check_int(num_probes, "num_probes", 0)
         check_int(lambda_max_iterations, "lambda_max_iterations", 0)
+        check_int(gate_memory, "gate_memory", 0, allow_none=True)
         check_int(seed, "seed", 0)
         check_int(every_n_epochs, "every_n_epochs", 1, allow_none=True)
         check_callable(loss_fn, "loss_fn")
@@ -289,6 +297,7 @@ class FairnessMonitor(Callback):
         self.params = params if params is None or isinstance(params, str) else list(params)
         self.num_probes = num_probes
         self.lambda_max_iterations = lambda_max_iterations
+        self.gate_memory = gate_memory
         self.gradient_norms = gradient_norms
         self.predict_excess_loss = predict_excess_loss
         self.seed = seed
@@ -574,6 +583,7 @@ class FairnessMonitor(Callback):
             "params": to_plain(self.params),
             "num_probes": self.num_probes,
             "lambda_max_iterations": self.lambda_max_iterations,
+            "gate_memory": self.gate_memory,
             "gradient_norms": self.gradient_norms,
             "predict_excess_loss": self.predict_excess_loss,
             "seed": self.seed,
@@ -859,11 +869,10 @@ class FairnessMonitor(Callback):
         (`sharded_group_hessian_lambda_max`, the start vectors of the unsharded path), all by
         central differences of sharded gradients with frozen gates (``(2 · num_probes + 1) ·
         G``, ``3 · G`` and ``(2 · lambda_max_iterations + 1) · G`` sharded backward sets),
-        stored for the whole data within the default ``gate_memory`` (`GATE_MEMORY`, 1 GiB),
-        else recomputed per chunk (same results, one more no-grad forward per chunk).
+        stored for the whole data within ``gate_memory``, else recomputed per chunk (same
+        results, one more no-grad forward per chunk).
         """
         from lightning_fairprune.diagnostics.sharded import (
-            GATE_MEMORY,
             sharded_group_hessian_lambda_max,
             sharded_group_hessian_trace,
             sharded_measure_groups,
@@ -893,7 +902,7 @@ class FairnessMonitor(Callback):
                     num_groups,
                     num_probes=self.num_probes,
                     seed=self.seed,
-                    gate_memory=GATE_MEMORY,
+                    gate_memory=self.gate_memory,
                     params=params,
                     loss_fn=self.loss_fn,
                     forward_fn=self.forward_fn,
@@ -910,7 +919,7 @@ class FairnessMonitor(Callback):
                     num_groups,
                     iterations=self.lambda_max_iterations,
                     seed=self.seed,
-                    gate_memory=GATE_MEMORY,
+                    gate_memory=self.gate_memory,
                     params=params,
                     loss_fn=self.loss_fn,
                     forward_fn=self.forward_fn,
@@ -926,10 +935,7 @@ class FairnessMonitor(Callback):
         pre: dict[str, Tensor],
     ) -> Tensor:
         """`_predicted` on local shards: δ = θ̄ − θ_pre per shard, measured at θ_pre."""
-        from lightning_fairprune.diagnostics.sharded import (
-            GATE_MEMORY,
-            sharded_predicted_excess_loss,
-        )
+        from lightning_fairprune.diagnostics.sharded import sharded_predicted_excess_loss
         from lightning_fairprune.dtensor import local_tensor
 
         shards = {n: local_tensor(params[n]) for n in pre}
@@ -946,7 +952,7 @@ class FairnessMonitor(Callback):
                     batches,
                     delta,
                     num_groups,
-                    gate_memory=GATE_MEMORY,
+                    gate_memory=self.gate_memory,
                     params=list(pre),
                     loss_fn=self.loss_fn,
                     forward_fn=self.forward_fn,
