@@ -142,6 +142,27 @@ def main(out_dir: Path, mode: str) -> None:
         "rewind_local_shapes": {k: list(v.shape) for k, v in pruning._rewind_weights.items()},
         "restored_sparsity": restored.current_sparsity,
     }
+    if shard:  # a fairness-aware criterion is refused at fit start, before any step
+        refused = IterativePruning(0.5, num_rounds=1, start=1, criterion="fairprune")
+        late = pl.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+            callbacks=[refused],
+            max_epochs=2,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            logger=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            default_root_dir=str(out_dir / "refused"),
+        )
+        try:
+            late.fit(MLP(True), datamodule=DigitsDataModule(batch_size=32, n=64, shuffle=False))
+            result["refused"] = None
+        except ValueError as err:
+            result["refused"] = {"message": str(err), "global_step": late.global_step}
     name = f"rank{trainer.global_rank}.json" if shard else "single.json"
     (out_dir / name).write_text(json.dumps(result))
 

@@ -277,6 +277,11 @@ def test_iterative_pruning_under_model_parallel_strategy(tmp_path: Path) -> None
             for n, after in rnd["after"].items():
                 keep = torch.tensor(rnd["masks"][n]).bool()
                 assert torch.equal(torch.tensor(after), torch.where(keep, init[n], 0.0)), n
+    # fairness-aware criteria: refused with a clear error at fit start, before any step
+    # (they used to fail at the first round, here after a whole epoch)
+    for r in ranks:
+        assert r["refused"]["global_step"] == 0
+        assert "criterion='fairprune' on unsharded parameters" in r["refused"]["message"]
     # export_masks writes the full form, loadable by the unsharded callback
     exported = torch.load(tmp_path / "export_fsdp.pt", weights_only=True)
     exported_single = torch.load(tmp_path / "export_single.pt", weights_only=True)

@@ -583,8 +583,26 @@ class IterativePruning(Callback):
         self.plan.warn_incomplete(limit, unit)
 
     # ------------------------------------------------------------------ hooks
+    def _check_sharding_support(self) -> None:
+        """Refuse a fairness-aware criterion on FSDP2-sharded parameters (clear error).
+
+        FairGRAPE's greedy is sequential over single weights (a collective per step across
+        shards) and the Fisher curvature needs per-sample gradients, which FSDP2's
+        reduce-scatter hooks do not give; the fairness-aware criteria are not sharded.
+        """
+        if self._sharded and self._criterion_name in FAIR_CRITERIA:
+            raise ValueError(
+                f"Expected criterion={self._criterion_name!r} on unsharded parameters: the "
+                "fairness-aware criteria do not support FSDP2-sharded models; use "
+                "'magnitude', 'gradient', 'undecayed' or 'random'"
+            )
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # ModelParallelStrategy has sharded the model (configure_model) by now: refuse what
+        # cannot run on shards before the first training step, not at the first round
+        self._params(pl_module)
+        self._check_sharding_support()
         if self.rewind == "init" and self._rewind_weights is None:
             self._capture_rewind(pl_module)
         self._ensure_enforcers(trainer, pl_module)
@@ -870,12 +888,7 @@ class IterativePruning(Callback):
         measured in eval mode inside `lightning_fairprune.measure.isolated` (module modes,
         buffers, RNG and loader generators restored).
         """
-        if self._sharded:
-            raise ValueError(
-                f"Expected criterion={self._criterion_name!r} on unsharded parameters: the "
-                "fairness-aware criteria do not support FSDP2-sharded models yet; use "
-                "'magnitude', 'gradient', 'undecayed' or 'random'"
-            )
+        self._check_sharding_support()
         data = self.group_data
         if data is None:
             loader = getattr(trainer, "train_dataloader", None)
