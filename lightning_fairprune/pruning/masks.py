@@ -91,19 +91,25 @@ def _can_and(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in _INT_VIEW and t.is_contiguous()
 
 
-def _and_mask_(t: Tensor, mask: Tensor) -> None:
+def _and_mask_(t: Tensor, mask: Tensor, scratch: dict[torch.dtype, Tensor] | None = None) -> None:
     """``t[~mask] = +0.0`` by a bitwise AND of ``t``'s bit patterns with the widened mask.
 
     The bool mask is widened chunk by chunk (``_AND_CHUNK`` elements of scratch) to the
     integer type of ``t``'s width and negated (True -> all ones, False -> 0): exact ``+0.0``
     for every pruned element, NaN and inf included, and the kept bits untouched. On the CPU
     this is about 10x faster than ``masked_fill_`` and 5x faster than a ``uint8`` ``mul_``
-    (16.8 M float32 weights, one thread: 6 ms against 58 ms and 32 ms).
+    (16.8 M float32 weights, one thread: 6 ms against 58 ms and 32 ms). ``scratch`` (integer
+    dtype -> buffer) keeps the widened chunk between calls, e.g. across training steps.
     """
     ints = t.view(_INT_VIEW[t.dtype]).view(-1)
     flags = mask.reshape(-1).view(torch.uint8)
     n = ints.numel()
-    buf = torch.empty(min(_AND_CHUNK, n), dtype=ints.dtype)
+    size = min(_AND_CHUNK, n)
+    buf = None if scratch is None else scratch.get(ints.dtype)
+    if buf is None or buf.numel() < size:
+        buf = torch.empty(size, dtype=ints.dtype)
+        if scratch is not None:
+            scratch[ints.dtype] = buf
     for a in range(0, n, _AND_CHUNK):
         b = min(n, a + _AND_CHUNK)
         wide = buf[: b - a]
@@ -941,6 +947,7 @@ class MaskEnforcer:
         self._params = dict(params)
         self._pairs: list[tuple[Tensor, Tensor]] = []
         self._bitwise: list[tuple[Tensor, Tensor]] = []
+        self._and_scratch: dict[torch.dtype, Tensor] = {}  # "bitwise": one chunk, reused
         self._groups: list[tuple[list[Tensor], list[Tensor]]] = []
         self.update(masks)
         self._handle: Any = optimizer.register_step_post_hook(self._hook)
@@ -993,7 +1000,7 @@ class MaskEnforcer:
     def enforce(self) -> None:
         """Zero the pruned weights now."""
         for param, mask in self._bitwise:
-            _and_mask_(param, mask)
+            _and_mask_(param, mask, self._and_scratch)
         for param, mask in self._pairs:
             param.mul_(mask)
         for params, masks in self._groups:
