@@ -286,16 +286,14 @@ def _select_sharded(
             torch.gt(key, threshold, out=keep)
             if seg.current is not None:
                 keep &= seg.current[a:b]
-            if not ties or (count_first and left == 0):
-                if ties:  # every later tie of this segment is kept
-                    eq = torch.eq(key, threshold, out=buffers.flags[: b - a])
-                    if seg.current is not None:
-                        eq &= seg.current[a:b]
-                    keep |= eq
+            if not ties:
                 continue
             eq = torch.eq(key, threshold, out=buffers.flags[: b - a])
             if seg.current is not None:
                 eq &= seg.current[a:b]
+            if count_first and left == 0:  # every later tie of this segment is kept
+                keep |= eq
+                continue
             positions = _true_positions(eq)
             if not count_first:
                 if positions.numel():
