@@ -81,6 +81,23 @@ class Recorder(pl.Callback):
         self.rounds[-1]["layers"] = event.layer_sparsity
 
 
+def _trainer(out_dir: Path, devices: int, strategy: object, callbacks: list) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        callbacks=callbacks,
+        max_epochs=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=str(out_dir),
+    )
+
+
 def main(out_dir: Path, mode: str) -> None:
     pl.seed_everything(0, workers=True)
     shard = mode == "fsdp"
@@ -94,20 +111,7 @@ def main(out_dir: Path, mode: str) -> None:
         devices, batch = 2, 32
     else:
         strategy, devices, batch = "auto", 1, 64
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        callbacks=[pruning, recorder],
-        max_epochs=2,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=str(out_dir),
-    )
+    trainer = _trainer(out_dir, devices, strategy, [pruning, recorder])
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=batch, n=256, shuffle=False))
     pruning.export_masks(out_dir / f"export_{mode}.pt")  # every rank calls it
     state = pruning.state_dict()
@@ -144,20 +148,8 @@ def main(out_dir: Path, mode: str) -> None:
     }
     if shard:  # a fairness-aware criterion is refused at fit start, before any step
         refused = IterativePruning(0.5, num_rounds=1, start=1, criterion="fairprune")
-        late = pl.Trainer(
-            accelerator="cpu",
-            devices=2,
-            strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-            callbacks=[refused],
-            max_epochs=2,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            logger=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            default_root_dir=str(out_dir / "refused"),
-        )
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        late = _trainer(out_dir / "refused", 2, strategy, [refused])
         try:
             late.fit(MLP(True), datamodule=DigitsDataModule(batch_size=32, n=64, shuffle=False))
             result["refused"] = None
