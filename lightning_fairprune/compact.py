@@ -80,7 +80,10 @@ def semi_structured_support(device: torch.device | str) -> str | None:
         return f"the 2:4 sparse kernels need a CUDA GPU of compute capability >= 8.0, not {device}"
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
-        return f"the 2:4 sparse kernels need compute capability >= 8.0, but {device} has {major}.{minor}"
+        return (
+            f"the 2:4 sparse kernels need compute capability >= 8.0, "
+            f"but {device} has {major}.{minor}"
+        )
     return None
 
 

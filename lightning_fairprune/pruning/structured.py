@@ -410,7 +410,7 @@ def _selected_modules(
     include_names: Any,
     exclude_names: Any,
 ) -> set[int]:
-    """ids of the Conv/Linear modules whose output channels the selection allows to prune."""
+    """The ids of the Conv/Linear modules whose output channels the selection allows to prune."""
     chosen = select_parameters(
         model,
         include_types=include_types,
