@@ -39,9 +39,9 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_fairprune.compact import compact  # noqa: E402
-from lightning_fairprune.cost import model_cost  # noqa: E402
-from lightning_fairprune.pruning.structured import (  # noqa: E402
+from lightning_fairprune.compact import compact
+from lightning_fairprune.cost import model_cost
+from lightning_fairprune.pruning.structured import (
     channel_groups,
     channel_masks,
     group_parameter_names,

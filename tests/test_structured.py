@@ -182,7 +182,8 @@ def test_channel_groups_leave_the_model_as_it_was():
     model.fc.weight.requires_grad_(False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     channel_groups(model, x)
-    assert model.training and not model.layer1.bn1.training
+    assert model.training
+    assert not model.layer1.bn1.training
     assert not model.fc.weight.requires_grad
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -240,7 +241,8 @@ def test_compact_equals_the_masked_model_and_leaves_the_input_untouched(model_cl
     groups, keep, masks = _prune(model, x, target)
     small = compact(model, x, masks=masks)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert model.training and small.training
+    assert model.training
+    assert small.training
     with torch.no_grad():
         expected = _masked(model, masks)(x)
         got = small.eval()(x)
@@ -262,7 +264,8 @@ def test_compact_removes_exactly_the_pruned_channels_of_a_residual_net():
     assert small.layer1.conv1.out_channels == small.layer1.bn1.num_features == 4
     assert small.layer2.skip[0].in_channels == small.layer2.conv1.in_channels == 4
     assert small.layer2.skip[1].running_mean.shape == (8,)
-    assert small.fc.in_features == 8 and small.fc.out_features == 3
+    assert small.fc.in_features == 8
+    assert small.fc.out_features == 3
 
 
 def test_grouped_conv_ties_channels_across_groups():
@@ -275,11 +278,12 @@ def test_grouped_conv_ties_channels_across_groups():
     assert first.num_channels == 4
     assert first.root_channel.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
     grouped_in = next(s for s in first.slices if s.name == "grouped.weight")
-    assert grouped_in.consumer and grouped_in.dim == 1
+    assert grouped_in.consumer
+    assert grouped_in.dim == 1
     assert grouped_in.index.tolist() == [0, 1, 2, 3] == grouped_in.channel.tolist()
     dw = next(s for s in first.slices if s.name == "dw.weight")
     assert not dw.consumer
-    assert sorted(zip(dw.channel.tolist(), dw.index.tolist())) == [
+    assert sorted(zip(dw.channel.tolist(), dw.index.tolist(), strict=True)) == [
         (j, j + 4 * g) for j in range(4) for g in range(2)
     ]
     assert groups["grouped"].num_channels == 4  # its own outputs: tied the same way
@@ -306,13 +310,14 @@ def test_compact_without_masks_finds_zero_channels_and_works_on_a_lightning_modu
             return self.net(x)
 
     module, x = Wrapped(), torch.randn(2, 3, 8, 8)
-    groups, _, masks = _prune(module, x, 0.5)
+    _groups, _, masks = _prune(module, x, 0.5)
     params = dict(module.named_parameters())
     with torch.no_grad():
         for name, mask in masks.items():
             params[name].mul_(mask)
     small = compact(module, x)
-    assert isinstance(small, Wrapped) and small is not module
+    assert isinstance(small, Wrapped)
+    assert small is not module
     assert small.net.stem.out_channels == 3
     torch.testing.assert_close(small.eval()(x), module.eval()(x), atol=1e-4, rtol=0)
     sub = compact(module.net, x)  # a submodule
@@ -424,8 +429,8 @@ def test_unsupported_layer_coupled_to_pruned_channels_is_named():
 
     with pytest.raises(TypeError, match=r"bare parameter 'gamma'"):
         channel_groups(LayerScale(), torch.randn(2, 4))
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
     with pytest.raises(TypeError, match=r"selects '1' of type BatchNorm2d"):
-        net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
         channel_groups(net, torch.randn(1, 1, 5, 5), include_types=["BatchNorm2d"])
 
 
@@ -533,7 +538,8 @@ def test_channel_groups_state_round_trips():
         )  # fmt: skip
         for sa, sb in zip(a.slices, b.slices, strict=True):
             assert (sa.name, sa.dim, sa.consumer) == (sb.name, sb.dim, sb.consumer)
-            assert torch.equal(sa.index, sb.index) and torch.equal(sa.channel, sb.channel)
+            assert torch.equal(sa.index, sb.index)
+            assert torch.equal(sa.channel, sb.channel)
 
 
 # ------------------------------------------------------------------ N:M
@@ -623,9 +629,11 @@ def test_bench_structured_quick_mode(tmp_path):
     out = tmp_path / "bench.json"
     bench_structured.main(["--quick", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert rows and all(r["max_abs_diff"] <= 1e-4 for r in rows)
+    assert rows
+    assert all(r["max_abs_diff"] <= 1e-4 for r in rows)
     for row in rows:
         assert row["params"] == row["params_tp"]  # the same channel counts as Torch-Pruning
         assert 0 < row["params_ratio"] < 0.3
         assert row["channels_kept"] == row["channels_total"] // 2
-        assert row["latency_ratio_b64"] > 0 and row["tp_latency_ratio_b64"] > 0
+        assert row["latency_ratio_b64"] > 0
+        assert row["tp_latency_ratio_b64"] > 0
