@@ -12,11 +12,13 @@ magnitude): ``channel_groups`` -> ``group_scores`` -> ``select_channels`` -> ``c
 3. **CPU latency** of one forward (eval, ``inference_mode``, one thread) at batch 64 and batch
    1: dense, ours and Torch-Pruning's, timed interleaved in every repeat (rotating order),
    medians. Ratios: ours / dense (target at 50 %: <= 0.5) and ours / Torch-Pruning's
-   (target: <= 1.10).
+   (target: <= 1.10). Batch 64: ``--repeats`` repeats; batch 1: 8x as many.
 4. **Torch-Pruning's own MetaPruner** (``tp.pruner.BasePruner``, of which ``MetaPruner`` is the
    deprecated alias in 1.6) prunes a copy of the same model one-shot with
    ``MagnitudeImportance(p=2)``, layerwise, with a per-group ratio that gives exactly our
    channel count (checked: equal parameter counts).
+5. **compact seconds**: wall time of ``compact`` (deep copy, graph trace, pruning, output check)
+   on a batch-1 example input.
 
 Run: ``python benchmarks/bench_structured.py [--repeats 15] [--json out.json]``;
 ``--quick`` (CI): the small CNN on 16x16 inputs at 50 % only, 3 repeats, a few seconds.
@@ -112,14 +114,14 @@ def _init(model: nn.Module, seed: int) -> nn.Module:
 
 # ----------------------------------------------------------------------------- pruning
 def prune_ours(model: nn.Module, x: torch.Tensor, fraction: float):
-    """Our path: groups -> scores -> keep -> masks -> compact."""
+    """Our path: groups -> scores -> keep -> masks -> compact (``x``: a small example batch)."""
     groups = channel_groups(model, x)
     params = dict(model.named_parameters())
     weights = {n: params[n].detach().abs() for n in group_parameter_names(groups)}
     keep = select_channels(group_scores(groups, weights, "l2"), fraction, scope="layerwise")
     masks = channel_masks(groups, params, keep)
     start = time.perf_counter()
-    small = compact(model, x, masks=masks).eval()
+    small = compact(model, x, masks=masks, groups=groups).eval()
     compact_s = time.perf_counter() - start
     masked = copy.deepcopy(model)
     with torch.no_grad():
@@ -176,14 +178,14 @@ def run_model(
     dense_cost = model_cost(dense, x1)
     rows = []
     for fraction in fractions:
-        groups, keep, masked, ours, compact_s = prune_ours(dense, x, fraction)
-        theirs = prune_tp(dense, x, groups, keep)
+        groups, keep, masked, ours, compact_s = prune_ours(dense, x1, fraction)
+        theirs = prune_tp(dense, x1, groups, keep)
         with torch.no_grad():
             diff = float((masked(x) - ours(x)).abs().max())
         cost, tp_cost = model_cost(ours, x1), model_cost(theirs, x1)
         models = {"dense": dense, "ours": ours, "tp": theirs}
         lat64 = latencies(models, x, repeats)
-        lat1 = latencies(models, x1, repeats * 4)
+        lat1 = latencies(models, x1, repeats * 8)
         row = {
             "model": name,
             "fraction": fraction,

@@ -2,7 +2,8 @@
 
 The callbacks (`IterativePruning`, `FairnessMonitor`, `GroupEqualizer`), the fairness-data
 path (`FairnessData`) and the loss modules (`GroupEqualizedLoss`, `GroupDROLoss`,
-`GroupWeightedLoss`) are exported here. The plain-torch cores live in
+`GroupWeightedLoss`), and `compact` / `load_compact` / `model_cost` for a physically smaller
+channel-pruned model, are exported here. The plain-torch cores live in
 `lightning_fairprune.schedules`, `lightning_fairprune.pruning` and
 `lightning_fairprune.diagnostics`, usable without a Trainer.
 """

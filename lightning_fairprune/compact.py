@@ -191,7 +191,8 @@ def compact(
         module: the model or one of its submodules; a LightningModule works (its trainer is not
             copied).
         example_inputs: one input batch for ``module`` (a tensor, a tuple of positional
-            arguments or a dict of keyword arguments).
+            arguments or a dict of keyword arguments); it runs up to four forward passes
+            (trace, groups, check), so a batch of one or a few samples is best.
         masks: FQN (relative to ``module``) -> bool mask, e.g. from
             :func:`~lightning_fairprune.pruning.structured.channel_masks`; ``None`` to find
             the pruned channels from zero weights.

@@ -301,7 +301,7 @@ def _tp_name(module: object, names: Mapping[int, str]) -> str | None:
 
 def _param_entries(
     module: nn.Module,
-    mname: str,
+    param_names: Mapping[int, str],
     is_out: bool,
     idxs: Tensor,
     chans: Tensor,
@@ -311,8 +311,9 @@ def _param_entries(
     out: list[tuple[str, int, Tensor, Tensor, bool]] = []
 
     def add(pname: str, dim: int, index: Tensor, consumer: bool = False) -> None:
-        if getattr(module, pname, None) is not None:
-            out.append((f"{mname}.{pname}" if mname else pname, dim, index, chans, consumer))
+        param = getattr(module, pname, None)
+        if param is not None:  # a shared parameter under its first name
+            out.append((param_names[id(param)], dim, index, chans, consumer))
 
     exact = True
     if isinstance(module, _ConvNd):
@@ -593,7 +594,7 @@ def _describe(
         chans = torch.as_tensor(list(item.root_idxs), dtype=torch.int64) % num_channels
         try:
             found, ok = _param_entries(
-                module, mname, graph.is_out_channel_pruning_fn(handler), idxs, chans, tp
+                module, param_names, graph.is_out_channel_pruning_fn(handler), idxs, chans, tp
             )
         except _Unsupported as err:
             raise TypeError(
