@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from lightning_fairprune import compact, load_compact, model_cost
 from lightning_fairprune.pruning.masks import num_to_prune
+from lightning_fairprune.pruning.nm import nm_masks
 from lightning_fairprune.pruning.structured import (
     ChannelGroup,
     channel_groups,
@@ -28,7 +29,6 @@ from lightning_fairprune.pruning.structured import (
     dead_channels,
     group_parameter_names,
     group_scores,
-    nm_masks,
     parse_structure,
     select_channels,
 )
