@@ -2,7 +2,8 @@
 
 The callbacks (`IterativePruning`, `FairnessMonitor`, `GroupEqualizer`), the fairness-data
 path (`FairnessData`) and the loss modules (`GroupEqualizedLoss`, `GroupDROLoss`,
-`GroupWeightedLoss`) are exported here. The plain-torch cores live in
+`GroupWeightedLoss`), and `compact` / `load_compact` / `model_cost` for a physically smaller
+channel-pruned model, are exported here. The plain-torch cores live in
 `lightning_fairprune.schedules`, `lightning_fairprune.pruning` and
 `lightning_fairprune.diagnostics`, usable without a Trainer.
 """
@@ -20,6 +21,8 @@ from lightning_fairprune.callbacks.events import (
 )
 from lightning_fairprune.callbacks.monitor import FairnessMonitor
 from lightning_fairprune.callbacks.pruning import IterativePruning
+from lightning_fairprune.compact import compact, load_compact
+from lightning_fairprune.cost import model_cost
 from lightning_fairprune.diagnostics import (
     group_gradient_norms,
     group_hessian_trace,
@@ -58,17 +61,20 @@ __all__ = [
     "PruningEvent",
     "PruningListener",
     "__version__",
+    "compact",
     "find_pruner",
     "group_gradient_norms",
     "group_hessian_trace",
     "intensification_alpha",
     "inverse_frequency_weights",
+    "load_compact",
     "load_masks",
     "log_config",
     "log_round",
     "log_scalars",
     "log_summary",
     "measure_groups",
+    "model_cost",
     "predicted_excess_loss",
     "save_masks",
     "schedule_values",
