@@ -1,4 +1,4 @@
-"""`GroupEqualizer`: the callback that drives a `GroupEqualizedLoss` during training.
+"""`GroupEqualizer`: the callback that drives a group loss (a `GroupLoss`) during training.
 
 A callback cannot replace the loss Lightning back-propagates, so the user's ``training_step``
 calls the loss module (primal side) and this callback owns everything else: the dual-ascent
@@ -22,13 +22,13 @@ from lightning_fairprune.callbacks.events import PruningEvent, pruning_has_start
 from lightning_fairprune.checks import check_int, check_real
 from lightning_fairprune.history import to_plain
 from lightning_fairprune.logging import log_config, log_scalars
-from lightning_fairprune.losses import GroupEqualizedLoss
+from lightning_fairprune.losses import GroupLoss, Statistics
 
 __all__ = ["GroupEqualizer"]
 
 
 class GroupEqualizer(Callback):
-    """Projected dual ascent on the multipliers of a `GroupEqualizedLoss`.
+    """Dual steps on the multipliers of a group loss (`GroupEqualizedLoss` or another `GroupLoss`).
 
     After every ``every_n_steps`` optimizer steps (micro-batches of gradient accumulation do
     not count), the callback
@@ -36,8 +36,9 @@ class GroupEqualizer(Callback):
     1. sums the per-group loss sums and counts the loss module accumulated since the last dual
        step over all processes (``trainer.strategy.reduce(..., reduce_op="sum")``), so every
        rank computes the same violations and holds identical multipliers;
-    2. if the constraint is active, applies ``λ_a ← max(0, λ_a + dual_lr · c_a)``
-       (`GroupEqualizedLoss.dual_step`);
+    2. if the constraint is active, applies the loss's dual step with step size ``dual_lr``
+       (`GroupLoss.dual_step`: ``λ_a ← max(0, λ_a + dual_lr · c_a)`` for `GroupEqualizedLoss`;
+       what the loss's strategy declares for the others);
     3. once active, at the Trainer's logging cadence (``log_every_n_steps``), logs
        ``fairprune/lambda/<group>`` and ``fairprune/violation/<group>`` (absent groups are not
        logged), and resets the accumulators.
@@ -81,7 +82,7 @@ class GroupEqualizer(Callback):
         every_n_steps: int = 1,
         warmup_steps: int = 0,
         start_after_pruning: bool = False,
-        loss: GroupEqualizedLoss | None = None,
+        loss: GroupLoss | None = None,
         loss_attr: str | None = None,
         log: bool = True,
         group_names: Any = None,
@@ -90,9 +91,10 @@ class GroupEqualizer(Callback):
         check_real(dual_lr, "dual_lr", low=0.0)
         check_int(every_n_steps, "every_n_steps", 1)
         check_int(warmup_steps, "warmup_steps", 0)
-        if loss is not None and not isinstance(loss, GroupEqualizedLoss):
+        if loss is not None and not isinstance(loss, GroupLoss):
             raise TypeError(
-                f"Expected `loss` to be a GroupEqualizedLoss, but got {type(loss).__name__}"
+                "Expected `loss` to be a GroupEqualizedLoss (or another GroupLoss), but got "
+                f"{type(loss).__name__}"
             )
         if loss is not None and loss_attr is not None:
             raise ValueError("Expected at most one of `loss` and `loss_attr`, but got both")
@@ -106,7 +108,7 @@ class GroupEqualizer(Callback):
         self.loss_attr = loss_attr
         self.group_names = group_names
         self._given_loss = loss
-        self.loss: GroupEqualizedLoss | None = loss
+        self.loss: GroupLoss | None = loss
         # plain-value state (checkpointed)
         self.active = False
         self.eligible_since: int | None = None  # global step at which the constraint got eligible
@@ -124,8 +126,8 @@ class GroupEqualizer(Callback):
         return self._generate_state_key(loss_attr=self.loss_attr)
 
     # ------------------------------------------------------------------ resolution
-    def find_loss(self, pl_module: pl.LightningModule) -> GroupEqualizedLoss:
-        """Return the `GroupEqualizedLoss` this callback drives (see the class arguments)."""
+    def find_loss(self, pl_module: pl.LightningModule) -> GroupLoss:
+        """Return the `GroupLoss` this callback drives (see the class arguments)."""
         if self._given_loss is not None:
             if not any(m is self._given_loss for m in pl_module.modules()):
                 warnings.warn(
@@ -145,26 +147,27 @@ class GroupEqualizer(Callback):
                     f"Expected `loss_attr`={self.loss_attr!r} to name an attribute of "
                     f"{type(pl_module).__name__}, but it has none"
                 ) from None
-            if not isinstance(found, GroupEqualizedLoss):
+            if not isinstance(found, GroupLoss):
                 raise TypeError(
                     f"Expected `{type(pl_module).__name__}.{self.loss_attr}` to be a "
-                    f"GroupEqualizedLoss, but got {type(found).__name__}"
+                    f"GroupEqualizedLoss (or another GroupLoss), but got {type(found).__name__}"
                 )
             return found
         candidates = [
-            (name, m) for name, m in pl_module.named_modules() if isinstance(m, GroupEqualizedLoss)
+            (name, m) for name, m in pl_module.named_modules() if isinstance(m, GroupLoss)
         ]
         if len(candidates) == 1:
             return candidates[0][1]
         if not candidates:
             raise ValueError(
                 f"GroupEqualizer expected {type(pl_module).__name__} to own a GroupEqualizedLoss "
-                "submodule (e.g. `self.criterion = GroupEqualizedLoss(num_groups)`, called in "
-                "`training_step`), but found none; pass `loss=` or `loss_attr=`"
+                "or another GroupLoss submodule (e.g. `self.criterion = "
+                "GroupEqualizedLoss(num_groups)`, called in `training_step`), but found none; "
+                "pass `loss=` or `loss_attr=`"
             )
         names = [name for name, _ in candidates]
         raise ValueError(
-            f"GroupEqualizer expected exactly one GroupEqualizedLoss in "
+            f"GroupEqualizer expected exactly one GroupEqualizedLoss (or other GroupLoss) in "
             f"{type(pl_module).__name__}, but found {len(names)}: {names}; pass `loss_attr=` "
             "(one GroupEqualizer per loss)"
         )
@@ -172,10 +175,11 @@ class GroupEqualizer(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.loss = self.find_loss(pl_module)
+        self.loss.driven = True
         if self._log_enabled and bool(getattr(trainer, "is_global_zero", True)):
             log_config(trainer, "equalizer", self.settings())
 
-    def _require_loss(self) -> GroupEqualizedLoss:
+    def _require_loss(self) -> GroupLoss:
         if self.loss is None:
             raise RuntimeError("GroupEqualizer has no loss module yet: `setup` has not run")
         return self.loss
@@ -244,23 +248,24 @@ class GroupEqualizer(Callback):
         self.steps_since_dual = 0
         self._update_activation(trainer)
 
-    def _global_sums(self, trainer: pl.Trainer) -> tuple[torch.Tensor, torch.Tensor]:
-        sums, counts = self._require_loss().accumulated
-        g = sums.shape[0]
-        stacked = torch.cat([sums, counts])
-        if int(getattr(trainer, "world_size", 1)) > 1:
-            stacked = trainer.strategy.reduce(stacked, reduce_op="sum")
-        return stacked[:g], stacked[g:]
+    @staticmethod
+    def _reduce(trainer: pl.Trainer, stats: Statistics) -> Statistics:
+        """Sum `Statistics` over processes (one collective)."""
+        if int(getattr(trainer, "world_size", 1)) <= 1:
+            return stats
+        keys = list(stats)
+        total = trainer.strategy.reduce(torch.stack([stats[k] for k in keys]), reduce_op="sum")
+        return dict(zip(keys, total.unbind(0), strict=True))
 
     def dual_update(self, trainer: pl.Trainer) -> torch.Tensor:
-        """All-reduce the sums, apply the dual step if active, log; return the violations."""
+        """All-reduce the statistics, apply the dual step if active, log; return violations."""
         loss = self._require_loss()
-        sums, counts = self._global_sums(trainer)
+        stats = self._reduce(trainer, loss.statistics())
         if self.active:
-            violations = loss.dual_step(self.dual_lr, sums, counts)
+            violations = loss.dual_step(self.dual_lr, statistics=stats)
             self.num_dual_steps += 1
         else:
-            violations = loss.violations(sums, counts)
+            violations = loss.violations(statistics=stats)
             loss.reset_accumulators()
         lam = loss.multipliers.detach().double().cpu().tolist()
         viol = [None if math.isnan(v) else v for v in violations.cpu().tolist()]
@@ -306,8 +311,8 @@ class GroupEqualizer(Callback):
             "loss_attr": self.loss_attr,
             "group_names": to_plain(self.group_names),
             "loss": None if loss is None else type(loss).__name__,
-            "constraint": getattr(loss, "constraint", None),
-            "num_groups": getattr(loss, "num_groups", None),
+            "num_groups": None if loss is None else loss.num_groups,
+            **({} if loss is None else loss.strategy.settings()),
         }
 
     # ------------------------------------------------------------------ checkpointing
@@ -335,9 +340,10 @@ class GroupEqualizer(Callback):
         if self.loss is None or not isinstance(states, dict) or self.state_key not in states:
             return
         if int(getattr(trainer, "world_size", 1)) > 1:
-            sums, counts = self._global_sums(trainer)
-            states[self.state_key]["pending_loss_sums"] = sums.tolist()
-            states[self.state_key]["pending_counts"] = counts.tolist()
+            loss_sums, counts = self.loss.accumulated
+            total = self._reduce(trainer, {"loss": loss_sums, "count": counts})
+            states[self.state_key]["pending_loss_sums"] = total["loss"].tolist()
+            states[self.state_key]["pending_counts"] = total["count"].tolist()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
