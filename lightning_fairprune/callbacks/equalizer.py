@@ -172,9 +172,40 @@ class GroupEqualizer(Callback):
             "(one GroupEqualizer per loss)"
         )
 
+    def __repr__(self) -> str:
+        options = f"dual_lr={self.dual_lr}, every_n_steps={self.every_n_steps}"
+        if self.loss_attr is not None:
+            options += f", loss_attr={self.loss_attr!r}"
+        elif self._given_loss is not None:
+            options += f", loss={type(self._given_loss).__name__}(...)"
+        return f"GroupEqualizer({options})"
+
+    def _refuse_second_driver(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Two equalizers on one loss would each run the dual steps: refuse at fit start."""
+        callbacks = list(getattr(trainer, "callbacks", None) or [])
+        for other in callbacks:
+            if other is self or not isinstance(other, GroupEqualizer):
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    theirs = other.find_loss(pl_module)
+                except (TypeError, ValueError):
+                    continue
+            if theirs is self.loss:
+                names = [n for n, m in pl_module.named_modules() if m is theirs] or ["(external)"]
+                raise ValueError(
+                    "Expected one GroupEqualizer per loss, but "
+                    f"trainer.callbacks[{callbacks.index(self)}] {self!r} and "
+                    f"trainer.callbacks[{callbacks.index(other)}] {other!r} both drive "
+                    f"`{names[0]}` ({type(theirs).__name__}): each would run its own dual steps, "
+                    "twice the steps in all. Keep one, or give each its own loss (`loss_attr=`)."
+                )
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.loss = self.find_loss(pl_module)
+        self._refuse_second_driver(trainer, pl_module)
         self.loss.driven = True
         if self._log_enabled and bool(getattr(trainer, "is_global_zero", True)):
             log_config(trainer, "equalizer", self.settings())

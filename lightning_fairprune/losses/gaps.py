@@ -201,6 +201,8 @@ class ConstrainedGap(Weighting):
         return loss.reference.detach().to(device=like.device, dtype=like.dtype)
 
     def primal(self, loss: GroupLoss, terms: GroupTerms) -> Tensor:  # noqa: D102
+        if self.missing_reference(loss):  # nothing to constrain against yet: the plain mean
+            return terms.objective
         w, _, dense_loss = self._reference(loss, terms.group_losses)
         known = terms.present & (w > 0)
         dense_overall = (w * dense_loss).sum() / w.sum()
