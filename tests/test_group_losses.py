@@ -14,6 +14,7 @@ from lightning_fairprune.losses import (
     GroupDROLoss,
     GroupEqualizedLoss,
     GroupWeightedLoss,
+    inverse_frequency_weights,
 )
 
 LOSSES = {
@@ -96,3 +97,47 @@ def test_per_sample_losses_take_the_targets_as_groups_in_every_loss():
         torch.testing.assert_close(loss_fn(per_sample, ids), loss_fn(per_sample, None, ids))
         with pytest.raises(ValueError, match=r"`targets \(used as groups\)` to hold group ids"):
             loss_fn(per_sample, ids + 1)
+
+
+class WeightedCNN(SmallCNN):
+    """Groups = classes, inverse-frequency weights; or the same weights through F.cross_entropy."""
+
+    def __init__(self, weights: torch.Tensor, reference: bool = False) -> None:
+        super().__init__(lr=0.05)
+        self.criterion = GroupWeightedLoss(weights)
+        self.reference = reference
+
+    def training_step(self, batch, batch_idx):
+        logits, y = self(batch[0]), batch[1]
+        if self.reference:
+            return F.cross_entropy(logits, y, weight=self.criterion.multipliers)
+        return self.criterion(logits, y)
+
+
+def test_group_weighted_loss_needs_no_equalizer(tmp_path):
+    # issue 21 item 5: the weighted loss alone trains exactly as with an equalizer attached,
+    # equals class-weighted cross-entropy, and holds only the last batch's sums (it kept
+    # adding every batch for good when nothing reset its accumulators)
+    def fit(reference: bool = False, equalizer: bool = False) -> WeightedCNN:
+        pl.seed_everything(0, verbose=False)
+        dm = DigitsDataModule(batch_size=64, n=400, minority={3: 0.15, 8: 0.15})
+        dm.setup()
+        weights = inverse_frequency_weights(torch.bincount(dm.train_set.tensors[1], minlength=10))
+        model = WeightedCNN(weights, reference)
+        model.last_batch = len(dm.train_set) % 64 or 64
+        kwargs = quiet_trainer_kwargs(tmp_path)
+        kwargs.update(max_epochs=2, limit_val_batches=0, num_sanity_val_steps=0)
+        callbacks = [GroupEqualizer(log=False)] if equalizer else []
+        pl.Trainer(callbacks=callbacks, **kwargs).fit(model, dm)
+        return model
+
+    alone, driven, reference = fit(), fit(equalizer=True), fit(reference=True)
+    for (name, p), q, r in zip(
+        alone.named_parameters(), driven.parameters(), reference.parameters(), strict=True
+    ):
+        assert torch.equal(p, q), name
+        torch.testing.assert_close(p, r, rtol=1e-4, atol=1e-5, msg=name)
+    assert alone.criterion.driven is False
+    assert driven.criterion.driven is False  # released at the end of the fit
+    # alone: the sums of the last batch only, not of the 2 epochs
+    assert alone.criterion.accumulated[1].sum().item() == alone.last_batch

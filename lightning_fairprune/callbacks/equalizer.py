@@ -210,6 +210,11 @@ class GroupEqualizer(Callback):
         if self._log_enabled and bool(getattr(trainer, "is_global_zero", True)):
             log_config(trainer, "equalizer", self.settings())
 
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.loss is not None:
+            self.loss.driven = False  # used alone afterwards, it keeps nothing that grows
+
     def _require_loss(self) -> GroupLoss:
         if self.loss is None:
             raise RuntimeError("GroupEqualizer has no loss module yet: `setup` has not run")
