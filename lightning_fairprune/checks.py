@@ -392,7 +392,11 @@ def check_vector(
         ValueError: Expected `weight` to be a 1-D tensor of finite class weights >= 0, but got [1.0, -2.0]
     """  # noqa: E501
     try:
-        t = torch.as_tensor(value).detach()
+        t = (
+            value.detach()
+            if isinstance(value, Tensor)
+            else torch.as_tensor(value, dtype=torch.float64)
+        )
     except (TypeError, ValueError, RuntimeError):
         t = None
     ok = t is not None and t.dim() == 1 and (t.is_floating_point() or _is_integer_tensor(t))

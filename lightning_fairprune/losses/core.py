@@ -518,6 +518,14 @@ class GroupLoss(nn.Module):
         self.reset_accumulators()
         self.strategy.forget()
 
+    def local_state(self) -> dict[str, Tensor]:
+        """This process's strategy history (e.g. replay buffers) as tensors, for a checkpoint."""
+        return self.strategy.local_state()
+
+    def load_local_state(self, state: Mapping[str, Tensor]) -> None:
+        """Restore `local_state` (on this process)."""
+        self.strategy.load_local_state(state)
+
     def statistics(self) -> Statistics:
         """This process's dual-side `Statistics`: the accumulators and the strategy's history."""
         loss_sums, counts = self.accumulated
