@@ -6,7 +6,8 @@ so that the test can replay the dual steps on the union of both ranks' data. MOD
 `ConstrainedGapLoss` whose dense reference is measured on each rank's own shard of held-out
 data at fit start; each rank records that shard's naive per-group counts and, per batch, the
 groups and per-sample correctness, so that the test can replay the replay buffers and the dual
-steps on the union.
+steps on the union; then a second fit with ``GroupEqualizer(heldout=True)`` on the same shards,
+where each rank records its shard's naive per-class loss sums at every dual step.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from _ddp import finish_distributed
 from _models import DigitsDataModule, SmallCNN
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Subset
 
 from lightning_fairprune import FairnessData
@@ -104,6 +106,41 @@ def _naive_counts(model: torch.nn.Module, loader: DataLoader) -> dict[str, list[
     return {"seen": seen.tolist(), "correct": correct.tolist(), "loss": loss.tolist()}
 
 
+class ShardRecorder(Callback):
+    """Naive per-class loss sums and counts of this rank's shard at every dual step."""
+
+    def __init__(self) -> None:
+        self.loader: DataLoader | None = None
+        self.steps: list[dict[str, list[float]]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step % EVERY_N_STEPS == 0:
+            pl_module.eval()
+            self.steps.append(_naive_counts(pl_module, self.loader))
+            pl_module.train()
+
+
+def heldout_fit(out_dir: Path, shard_of) -> dict:
+    pl.seed_everything(0, verbose=False)
+    model = DDPEqualizedCNN()
+    recorder = ShardRecorder()
+    equalizer = GroupEqualizer(dual_lr=DUAL_LR, every_n_steps=EVERY_N_STEPS, log=False)
+    trainer = _trainer(out_dir, [recorder, equalizer], max_epochs=1)
+    dm = DigitsDataModule(batch_size=32, n=400, shuffle=False)
+    dm.setup()
+    recorder.loader = shard_of(dm, trainer.global_rank)  # each rank its own shard
+    equalizer.data, equalizer.heldout = FairnessData(recorder.loader), True
+    trainer.fit(model, dm)
+    return {
+        "heldout_multipliers": model.criterion.multipliers.double().tolist(),
+        "heldout_steps": recorder.steps,
+    }
+
+
+def _shard(dm: DigitsDataModule, rank: int) -> DataLoader:
+    return DataLoader(Subset(dm.val_set, range(rank, len(dm.val_set), 2)), batch_size=16)
+
+
 def gap(out_dir: Path) -> None:
     pl.seed_everything(0, verbose=False)
     model = DDPGapCNN()
@@ -112,8 +149,7 @@ def gap(out_dir: Path) -> None:
     equalizer = GroupEqualizer(dual_lr=0.5, every_n_steps=EVERY_N_STEPS)
     trainer = _trainer(out_dir, [equalizer], max_epochs=2)
     # each process its own held-out shard (FairnessData uses a given loader as is)
-    rank = trainer.global_rank
-    shard = DataLoader(Subset(dm.val_set, range(rank, len(dm.val_set), 2)), batch_size=16)
+    shard = _shard(dm, trainer.global_rank)
     equalizer.data = FairnessData(shard)
     reference = _naive_counts(model, shard)
     trainer.fit(model, dm)
@@ -126,6 +162,7 @@ def gap(out_dir: Path) -> None:
         "batches": model.batches,
         "state_key": equalizer.state_key,
     }
+    record.update(heldout_fit(out_dir, _shard))
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

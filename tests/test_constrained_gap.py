@@ -294,3 +294,13 @@ def test_ddp_two_processes_agree_with_the_union_reference(tmp_path):
         assert history["filled"][r].tolist() == [len(d) for d in buffers[r]]
         sums = history["values"][r].sum(1).tolist()
         assert sums == pytest.approx([sum(d) for d in buffers[r]])
+    # the second fit: GroupEqualizedLoss with heldout=True; the held-out statistics are summed
+    # over both ranks' shards before every dual step (λ ← max(0, λ + 0.1 (J_a − J)))
+    lam = np.zeros(10)
+    for s0, s1 in zip(rank0["heldout_steps"], rank1["heldout_steps"], strict=True):
+        sums, seen = np.add(s0["loss"], s1["loss"]), np.add(s0["seen"], s1["seen"])
+        lam = np.maximum(0.0, lam + 0.1 * (sums / seen - sums.sum() / seen.sum()))
+    assert len(rank0["heldout_steps"]) == 2
+    assert rank0["heldout_multipliers"] == rank1["heldout_multipliers"]
+    np.testing.assert_allclose(rank0["heldout_multipliers"], lam, rtol=1e-5, atol=1e-7)
+    assert (lam > 0).any()

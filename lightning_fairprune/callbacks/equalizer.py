@@ -26,7 +26,7 @@ from lightning_fairprune.fairness_data import FairnessData
 from lightning_fairprune.history import to_plain
 from lightning_fairprune.logging import log_config, log_scalars
 from lightning_fairprune.losses import GroupLoss, Statistics, measure_statistics
-from lightning_fairprune.measure import precision_context
+from lightning_fairprune.measure import precision_context, rng_restored
 
 __all__ = ["GroupEqualizer"]
 
@@ -297,6 +297,10 @@ class GroupEqualizer(Callback):
                 loss.set_accumulated(*self._pending)
             self._pending = None
         self._restore_history(trainer)
+        if self.data is not None:  # bad keys or ids surface now, not at the first dual step
+            batches = self.data.batches(trainer, pl_module, num_groups=loss.num_groups)
+            with rng_restored([batches.loader]):
+                batches.first()
         if loss.reference_missing:
             self._start_reference(trainer, pl_module)
         self._last_global_step = int(trainer.global_step)
