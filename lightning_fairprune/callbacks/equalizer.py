@@ -100,6 +100,11 @@ class GroupEqualizer(Callback):
         >>> equalizer = GroupEqualizer(dual_lr=0.05, every_n_steps=2, warmup_steps=10)
         >>> equalizer.state_dict()["active"]
         False
+        >>> from lightning_fairprune import FairnessData
+        >>> x, y, g = torch.zeros(4, 3), torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 1, 1])
+        >>> held_out = FairnessData([(x, y, g)], num_groups=2)  # e.g. a validation DataLoader
+        >>> GroupEqualizer(data=held_out, heldout=True, every_n_steps=50).settings()["heldout"]
+        True
     """
 
     def __init__(

@@ -1,35 +1,18 @@
 """The group-loss core: per-sample losses to per-group sums, written once; weighting by strategy.
 
-`GroupLoss` is the one module every group loss is: it turns a batch into per-sample losses
-(cross-entropy with class weights and label smoothing, a callable, or given losses), groups
-them (`GroupTerms`), accumulates the detached per-group sums the dual step reads, and keeps
-the last values. How the groups are weighed is a small strategy object, a `Weighting`, in the
-shape of Cooper's formulations (cooper-org/cooper ``src/cooper/formulations/formulations.py``:
-a formulation declares what it expects, ``expects_multiplier``, and implements its two
-contributions): a `Weighting` declares
+`GroupLoss` turns a batch into per-sample losses, groups them (`GroupTerms`), accumulates the
+detached per-group sums the dual step reads and keeps the last values, for every group loss.
+How the groups are weighed is a `Weighting`, in the shape of Cooper's formulations
+(cooper-org/cooper ``src/cooper/formulations/formulations.py``): it declares what it expects
+(``has_dual_step``, ``expects_accuracy``, ``expects_reference``) and implements its primal
+contribution (`Weighting.primal`) and its dual one (`Weighting.dual_update`), so a driver
+(`lightning_fairprune.callbacks.equalizer.GroupEqualizer`) never asks which strategy it runs.
 
-* ``has_dual_step``: whether a driver (`lightning_fairprune.callbacks.equalizer.GroupEqualizer`)
-  runs dual steps on it;
-* ``expects_accuracy``: whether it reads per-sample correctness (``argmax`` of the logits);
-* ``expects_reference``: whether it needs a dense reference before it can be applied,
-
-and implements its *primal* contribution (the value to back-propagate, `Weighting.primal`) and
-its *dual* one (`Weighting.dual_update`, on detached per-group statistics). The driver never
-asks which strategy a loss has.
-
-Design notes (Cooper's lessons, and data parallelism):
-
-* the multipliers (and any strategy state that every process shares, such as a dense
-  reference) are registered buffers: they move with ``.to()`` and live in the model's
-  ``state_dict``, hence in every Lightning checkpoint;
-* the primal term uses detached multipliers (no gradient flows into λ);
-* the dual step works on detached, float64 per-group *sums*, additive over batches and
-  processes (`Statistics`): the driver all-reduces them, so every process takes the same step;
-* the sums accumulated since the last dual step (and a strategy's per-process history) are
-  plain tensor attributes, not buffers: DistributedDataParallel broadcasts every buffer from
-  rank 0 before each forward, which would silently overwrite the other ranks' local sums.
-
-Plain torch: nothing here imports Lightning.
+Multipliers (and state every process shares, such as a dense reference) are buffers: they
+move with ``.to()`` and are checkpointed. The primal term uses them detached. The dual side
+reads float64 per-group sums (`Statistics`), additive over batches and processes, which the
+driver all-reduces. Accumulators and per-process history are plain attributes, not buffers:
+DistributedDataParallel broadcasts buffers from rank 0 before each forward. Plain torch.
 """
 
 from __future__ import annotations
@@ -69,7 +52,16 @@ class GroupTerms:
         group_losses: ``J_a = sums / counts`` (0 for absent groups), differentiable.
         present: groups with samples, bool (G,).
         correct: per-sample accuracy in [0, 1] (float64, (N,)) when the strategy needs it.
-    """
+
+    Example:
+        >>> from lightning_fairprune.losses import GroupEqualizedLoss
+        >>> logits, targets = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1, 1])
+        >>> terms = GroupEqualizedLoss(2).terms(logits, targets, groups=torch.tensor([0, 0, 1]))
+        >>> terms.counts, terms.present.tolist()
+        (tensor([2., 1.]), [True, True])
+        >>> terms.statistics(2)["loss"]  # detached float64 per-group sums
+        tensor([0.8201, 0.3133], dtype=torch.float64)
+    """  # noqa: E501
 
     num: Tensor
     den: Tensor
@@ -117,6 +109,16 @@ class Weighting:
     Subclasses set the class attributes they need and implement `primal`; adaptive ones also
     `dual_update`. The per-process hooks (`observe`, `history`, `forget`, `local_state`) are
     for strategies that keep a history between dual steps (a replay buffer).
+
+    Example:
+        >>> class WorstGroup(Weighting):  # a new weighting is one small class
+        ...     def primal(self, loss, terms):
+        ...         return terms.group_losses[terms.present].max()
+        >>> loss_fn = GroupLoss(2, WorstGroup())
+        >>> loss_fn(torch.tensor([[2.0, 0.0], [0.0, 0.0]]), torch.tensor([0, 1]))
+        tensor(0.6931)
+        >>> loss_fn.strategy.has_dual_step, loss_fn.strategy.statistic_keys
+        (False, ('loss', 'count'))
     """
 
     has_dual_step: ClassVar[bool] = False
@@ -285,13 +287,7 @@ class GroupLoss(nn.Module):
         self.last_group_losses: Tensor | None = None
 
     def extra_repr(self) -> str:  # noqa: D102
-        base = self.base_loss
-        if not (isinstance(base, str) or base is None):
-            base = getattr(base, "__name__", type(base).__name__)
-        return (
-            f"num_groups={self.num_groups}, strategy={self.strategy!r}, base_loss={base}, "
-            f"active={self.active}"
-        )
+        return f"num_groups={self.num_groups}, strategy={self.strategy!r}, active={self.active}"
 
     # ------------------------------------------------------------------ per-sample terms
     def _per_sample(self, inputs: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor]:
