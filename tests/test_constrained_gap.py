@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fairprune import FairnessData, IterativePruning
 from lightning_fairprune.callbacks.equalizer import GroupEqualizer
-from lightning_fairprune.losses import ConstrainedGapLoss, ReplayBuffer
+from lightning_fairprune.losses import ConstrainedGap, ConstrainedGapLoss, GroupLoss, ReplayBuffer
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -130,6 +130,10 @@ def test_bad_inputs():
         ConstrainedGapLoss(3, tolerance=-0.1)
     with pytest.raises(ValueError, match="Expected `base_loss` to be 'cross_entropy' or a"):
         ConstrainedGapLoss(3, base_loss=None)
+    strategy = ConstrainedGap()
+    GroupLoss(3, strategy)
+    with pytest.raises(ValueError, match="Expected a fresh ConstrainedGap per loss"):
+        GroupLoss(3, strategy)  # two losses would share one replay buffer
     loss_fn = ConstrainedGapLoss(3)
     with pytest.raises(ValueError, match=r"Expected `accuracy` to be a 1-D tensor .*shape \(3,\)"):
         loss_fn.set_reference([0.5, 0.5])

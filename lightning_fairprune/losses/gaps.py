@@ -176,6 +176,11 @@ class ConstrainedGap(Weighting):
                 "Expected `base_loss` to be 'cross_entropy' or a callable on logits (the "
                 "accuracy needs logits (N, C, ...)), but got None"
             )
+        if self.replay is not None:
+            raise ValueError(
+                "Expected a fresh ConstrainedGap per loss (it holds the loss's replay buffers), "
+                "but got one already bound to another loss"
+            )
         self.replay = ReplayBuffer(loss.num_groups, self.buffer_size)
 
     def missing_reference(self, loss: GroupLoss) -> bool:  # noqa: D102
