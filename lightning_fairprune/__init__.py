@@ -2,8 +2,8 @@
 
 The callbacks (`IterativePruning`, `FairnessMonitor`, `GroupEqualizer`), the fairness-data
 path (`FairnessData`) and the loss modules (`GroupEqualizedLoss`, `GroupDROLoss`,
-`GroupWeightedLoss`), and `compact` / `load_compact` / `model_cost` for a physically smaller
-channel-pruned model, are exported here. The plain-torch cores live in
+`GroupWeightedLoss`, `ConstrainedGapLoss`), and `compact` / `load_compact` / `model_cost` for a
+physically smaller channel-pruned model, are exported here. The plain-torch cores live in
 `lightning_fairprune.schedules`, `lightning_fairprune.pruning` and
 `lightning_fairprune.diagnostics`, usable without a Trainer.
 """
@@ -33,6 +33,7 @@ from lightning_fairprune.diagnostics import (
 from lightning_fairprune.fairness_data import FairnessData
 from lightning_fairprune.logging import log_config, log_round, log_scalars, log_summary
 from lightning_fairprune.losses import (
+    ConstrainedGapLoss,
     GroupDROLoss,
     GroupEqualizedLoss,
     GroupWeightedLoss,
@@ -50,6 +51,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "SCHEDULES",
+    "ConstrainedGapLoss",
     "FairnessData",
     "FairnessMonitor",
     "GroupDROLoss",

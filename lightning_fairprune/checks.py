@@ -35,6 +35,7 @@ __all__ = [
     "check_name_list",
     "check_real",
     "check_sparsity",
+    "check_vector",
     "is_int",
     "is_real",
 ]
@@ -296,6 +297,7 @@ def check_labels(
     n: int | None = None,
     what: str = "labels",
     upper_name: str | None = None,
+    values: bool = True,
 ) -> Tensor:
     """Check a 1-D integer tensor of ids in ``[0, upper)`` (class labels or group ids).
 
@@ -308,6 +310,8 @@ def check_labels(
         n: required length, or ``None``.
         what: what the ids are ("class labels", "group ids").
         upper_name: the argument that set ``upper`` (e.g. ``num_groups``), named in the message.
+        values: check the ids' range (reads the values: one device synchronization);
+            ``False`` checks type, dtype and shape only.
 
     Returns:
         The tensor (unchanged).
@@ -341,7 +345,7 @@ def check_labels(
             f"Expected `{name}` to be a 1-D integer tensor with one id per sample{count}, but "
             f"got shape {tuple(t.shape)}"
         )
-    if t.numel():
+    if values and t.numel():
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or (upper is not None and hi >= upper):
             source = f" (`{upper_name}`={upper})" if upper_name else ""
@@ -350,6 +354,68 @@ def check_labels(
                 f"Expected `{name}` to hold {what} {where}, but got ids from {lo} to {hi}"
             )
     return t
+
+
+def check_vector(
+    value: object,
+    name: str,
+    *,
+    size: int | None = None,
+    low: float | None = None,
+    what: str = "values",
+    nonempty: bool = False,
+    nonzero: bool = False,
+) -> Tensor:
+    """Return a 1-D tensor of finite numbers as detached float64 (weights, counts, sums).
+
+    Args:
+        value: a tensor or a sequence of numbers.
+        name: the argument's name.
+        size: required length, or ``None``.
+        low: smallest allowed entry, or ``None``.
+        what: what the entries are ("class weights", "per-group counts"...).
+        nonempty: refuse an empty vector.
+        nonzero: refuse a vector whose entries are all 0.
+
+    Returns:
+        The float64 tensor (on the input's device).
+
+    Raises:
+        ValueError: for anything else, naming the argument and what was expected.
+
+    Example:
+        >>> check_vector([30, 10], "counts", low=0.0, what="counts")
+        tensor([30., 10.], dtype=torch.float64)
+        >>> check_vector([1.0, -2.0], "weight", low=0.0, what="class weights")
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `weight` to be a 1-D tensor of finite class weights >= 0, but got [1.0, -2.0]
+    """  # noqa: E501
+    try:
+        t = (
+            value.detach()
+            if isinstance(value, Tensor)
+            else torch.as_tensor(value, dtype=torch.float64)
+        )
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    ok = t is not None and t.dim() == 1 and (t.is_floating_point() or _is_integer_tensor(t))
+    if ok:
+        assert t is not None
+        t = t.to(torch.float64)
+        ok = bool(torch.isfinite(t).all())
+        ok = ok and (size is None or t.numel() == size) and (not nonempty or t.numel() > 0)
+        ok = ok and (low is None or not bool((t < low).any()))
+        ok = ok and (not nonzero or bool((t != 0).any()))
+    if not ok:
+        bound = f" >= {_fmt(low)}" if low is not None else ""
+        shape = f" of shape ({size},)" if size is not None else ""
+        raise ValueError(
+            f"Expected `{name}` to be a {'non-empty ' if nonempty else ''}1-D tensor of finite "
+            f"{what}{bound}{shape}{', not all 0' if nonzero else ''}, but got "
+            f"{value.tolist() if isinstance(value, Tensor) else value!r}"
+        )
+    return t  # type: ignore[return-value]
 
 
 def check_each(values: Sequence[tuple[str, object]], check: Callable[[object, str], Any]) -> None:

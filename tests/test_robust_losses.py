@@ -14,6 +14,7 @@ from lightning_fairprune.callbacks.equalizer import GroupEqualizer
 from lightning_fairprune.losses import (
     GroupDROLoss,
     GroupEqualizedLoss,
+    GroupLoss,
     GroupWeightedLoss,
     inverse_frequency_weights,
 )
@@ -102,11 +103,13 @@ def test_bad_inputs():
         GroupWeightedLoss([0.0, 0.0])
     with pytest.raises(ValueError, match="Expected `counts` to be a 1-D tensor"):
         inverse_frequency_weights([-1.0, 2.0])
-    with pytest.raises(ValueError, match="Expected the step size `lr` to be a finite float"):
+    with pytest.raises(ValueError, match="Expected `lr` to be a finite float >= 0"):
         GroupDROLoss(2).dual_step(-0.1)
     with pytest.raises(ValueError, match="Expected `num_groups` to be an int >= 1"):
         GroupDROLoss(0)
-    assert isinstance(GroupDROLoss(2), GroupEqualizedLoss)  # the callback accepts it
+    # the callback accepts every group loss (one base)
+    assert isinstance(GroupDROLoss(2), GroupLoss)
+    assert isinstance(GroupEqualizedLoss(2), GroupLoss)
 
 
 class DROCNN(SmallCNN):
