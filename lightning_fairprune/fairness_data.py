@@ -14,7 +14,10 @@ their per-group statistics on. It
   checks that no process would see an empty loader (the same clear error on every process),
   and caps every pass at ``max_batches``;
 * converts batches like training batches (precision plugin, device) through
-  :func:`lightning_fairprune.measure.prepare_batch`.
+  :func:`lightning_fairprune.measure.prepare_batch`;
+* scans the whole data once before training (`FairnessData.scan`: every batch's targets and
+  group ids, non-finite inputs, samples per group), forward-free, with the same verdict on
+  every process.
 
 It knows nothing about the monitor or the pruner; the trainer is duck-typed.
 """
@@ -24,15 +27,16 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_fairprune.checks import check_callable, check_int, check_labels
-from lightning_fairprune.measure import prepare_batch
+from lightning_fairprune.measure import prepare_batch, rng_restored
 
-__all__ = ["FairnessBatches", "FairnessData"]
+__all__ = ["DataScan", "FairnessBatches", "FairnessData"]
 
 GroupFn = Callable[[Any], "tuple[Any, Tensor, Tensor]"]
 
@@ -328,6 +332,128 @@ class FairnessData:
                 + "; pass a `dataloader` with data for every process"
             )
 
+    def _offending(self, parsed: Any, limit: int | None) -> str:
+        """`` (offending ids: [...])`` of a parsed batch whose ids are out of range, else ``""``."""
+        if parsed is None:
+            return ""
+        _, y, g = parsed
+        ids: list[Any] = []
+        sizes = self.attribute_sizes
+        if isinstance(g, Tensor) and g.ndim == 2 and sizes and g.shape[1] == len(sizes):
+            bad = g[((g < 0) | (g >= torch.tensor(sizes, device=g.device))).any(1)]
+            ids = sorted({tuple(int(v) for v in row) for row in bad.tolist()})
+        else:
+            ids_t = g if g is not None else y
+            if isinstance(ids_t, Tensor) and ids_t.ndim == 1 and not ids_t.is_floating_point():
+                high = limit if limit is not None else math.inf
+                ids = sorted({int(v) for v in ids_t.tolist() if v < 0 or v >= high})
+        return f" (offending ids: {ids[:5]}{', ...' if len(ids) > 5 else ''})" if ids else ""
+
+    def scan(
+        self,
+        trainer: Any | None,
+        model: Any | None = None,
+        *,
+        num_groups: int | None = None,
+        owner: str = "FairnessData",
+    ) -> DataScan:
+        """Check every batch of this process's share once, before training; no forward pass.
+
+        Each batch (at most ``max_batches``, sharded across processes as the measurement
+        passes are) is parsed and its targets and group ids are validated, its floating
+        inputs are checked to be finite, and the samples of every group are counted. Under
+        data parallelism the counts and the verdict are all-reduced, so that a bad batch on one
+        process raises on every process (no process is left waiting in a collective). The
+        loader's RNG (its generator and the global RNGs a shuffling sampler draws from) is
+        restored afterwards, so a scan leaves training bitwise unchanged.
+
+        Args:
+            trainer: the Trainer (duck-typed: ``world_size``, ``global_rank``,
+                ``strategy.reduce``) or ``None``.
+            model: the model (its device for the collectives).
+            num_groups: the resolved number of groups (default: ``num_groups``); ``None``
+                with groups = classes: ids are checked to be non-negative and not counted.
+            owner: the callback the data belongs to, for the messages.
+
+        Returns:
+            A `DataScan`. Groups with no sample are reported with a ``UserWarning``.
+
+        Raises:
+            ValueError: naming the batch index and what is wrong: the offending group ids,
+                or, for non-finite inputs, the groups of the samples that hold them.
+
+        Example:
+            >>> x, y = torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
+            >>> ok, bad = torch.tensor([0, 1, 2, 1]), torch.tensor([0, 1, 9, 1])
+            >>> FairnessData([(x, y, ok), (x, y, ok)], num_groups=3).scan(None).counts
+            [2, 4, 2]
+            >>> FairnessData([(x, y, ok), (x, y, bad)], num_groups=3).scan(None)
+            Traceback (most recent call last):
+            ...
+            ValueError: Expected `groups` to hold group ids in [0, 3) (`num_groups`=3), but got ids from 0 to 9 in fairness batch 1 (offending ids: [9])
+        """  # noqa: E501
+        loader = self.resolve(trainer, model)
+        rank, world = self._rank_world(trainer) if self._stride else (0, 1)
+        limit = num_groups if num_groups is not None else self.num_groups
+        counts = torch.zeros(limit or 0, dtype=torch.float64)
+        scanned, from_batch, error = 0, False, None
+        with rng_restored([loader]):
+            for index, batch in _shard(loader, rank, world, self.max_batches):
+                parsed: Any = None
+                try:
+                    parsed = self.split_batch(batch)
+                    x, y, g, found = self.validate(*parsed, limit)
+                    if not found and limit is not None:  # groups = classes: ids below G too
+                        what = "class labels (groups = classes)"
+                        check_labels(y, "targets", upper=limit, what=what, upper_name="num_groups")
+                except (ValueError, TypeError) as err:
+                    error = f"{err} in fairness batch {index}{self._offending(parsed, limit)}"
+                    break
+                from_batch = from_batch or found
+                bad_rows = _nonfinite_rows(x, int(y.shape[0]))
+                if bad_rows is not None:
+                    groups = sorted({int(v) for v in g[bad_rows.to(g.device)].tolist()})
+                    kind = "group ids" if found else "classes (groups = classes)"
+                    error = (
+                        f"Expected finite inputs in the fairness data of {owner}, but fairness "
+                        f"batch {index} has NaN or infinite values in {int(bad_rows.sum())} "
+                        f"sample(s) of group(s) {groups} ({kind})"
+                    )
+                    break
+                scanned += 1
+                if limit:
+                    counts += torch.bincount(g.cpu(), minlength=limit).to(counts.dtype)
+        others = 0
+        if world > 1 and trainer is not None:
+            device = next(model.parameters()).device if model is not None else None
+            flags = torch.tensor([1.0 if error else 0.0, float(scanned)], dtype=torch.float64)
+            total = trainer.strategy.reduce(
+                torch.cat([flags, counts]).to(device), reduce_op="sum"
+            ).cpu()
+            others = int(total[0]) - (1 if error else 0)
+            scanned, counts = int(total[1]), total[2:]
+        if error is not None:
+            raise ValueError(error)
+        if others:
+            raise ValueError(
+                f"Expected valid fairness data of {owner} on every process, but {others} other "
+                "process(es) found a bad batch (their error names it)"
+            )
+        result = DataScan(scanned, [int(c) for c in counts.tolist()], from_batch)
+        empty = result.empty_groups
+        if empty:
+            warnings.warn(
+                f"{owner}: group{'s' if len(empty) > 1 else ''} "
+                f"{', '.join(map(str, empty))} of {limit} "
+                f"{'have' if len(empty) > 1 else 'has'} no samples in the fairness data "
+                f"({scanned} batch{'es' if scanned != 1 else ''} scanned); "
+                f"{'their' if len(empty) > 1 else 'its'} per-group numbers are undefined. Check "
+                "`num_groups` and the group ids.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return result
+
     def batches(
         self,
         trainer: Any | None,
@@ -376,6 +502,63 @@ def _stack_attributes(values: list[Any], keys: list[str]) -> Tensor:
     return torch.stack([v.long() for v in values], dim=1)
 
 
+@dataclass(frozen=True)
+class DataScan:
+    """What `FairnessData.scan` found (over all processes).
+
+    Attributes:
+        num_batches: batches scanned.
+        counts: samples per group (empty when the number of groups was not known).
+        groups_from_batch: whether the batches carry group ids (else groups = classes).
+    """
+
+    num_batches: int
+    counts: list[int]
+    groups_from_batch: bool
+
+    @property
+    def empty_groups(self) -> list[int]:
+        """Ids of the groups with no sample."""
+        return [g for g, c in enumerate(self.counts) if c == 0]
+
+
+def _shard(
+    loader: Iterable[Any], rank: int, world: int, limit: int | None
+) -> Iterator[tuple[int, Any]]:
+    """``(index, batch)`` of this process's share (every ``world``-th batch), at most ``limit``."""
+    count = 0
+    for index, batch in enumerate(loader):
+        if world > 1 and index % world != rank:
+            continue
+        if limit is not None and count >= limit:
+            break
+        count += 1
+        yield index, batch
+
+
+def _nonfinite_rows(x: Any, n: int) -> Tensor | None:
+    """``[n]`` bool: samples with a NaN/inf in a floating input tensor (``None``: all finite).
+
+    Nested inputs (dicts, lists, tuples) are walked; a tensor whose first dimension is not
+    the batch marks every sample when it holds a non-finite value.
+    """
+    if isinstance(x, Tensor):
+        if not (x.is_floating_point() or x.is_complex()):
+            return None
+        if x.ndim >= 1 and x.shape[0] == n:
+            rows = ~torch.isfinite(x.reshape(n, -1)).all(1) if x.numel() else None
+        else:
+            rows = torch.full((n,), True) if not bool(torch.isfinite(x).all()) else None
+        return None if rows is None or not bool(rows.any()) else rows.cpu()
+    items = x.values() if isinstance(x, Mapping) else x if isinstance(x, (list, tuple)) else ()
+    found: Tensor | None = None
+    for item in items:
+        rows = _nonfinite_rows(item, n)
+        if rows is not None:
+            found = rows if found is None else found | rows
+    return found
+
+
 class FairnessBatches:
     """Re-iterable ``(x, y, g)`` batches of one process, validated and converted."""
 
@@ -414,12 +597,7 @@ class FairnessBatches:
 
     def __iter__(self) -> Iterator[tuple[Any, Tensor, Tensor]]:
         count = 0
-        limit = self.data.max_batches
-        for index, batch in enumerate(self.loader):
-            if self.world_size > 1 and index % self.world_size != self.rank:
-                continue
-            if limit is not None and count >= limit:
-                break
+        for _, batch in _shard(self.loader, self.rank, self.world_size, self.data.max_batches):
             count += 1
             yield self._convert(batch)
         if count == 0 and self.world_size == 1:
