@@ -597,9 +597,13 @@ class FairnessBatches:
 
     def __iter__(self) -> Iterator[tuple[Any, Tensor, Tensor]]:
         count = 0
-        for _, batch in _shard(self.loader, self.rank, self.world_size, self.data.max_batches):
+        for index, batch in _shard(self.loader, self.rank, self.world_size, self.data.max_batches):
             count += 1
-            yield self._convert(batch)
+            try:
+                converted = self._convert(batch)
+            except (ValueError, TypeError) as err:  # name the batch, like `FairnessData.scan`
+                raise type(err)(f"{err} in fairness batch {index}") from err
+            yield converted
         if count == 0 and self.world_size == 1:
             raise ValueError(
                 "Expected the fairness dataloader to yield at least one batch, but got none"

@@ -125,7 +125,7 @@ def test_monitor_refuses_a_bad_group_id_in_the_last_validation_batch_before_trai
     pl.seed_everything(0)
     spy = StepSpy()
     monitor = FairnessMonitor(_group_loader(bad_last=9), num_groups=4, num_probes=0)
-    trainer = _trainer(tmp_path, [IterativePruning(0.5), monitor, spy], max_epochs=3)
+    trainer = _trainer(tmp_path, [IterativePruning(0.5, start=1), monitor, spy], max_epochs=3)
     with pytest.raises(ValueError, match=r"fairness batch 3 \(offending ids: \[9\]\)"):
         trainer.fit(SmallCNN(), datamodule=_dm())
     assert spy.steps == []  # refused before the first optimizer step
@@ -134,7 +134,7 @@ def test_monitor_refuses_a_bad_group_id_in_the_last_validation_batch_before_trai
 def test_monitor_names_the_batch_and_the_group_of_nan_inputs(tmp_path):
     spy = StepSpy()
     monitor = FairnessMonitor(_group_loader(nan_group=1), num_groups=2, num_probes=0)
-    trainer = _trainer(tmp_path, [IterativePruning(0.5), monitor, spy])
+    trainer = _trainer(tmp_path, [IterativePruning(0.5, start=1), monitor, spy])
     with pytest.raises(ValueError, match=r"batch 3 has NaN .* of group\(s\) \[1\]"):
         trainer.fit(SmallCNN(), datamodule=_dm())
     assert spy.steps == []
@@ -143,7 +143,9 @@ def test_monitor_names_the_batch_and_the_group_of_nan_inputs(tmp_path):
 def test_pruning_group_data_is_scanned_entirely_at_fit_start(tmp_path):
     spy = StepSpy()
     data = FairnessData(_group_loader(bad_last=9), num_groups=2)
-    pruning = IterativePruning(0.5, criterion="fairprune", include_names=NAMES, group_data=data)
+    pruning = IterativePruning(
+        0.5, criterion="fairprune", include_names=NAMES, group_data=data, start=1
+    )
     with pytest.raises(ValueError, match=r"ids from 0 to 9 in fairness batch 3"):
         _trainer(tmp_path, [pruning, spy]).fit(SmallCNN(), datamodule=_dm())
     assert spy.steps == []
@@ -152,8 +154,8 @@ def test_pruning_group_data_is_scanned_entirely_at_fit_start(tmp_path):
 # ------------------------------------------------------------------ item 9: overlapping pruners
 def test_two_pruning_callbacks_over_overlapping_parameters_are_refused_at_fit_start(tmp_path):
     spy = StepSpy()
-    a = IterativePruning(0.5, name="convs", include_names=["features.*"])
-    b = IterativePruning(0.5, include_names=["features.2.*", "fc.*"])
+    a = IterativePruning(0.5, name="convs", include_names=["features.*"], start=1)
+    b = IterativePruning(0.5, include_names=["features.2.*", "fc.*"], start=1)
     with pytest.raises(
         ValueError,
         match=r"pruned parameters of IterativePruning\(name='convs'\) and IterativePruning at "
@@ -193,6 +195,7 @@ def test_a_group_id_option_beyond_the_groups_is_refused_at_fit_start(tmp_path):
         include_names=NAMES,
         group_data=data,
         criterion_options={"worst": 3},
+        start=1,
     )
     with pytest.raises(ValueError, match=r"`worst` to be a group id in \[0, 2\), but got 3"):
         _trainer(tmp_path, [pruning, spy]).fit(SmallCNN(), datamodule=_dm())
@@ -226,7 +229,9 @@ def test_a_group_id_option_beyond_the_groups_is_refused_at_fit_start(tmp_path):
 )
 def test_a_bad_group_data_is_refused_at_fit_start(tmp_path, data, match):
     spy = StepSpy()
-    pruning = IterativePruning(0.5, criterion="fairgrape", include_names=NAMES, group_data=data())
+    pruning = IterativePruning(
+        0.5, criterion="fairgrape", include_names=NAMES, group_data=data(), start=1
+    )
     with pytest.raises(ValueError, match=match):
         _trainer(tmp_path, [pruning, spy]).fit(SmallCNN(), datamodule=_dm())
     assert spy.steps == []
@@ -251,7 +256,7 @@ class Regressor(SmallCNN):
 
 def test_a_regression_model_with_a_fair_criterion_is_refused_at_fit_start(tmp_path):
     spy = StepSpy()
-    pruning = IterativePruning(0.5, criterion="fairprune", include_names=NAMES)
+    pruning = IterativePruning(0.5, criterion="fairprune", include_names=NAMES, start=1)
     with pytest.raises(ValueError, match=r"class logits of shape \(N, C\) with C >= 2 .*\(40, 1\)"):
         _trainer(tmp_path, [pruning, spy], limit_val_batches=0).fit(Regressor(), datamodule=_dm())
     assert spy.steps == []
@@ -259,7 +264,7 @@ def test_a_regression_model_with_a_fair_criterion_is_refused_at_fit_start(tmp_pa
 
 def test_training_batches_with_groups_and_no_group_data_are_refused_at_fit_start(tmp_path):
     spy = StepSpy()
-    pruning = IterativePruning(0.5, criterion="worst_group", include_names=NAMES)
+    pruning = IterativePruning(0.5, criterion="worst_group", include_names=NAMES, start=1)
     with pytest.raises(ValueError, match=r"derives its group data from the training dataloader"):
         _trainer(tmp_path, [pruning, spy]).fit(SmallCNN(), datamodule=_dm(with_groups=True))
     assert spy.steps == []

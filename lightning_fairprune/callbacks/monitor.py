@@ -533,14 +533,17 @@ class FairnessMonitor(Callback):
         self.check_data(trainer, pl_module)
 
     def check_data(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> None:
-        """Peek at one fairness batch and validate it before any training.
+        """Validate the whole fairness data before any training.
 
-        Checks that the loader exists and is not empty on any process, that targets and groups
-        are integer ids of one per sample within ``num_groups``, that ``num_groups`` is given
-        when the batches carry groups, and that batches *without* a group column are not
+        Checks that the loader exists and is not empty on any process, that ``num_groups`` is
+        given when the batches carry groups, and that batches *without* a group column are not
         silently measured as class groups when ``num_groups`` (a protected attribute) was
-        given with a count other than the number of classes. Learns the number of classes from
-        the logits of that batch.
+        given with a count other than the number of classes; learns the number of classes from
+        the logits of the first batch. Then `FairnessData.scan` checks every batch (at most
+        ``max_batches``, this process's share): targets and groups are integer ids of one per
+        sample within the number of groups, inputs are finite (errors name the batch index, the
+        offending ids or the groups of the non-finite samples), and groups with no sample are
+        reported; every process reaches the same verdict.
 
         Raises:
             ValueError: naming what is wrong.
@@ -561,6 +564,8 @@ class FairnessMonitor(Callback):
                 "batches (x, y, g), set `group_key`, or pass `group_fn`; or leave `num_groups` "
                 "unset to measure the classes."
             )
+        # every batch, not only the first: ids, non-finite inputs, empty groups (forward-free)
+        self.data.scan(trainer, pl_module, num_groups=self._num_groups, owner="FairnessMonitor")
         self.resolved_group_names()
         self.data.reset()  # the loader is resolved again at the first measurement
 

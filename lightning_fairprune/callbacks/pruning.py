@@ -1069,17 +1069,19 @@ class IterativePruning(Callback):
     def _fair_dry_run(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
         """Before the first step, find what would fail at the first round of a fair criterion.
 
-        Scans the whole ``group_data`` (`FairnessData.scan`: every batch's ids, non-finite
-        inputs, empty groups; all processes agree), then runs the statistics pass on one batch
-        and the criterion's options against the number of groups, isolated from training.
+        Runs the statistics pass on one batch (model outputs, number of groups), scans the
+        whole ``group_data`` (`FairnessData.scan`: every batch's ids, non-finite inputs, empty
+        groups; all processes agree) and checks the criterion's options against the number of
+        groups, isolated from training.
         """
         data = self.group_data
         try:
-            if data is not None:
-                data.scan(trainer, pl_module, owner="IterativePruning's `group_data`")
-                data.reset()
             params = self._params(pl_module)
             stats = self._group_statistics(trainer, pl_module, params, self.seed, dry_run=True)
+            if data is not None:
+                owner = "IterativePruning's `group_data`"
+                data.scan(trainer, pl_module, num_groups=stats.num_groups, owner=owner)
+                data.reset()
         except ValueError as err:
             if data is not None:
                 raise

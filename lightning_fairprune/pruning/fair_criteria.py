@@ -995,19 +995,27 @@ def _option_names(name: str, options: Mapping[str, Any]) -> str:
     return key
 
 
-def check_fair_options(name: str, options: Mapping[str, Any], num_groups: int = 2) -> None:
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_fair_options(
+    name: str, options: Mapping[str, Any], num_groups: int | None = None
+) -> None:
     """Check a fairness-aware criterion's options (names and values) without any model.
 
     The option names are checked against `FAIR_CRITERION_OPTIONS`, and the values by running
     the criterion once on a tiny synthetic problem with ``num_groups`` groups (four weights,
     half of them pruned): whatever `fair_masks` would refuse at a pruning round is refused
-    here, with the same message. Pruning callbacks call it at construction (``num_groups=2``)
-    and again at fit start, when the number of groups is known (e.g. FairPrune's ``worst``).
+    here, with the same message. Pruning callbacks call it at construction (``num_groups``
+    unknown: as many groups as a given ``worst`` needs) and again at fit start, when the
+    number of groups is known (FairPrune's ``worst`` must name one of them).
 
     Args:
         name: one of `FAIR_CRITERIA`.
         options: the keyword options.
-        num_groups: number of groups G of the data the criterion will see.
+        num_groups: number of groups G of the data the criterion will see (``None``: not
+            known yet).
 
     Raises:
         ValueError: an unknown criterion or option name, or a bad option value.
@@ -1024,7 +1032,8 @@ def check_fair_options(name: str, options: Mapping[str, Any], num_groups: int = 
         ValueError: Expected `worst` to be a group id in [0, 2), but got 3
     """  # noqa: E501
     key = _option_names(name, options)
-    g = int(num_groups)
+    worst = options.get("worst")
+    g = num_groups if num_groups is not None else max(2, worst + 1 if _is_id(worst) else 2)
     grads = {"w": torch.arange(g * 4, dtype=torch.float64).reshape(g, 4) - g * 2}
     stats = GroupStatistics(
         grads,
