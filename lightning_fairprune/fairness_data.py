@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_fairprune.checks import check_callable, check_int, check_labels
+from lightning_fairprune.checks import check_callable, check_int, check_labels, check_logits
 from lightning_fairprune.measure import prepare_batch, rng_restored
 
-__all__ = ["DataScan", "FairnessBatches", "FairnessData"]
+__all__ = ["DataScan", "FairnessBatches", "FairnessData", "agree"]
 
 GroupFn = Callable[[Any], "tuple[Any, Tensor, Tensor]"]
 
@@ -239,6 +239,46 @@ class FairnessData:
             columns.append(column.long())
         return combine_groups(columns, sizes).ids
 
+    def check_group_column(self, groups_from_batch: bool, num_classes: int | None) -> None:
+        """Refuse batches without groups when ``num_groups`` differs from the number of classes.
+
+        A batch ``(x, y)`` means groups = classes; with ``num_groups`` given (a protected
+        attribute) and another count of classes, measuring the classes would be silently
+        wrong.
+
+        Example:
+            >>> FairnessData(num_groups=4).check_group_column(False, 10)
+            Traceback (most recent call last):
+            ...
+            ValueError: Expected the fairness batches to carry group ids (`num_groups`=4 was given, but the model has 10 classes), but they have no group column: a batch (x, y) means groups = classes. Give batches (x, y, g), set `group_key`, or pass `group_fn`; or leave `num_groups` unset to measure the classes.
+        """  # noqa: E501
+        if groups_from_batch or self.num_groups is None or self.num_groups == num_classes:
+            return
+        raise ValueError(
+            f"Expected the fairness batches to carry group ids (`num_groups`={self.num_groups} "
+            f"was given, but the model has {num_classes} classes), but they have no group "
+            "column: a batch (x, y) means groups = classes. Give batches (x, y, g), set "
+            "`group_key`, or pass `group_fn`; or leave `num_groups` unset to measure the classes."
+        )
+
+    def resolve_groups(self, model: Any, batches: FairnessBatches, owner: str) -> tuple[int, int]:
+        """``(number of groups, number of classes)`` from the logits of the first batch.
+
+        Args:
+            model: the classifier (called once, without gradients).
+            batches: this data's batches (`batches`).
+            owner: what needs the groups, for the messages (e.g. ``"criterion='fairprune'"``).
+
+        Raises:
+            ValueError: outputs that are not class logits ``(N, C)`` with ``C >= 2``, targets
+                outside ``[0, C)``, or `check_group_column`.
+        """
+        x, y, _ = batches.first()
+        with torch.no_grad():
+            classes = check_logits(model(x), y, owner)
+        self.check_group_column(batches.groups_from_batch, classes)
+        return (self.num_groups or classes), classes
+
     # ---------------------------------------------------------------- the loader
     def resolve(self, trainer: Any | None, model: Any | None = None) -> Iterable[Any]:
         """The loader, resolved once (see the module docstring); checked not to be empty.
@@ -396,63 +436,59 @@ class FairnessData:
         rank, world = self._rank_world(trainer) if self._stride else (0, 1)
         limit = num_groups if num_groups is not None else self.num_groups
         counts = torch.zeros(limit or 0, dtype=torch.float64)
-        scanned, from_batch, error = 0, False, None
+        scanned, from_batch, counted, error = 0, False, limit is not None, None
         with rng_restored([loader]):
             for index, batch in _shard(loader, rank, world, self.max_batches):
-                parsed: Any = None
                 try:
-                    parsed = self.split_batch(batch)
-                    x, y, g, found = self.validate(*parsed, limit)
-                    if not found and limit is not None:  # groups = classes: ids below G too
-                        what = "class labels (groups = classes)"
-                        check_labels(y, "targets", upper=limit, what=what, upper_name="num_groups")
-                except (ValueError, TypeError) as err:
-                    error = f"{err} in fairness batch {index}{self._offending(parsed, limit)}"
+                    g, found = self._scan_batch(index, batch, limit, num_groups, owner)
+                except ValueError as err:
+                    error = err
                     break
-                from_batch = from_batch or found
-                bad_rows = _nonfinite_rows(x, int(y.shape[0]))
-                if bad_rows is not None:
-                    groups = sorted({int(v) for v in g[bad_rows.to(g.device)].tolist()})
-                    kind = "group ids" if found else "classes (groups = classes)"
-                    error = (
-                        f"Expected finite inputs in the fairness data of {owner}, but fairness "
-                        f"batch {index} has NaN or infinite values in {int(bad_rows.sum())} "
-                        f"sample(s) of group(s) {groups} ({kind})"
-                    )
-                    break
-                scanned += 1
-                if limit:
-                    counts += torch.bincount(g.cpu(), minlength=limit).to(counts.dtype)
-        others = 0
-        if world > 1 and trainer is not None:
-            device = next(model.parameters()).device if model is not None else None
-            flags = torch.tensor([1.0 if error else 0.0, float(scanned)], dtype=torch.float64)
-            total = trainer.strategy.reduce(
-                torch.cat([flags, counts]).to(device), reduce_op="sum"
-            ).cpu()
-            others = int(total[0]) - (1 if error else 0)
-            scanned, counts = int(total[1]), total[2:]
-        if error is not None:
-            raise ValueError(error)
-        if others:
-            raise ValueError(
-                f"Expected valid fairness data of {owner} on every process, but {others} other "
-                "process(es) found a bad batch (their error names it)"
-            )
-        result = DataScan(scanned, [int(c) for c in counts.tolist()], from_batch)
+                scanned, from_batch = scanned + 1, from_batch or found
+                counted = counted and (found or num_groups is not None)
+                if counted:
+                    counts += torch.bincount(g.cpu(), minlength=len(counts)).to(counts.dtype)
+        summed = torch.cat([counts, counts.new([scanned])])
+        total = agree(trainer, model, error, owner, summed)
+        counts, scanned = total[:-1], int(total[-1])
+        result = DataScan(scanned, [int(c) for c in counts.tolist()] if counted else [], from_batch)
         empty = result.empty_groups
         if empty:
+            several = len(empty) > 1
             warnings.warn(
-                f"{owner}: group{'s' if len(empty) > 1 else ''} "
-                f"{', '.join(map(str, empty))} of {limit} "
-                f"{'have' if len(empty) > 1 else 'has'} no samples in the fairness data "
-                f"({scanned} batch{'es' if scanned != 1 else ''} scanned); "
-                f"{'their' if len(empty) > 1 else 'its'} per-group numbers are undefined. Check "
-                "`num_groups` and the group ids.",
+                f"{owner}: group{'s' if several else ''} {', '.join(map(str, empty))} of {limit} "
+                f"{'have' if several else 'has'} no samples in the fairness data ({scanned} "
+                f"batch{'es' if scanned != 1 else ''} scanned); {'their' if several else 'its'} "
+                "per-group numbers are undefined. Check `num_groups` and the group ids.",
                 UserWarning,
                 stacklevel=2,
             )
         return result
+
+    def _scan_batch(
+        self, index: int, batch: Any, limit: int | None, classes: int | None, owner: str
+    ) -> tuple[Tensor, bool]:
+        """Validate one raw batch; return its group ids and whether the batch carries them."""
+        parsed: Any = None
+        try:
+            parsed = self.split_batch(batch)
+            x, y, g, found = self.validate(*parsed, limit)
+            if not found and classes is not None:  # groups = classes: below the resolved G
+                what = "class labels (groups = classes)"
+                check_labels(y, "targets", upper=classes, what=what, upper_name="num_groups")
+        except (ValueError, TypeError) as err:
+            bound = limit if parsed is None or parsed[2] is not None else classes
+            offending = self._offending(parsed, bound)
+            raise ValueError(f"{err} in fairness batch {index}{offending}") from err
+        bad_rows = _nonfinite_rows(x, int(y.shape[0]))
+        if bad_rows is not None:
+            groups = sorted({int(v) for v in g[bad_rows.to(g.device)].tolist()})
+            raise ValueError(
+                f"Expected finite inputs in the fairness data of {owner}, but fairness batch "
+                f"{index} has NaN or infinite values in {int(bad_rows.sum())} sample(s) of "
+                f"group(s) {groups} ({'group ids' if found else 'classes (groups = classes)'})"
+            )
+        return g, found
 
     def batches(
         self,
@@ -520,6 +556,56 @@ class DataScan:
     def empty_groups(self) -> list[int]:
         """Ids of the groups with no sample."""
         return [g for g, c in enumerate(self.counts) if c == 0]
+
+
+def agree(
+    trainer: Any | None,
+    model: Any | None,
+    error: BaseException | None,
+    owner: str,
+    values: Tensor | None = None,
+) -> Tensor:
+    """Raise on every process when some process failed a check (no one left waiting).
+
+    Call it on every process after a check that can fail on one process only (its share of
+    the data differs): the process that failed raises its own error, the others a ValueError
+    saying that another process failed. One all-reduce under data parallelism, which also sums
+    ``values`` across processes.
+
+    Args:
+        trainer: the Trainer (duck-typed: ``world_size``, ``strategy.reduce``) or ``None``.
+        model: the model (its device for the collective).
+        error: this process's error, or ``None``.
+        owner: whose data was checked, for the message.
+        values: float64 numbers to sum across processes in the same collective.
+
+    Returns:
+        ``values`` summed over the processes (an empty tensor without ``values``).
+
+    Example:
+        >>> agree(None, None, None, "FairnessMonitor", torch.tensor([2.0])).tolist()
+        [2.0]
+        >>> agree(None, None, ValueError("bad batch"), "FairnessMonitor")
+        Traceback (most recent call last):
+        ...
+        ValueError: bad batch
+    """
+    values = torch.zeros(0, dtype=torch.float64) if values is None else values
+    failed = 1.0 if error is not None else 0.0
+    others = 0
+    if trainer is not None and int(getattr(trainer, "world_size", 1) or 1) > 1:
+        device = next(model.parameters()).device if model is not None else None
+        flat = torch.cat([values.new([failed]), values]).to(device)
+        total = trainer.strategy.reduce(flat, reduce_op="sum").cpu()
+        others, values = int(total[0]) - int(failed), total[1:]
+    if error is not None:
+        raise error
+    if others:
+        raise ValueError(
+            f"Expected valid fairness data of {owner} on every process, but {others} other "
+            "process(es) failed a check (their error names it)"
+        )
+    return values
 
 
 def _shard(

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lightning_fairprune.checks import (
+    check_bool,
     check_choice,
     check_int,
     check_real,
@@ -511,7 +512,11 @@ class RoundPlan:
         interval: ``"epoch"`` or ``"step"`` (optimizer steps).
         start: first event point; ``None``: after one epoch of training (epoch 1, or for
             ``interval="step"`` the optimizer steps of one epoch, set by `resolve_start` once
-            the training loader is known), so that the first round prunes a trained model.
+            the training loader is known), so that the first round prunes a trained model;
+            0 when ``pretrained``.
+        pretrained: the model is trained before the first event point (loaded weights): a
+            first round before any optimizer step is deliberate (`warn_untrained` is silent)
+            and ``start`` defaults to 0.
         end: last allowed event point (inclusive), or ``None``.
         frequency: distance between event points, ``>= 1``.
         tail_fraction: fraction of the run after ``start`` kept free of rounds for
@@ -550,12 +555,14 @@ class RoundPlan:
         end: int | None = None,
         frequency: int = 1,
         tail_fraction: float = 0.25,
+        pretrained: bool = False,
     ) -> None:
         self.interval = check_choice(interval, "interval", INTERVALS)
+        self.pretrained = check_bool(pretrained, "pretrained")
         self.start_arg = check_int(start, "start", 0, allow_none=True)
         self.start: int | None = self.start_arg
-        if start is None and self.interval == "epoch":
-            self.start = 1  # after one epoch of training
+        if start is None and (self.pretrained or self.interval == "epoch"):
+            self.start = 0 if self.pretrained else 1  # else: after one epoch of training
         self.frequency = check_int(frequency, "frequency", 1)
         if end is not None and not is_int(end):
             raise ValueError(f"Expected `end` to be None or an int >= `start`, but got {end!r}")
@@ -663,25 +670,33 @@ class RoundPlan:
         """Whether the first event point waits for the length of an epoch (`resolve_start`)."""
         return self.start is None
 
-    def resolve_start(self, steps_per_epoch: int) -> None:
-        """Set the default ``start`` of a step plan: after one epoch of training.
+    def resolve_start(self, batches_per_epoch: float, accumulate: int = 1) -> None:
+        """Set the default ``start`` of a step plan: after one epoch of optimizer steps.
 
         Args:
-            steps_per_epoch: optimizer steps in one training epoch.
+            batches_per_epoch: training batches in one epoch (``inf``: a loader without length).
+            accumulate: batches per optimizer step (the last, partial, cycle also steps).
 
         Raises:
-            ValueError: if ``end`` or ``num_rounds`` do not fit after that start.
+            ValueError: for a loader without length, or if ``end`` or ``num_rounds`` do not
+                fit after that start.
 
         Example:
             >>> plan = RoundPlan(0.5, interval="step", start=None, num_rounds=2, frequency=5)
             >>> plan.event_points is None
             True
-            >>> plan.resolve_start(12); plan.event_points
+            >>> plan.resolve_start(23, accumulate=2); plan.event_points
             [12, 17]
         """
         if self.start is not None:
             return
-        self.start = check_int(steps_per_epoch, "steps_per_epoch", 1)
+        if not math.isfinite(float(batches_per_epoch)):
+            raise ValueError(
+                "Expected `start` with interval='step' when the training dataloader has no "
+                "length (the default start is one epoch of optimizer steps), but got None"
+            )
+        steps = math.ceil(float(batches_per_epoch) / max(1, int(accumulate)))
+        self.start = max(1, steps)
         self._check_end()
         self._resolve_targets()
 
@@ -826,6 +841,34 @@ class RoundPlan:
         reached = self.final is not None and self.last_target >= self.final - _TOL
         return self.complete or (self.num_rounds is not None and reached)
 
+    def warn_untrained(self, global_step: int) -> None:
+        """Warn when the first round comes before any optimizer step, unless ``pretrained``.
+
+        Example:
+            >>> with warnings.catch_warnings(record=True) as seen:
+            ...     warnings.simplefilter("always")
+            ...     RoundPlan(0.5, start=0).warn_untrained(global_step=0)
+            ...     RoundPlan(0.5, start=0, pretrained=True).warn_untrained(global_step=0)
+            >>> [str(w.message)[:56] for w in seen]
+            ['IterativePruning: round 1 runs before any optimizer step']
+        """
+        if global_step != 0 or self.rounds_done or self.last_target or self.pretrained:
+            return
+        warnings.warn(
+            "IterativePruning: round 1 runs before any optimizer step of the fit: the model it "
+            "prunes (and the dense reference a FairnessMonitor measures) is untrained. Let it "
+            "train first (the default `start` is one epoch), or pass `pretrained=True` if its "
+            "weights are already trained.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def warn_unfinished(self, sparsity: float) -> None:
+        """Warn (``UserWarning``) when `unfinished_message` has something to say."""
+        message = self.unfinished_message(sparsity)
+        if message is not None:
+            warnings.warn(message, UserWarning, stacklevel=3)
+
     def unfinished_message(self, sparsity: float) -> str | None:
         """A warning text when a fit ends before the schedule finished, else ``None``.
 
@@ -960,6 +1003,7 @@ class RoundPlan:
             "start": self.start,
             "end": self.end,
             "frequency": self.frequency,
+            "pretrained": self.pretrained,
         }
 
     def state_dict(self) -> dict[str, Any]:

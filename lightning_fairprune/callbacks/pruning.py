@@ -37,19 +37,18 @@ from lightning.pytorch.callbacks.callback import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_fairprune.callbacks.events import Pruner, PruningEvent
+from lightning_fairprune.callbacks.events import PruningEvent, pruned_parameter_sets
 from lightning_fairprune.checks import (
     check_bool,
     check_choice,
     check_disjoint,
     check_int,
-    check_logits,
     check_name_list,
     check_real,
     check_sparsity,
     is_int,
 )
-from lightning_fairprune.fairness_data import FairnessData
+from lightning_fairprune.fairness_data import FairnessData, agree
 from lightning_fairprune.logging import log_config, log_scalars
 from lightning_fairprune.measure import (
     isolated,
@@ -60,6 +59,7 @@ from lightning_fairprune.measure import (
 from lightning_fairprune.pruning.criteria import NEEDS_GRADIENTS, compute_scores, magnitude_scores
 from lightning_fairprune.pruning.fair_criteria import (
     FAIR_CRITERIA,
+    GroupStatistics,
     check_fair_options,
     fair_masks,
     group_statistics,
@@ -98,6 +98,10 @@ _SCORE_CRITERIA = ("magnitude", "gradient", "undecayed", "random")
 _CRITERIA = (*_SCORE_CRITERIA, *FAIR_CRITERIA)
 _SCOPES = ("global", "layerwise")
 _STATE_VERSION = 2
+_OVERLAP = (
+    "; each pruning callback counts and enforces its own masks, so overlapping ones report a "
+    "sparsity the model does not have: narrow `include_names`/`exclude_names`"
+)
 
 
 def _callable_name(fn: object) -> str:
@@ -253,7 +257,6 @@ class IterativePruning(Callback):
         criterion_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.pretrained = check_bool(pretrained, "pretrained")
         # ---- the round plan (schedule arguments, targets, event points, position) ---------
         self.plan = RoundPlan(
             final_sparsity,
@@ -263,9 +266,10 @@ class IterativePruning(Callback):
             num_rounds=num_rounds,
             rate=rate,
             interval=interval,
-            start=0 if start is None and self.pretrained else start,
+            start=start,
             end=end,
             frequency=frequency,
+            pretrained=pretrained,
         )
 
         # ---- criterion ---------------------------------------------------------------------
@@ -530,7 +534,6 @@ class IterativePruning(Callback):
             seed=self.seed,
             rewind=self.rewind,
             make_permanent=self.make_permanent,
-            pretrained=self.pretrained,
             name=self.name,
             curvature=self.curvature if self.fair else None,
             criterion_options=self.criterion_options or None,
@@ -619,14 +622,7 @@ class IterativePruning(Callback):
     def _plan_run(self, trainer: pl.Trainer) -> None:
         """Fit the plan to the run: spread rounds, check callables, warn if it cannot finish."""
         if self.plan.needs_start:  # a step plan's default start: one epoch of steps
-            batches = float(trainer.num_training_batches)
-            if not math.isfinite(batches):
-                raise ValueError(
-                    "Expected `start` with interval='step' when the training dataloader has no "
-                    "length (the default start is one epoch of optimizer steps), but got None"
-                )
-            accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
-            self.plan.resolve_start(max(1, math.ceil(batches / accumulate)))
+            self.plan.resolve_start(trainer.num_training_batches, trainer.accumulate_grad_batches)
             self._check_rewind()
         limit, unit = self._horizon(trainer)
         if self.plan.needs_horizon:
@@ -669,18 +665,7 @@ class IterativePruning(Callback):
         # cannot run on shards before the first training step, not at the first round
         self._params(pl_module)
         self._check_sharding_support()
-        check_disjoint(
-            {
-                f"{type(cb).__name__}(name={cb.name!r})"
-                if getattr(cb, "name", None)
-                else f"{type(cb).__name__} at trainer.callbacks[{i}]": cb.parameter_names
-                for i, cb in enumerate(trainer.callbacks)
-                if isinstance(cb, Pruner)
-            },
-            "pruned parameters",
-            hint="; each pruning callback counts and enforces its own masks, so overlapping ones "
-            "report a sparsity the model does not have: narrow `include_names`/`exclude_names`",
-        )
+        check_disjoint(pruned_parameter_sets(trainer), "pruned parameters", hint=_OVERLAP)
         if self.rewind == "init" and self._rewind_weights is None:
             self._capture_rewind(pl_module)
         self._ensure_enforcers(trainer, pl_module)
@@ -712,7 +697,8 @@ class IterativePruning(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._warn_unfinished(trainer)
+        if trainer.is_global_zero:
+            self.plan.warn_unfinished(self.current_sparsity)
         self._remove_enforcers()
         if self.make_permanent:
             self.make_pruning_permanent(pl_module)
@@ -721,13 +707,8 @@ class IterativePruning(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        if isinstance(exception, KeyboardInterrupt):  # Ctrl+C: Lightning ends the fit
-            self._warn_unfinished(trainer)
-
-    def _warn_unfinished(self, trainer: pl.Trainer) -> None:
-        message = self.plan.unfinished_message(self.current_sparsity)
-        if message is not None and bool(getattr(trainer, "is_global_zero", True)):
-            warnings.warn(message, UserWarning, stacklevel=2)
+        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:  # Ctrl+C
+            self.plan.warn_unfinished(self.current_sparsity)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -813,16 +794,8 @@ class IterativePruning(Callback):
             criterion=self._criterion_name,
             parameter_names=tuple(params),
         )
-        fitting = bool(getattr(trainer, "training", False))  # a stub or no trainer: not a fit
-        if fitting and step == 0 and not self._history and not self.pretrained:
-            warnings.warn(
-                f"IterativePruning: round {round_index + 1} runs before any optimizer step of "
-                "the fit: the model it prunes (and the dense reference a FairnessMonitor "
-                "measures) is untrained. Let it train first (the default `start` is one epoch), "
-                "or pass `pretrained=True` if its weights are already trained.",
-                UserWarning,
-                stacklevel=2,
-            )
+        if getattr(trainer, "training", False):  # in a fit (not a stub or no trainer)
+            self.plan.warn_untrained(step)
         self._announce(trainer, pl_module, "on_before_pruning_round", event)
 
         masks = self.compute_masks(trainer, pl_module, params, target, round_index)
@@ -1025,7 +998,7 @@ class IterativePruning(Callback):
         params: Mapping[str, Tensor],
         seed: int,
         dry_run: bool = False,
-    ) -> Any:
+    ) -> GroupStatistics:
         """Per-group statistics on the group data (``dry_run``: its first batch, local only)."""
         data = self._group_data(trainer)
         loaders = [data.dataloader] if data.dataloader is not None else []
@@ -1039,21 +1012,12 @@ class IterativePruning(Callback):
 
         with isolated(pl_module, mode="eval", loaders=loaders):
             batches: Any = data.batches(trainer, pl_module)
-            x, y, _ = first = batches.first()
             num_groups = data.num_groups
             if num_groups is None or dry_run:  # the classes: from the logits of one batch
-                with torch.no_grad():
-                    classes = check_logits(pl_module(x), y, f"criterion={self.criterion!r}")
-                if dry_run and not batches.groups_from_batch and num_groups not in (None, classes):
-                    raise ValueError(
-                        f"Expected the batches of `group_data` to carry group ids (`num_groups`="
-                        f"{num_groups} was given, but the model has {classes} classes), but they "
-                        "have no group column: a batch (x, y) means groups = classes. Give "
-                        "batches (x, y, g), set `group_key`, or pass `group_fn`."
-                    )
-                num_groups = num_groups or classes
+                owner = f"criterion={self._criterion_name!r}"
+                num_groups, _ = data.resolve_groups(pl_module, batches, owner)
             if dry_run:
-                batches = [first]
+                batches = [batches.first()]
             stats = group_statistics(
                 pl_module,
                 batches,
@@ -1063,34 +1027,35 @@ class IterativePruning(Callback):
                 seed=seed,
                 reduce_fn=reduce_fn,
             )
-        data.reset()
         return stats
 
     def _fair_dry_run(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
         """Before the first step, find what would fail at the first round of a fair criterion.
 
-        Runs the statistics pass on one batch (model outputs, number of groups), scans the
-        whole ``group_data`` (`FairnessData.scan`: every batch's ids, non-finite inputs, empty
-        groups; all processes agree) and checks the criterion's options against the number of
-        groups, isolated from training.
+        Runs the statistics pass on one batch (model outputs, number of groups) and checks the
+        criterion's options against the number of groups, then scans the whole ``group_data``
+        (`FairnessData.scan`: every batch's ids, non-finite inputs, empty groups); every step
+        isolated from training, every process reaching the same verdict.
         """
-        data = self.group_data
+        data, owner = self.group_data, "IterativePruning's `group_data`"
+        error: ValueError | None = None
         try:
             params = self._params(pl_module)
             stats = self._group_statistics(trainer, pl_module, params, self.seed, dry_run=True)
-            if data is not None:
-                owner = "IterativePruning's `group_data`"
-                data.scan(trainer, pl_module, num_groups=stats.num_groups, owner=owner)
-                data.reset()
+            check_fair_options(self._criterion_name, self.criterion_options, stats.num_groups)
         except ValueError as err:
-            if data is not None:
-                raise
-            raise ValueError(
-                f"IterativePruning(criterion={self._criterion_name!r}) derives its group data "
-                f"from the training dataloader (groups = classes): {err}. Pass `group_data="
-                "FairnessData(loader, num_groups=...)` for batches with a protected attribute."
-            ) from err
-        check_fair_options(self._criterion_name, self.criterion_options, stats.num_groups)
+            error = err
+            if data is None:
+                error = ValueError(
+                    f"IterativePruning(criterion={self._criterion_name!r}) derives its group "
+                    f"data from the training dataloader (groups = classes): {err}. Pass "
+                    "`group_data=FairnessData(loader, num_groups=...)` for batches with a "
+                    "protected attribute."
+                )
+        agree(trainer, pl_module, error, owner)  # one process's bad batch: raise on all
+        if data is not None:
+            data.scan(trainer, pl_module, num_groups=stats.num_groups, owner=owner)
+            data.reset()
 
     # ------------------------------------------------------------------ gradients
     def _task_gradients(
