@@ -69,7 +69,7 @@ class FairnessData:
         >>> FairnessData([(x, y, g)]).batches(None).first()
         Traceback (most recent call last):
         ...
-        ValueError: Expected `num_groups` to be given when the batches carry group ids (a protected attribute), but got None
+        ValueError: Expected `num_groups` to be given when the batches carry group ids (a protected attribute), but got None in fairness batch 0
     """  # noqa: E501
 
     def __init__(
