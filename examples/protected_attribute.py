@@ -7,7 +7,8 @@ intersectional groups ``colour × sex`` ("colour=Black & sex=Female" has about 1
 
 What it shows:
 
-* `IterativePruning` with a cubic schedule spread over the run (no ``num_rounds``);
+* `IterativePruning` with a cubic schedule spread over the run (no ``num_rounds``), after a
+  third of the epochs of dense training: the dense reference is a trained model;
 * `FairnessMonitor` on dict batches with two group keys and value names: per-group accuracy,
   TPR, FPR and selection rate with Wilson intervals, demographic parity and equalized odds,
   measured after every epoch's validation;
@@ -150,7 +151,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     class_weight = counts.sum() / (2 * counts)  # inverse class frequency
     model = ArrestsModel(data["train"]["x"].shape[1], class_weight, equalize=args.equalize)
 
-    pruning = IterativePruning(args.sparsity, schedule="cubic", prune_classifier=True)
+    # rounds from epoch `start` (the dense epochs before it train the reference model) to the
+    # last quarter of the run, which fine-tunes
+    start = max(1, epochs // 3)
+    pruning = IterativePruning(args.sparsity, schedule="cubic", start=start, prune_classifier=True)
     monitor = FairnessMonitor(
         group_key=["colour", "sex"],
         num_groups=[2, 2],

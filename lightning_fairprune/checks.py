@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -29,9 +29,11 @@ __all__ = [
     "check_bool",
     "check_callable",
     "check_choice",
+    "check_disjoint",
     "check_each",
     "check_int",
     "check_labels",
+    "check_logits",
     "check_name_list",
     "check_real",
     "check_sparsity",
@@ -416,6 +418,69 @@ def check_vector(
             f"{value.tolist() if isinstance(value, Tensor) else value!r}"
         )
     return t  # type: ignore[return-value]
+
+
+def check_logits(outputs: object, targets: Tensor, owner: str) -> int:
+    """Return the number of classes ``C`` of ``(N, C)`` class logits (``C >= 2``).
+
+    For what needs a classifier (per-sample cross-entropy, per-class groups): a regression
+    output ``(N,)`` or ``(N, 1)`` is refused, and so are targets outside ``[0, C)``.
+
+    Args:
+        outputs: the model's outputs on one batch.
+        targets: that batch's class targets.
+        owner: what needs the logits (e.g. ``"criterion='fairprune'"``), for the message.
+
+    Example:
+        >>> check_logits(torch.zeros(4, 3), torch.tensor([0, 2, 1, 0]), "criterion='fairprune'")
+        3
+        >>> check_logits(torch.zeros(4, 1), torch.tensor([0, 1, 1, 0]), "criterion='fairprune'")
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected the model to return class logits of shape (N, C) with C >= 2 for criterion='fairprune' (a classifier), but got shape (4, 1)
+    """  # noqa: E501
+    shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+    n = int(targets.shape[0]) if isinstance(targets, Tensor) and targets.ndim else None
+    if not isinstance(outputs, Tensor) or outputs.ndim != 2 or outputs.shape[1] < 2:
+        raise ValueError(
+            "Expected the model to return class logits of shape (N, C) with C >= 2 for "
+            f"{owner} (a classifier), but got shape {shape}"
+        )
+    classes = int(outputs.shape[1])
+    check_labels(targets, "targets", upper=classes, n=n, what="class labels of the model")
+    if n != outputs.shape[0]:
+        raise ValueError(
+            f"Expected the model to return one row of logits per sample ({n}) for {owner}, but "
+            f"got shape {shape}"
+        )
+    return classes
+
+
+def check_disjoint(sets: Mapping[str, Iterable[str]], what: str, *, hint: str = "") -> None:
+    """Raise when two of the named sets share an element (the first such pair is named).
+
+    Args:
+        sets: label -> elements (e.g. a callback -> the parameter names it prunes).
+        what: what the elements are, for the message.
+        hint: appended to the message (how to fix it).
+
+    Example:
+        >>> check_disjoint({"a": ["x", "y"], "b": ["z"]}, "pruned parameters")
+        >>> check_disjoint({"a": ["x", "y"], "b": ["y"]}, "pruned parameters")
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected the pruned parameters of a and b to be disjoint, but they share 1: ['y']
+    """  # noqa: E501
+    items = [(label, set(elements)) for label, elements in sets.items()]
+    for i, (a, first) in enumerate(items):
+        for b, second in items[i + 1 :]:
+            shared = sorted(first & second)
+            if shared:
+                few = ", ".join(map(repr, shared[:5])) + (", ..." if len(shared) > 5 else "")
+                raise ValueError(
+                    f"Expected the {what} of {a} and {b} to be disjoint, but they share "
+                    f"{len(shared)}: [{few}]{hint}"
+                )
 
 
 def check_each(values: Sequence[tuple[str, object]], check: Callable[[object, str], Any]) -> None:

@@ -14,7 +14,10 @@ their per-group statistics on. It
   checks that no process would see an empty loader (the same clear error on every process),
   and caps every pass at ``max_batches``;
 * converts batches like training batches (precision plugin, device) through
-  :func:`lightning_fairprune.measure.prepare_batch`.
+  :func:`lightning_fairprune.measure.prepare_batch`;
+* scans the whole data once before training (`FairnessData.scan`: every batch's targets and
+  group ids, non-finite inputs, samples per group), forward-free, with the same verdict on
+  every process.
 
 It knows nothing about the monitor or the pruner; the trainer is duck-typed.
 """
@@ -24,15 +27,16 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_fairprune.checks import check_callable, check_int, check_labels
-from lightning_fairprune.measure import prepare_batch
+from lightning_fairprune.checks import check_callable, check_int, check_labels, check_logits
+from lightning_fairprune.measure import prepare_batch, rng_restored
 
-__all__ = ["FairnessBatches", "FairnessData"]
+__all__ = ["DataScan", "FairnessBatches", "FairnessData", "agree"]
 
 GroupFn = Callable[[Any], "tuple[Any, Tensor, Tensor]"]
 
@@ -65,7 +69,7 @@ class FairnessData:
         >>> FairnessData([(x, y, g)]).batches(None).first()
         Traceback (most recent call last):
         ...
-        ValueError: Expected `num_groups` to be given when the batches carry group ids (a protected attribute), but got None
+        ValueError: Expected `num_groups` to be given when the batches carry group ids (a protected attribute), but got None in fairness batch 0
     """  # noqa: E501
 
     def __init__(
@@ -235,6 +239,46 @@ class FairnessData:
             columns.append(column.long())
         return combine_groups(columns, sizes).ids
 
+    def check_group_column(self, groups_from_batch: bool, num_classes: int | None) -> None:
+        """Refuse batches without groups when ``num_groups`` differs from the number of classes.
+
+        A batch ``(x, y)`` means groups = classes; with ``num_groups`` given (a protected
+        attribute) and another count of classes, measuring the classes would be silently
+        wrong.
+
+        Example:
+            >>> FairnessData(num_groups=4).check_group_column(False, 10)
+            Traceback (most recent call last):
+            ...
+            ValueError: Expected the fairness batches to carry group ids (`num_groups`=4 was given, but the model has 10 classes), but they have no group column: a batch (x, y) means groups = classes. Give batches (x, y, g), set `group_key`, or pass `group_fn`; or leave `num_groups` unset to measure the classes.
+        """  # noqa: E501
+        if groups_from_batch or self.num_groups is None or self.num_groups == num_classes:
+            return
+        raise ValueError(
+            f"Expected the fairness batches to carry group ids (`num_groups`={self.num_groups} "
+            f"was given, but the model has {num_classes} classes), but they have no group "
+            "column: a batch (x, y) means groups = classes. Give batches (x, y, g), set "
+            "`group_key`, or pass `group_fn`; or leave `num_groups` unset to measure the classes."
+        )
+
+    def resolve_groups(self, model: Any, batches: FairnessBatches, owner: str) -> tuple[int, int]:
+        """``(number of groups, number of classes)`` from the logits of the first batch.
+
+        Args:
+            model: the classifier (called once, without gradients).
+            batches: this data's batches (`batches`).
+            owner: what needs the groups, for the messages (e.g. ``"criterion='fairprune'"``).
+
+        Raises:
+            ValueError: outputs that are not class logits ``(N, C)`` with ``C >= 2``, targets
+                outside ``[0, C)``, or `check_group_column`.
+        """
+        x, y, _ = batches.first()
+        with torch.no_grad():
+            classes = check_logits(model(x), y, owner)
+        self.check_group_column(batches.groups_from_batch, classes)
+        return (self.num_groups or classes), classes
+
     # ---------------------------------------------------------------- the loader
     def resolve(self, trainer: Any | None, model: Any | None = None) -> Iterable[Any]:
         """The loader, resolved once (see the module docstring); checked not to be empty.
@@ -328,6 +372,124 @@ class FairnessData:
                 + "; pass a `dataloader` with data for every process"
             )
 
+    def _offending(self, parsed: Any, limit: int | None) -> str:
+        """`` (offending ids: [...])`` of a parsed batch whose ids are out of range, else ``""``."""
+        if parsed is None:
+            return ""
+        _, y, g = parsed
+        ids: list[Any] = []
+        sizes = self.attribute_sizes
+        if isinstance(g, Tensor) and g.ndim == 2 and sizes and g.shape[1] == len(sizes):
+            bad = g[((g < 0) | (g >= torch.tensor(sizes, device=g.device))).any(1)]
+            ids = sorted({tuple(int(v) for v in row) for row in bad.tolist()})
+        else:
+            ids_t = g if g is not None else y
+            if isinstance(ids_t, Tensor) and ids_t.ndim == 1 and not ids_t.is_floating_point():
+                high = limit if limit is not None else math.inf
+                ids = sorted({int(v) for v in ids_t.tolist() if v < 0 or v >= high})
+        return f" (offending ids: {ids[:5]}{', ...' if len(ids) > 5 else ''})" if ids else ""
+
+    def scan(
+        self,
+        trainer: Any | None,
+        model: Any | None = None,
+        *,
+        num_groups: int | None = None,
+        owner: str = "FairnessData",
+    ) -> DataScan:
+        """Check every batch of this process's share once, before training; no forward pass.
+
+        Each batch (at most ``max_batches``, sharded across processes as the measurement
+        passes are) is parsed and its targets and group ids are validated, its floating
+        inputs are checked to be finite, and the samples of every group are counted. Under
+        data parallelism the counts and the verdict are all-reduced, so that a bad batch on one
+        process raises on every process (no process is left waiting in a collective). The
+        loader's RNG (its generator and the global RNGs a shuffling sampler draws from) is
+        restored afterwards, so a scan leaves training bitwise unchanged.
+
+        Args:
+            trainer: the Trainer (duck-typed: ``world_size``, ``global_rank``,
+                ``strategy.reduce``) or ``None``.
+            model: the model (its device for the collectives).
+            num_groups: the resolved number of groups (default: ``num_groups``); ``None``
+                with groups = classes: ids are checked to be non-negative and not counted.
+            owner: the callback the data belongs to, for the messages.
+
+        Returns:
+            A `DataScan`. Groups with no sample are reported with a ``UserWarning``.
+
+        Raises:
+            ValueError: naming the batch index and what is wrong: the offending group ids,
+                or, for non-finite inputs, the groups of the samples that hold them.
+
+        Example:
+            >>> x, y = torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
+            >>> ok, bad = torch.tensor([0, 1, 2, 1]), torch.tensor([0, 1, 9, 1])
+            >>> FairnessData([(x, y, ok), (x, y, ok)], num_groups=3).scan(None).counts
+            [2, 4, 2]
+            >>> FairnessData([(x, y, ok), (x, y, bad)], num_groups=3).scan(None)
+            Traceback (most recent call last):
+            ...
+            ValueError: Expected `groups` to hold group ids in [0, 3) (`num_groups`=3), but got ids from 0 to 9 in fairness batch 1 (offending ids: [9])
+        """  # noqa: E501
+        loader = self.resolve(trainer, model)
+        rank, world = self._rank_world(trainer) if self._stride else (0, 1)
+        limit = num_groups if num_groups is not None else self.num_groups
+        counts = torch.zeros(limit or 0, dtype=torch.float64)
+        scanned, from_batch, counted, error = 0, False, limit is not None, None
+        with rng_restored([loader]):
+            for index, batch in _shard(loader, rank, world, self.max_batches):
+                try:
+                    g, found = self._scan_batch(index, batch, limit, num_groups, owner)
+                except ValueError as err:
+                    error = err
+                    break
+                scanned, from_batch = scanned + 1, from_batch or found
+                counted = counted and (found or num_groups is not None)
+                if counted:
+                    counts += torch.bincount(g.cpu(), minlength=len(counts)).to(counts.dtype)
+        summed = torch.cat([counts, counts.new([scanned])])
+        total = agree(trainer, model, error, owner, summed)
+        counts, scanned = total[:-1], int(total[-1])
+        result = DataScan(scanned, [int(c) for c in counts.tolist()] if counted else [], from_batch)
+        empty = result.empty_groups
+        if empty:
+            several = len(empty) > 1
+            warnings.warn(
+                f"{owner}: group{'s' if several else ''} {', '.join(map(str, empty))} of {limit} "
+                f"{'have' if several else 'has'} no samples in the fairness data ({scanned} "
+                f"batch{'es' if scanned != 1 else ''} scanned); {'their' if several else 'its'} "
+                "per-group numbers are undefined. Check `num_groups` and the group ids.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return result
+
+    def _scan_batch(
+        self, index: int, batch: Any, limit: int | None, classes: int | None, owner: str
+    ) -> tuple[Tensor, bool]:
+        """Validate one raw batch; return its group ids and whether the batch carries them."""
+        parsed: Any = None
+        try:
+            parsed = self.split_batch(batch)
+            x, y, g, found = self.validate(*parsed, limit)
+            if not found and classes is not None:  # groups = classes: below the resolved G
+                what = "class labels (groups = classes)"
+                check_labels(y, "targets", upper=classes, what=what, upper_name="num_groups")
+        except (ValueError, TypeError) as err:
+            bound = limit if parsed is None or parsed[2] is not None else classes
+            offending = self._offending(parsed, bound)
+            raise ValueError(f"{err} in fairness batch {index}{offending}") from err
+        bad_rows = _nonfinite_rows(x, int(y.shape[0]))
+        if bad_rows is not None:
+            groups = sorted({int(v) for v in g[bad_rows.to(g.device)].tolist()})
+            raise ValueError(
+                f"Expected finite inputs in the fairness data of {owner}, but fairness batch "
+                f"{index} has NaN or infinite values in {int(bad_rows.sum())} sample(s) of "
+                f"group(s) {groups} ({'group ids' if found else 'classes (groups = classes)'})"
+            )
+        return g, found
+
     def batches(
         self,
         trainer: Any | None,
@@ -376,6 +538,113 @@ def _stack_attributes(values: list[Any], keys: list[str]) -> Tensor:
     return torch.stack([v.long() for v in values], dim=1)
 
 
+@dataclass(frozen=True)
+class DataScan:
+    """What `FairnessData.scan` found (over all processes).
+
+    Attributes:
+        num_batches: batches scanned.
+        counts: samples per group (empty when the number of groups was not known).
+        groups_from_batch: whether the batches carry group ids (else groups = classes).
+    """
+
+    num_batches: int
+    counts: list[int]
+    groups_from_batch: bool
+
+    @property
+    def empty_groups(self) -> list[int]:
+        """Ids of the groups with no sample."""
+        return [g for g, c in enumerate(self.counts) if c == 0]
+
+
+def agree(
+    trainer: Any | None,
+    model: Any | None,
+    error: BaseException | None,
+    owner: str,
+    values: Tensor | None = None,
+) -> Tensor:
+    """Raise on every process when some process failed a check (no one left waiting).
+
+    Call it on every process after a check that can fail on one process only (its share of
+    the data differs): the process that failed raises its own error, the others a ValueError
+    saying that another process failed. One all-reduce under data parallelism, which also sums
+    ``values`` across processes.
+
+    Args:
+        trainer: the Trainer (duck-typed: ``world_size``, ``strategy.reduce``) or ``None``.
+        model: the model (its device for the collective).
+        error: this process's error, or ``None``.
+        owner: whose data was checked, for the message.
+        values: float64 numbers to sum across processes in the same collective.
+
+    Returns:
+        ``values`` summed over the processes (an empty tensor without ``values``).
+
+    Example:
+        >>> agree(None, None, None, "FairnessMonitor", torch.tensor([2.0])).tolist()
+        [2.0]
+        >>> agree(None, None, ValueError("bad batch"), "FairnessMonitor")
+        Traceback (most recent call last):
+        ...
+        ValueError: bad batch
+    """
+    values = torch.zeros(0, dtype=torch.float64) if values is None else values
+    failed = 1.0 if error is not None else 0.0
+    others = 0
+    if trainer is not None and int(getattr(trainer, "world_size", 1) or 1) > 1:
+        device = next(model.parameters()).device if model is not None else None
+        flat = torch.cat([values.new([failed]), values]).to(device)
+        total = trainer.strategy.reduce(flat, reduce_op="sum").cpu()
+        others, values = int(total[0]) - int(failed), total[1:]
+    if error is not None:
+        raise error
+    if others:
+        raise ValueError(
+            f"Expected valid fairness data of {owner} on every process, but {others} other "
+            "process(es) failed a check (their error names it)"
+        )
+    return values
+
+
+def _shard(
+    loader: Iterable[Any], rank: int, world: int, limit: int | None
+) -> Iterator[tuple[int, Any]]:
+    """``(index, batch)`` of this process's share (every ``world``-th batch), at most ``limit``."""
+    count = 0
+    for index, batch in enumerate(loader):
+        if world > 1 and index % world != rank:
+            continue
+        if limit is not None and count >= limit:
+            break
+        count += 1
+        yield index, batch
+
+
+def _nonfinite_rows(x: Any, n: int) -> Tensor | None:
+    """``[n]`` bool: samples with a NaN/inf in a floating input tensor (``None``: all finite).
+
+    Nested inputs (dicts, lists, tuples) are walked; a tensor whose first dimension is not
+    the batch marks every sample when it holds a non-finite value.
+    """
+    if isinstance(x, Tensor):
+        if not (x.is_floating_point() or x.is_complex()):
+            return None
+        if x.ndim >= 1 and x.shape[0] == n:
+            rows = ~torch.isfinite(x.reshape(n, -1)).all(1) if x.numel() else None
+        else:
+            rows = torch.full((n,), True) if not bool(torch.isfinite(x).all()) else None
+        return None if rows is None or not bool(rows.any()) else rows.cpu()
+    items = x.values() if isinstance(x, Mapping) else x if isinstance(x, (list, tuple)) else ()
+    found: Tensor | None = None
+    for item in items:
+        rows = _nonfinite_rows(item, n)
+        if rows is not None:
+            found = rows if found is None else found | rows
+    return found
+
+
 class FairnessBatches:
     """Re-iterable ``(x, y, g)`` batches of one process, validated and converted."""
 
@@ -414,14 +683,13 @@ class FairnessBatches:
 
     def __iter__(self) -> Iterator[tuple[Any, Tensor, Tensor]]:
         count = 0
-        limit = self.data.max_batches
-        for index, batch in enumerate(self.loader):
-            if self.world_size > 1 and index % self.world_size != self.rank:
-                continue
-            if limit is not None and count >= limit:
-                break
+        for index, batch in _shard(self.loader, self.rank, self.world_size, self.data.max_batches):
             count += 1
-            yield self._convert(batch)
+            try:
+                converted = self._convert(batch)
+            except (ValueError, TypeError) as err:  # name the batch, like `FairnessData.scan`
+                raise type(err)(f"{err} in fairness batch {index}") from err
+            yield converted
         if count == 0 and self.world_size == 1:
             raise ValueError(
                 "Expected the fairness dataloader to yield at least one batch, but got none"

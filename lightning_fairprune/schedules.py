@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lightning_fairprune.checks import (
+    check_bool,
     check_choice,
     check_int,
     check_real,
@@ -509,7 +510,13 @@ class RoundPlan:
             schedule spreads its rounds over the training run: see `resolve_horizon`.
         rate: only for ``"geometric"``: fraction of the remaining weights per round.
         interval: ``"epoch"`` or ``"step"`` (optimizer steps).
-        start: first event point.
+        start: first event point; ``None``: after one epoch of training (epoch 1, or for
+            ``interval="step"`` the optimizer steps of one epoch, set by `resolve_start` once
+            the training loader is known), so that the first round prunes a trained model;
+            0 when ``pretrained``.
+        pretrained: the model is trained before the first event point (loaded weights): a
+            first round before any optimizer step is deliberate (`warn_untrained` is silent)
+            and ``start`` defaults to 0.
         end: last allowed event point (inclusive), or ``None``.
         frequency: distance between event points, ``>= 1``.
         tail_fraction: fraction of the run after ``start`` kept free of rounds for
@@ -530,6 +537,8 @@ class RoundPlan:
         True
         >>> spread.resolve_horizon(10); spread.event_points
         [0, 1, 2, 3, 4, 5, 6, 7]
+        >>> RoundPlan(0.5, start=None).start  # after one epoch of training
+        1
     """
 
     def __init__(
@@ -542,18 +551,21 @@ class RoundPlan:
         num_rounds: int | None = None,
         rate: float | None = None,
         interval: str = "epoch",
-        start: int = 0,
+        start: int | None = 0,
         end: int | None = None,
         frequency: int = 1,
         tail_fraction: float = 0.25,
+        pretrained: bool = False,
     ) -> None:
         self.interval = check_choice(interval, "interval", INTERVALS)
-        self.start = check_int(start, "start", 0)
+        self.pretrained = check_bool(pretrained, "pretrained")
+        self.start_arg = check_int(start, "start", 0, allow_none=True)
+        self.start: int | None = self.start_arg
+        if start is None and (self.pretrained or self.interval == "epoch"):
+            self.start = 0 if self.pretrained else 1  # else: after one epoch of training
         self.frequency = check_int(frequency, "frequency", 1)
-        if end is not None and (not is_int(end) or end < self.start):
-            raise ValueError(
-                f"Expected `end` to be None or an int >= `start` ({self.start}), but got {end!r}"
-            )
+        if end is not None and not is_int(end):
+            raise ValueError(f"Expected `end` to be None or an int >= `start`, but got {end!r}")
         self.end = None if end is None else int(end)
         self.num_rounds_arg = check_int(num_rounds, "num_rounds", 1, allow_none=True)
         self.tail_fraction = check_real(
@@ -624,14 +636,7 @@ class RoundPlan:
                 f"Expected `num_rounds` to be None or 1 with schedule='one_shot', but got "
                 f"{num_rounds!r}; leave `schedule` unset (geometric) or choose a gradual one"
             )
-        if num_rounds is not None and end is not None:
-            last = self.start + (num_rounds - 1) * self.frequency
-            if last > end:
-                raise ValueError(
-                    f"Expected `num_rounds` rounds from `start`={self.start} every "
-                    f"`frequency`={self.frequency} to end by `end`={end}, but got "
-                    f"num_rounds={num_rounds} (last round at {last})"
-                )
+        self._check_end()
         self._horizon_rounds: int | None = None
 
         # ---- resolved values and state -----------------------------------------------------
@@ -642,6 +647,59 @@ class RoundPlan:
         self.last_target = 0.0
 
     # ---------------------------------------------------------------- resolution
+    def _check_end(self) -> None:
+        """``end`` against ``start`` and ``num_rounds`` (once ``start`` is known)."""
+        if self.end is None or self.start is None:
+            return
+        if self.end < self.start:
+            raise ValueError(
+                f"Expected `end` to be None or an int >= `start` ({self.start}), but got "
+                f"{self.end!r}"
+            )
+        if self.num_rounds_arg is not None:
+            last = self.start + (self.num_rounds_arg - 1) * self.frequency
+            if last > self.end:
+                raise ValueError(
+                    f"Expected `num_rounds` rounds from `start`={self.start} every "
+                    f"`frequency`={self.frequency} to end by `end`={self.end}, but got "
+                    f"num_rounds={self.num_rounds_arg} (last round at {last})"
+                )
+
+    @property
+    def needs_start(self) -> bool:
+        """Whether the first event point waits for the length of an epoch (`resolve_start`)."""
+        return self.start is None
+
+    def resolve_start(self, batches_per_epoch: float, accumulate: int = 1) -> None:
+        """Set the default ``start`` of a step plan: after one epoch of optimizer steps.
+
+        Args:
+            batches_per_epoch: training batches in one epoch (``inf``: a loader without length).
+            accumulate: batches per optimizer step (the last, partial, cycle also steps).
+
+        Raises:
+            ValueError: for a loader without length, or if ``end`` or ``num_rounds`` do not
+                fit after that start.
+
+        Example:
+            >>> plan = RoundPlan(0.5, interval="step", start=None, num_rounds=2, frequency=5)
+            >>> plan.event_points is None
+            True
+            >>> plan.resolve_start(23, accumulate=2); plan.event_points
+            [12, 17]
+        """
+        if self.start is not None:
+            return
+        if not math.isfinite(float(batches_per_epoch)):
+            raise ValueError(
+                "Expected `start` with interval='step' when the training dataloader has no "
+                "length (the default start is one epoch of optimizer steps), but got None"
+            )
+        steps = math.ceil(float(batches_per_epoch) / max(1, int(accumulate)))
+        self.start = max(1, steps)
+        self._check_end()
+        self._resolve_targets()
+
     @property
     def spread_over_run(self) -> bool:
         """Whether the rounds are spread over the run (a gradual schedule without a count)."""
@@ -678,12 +736,14 @@ class RoundPlan:
         """
         if not self.needs_horizon:
             return
+        if self.start is None:
+            raise RuntimeError("`resolve_start` must come before `resolve_horizon`")
         horizon = check_int(horizon, "horizon", 1)
         if horizon <= self.start:
             raise ValueError(
                 f"Expected the run to last beyond `start`={self.start} {self.interval}s to "
                 f"spread the {self.schedule_name!r} rounds over it, but it has {horizon}; set "
-                "`num_rounds` or `end`, or train longer"
+                "`num_rounds` or `end`, an earlier `start`, or train longer"
             )
         last = self.start + max(
             0, math.ceil((1.0 - self.tail_fraction) * (horizon - self.start)) - 1
@@ -726,7 +786,7 @@ class RoundPlan:
             return self._horizon_rounds
         if self.schedule_name == "one_shot":
             return 1
-        if self.end is not None:
+        if self.end is not None and self.start is not None:
             return (self.end - self.start) // self.frequency + 1
         return None
 
@@ -762,7 +822,9 @@ class RoundPlan:
     def event_points(self) -> list[int] | None:
         """Epochs or steps at which the scheduled rounds run (``None`` if open-ended)."""
         n = self.num_rounds
-        return None if n is None else [self.event_point(k) for k in range(n)]
+        if n is None or self.start is None:
+            return None
+        return [self.event_point(k) for k in range(n)]
 
     @property
     def complete(self) -> bool:
@@ -770,8 +832,76 @@ class RoundPlan:
         n = self.num_rounds
         return n is not None and self.rounds_done >= n
 
+    @property
+    def finished(self) -> bool:
+        """Whether the schedule is done: every round ran, or an extra round reached the target.
+
+        An open-ended callable schedule (no ``num_rounds``, no ``end``) is never finished.
+        """
+        reached = self.final is not None and self.last_target >= self.final - _TOL
+        return self.complete or (self.num_rounds is not None and reached)
+
+    def warn_untrained(self, global_step: int) -> None:
+        """Warn when the first round comes before any optimizer step, unless ``pretrained``.
+
+        Example:
+            >>> with warnings.catch_warnings(record=True) as seen:
+            ...     warnings.simplefilter("always")
+            ...     RoundPlan(0.5, start=0).warn_untrained(global_step=0)
+            ...     RoundPlan(0.5, start=0, pretrained=True).warn_untrained(global_step=0)
+            >>> [str(w.message)[:56] for w in seen]
+            ['IterativePruning: round 1 runs before any optimizer step']
+        """
+        if global_step != 0 or self.rounds_done or self.last_target or self.pretrained:
+            return
+        warnings.warn(
+            "IterativePruning: round 1 runs before any optimizer step of the fit: the model it "
+            "prunes (and the dense reference a FairnessMonitor measures) is untrained. Let it "
+            "train first (the default `start` is one epoch), or pass `pretrained=True` if its "
+            "weights are already trained.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def warn_unfinished(self, sparsity: float) -> None:
+        """Warn (``UserWarning``) when `unfinished_message` has something to say."""
+        message = self.unfinished_message(sparsity)
+        if message is not None:
+            warnings.warn(message, UserWarning, stacklevel=3)
+
+    def unfinished_message(self, sparsity: float) -> str | None:
+        """A warning text when a fit ends before the schedule finished, else ``None``.
+
+        Args:
+            sparsity: the sparsity reached.
+
+        Example:
+            >>> plan = RoundPlan(0.9, num_rounds=4, start=1)
+            >>> plan.record_round(plan.target(0))
+            >>> print(plan.unfinished_message(0.4377))  # doctest: +ELLIPSIS
+            IterativePruning: the fit ended after 1 of 4 pruning rounds, at sparsity 0.4377 of the target 0.9: the schedule did not complete (`schedule_complete` is False) ...
+        """  # noqa: E501
+        n = self.num_rounds
+        if n is None or self.finished:
+            return None
+        target = f"{self.final:.4g}" if self.final is not None else "its last round's"
+        return (
+            f"IterativePruning: the fit ended after {self.rounds_done} of {n} pruning rounds, "
+            f"at sparsity {sparsity:.4g} of the target {target}: the schedule did not complete "
+            "(`schedule_complete` is False) because the fit stopped first (EarlyStopping, "
+            "max_epochs/max_steps or an interruption). To finish, run the remaining rounds "
+            "with `prune_now(trainer, model)` (once per round; `prune_now(trainer, model, "
+            "sparsity=...)` jumps to a target) and fine-tune, or resume the fit from its last "
+            "checkpoint with a longer run."
+        )
+
     def event_point(self, k: int) -> int:
         """Event point of round ``k`` (0-based)."""
+        if self.start is None:
+            raise RuntimeError(
+                "The round plan's `start` is not resolved yet: it is one epoch of optimizer "
+                "steps (`resolve_start`), known once training starts"
+            )
         return self.start + k * self.frequency
 
     def target(self, k: int) -> float:
@@ -805,7 +935,7 @@ class RoundPlan:
 
     def due(self, now: int) -> bool:
         """Whether the next round is due at event point ``now`` (catch-up rounds included)."""
-        if self.complete or self.needs_horizon:
+        if self.complete or self.needs_horizon or self.start is None:
             return False
         point = self.event_point(self.rounds_done)
         if self.end is not None and point > self.end:
@@ -820,7 +950,7 @@ class RoundPlan:
 
     def prevalidate(self, limit: int | None) -> None:
         """Evaluate a callable schedule at every event point before ``limit`` (before training)."""
-        if self.schedule_fn is None:
+        if self.schedule_fn is None or self.start is None:
             return
         n = self.num_rounds
         if n is None:
@@ -873,6 +1003,7 @@ class RoundPlan:
             "start": self.start,
             "end": self.end,
             "frequency": self.frequency,
+            "pretrained": self.pretrained,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -883,6 +1014,7 @@ class RoundPlan:
             "final_sparsity": self.final,
             "num_rounds": self.num_rounds,
             "horizon_rounds": self._horizon_rounds,
+            "start": self.start,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -893,6 +1025,9 @@ class RoundPlan:
         """
         self.rounds_done = int(state.get("rounds_done", 0))
         self.last_target = float(state.get("last_target", 0.0))
+        start = state.get("start")
+        if start is not None and self.start_arg is None and self.interval == "step":
+            self.start = int(start)  # the default start the run resolved
         horizon = state.get("horizon_rounds")
         if horizon is not None and self.spread_over_run:  # the saved spread wins
             self._horizon_rounds = int(horizon)

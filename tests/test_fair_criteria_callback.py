@@ -96,11 +96,30 @@ def test_fair_criterion_arguments_are_checked_at_construction():
         IterativePruning(0.5, criterion="fair")
 
 
-def test_default_group_data_is_the_training_loader_with_class_groups(tmp_path):
+def test_default_group_data_is_the_whole_training_loader_with_class_groups(tmp_path):
     pl.seed_everything(0)
-    pruning = IterativePruning(0.5, criterion="fairgrape", include_names=NAMES, gradient_batches=2)
+    pruning = IterativePruning(0.5, criterion="fairprune", include_names=NAMES)
+    spy = PreRound()
+    dm = DigitsDataModule(n=200, batch_size=40, shuffle=False)
     trainer = pl.Trainer(
-        max_epochs=1, limit_train_batches=2, callbacks=[pruning], **quiet_trainer_kwargs(tmp_path)
+        max_epochs=2,
+        limit_train_batches=2,
+        callbacks=[pruning, spy],
+        **quiet_trainer_kwargs(tmp_path),
     )
-    trainer.fit(SmallCNN(), datamodule=DigitsDataModule(n=200, batch_size=40, shuffle=False))
+    trainer.fit(SmallCNN(), datamodule=dm)
     assert pruning.current_sparsity == pytest.approx(0.5, abs=1e-4)
+    # the masks equal the core's on every batch of the training loader (4 of 40: 160 samples,
+    # although limit_train_batches=2 trains on 2), not on `gradient_batches`=1 of them
+    pre = spy.models[0]
+    named = dict(pre.named_parameters())
+    params = {n: named[n] for n in NAMES}
+    batches = list(dm.train_dataloader())
+    stats = group_statistics(pre, batches, 10, params=params, curvature="fisher", seed=0)
+    assert float(stats.counts.sum()) == 160
+    expected = fair_masks("fairprune", params, stats, 0.5)
+    for name in NAMES:
+        assert torch.equal(pruning.masks[name].cpu(), expected[name]), name
+    one = group_statistics(pre, batches[:1], 10, params=params, curvature="fisher", seed=0)
+    first = fair_masks("fairprune", params, one, 0.5)
+    assert any(not torch.equal(first[n], expected[n]) for n in NAMES)  # the test can tell

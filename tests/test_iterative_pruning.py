@@ -283,7 +283,7 @@ def test_layerwise_scope_and_compression_ratio(tmp_path):
     model = SmallCNN()
     total = sum(p.numel() for p in model.parameters())
     n = _num_prunable(model)
-    pruning = IterativePruning(compression_ratio=3.0, scope="layerwise")
+    pruning = IterativePruning(compression_ratio=3.0, scope="layerwise", start=0)
     _fit(tmp_path, model, [pruning], max_epochs=1)
     target = total * (1 - 1 / 3.0) / n
     for name, p in _prunable(model).items():
@@ -295,7 +295,7 @@ def test_layerwise_scope_and_compression_ratio(tmp_path):
 def test_callable_schedule_open_ended(tmp_path):
     model = SmallCNN()
     n = _num_prunable(model)
-    pruning = IterativePruning(schedule=lambda epoch: min(0.2 * epoch, 0.5), frequency=2)
+    pruning = IterativePruning(schedule=lambda epoch: min(0.2 * epoch, 0.5), frequency=2, start=0)
     _fit(tmp_path, model, [pruning], max_epochs=5)
     assert pruning.num_rounds is None
     assert [h["epoch"] for h in pruning.history] == [0, 2, 4]
@@ -402,7 +402,7 @@ def test_resume_mid_schedule_equals_uninterrupted(tmp_path):
 
 def test_checkpoint_masks_must_fit(tmp_path):
     model = SmallCNN()
-    pruning = IterativePruning(0.5)
+    pruning = IterativePruning(0.5, start=0)
     _fit(tmp_path, model, [pruning], max_epochs=1)
     state = pruning.state_dict()
     state["masks"]["fc.weight"] = torch.ones(3, 3, dtype=torch.bool)
@@ -464,12 +464,12 @@ def test_ddp_identical_masks(tmp_path):
         ({"final_sparsity": 0.5, "criterion": "hessian"}, "`criterion` to be one of"),
         ({"final_sparsity": 0.5, "scope": "per-layer"}, "`scope` to be one of"),
         ({"final_sparsity": 0.5, "interval": "batch"}, "`interval` to be one of"),
-        ({"final_sparsity": 0.5, "start": -1}, "`start` to be an int >= 0"),
+        ({"final_sparsity": 0.5, "start": -1}, "`start` to be None or an int >= 0"),
         ({"final_sparsity": 0.5, "frequency": 0}, "`frequency` to be an int >= 1"),
         ({"final_sparsity": 0.5, "start": 3, "end": 2}, "`end` to be None or an int >= `start`"),
         ({"final_sparsity": 0.5, "num_rounds": 3, "schedule": "one_shot"}, "`num_rounds` to be"),
         (
-            {"final_sparsity": 0.5, "schedule": "linear", "num_rounds": 5, "end": 2},
+            {"final_sparsity": 0.5, "schedule": "linear", "num_rounds": 5, "end": 2, "start": 0},
             "last round at 4",
         ),
         ({"final_sparsity": 0.5, "schedule": "linear", "rate": 0.2}, "`rate` only with"),
@@ -503,11 +503,11 @@ def test_callable_schedule_prevalidated_at_setup(tmp_path):
 def test_callable_schedule_checked_when_evaluated():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     values = iter([0.5, 0.25])
-    pruning = IterativePruning(schedule=lambda t: next(values), frequency=1)
+    pruning = IterativePruning(schedule=lambda t: next(values), frequency=1, start=0)
     pruning.prune_now(None, model)
     with pytest.raises(ValueError, match=r"non-decreasing, but schedule\(1\) returned 0.25"):
         pruning.prune_now(None, model)
-    pruning = IterativePruning(schedule=lambda t: 1.0)
+    pruning = IterativePruning(schedule=lambda t: 1.0, start=0)
     with pytest.raises(ValueError, match=r"return a float in \[0, 1\), but schedule\(0\) returned"):
         pruning.prune_now(None, model)
 

@@ -32,8 +32,10 @@ def test_protected_attribute_example(tmp_path, monkeypatch):
     history = read_history(monitor.history_file)
     assert history == monitor.history
     assert all(r["group_names"] == names for r in history)
-    # rounds spread over the 4 epochs (cubic, no num_rounds): 3 rounds, the last epoch tunes
-    assert pruning.event_points == [0, 1, 2]
+    # one dense epoch, then rounds spread over the rest (cubic, no num_rounds); the model is
+    # pruned after training, never at step 0
+    assert pruning.event_points == [1, 2, 3]
+    assert pruning.history[0]["global_step"] > 0
     assert history[-1]["sparsity"] == pytest.approx(0.9, abs=1e-4)
     # the kept checkpoint is the best measured epoch by worst-group accuracy
     periodic = [r for r in history if r["moment"] == "periodic"]

@@ -36,7 +36,7 @@ def test_gradient_criterion_scores_frozen_parameters_like_the_others(tmp_path):
     reference_model = copy.deepcopy(model)
     dm = DigitsDataModule(n=300, batch_size=32, shuffle=False)
     names = ["features.0.weight", "features.2.weight", "fc.weight"]
-    pruning = IterativePruning(0.5, criterion="gradient", include_names=names)
+    pruning = IterativePruning(0.5, criterion="gradient", include_names=names, start=0)
     trainer = pl.Trainer(
         max_epochs=1, limit_train_batches=1, callbacks=[pruning], **quiet_trainer_kwargs(tmp_path)
     )
@@ -69,7 +69,11 @@ class UnusedLayerCNN(SmallCNN):
 def test_gradient_criterion_names_a_selected_parameter_that_gets_no_gradient(tmp_path):
     pl.seed_everything(0)
     pruning = IterativePruning(
-        0.5, criterion="gradient", include_names=["fc.*", "unused.*"], prune_classifier=True
+        0.5,
+        criterion="gradient",
+        include_names=["fc.*", "unused.*"],
+        prune_classifier=True,
+        start=0,
     )
     trainer = pl.Trainer(
         max_epochs=1, limit_train_batches=2, callbacks=[pruning], **quiet_trainer_kwargs(tmp_path)
@@ -129,7 +133,7 @@ def test_gradient_pass_leaves_module_modes_and_batchnorm_statistics_alone(tmp_pa
     pl.seed_everything(0)
     model = BatchNormCNN()
     probe = BufferProbe()
-    pruning = IterativePruning(0.6, num_rounds=2, criterion=criterion, weight_decay=1e-4)
+    pruning = IterativePruning(0.6, num_rounds=2, criterion=criterion, weight_decay=1e-4, start=0)
     trainer = pl.Trainer(
         max_epochs=2,
         limit_train_batches=3,
@@ -168,7 +172,7 @@ def test_true_precisions_work_with_gradient_criteria_and_the_monitor(tmp_path, p
     pl.seed_everything(0)
     model = DigitsMLP()
     dm = DigitsDataModule(n=200, batch_size=40)
-    pruning = IterativePruning(0.5, criterion="gradient", prune_classifier=True)
+    pruning = IterativePruning(0.5, criterion="gradient", prune_classifier=True, start=0)
     monitor = FairnessMonitor(num_probes=2, max_batches=1, log=False)
     trainer = pl.Trainer(
         max_epochs=1,
@@ -205,7 +209,7 @@ def test_two_named_monitors_keep_separate_histories_and_the_report_separates_the
         group_fn=lambda b: (b[0], b[1], None),
     )
     by_ink = FairnessMonitor(loader, num_groups=2, num_probes=0, name="ink", log=False)
-    pruning = IterativePruning(0.5, num_rounds=2)
+    pruning = IterativePruning(0.5, num_rounds=2, start=0)
     kwargs = quiet_trainer_kwargs(tmp_path)
     trainer = pl.Trainer(
         max_epochs=2, limit_train_batches=2, callbacks=[pruning, by_class, by_ink], **kwargs
@@ -228,7 +232,7 @@ def test_two_named_monitors_keep_separate_histories_and_the_report_separates_the
 def _fit_and_checkpoint(tmp_path, final):
     pl.seed_everything(0)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
-    pruning = IterativePruning(final, num_rounds=3)
+    pruning = IterativePruning(final, num_rounds=3, start=0)
     kwargs = {**quiet_trainer_kwargs(tmp_path), "enable_checkpointing": True}
     trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, callbacks=[pruning, ckpt], **kwargs)
     trainer.fit(SmallCNN(), datamodule=DigitsDataModule(n=200, batch_size=40))
@@ -238,7 +242,7 @@ def _fit_and_checkpoint(tmp_path, final):
 
 def test_resume_with_a_new_final_sparsity_continues_from_the_saved_round(tmp_path):
     path, first = _fit_and_checkpoint(tmp_path, 0.5)
-    pruning = IterativePruning(0.8, num_rounds=3)
+    pruning = IterativePruning(0.8, num_rounds=3, start=0)
     trainer = pl.Trainer(
         max_epochs=3,
         limit_train_batches=2,
@@ -256,7 +260,7 @@ def test_resume_with_a_new_final_sparsity_continues_from_the_saved_round(tmp_pat
 
 def test_resume_with_a_target_below_the_reached_sparsity_is_a_clear_error(tmp_path):
     path, _first = _fit_and_checkpoint(tmp_path, 0.5)
-    pruning = IterativePruning(0.1, num_rounds=3)
+    pruning = IterativePruning(0.1, num_rounds=3, start=0)
     trainer = pl.Trainer(
         max_epochs=3,
         limit_train_batches=2,
@@ -278,7 +282,7 @@ def test_checkpoint_written_under_the_old_state_key_is_found(tmp_path):
     states[old_key] = states.pop(new_key)
     legacy = tmp_path / "legacy.ckpt"
     torch.save(checkpoint, legacy)
-    pruning = IterativePruning(0.5, num_rounds=3)
+    pruning = IterativePruning(0.5, num_rounds=3, start=0)
     trainer = pl.Trainer(
         max_epochs=3,
         limit_train_batches=2,
@@ -296,7 +300,7 @@ def test_checkpoint_written_under_the_old_state_key_is_found(tmp_path):
 def test_step_schedule_that_cannot_finish_within_max_epochs_warns(tmp_path):
     # 160 training samples / 40 = 4 optimizer steps per epoch, 2 epochs = 8 steps: rounds at
     # steps 0, 5 and 10 -> only 2 of 3 run
-    pruning = IterativePruning(0.5, num_rounds=3, interval="step", frequency=5)
+    pruning = IterativePruning(0.5, num_rounds=3, interval="step", frequency=5, start=0)
     trainer = pl.Trainer(max_epochs=2, callbacks=[pruning], **quiet_trainer_kwargs(tmp_path))
     with pytest.warns(UserWarning, match=r"step 10, but the run ends after 8 steps.*2 of 3"):
         trainer.fit(SmallCNN(), datamodule=DigitsDataModule(n=200, batch_size=40))
@@ -304,7 +308,7 @@ def test_step_schedule_that_cannot_finish_within_max_epochs_warns(tmp_path):
 
 
 def test_gradual_schedule_without_num_rounds_spreads_over_max_epochs(tmp_path):
-    pruning = IterativePruning(0.6, schedule="cubic")
+    pruning = IterativePruning(0.6, schedule="cubic", start=0)
     assert pruning.num_rounds is None
     trainer = pl.Trainer(
         max_epochs=4, limit_train_batches=1, callbacks=[pruning], **quiet_trainer_kwargs(tmp_path)

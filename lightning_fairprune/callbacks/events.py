@@ -24,7 +24,14 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["Pruner", "PruningEvent", "PruningListener", "find_pruner", "pruning_has_started"]
+__all__ = [
+    "Pruner",
+    "PruningEvent",
+    "PruningListener",
+    "find_pruner",
+    "pruned_parameter_sets",
+    "pruning_has_started",
+]
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,30 @@ def find_pruner(trainer: Any) -> Pruner | None:
         if isinstance(callback, Pruner):
             return callback
     return None
+
+
+def pruned_parameter_sets(trainer: Any) -> dict[str, list[str]]:
+    """The parameter names of every `Pruner` of ``trainer``, keyed by a label naming it.
+
+    The label is ``"Type(name='...')"`` for a named callback, else its position in
+    ``trainer.callbacks``.
+
+    Example:
+        >>> class P:
+        ...     masks, rounds_done, current_sparsity, parameter_names = {}, 0, 0.0, ["w"]
+        ...     name = None
+        >>> class T: callbacks = [object(), P()]
+        >>> pruned_parameter_sets(T())
+        {'P at trainer.callbacks[1]': ['w']}
+    """
+    out: dict[str, list[str]] = {}
+    for i, callback in enumerate(getattr(trainer, "callbacks", None) or []):
+        if isinstance(callback, Pruner):
+            name = getattr(callback, "name", None)
+            kind = type(callback).__name__
+            label = f"{kind}(name={name!r})" if name else f"{kind} at trainer.callbacks[{i}]"
+            out[label] = list(callback.parameter_names)
+    return out
 
 
 def pruning_has_started(trainer: Any) -> bool:

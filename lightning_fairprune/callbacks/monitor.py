@@ -51,7 +51,7 @@ from lightning_fairprune import logging as fp_logging
 from lightning_fairprune.callbacks.events import PruningEvent, find_pruner
 from lightning_fairprune.checks import check_bool, check_callable, check_int, check_real
 from lightning_fairprune.diagnostics.sharded import GATE_MEMORY
-from lightning_fairprune.fairness_data import FairnessBatches, FairnessData
+from lightning_fairprune.fairness_data import FairnessBatches, FairnessData, agree
 from lightning_fairprune.history import (
     HISTORY_FILENAME,
     MOMENTS,
@@ -533,34 +533,33 @@ class FairnessMonitor(Callback):
         self.check_data(trainer, pl_module)
 
     def check_data(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> None:
-        """Peek at one fairness batch and validate it before any training.
+        """Validate the whole fairness data before any training.
 
-        Checks that the loader exists and is not empty on any process, that targets and groups
-        are integer ids of one per sample within ``num_groups``, that ``num_groups`` is given
-        when the batches carry groups, and that batches *without* a group column are not
+        Checks that the loader exists and is not empty on any process, that ``num_groups`` is
+        given when the batches carry groups, and that batches *without* a group column are not
         silently measured as class groups when ``num_groups`` (a protected attribute) was
-        given with a count other than the number of classes. Learns the number of classes from
-        the logits of that batch.
+        given with a count other than the number of classes; learns the number of classes from
+        the logits of the first batch. Then `FairnessData.scan` checks every batch (at most
+        ``max_batches``, this process's share): targets and groups are integer ids of one per
+        sample within the number of groups, inputs are finite (errors name the batch index, the
+        offending ids or the groups of the non-finite samples), and groups with no sample are
+        reported; every process reaches the same verdict.
 
         Raises:
             ValueError: naming what is wrong.
         """
-        with isolated(pl_module, mode="eval"), precision_context(trainer):
-            batches = self._batches(trainer, pl_module)  # type: ignore[arg-type]
-            self._num_classes = None
-            self._resolve_sizes(pl_module, batches)
-        if (
-            not batches.groups_from_batch
-            and self.num_groups is not None
-            and self.num_groups != self._num_classes
-        ):
-            raise ValueError(
-                f"Expected the fairness batches to carry group ids (`num_groups`="
-                f"{self.num_groups} was given, but the model has {self._num_classes} classes), "
-                "but they have no group column: a batch (x, y) means groups = classes. Give "
-                "batches (x, y, g), set `group_key`, or pass `group_fn`; or leave `num_groups` "
-                "unset to measure the classes."
-            )
+        error: ValueError | None = None
+        try:  # the first batch (one forward): sizes, and groups present when num_groups given
+            with isolated(pl_module, mode="eval"), precision_context(trainer):
+                batches = self._batches(trainer, pl_module)  # type: ignore[arg-type]
+                self._num_classes = None
+                self._resolve_sizes(pl_module, batches)
+            self.data.check_group_column(batches.groups_from_batch, self._num_classes)
+        except ValueError as err:
+            error = err
+        agree(trainer, pl_module, error, "FairnessMonitor")  # every process raises, or none
+        # every batch, not only the first: ids, non-finite inputs, empty groups (forward-free)
+        self.data.scan(trainer, pl_module, num_groups=self._num_groups, owner="FairnessMonitor")
         self.resolved_group_names()
         self.data.reset()  # the loader is resolved again at the first measurement
 

@@ -37,17 +37,18 @@ from lightning.pytorch.callbacks.callback import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_fairprune.callbacks.events import PruningEvent
+from lightning_fairprune.callbacks.events import PruningEvent, pruned_parameter_sets
 from lightning_fairprune.checks import (
     check_bool,
     check_choice,
+    check_disjoint,
     check_int,
     check_name_list,
     check_real,
     check_sparsity,
     is_int,
 )
-from lightning_fairprune.fairness_data import FairnessData
+from lightning_fairprune.fairness_data import FairnessData, agree
 from lightning_fairprune.logging import log_config, log_scalars
 from lightning_fairprune.measure import (
     isolated,
@@ -56,7 +57,13 @@ from lightning_fairprune.measure import (
     task_gradients,
 )
 from lightning_fairprune.pruning.criteria import NEEDS_GRADIENTS, compute_scores, magnitude_scores
-from lightning_fairprune.pruning.fair_criteria import FAIR_CRITERIA, fair_masks, group_statistics
+from lightning_fairprune.pruning.fair_criteria import (
+    FAIR_CRITERIA,
+    GroupStatistics,
+    check_fair_options,
+    fair_masks,
+    group_statistics,
+)
 from lightning_fairprune.pruning.masks import (
     MaskEnforcer,
     apply_masks,
@@ -91,6 +98,10 @@ _SCORE_CRITERIA = ("magnitude", "gradient", "undecayed", "random")
 _CRITERIA = (*_SCORE_CRITERIA, *FAIR_CRITERIA)
 _SCOPES = ("global", "layerwise")
 _STATE_VERSION = 2
+_OVERLAP = (
+    "; each pruning callback counts and enforces its own masks, so overlapping ones report a "
+    "sparsity the model does not have: narrow `include_names`/`exclude_names`"
+)
 
 
 def _callable_name(fn: object) -> str:
@@ -133,7 +144,15 @@ class IterativePruning(Callback):
         rate: only for ``"geometric"``: fraction of the remaining weights removed per round
             (lottery-ticket style, e.g. 0.2); it determines the number of rounds.
         interval: ``"epoch"`` or ``"step"`` (optimizer steps, i.e. ``trainer.global_step``).
-        start: first event point (epoch index or optimizer-step count).
+        start: first event point (epoch index or optimizer-step count). Default ``None``:
+            after one epoch of training (epoch 1; with ``interval="step"`` the optimizer steps
+            of one epoch), so that the first round, and the dense reference a
+            `FairnessMonitor` measures before it, are a trained model; 0 with
+            ``pretrained=True``. A round that runs before any optimizer step of the fit warns,
+            unless ``pretrained=True``.
+        pretrained: the model is already trained when the fit starts (weights loaded from a
+            checkpoint or a model zoo): ``start`` defaults to 0 and a round before any
+            optimizer step is deliberate (no warning).
         end: last allowed event point (inclusive), or ``None``.
         frequency: distance between event points, ``>= 1``.
         criterion: ``"magnitude"`` (abs(θ)), ``"gradient"`` (abs(θ·g)), ``"undecayed"``
@@ -147,7 +166,8 @@ class IterativePruning(Callback):
         scope: ``"global"`` (one threshold over all prunable weights) or ``"layerwise"``
             (every parameter reaches the target sparsity on its own).
         gradient_batches: number of training batches whose mean task-loss gradient the
-            gradient-based criteria use (train mode, current weights).
+            gradient-based criteria use (train mode, current weights); not used by the
+            fairness-aware criteria (see ``group_data``).
         weight_decay: ε of the undecayed criterion. Default: the ``weight_decay`` of the
             optimizer param group holding each parameter.
         seed: seed of the random criterion (round ``r`` uses ``seed + r``; identical on every
@@ -172,14 +192,22 @@ class IterativePruning(Callback):
         group_data: for the fairness-aware criteria, where the per-group statistics come from:
             a `lightning_fairprune.fairness_data.FairnessData` (a loader of ``(x, y, g)``
             batches with ``num_groups``, or ``group_fn``, ``max_batches``: the same path as
-            `FairnessMonitor`'s). Default: ``gradient_batches`` batches of the training
-            dataloader with groups = classes.
+            `FairnessMonitor`'s). Default: the whole training dataloader, groups = classes.
+            Per-group statistics are sums over each group's samples, and the groups a fair
+            criterion protects are the small ones: one batch of 64 holds a handful of a
+            minority class, so its Taylor/OBD importances would be noise. The whole loader
+            costs one statistics pass over the training data per round; to bound it (or to
+            use held-out data), pass ``FairnessData(loader, max_batches=k)``. Given data is
+            scanned entirely at fit start (`FairnessData.scan`: ids, non-finite inputs, empty
+            groups); the statistics pass, options and model outputs are dry-run on one batch
+            then, isolated from training.
         curvature: per-group diagonal curvature of the fairness-aware criteria: ``"fisher"``
             (default for fairprune and worst_group), ``"hutchinson"`` or ``"none"`` (default
             for fairgrape, which needs none).
         criterion_options: keyword options of the fairness-aware criterion (fairgrape:
             ``batch``; fairprune: ``beta``, ``worst``, ``others``; worst_group:
-            ``iterations``, ``eta``, ``clip``, ``swaps``).
+            ``iterations``, ``eta``, ``clip``, ``swaps``); names and values are checked at
+            construction (`check_fair_options`), group ids (``worst``) at fit start.
 
     Example:
         >>> pruning = IterativePruning(0.9, schedule="geometric", num_rounds=3, start=1)
@@ -203,7 +231,8 @@ class IterativePruning(Callback):
         num_rounds: int | None = None,
         rate: float | None = None,
         interval: str = "epoch",
-        start: int = 0,
+        start: int | None = None,
+        pretrained: bool = False,
         end: int | None = None,
         frequency: int = 1,
         criterion: str | Callable[..., Mapping[str, Tensor]] = "magnitude",
@@ -240,6 +269,7 @@ class IterativePruning(Callback):
             start=start,
             end=end,
             frequency=frequency,
+            pretrained=pretrained,
         )
 
         # ---- criterion ---------------------------------------------------------------------
@@ -297,6 +327,8 @@ class IterativePruning(Callback):
             )
         self.group_data = group_data
         self.criterion_options = dict(criterion_options or {})
+        if self.fair:
+            check_fair_options(str(criterion), self.criterion_options)
         self.scope = check_choice(scope, "scope", _SCOPES)
         self.gradient_batches = check_int(gradient_batches, "gradient_batches", 1)
         self.weight_decay = check_real(weight_decay, "weight_decay", low=0.0, allow_none=True)
@@ -314,18 +346,13 @@ class IterativePruning(Callback):
         }
 
         # ---- rewinding and the end ---------------------------------------------------------
-        if rewind is not None and rewind != "init":
-            if not is_int(rewind) or rewind < 0:
-                raise ValueError(
-                    f"Expected `rewind` to be None, 'init' or an int >= 0 (an {interval} index), "
-                    f"but got {rewind!r}"
-                )
-            if rewind > self.plan.start:
-                raise ValueError(
-                    f"Expected `rewind` to be at most `start` ({self.plan.start}): the weights "
-                    f"must be stored before the first round, but got {rewind!r}"
-                )
+        if rewind is not None and rewind != "init" and (not is_int(rewind) or rewind < 0):
+            raise ValueError(
+                f"Expected `rewind` to be None, 'init' or an int >= 0 (an {interval} index), "
+                f"but got {rewind!r}"
+            )
         self.rewind = rewind
+        self._check_rewind()
         self.make_permanent = check_bool(make_permanent, "make_permanent")
         self.verbose = check_bool(verbose, "verbose")
         if name is not None and not isinstance(name, str):
@@ -393,8 +420,8 @@ class IterativePruning(Callback):
         return self.plan.interval
 
     @property
-    def start(self) -> int:
-        """The first event point."""
+    def start(self) -> int | None:
+        """The first event point (``None`` until a step plan's default is resolved)."""
         return self.plan.start
 
     @property
@@ -424,6 +451,30 @@ class IterativePruning(Callback):
             ['0.weight']
         """
         return list(self._fqns or [])
+
+    def pruned_parameters(self, pl_module: nn.Module) -> dict[str, nn.Parameter]:
+        """The prunable parameters of ``pl_module`` by name: the tensors `masks` apply to.
+
+        Looked up fresh in the order of `parameter_names` (strategies may replace parameters,
+        e.g. FSDP2's DTensors); selected now if no fit or round has run yet.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
+            >>> params = IterativePruning(0.5).pruned_parameters(model)
+            >>> list(params), params["0.weight"] is model[0].weight
+            (['0.weight'], True)
+        """
+        return self._params(pl_module)
+
+    @property
+    def schedule_complete(self) -> bool:
+        """Whether the schedule is done (every round ran, or an extra round reached the target).
+
+        ``False`` after a fit that EarlyStopping, ``max_steps`` or an interruption ended early:
+        the fit-end warning says how far it got. An open-ended callable schedule is never
+        complete.
+        """
+        return self.plan.finished
 
     @property
     def rounds_done(self) -> int:
@@ -570,6 +621,9 @@ class IterativePruning(Callback):
 
     def _plan_run(self, trainer: pl.Trainer) -> None:
         """Fit the plan to the run: spread rounds, check callables, warn if it cannot finish."""
+        if self.plan.needs_start:  # a step plan's default start: one epoch of steps
+            self.plan.resolve_start(trainer.num_training_batches, trainer.accumulate_grad_batches)
+            self._check_rewind()
         limit, unit = self._horizon(trainer)
         if self.plan.needs_horizon:
             if limit is None:
@@ -581,6 +635,14 @@ class IterativePruning(Callback):
             self.plan.resolve_horizon(limit)
         self.plan.prevalidate(limit)
         self.plan.warn_incomplete(limit, unit)
+
+    def _check_rewind(self) -> None:
+        start = self.plan.start
+        if is_int(self.rewind) and start is not None and self.rewind > start:
+            raise ValueError(
+                f"Expected `rewind` to be at most `start` ({start}): the weights must be stored "
+                f"before the first round, but got {self.rewind!r}"
+            )
 
     # ------------------------------------------------------------------ hooks
     def _check_sharding_support(self) -> None:
@@ -603,6 +665,7 @@ class IterativePruning(Callback):
         # cannot run on shards before the first training step, not at the first round
         self._params(pl_module)
         self._check_sharding_support()
+        check_disjoint(pruned_parameter_sets(trainer), "pruned parameters", hint=_OVERLAP)
         if self.rewind == "init" and self._rewind_weights is None:
             self._capture_rewind(pl_module)
         self._ensure_enforcers(trainer, pl_module)
@@ -611,6 +674,8 @@ class IterativePruning(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.interval == "step":  # the number of optimizer steps is known from here on
             self._plan_run(trainer)
+        if self.fair and not self.plan.complete:  # the train loader is known from here on
+            self._fair_dry_run(trainer, pl_module)
         self._ensure_enforcers(trainer, pl_module)
 
     @override
@@ -632,9 +697,18 @@ class IterativePruning(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.plan.warn_unfinished(self.current_sparsity)
         self._remove_enforcers()
         if self.make_permanent:
             self.make_pruning_permanent(pl_module)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:  # Ctrl+C
+            self.plan.warn_unfinished(self.current_sparsity)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -720,6 +794,8 @@ class IterativePruning(Callback):
             criterion=self._criterion_name,
             parameter_names=tuple(params),
         )
+        if getattr(trainer, "training", False):  # in a fit (not a stub or no trainer)
+            self.plan.warn_untrained(step)
         self._announce(trainer, pl_module, "on_before_pruning_round", event)
 
         masks = self.compute_masks(trainer, pl_module, params, target, round_index)
@@ -889,40 +965,7 @@ class IterativePruning(Callback):
         buffers, RNG and loader generators restored).
         """
         self._check_sharding_support()
-        data = self.group_data
-        if data is None:
-            loader = getattr(trainer, "train_dataloader", None)
-            if loader is None:
-                raise RuntimeError(
-                    f"IterativePruning: criterion={self._criterion_name!r} needs group data: "
-                    "pass `group_data=FairnessData(loader, ...)` or prune from a training hook "
-                    "(the training dataloader is used, groups = classes)"
-                )
-            data = FairnessData(loader, max_batches=self.gradient_batches)
-        loaders = [data.dataloader] if data.dataloader is not None else []
-        with isolated(pl_module, mode="eval", loaders=loaders):
-            batches = data.batches(trainer, pl_module)
-            num_groups = data.num_groups
-            if num_groups is None:  # groups = classes: the number of classes from the logits
-                x, _, _ = batches.first()
-                num_groups = int(pl_module(x).shape[1])
-            world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
-            reduce_fn = None
-            if world > 1 and trainer is not None:
-                strategy = trainer.strategy
-
-                def reduce_fn(t: Tensor) -> Tensor:
-                    return strategy.reduce(t, reduce_op="sum")
-
-            stats = group_statistics(
-                pl_module,
-                batches,
-                num_groups,
-                params=dict(params),
-                curvature=self.curvature,
-                seed=self.seed + round_index,
-                reduce_fn=reduce_fn,
-            )
+        stats = self._group_statistics(trainer, pl_module, params, self.seed + round_index)
         with torch.no_grad():
             return fair_masks(
                 self._criterion_name,
@@ -933,6 +976,86 @@ class IterativePruning(Callback):
                 scope=self.scope,
                 **self.criterion_options,
             )
+
+    def _group_data(self, trainer: pl.Trainer | None) -> FairnessData:
+        """``group_data``, else the whole training dataloader with groups = classes."""
+        if self.group_data is not None:
+            return self.group_data
+        loader = getattr(trainer, "train_dataloader", None)
+        if loader is None or isinstance(loader, (Mapping, list, tuple)):
+            raise ValueError(
+                f"Expected `group_data` for criterion={self._criterion_name!r}, or one training "
+                f"dataloader to derive it from (groups = classes), but got "
+                f"{'none' if loader is None else type(loader).__name__}: pass "
+                "`group_data=FairnessData(loader, num_groups=...)`"
+            )
+        return FairnessData(loader)
+
+    def _group_statistics(
+        self,
+        trainer: pl.Trainer | None,
+        pl_module: nn.Module,
+        params: Mapping[str, Tensor],
+        seed: int,
+        dry_run: bool = False,
+    ) -> GroupStatistics:
+        """Per-group statistics on the group data (``dry_run``: its first batch, local only)."""
+        data = self._group_data(trainer)
+        loaders = [data.dataloader] if data.dataloader is not None else []
+        world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+        reduce_fn = None
+        if world > 1 and trainer is not None and not dry_run:
+            strategy = trainer.strategy
+
+            def reduce_fn(t: Tensor) -> Tensor:
+                return strategy.reduce(t, reduce_op="sum")
+
+        with isolated(pl_module, mode="eval", loaders=loaders):
+            batches: Any = data.batches(trainer, pl_module)
+            num_groups = data.num_groups
+            if num_groups is None or dry_run:  # the classes: from the logits of one batch
+                owner = f"criterion={self._criterion_name!r}"
+                num_groups, _ = data.resolve_groups(pl_module, batches, owner)
+            if dry_run:
+                batches = [batches.first()]
+            stats = group_statistics(
+                pl_module,
+                batches,
+                num_groups,
+                params=dict(params),
+                curvature=self.curvature,
+                seed=seed,
+                reduce_fn=reduce_fn,
+            )
+        return stats
+
+    def _fair_dry_run(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
+        """Before the first step, find what would fail at the first round of a fair criterion.
+
+        Runs the statistics pass on one batch (model outputs, number of groups) and checks the
+        criterion's options against the number of groups, then scans the whole ``group_data``
+        (`FairnessData.scan`: every batch's ids, non-finite inputs, empty groups); every step
+        isolated from training, every process reaching the same verdict.
+        """
+        data, owner = self.group_data, "IterativePruning's `group_data`"
+        error: ValueError | None = None
+        try:
+            params = self._params(pl_module)
+            stats = self._group_statistics(trainer, pl_module, params, self.seed, dry_run=True)
+            check_fair_options(self._criterion_name, self.criterion_options, stats.num_groups)
+        except ValueError as err:
+            error = err
+            if data is None:
+                error = ValueError(
+                    f"IterativePruning(criterion={self._criterion_name!r}) derives its group "
+                    f"data from the training dataloader (groups = classes): {err}. Pass "
+                    "`group_data=FairnessData(loader, num_groups=...)` for batches with a "
+                    "protected attribute."
+                )
+        agree(trainer, pl_module, error, owner)  # one process's bad batch: raise on all
+        if data is not None:
+            data.scan(trainer, pl_module, num_groups=stats.num_groups, owner=owner)
+            data.reset()
 
     # ------------------------------------------------------------------ gradients
     def _task_gradients(

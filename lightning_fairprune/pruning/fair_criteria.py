@@ -80,9 +80,11 @@ from lightning_fairprune.pruning.masks import global_masks, layerwise_masks, num
 __all__ = [
     "CURVATURES",
     "FAIR_CRITERIA",
+    "FAIR_CRITERION_OPTIONS",
     "SCOPES",
     "GroupStatistics",
     "MinimaxResult",
+    "check_fair_options",
     "fair_masks",
     "fairgrape_importance",
     "fairgrape_masks",
@@ -97,6 +99,12 @@ __all__ = [
 
 FAIR_CRITERIA: tuple[str, ...] = ("fairgrape", "fairprune", "worst_group")
 """Names accepted by `fair_masks`."""
+FAIR_CRITERION_OPTIONS: dict[str, frozenset[str]] = {
+    "fairgrape": frozenset({"batch"}),
+    "fairprune": frozenset({"beta", "worst", "others"}),
+    "worst_group": frozenset({"iterations", "eta", "clip", "swaps"}),
+}
+"""The keyword options each fairness-aware criterion accepts (`fair_masks`' ``**options``)."""
 CURVATURES: tuple[str, ...] = ("fisher", "hutchinson", "none")
 """Per-group diagonal curvatures `group_statistics` can measure."""
 SCOPES: tuple[str, ...] = ("global", "layerwise")
@@ -967,21 +975,70 @@ def fair_masks(
         >>> fair_masks("fairprune", {"w": torch.ones(2)}, s, 0.5, beta=0.0)["w"].sum().item()
         1
     """
-    key = name.strip().lower() if isinstance(name, str) else name
-    allowed = {
-        "fairgrape": {"batch"},
-        "fairprune": {"beta", "worst", "others"},
-        "worst_group": {"iterations", "eta", "clip", "swaps"},
-    }
-    if key not in allowed:
-        raise ValueError(f"Expected `name` to be one of {FAIR_CRITERIA}, but got {name!r}")
-    unknown = sorted(set(options) - allowed[key])
-    if unknown:
-        raise ValueError(
-            f"Expected options of {key!r} among {sorted(allowed[key])}, but got {unknown}"
-        )
+    key = _option_names(name, options)
     if key == "fairgrape":
         return fairgrape_masks(params, stats, sparsity, current_masks, scope, **options)
     if key == "fairprune":
         return fairprune_masks(params, stats, sparsity, current_masks, scope, **options)
     return worst_group_masks(params, stats, sparsity, current_masks, scope, **options).masks
+
+
+def _option_names(name: str, options: Mapping[str, Any]) -> str:
+    """The criterion's key, after checking that every option name is one it accepts."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in FAIR_CRITERION_OPTIONS:
+        raise ValueError(f"Expected `name` to be one of {FAIR_CRITERIA}, but got {name!r}")
+    allowed = FAIR_CRITERION_OPTIONS[key]
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"Expected options of {key!r} among {sorted(allowed)}, but got {unknown}")
+    return key
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_fair_options(
+    name: str, options: Mapping[str, Any], num_groups: int | None = None
+) -> None:
+    """Check a fairness-aware criterion's options (names and values) without any model.
+
+    The option names are checked against `FAIR_CRITERION_OPTIONS`, and the values by running
+    the criterion once on a tiny synthetic problem with ``num_groups`` groups (four weights,
+    half of them pruned): whatever `fair_masks` would refuse at a pruning round is refused
+    here, with the same message. Pruning callbacks call it at construction (``num_groups``
+    unknown: as many groups as a given ``worst`` needs) and again at fit start, when the
+    number of groups is known (FairPrune's ``worst`` must name one of them).
+
+    Args:
+        name: one of `FAIR_CRITERIA`.
+        options: the keyword options.
+        num_groups: number of groups G of the data the criterion will see (``None``: not
+            known yet).
+
+    Raises:
+        ValueError: an unknown criterion or option name, or a bad option value.
+
+    Example:
+        >>> check_fair_options("fairprune", {"beta": 0.5})
+        >>> check_fair_options("fairprune", {"betta": 0.5})
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected options of 'fairprune' among ['beta', 'others', 'worst'], but got ['betta']
+        >>> check_fair_options("fairprune", {"worst": 3}, num_groups=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `worst` to be a group id in [0, 2), but got 3
+    """  # noqa: E501
+    key = _option_names(name, options)
+    worst = options.get("worst")
+    g = num_groups if num_groups is not None else max(2, worst + 1 if _is_id(worst) else 2)
+    grads = {"w": torch.arange(g * 4, dtype=torch.float64).reshape(g, 4) - g * 2}
+    stats = GroupStatistics(
+        grads,
+        torch.ones(g, dtype=torch.float64),
+        torch.ones(g, dtype=torch.float64),
+        curvature_sums={"w": torch.ones(g, 4, dtype=torch.float64)},
+    )
+    fair_masks(key, {"w": torch.tensor([1.0, -2.0, 3.0, -4.0])}, stats, 0.5, **options)
