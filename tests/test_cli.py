@@ -230,4 +230,3 @@ def test_demo_fast_writes_history_wandb_run_and_report(tmp_path, monkeypatch):
     rows = [row for row in run.history if any(k.endswith("/moment_code") for k in row)]
     assert len(rows) == 11
     assert run.config["fairprune/demo"]["final_sparsity"] == 0.98
-    assert result["seconds"] < 180
