@@ -57,6 +57,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,8 +79,10 @@ __all__ = [
     "Comparison",
     "RunCurve",
     "bootstrap_interval",
+    "check_paired",
     "compare_histories",
     "curve_at",
+    "curve_band",
     "max_excess_accuracy_gap",
     "metric_value",
     "paired_difference",
@@ -237,12 +240,46 @@ def curve_at(curve: RunCurve, at: str, level: float) -> dict[str, float] | None:
         if lo <= level <= hi:
             t = 1.0 if xs[k] == xs[k + 1] else (level - xs[k]) / (xs[k + 1] - xs[k])
             out = {}
-            for key, ys in (("value", curve.value), ("sparsity", curve.sparsity),
-                            ("accuracy", curve.accuracy)):  # fmt: skip
+            for key, ys in (
+                ("value", curve.value),
+                ("sparsity", curve.sparsity),
+                ("accuracy", curve.accuracy),
+            ):
                 out[key] = ys[k] + t * (ys[k + 1] - ys[k])
             out["accuracy" if at == "accuracy" else "sparsity"] = float(level)
             return out
     return None
+
+
+def curve_band(
+    curves: Sequence[RunCurve], at: str, points: int = 60, confidence: float = 0.95
+) -> dict[str, list[float]] | None:
+    """Mean and pointwise Student t interval over runs of their curves, on a common grid.
+
+    The grid spans the ``at`` range every curve covers (``None`` when there is none); at each
+    grid point every curve is read with `curve_at`.
+
+    Example:
+        >>> a = RunCurve([0.0, 1.0], [0.9, 0.7], [0.8, 0.4])
+        >>> b = RunCurve([0.0, 1.0], [0.9, 0.7], [0.6, 0.2])
+        >>> band = curve_band([a, b], "sparsity", points=3)
+        >>> band["x"], [round(v, 6) for v in band["mean"]]
+        ([0.0, 0.5, 1.0], [0.7, 0.5, 0.3])
+    """
+    low = max(c.range(at)[0] for c in curves)
+    high = min(c.range(at)[1] for c in curves)
+    if low > high:
+        return None
+    grid = [low + (high - low) * k / (points - 1) for k in range(points)] if high > low else [low]
+    band: dict[str, list[float]] = {"x": grid, "mean": [], "low": [], "high": []}
+    for x in grid:
+        values = [curve_at(c, at, x)["value"] for c in curves]  # type: ignore[index]
+        mean = sum(values) / len(values)
+        lo, hi = t_interval(values, confidence) if len(values) > 1 else (mean, mean)
+        band["mean"].append(mean)
+        band["low"].append(lo)
+        band["high"].append(hi)
+    return band
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,6 +329,7 @@ def student_t_cdf(t: float, df: float) -> float:
     return 1.0 - tail if t > 0 else tail
 
 
+@functools.lru_cache(maxsize=256)
 def student_t_ppf(q: float, df: float) -> float:
     """The ``q`` quantile of Student's t with ``df`` degrees of freedom (bisection on the CDF).
 
@@ -522,26 +560,38 @@ class Comparison:
         if markdown:
             lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             lines += ["| " + " | ".join(cells) + " |" for cells in body]
-            return "\n".join(lines + [""] + [f"* {note}" for note in self.notes])
+            return "\n".join([*lines, "", *[f"* {note}" for note in self.notes]])
         widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
         lines = [
-            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                      enumerate(zip(cells, widths, strict=True))).rstrip()  # fmt: skip
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
             for cells in [header, ["-" * w for w in widths], *body]
         ]
-        return "\n".join(lines + [""] + self.notes)
+        return "\n".join([*lines, "", *self.notes])
 
 
-def _check_histories(histories: Any, names: Any) -> dict[str, list[str]]:
-    if not isinstance(histories, Mapping) or len(histories) < 2:
+def check_paired(recipes: Any, name: str = "histories") -> int:
+    """Check ``{label: [run, ...]}``: at least 2 recipes, equal run counts (>= 2); return it.
+
+    Example:
+        >>> check_paired({"a": [1, 2], "b": [3]}, "recipes")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected every recipe to have the same number of runs ... {'a': 2, 'b': 1}
+    """
+    if not isinstance(recipes, Mapping) or len(recipes) < 2:
         raise ValueError(
-            "Expected `histories` to be a dict {recipe label: [history, ...]} with at least 2 "
-            f"recipes, but got {histories!r:.200}"
+            f"Expected `{name}` to be a dict {{recipe label: [run, ...]}} with at least 2 "
+            f"recipes, but got {recipes!r:.200}"
         )
     counts = {}
-    for label, runs in histories.items():
+    for label, runs in recipes.items():
         if not isinstance(label, str) or not label:
-            raise ValueError(f"Expected every recipe label to be a non-empty str, but got {label!r}")
+            raise ValueError(
+                f"Expected every recipe label to be a non-empty str, but got {label!r}"
+            )
         if isinstance(runs, (str, bytes, Mapping)) or not isinstance(runs, Sequence):
             raise ValueError(
                 f"Expected the runs of recipe {label!r} to be a list (one per seed), but got "
@@ -556,6 +606,11 @@ def _check_histories(histories: Any, names: Any) -> dict[str, list[str]]:
     n = next(iter(counts.values()))
     if n < 2:
         raise ValueError(f"Expected at least 2 runs (seeds) per recipe, but got {n}")
+    return n
+
+
+def _run_names(histories: Mapping[str, Sequence[Any]], names: Any) -> dict[str, list[str]]:
+    n = check_paired(histories)
     out = {}
     for label in histories:
         given = (names or {}).get(label)
@@ -606,8 +661,10 @@ def _levels(
         common = [
             s
             for s in first
-            if s > 0 and all(any(abs(s - x) <= 1e-3 for x in c.sparsity) for cs in
-                             curves.values() for c in cs)  # fmt: skip
+            if s > 0
+            and all(
+                any(abs(s - x) <= 1e-3 for x in c.sparsity) for cs in curves.values() for c in cs
+            )
         ]
         if not common:
             raise ValueError(
@@ -622,7 +679,9 @@ def _levels(
         check_real(value, "level")
     out = [float(v) for v in levels]
     for value in out:
-        missing = [names[label][i] for (label, i), (lo, hi) in ranges.items() if not lo <= value <= hi]
+        missing = [
+            names[label][i] for (label, i), (lo, hi) in ranges.items() if not lo <= value <= hi
+        ]
         if missing:
             raise ValueError(
                 f"Expected an {at} level that every run reaches, but {at} {value:.4f} is not "
@@ -671,7 +730,7 @@ def compare_histories(
         ValueError: unpaired inputs (different run counts), fewer than 2 seeds, a run without
             the metric, no level every run reaches, bad arguments.
     """
-    run_names = _check_histories(histories, names)
+    run_names = _run_names(histories, names)
     labels = list(histories)
     baseline = labels[0] if baseline is None else baseline
     if baseline not in histories:
@@ -727,14 +786,22 @@ def compare_histories(
                 "accuracy": sum(p["accuracy"] for p in points) / n,
             }
             if label == baseline:
-                row.update(dict.fromkeys(
-                    ("delta", "ci_low", "ci_high", "p_value", "p_raw", "wins", "losses")))  # fmt: skip
+                row.update(
+                    dict.fromkeys(
+                        ("delta", "ci_low", "ci_high", "p_value", "p_raw", "wins", "losses")
+                    )
+                )
             else:
                 row.update(
                     paired_difference(
-                        values[label][j], values[baseline][j], ci=ci, confidence=confidence,
-                        comparisons=m, n_resamples=n_resamples, seed=seed,
-                    )  # fmt: skip
+                        values[label][j],
+                        values[baseline][j],
+                        ci=ci,
+                        confidence=confidence,
+                        comparisons=m,
+                        n_resamples=n_resamples,
+                        seed=seed,
+                    )
                 )
             rows.append(row)
     interval = (
@@ -755,9 +822,21 @@ def compare_histories(
         f"Curves: the latest record at each sparsity among moments {', '.join(CURVE_MOMENTS)}.",
     ]
     if metric == MAX_EXCESS_GAP:
-        notes.append("max_excess_accuracy_gap: lower is better (a negative delta is an improvement).")
+        notes.append(
+            "max_excess_accuracy_gap: lower is better (a negative delta is an improvement)"
+        )
     return Comparison(
-        metric=metric, at=at, baseline=baseline, levels=levels, rows=rows, values=values,
-        curves=curves, names=run_names, ci=ci, confidence=confidence, correction=correction,
-        comparisons=m, notes=notes,
-    )  # fmt: skip
+        metric=metric,
+        at=at,
+        baseline=baseline,
+        levels=levels,
+        rows=rows,
+        values=values,
+        curves=curves,
+        names=run_names,
+        ci=ci,
+        confidence=confidence,
+        correction=correction,
+        comparisons=m,
+        notes=notes,
+    )

@@ -164,7 +164,7 @@ def test_write_report_tables_figures_and_pareto(tmp_path):
     assert table_rows["a"][-1] == "acc+wgr"
     assert table_rows["d"][-1] == "-"
     md = (out / "report.md").read_text()
-    assert "| c | 3 | 2 | 0.9000 | 0.8000 | 0.9500 | 0.7000 | 1 |" in md
+    assert "| c | 3 | 2 | 0.9000 | 0.8000 | 0.9500 | 0.7000 | g1 |" in md
     assert "![comparison](comparison.png)" in md
 
 
