@@ -549,7 +549,7 @@ class Comparison:
                 row["recipe"] + (" (baseline)" if base else ""),
                 f"{row['level']:.4f}",
                 str(row["n"]),
-                f"{row['mean']:+.4f}",
+                f"{row['mean']:.4f}",
                 f"{row[other]:.4f}",
                 "-" if base else f"{row['delta']:+.4f}",
                 "-" if base else f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]",

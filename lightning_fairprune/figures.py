@@ -494,23 +494,27 @@ def comparison_figures(comparison: Comparison, confidence: float = 0.95) -> dict
     for axis in ("accuracy", "sparsity"):
         fig, axes = _figure(size=(9.0, 5.0))
         ax = axes[0, 0]
-        for label, curves in comparison.curves.items():
+        for k, (label, curves) in enumerate(comparison.curves.items()):
+            color = f"C{k % 10}"
             band = curve_band(curves, axis, confidence=confidence)
             name = label + (" (baseline)" if label == comparison.baseline else "")
-            if band is None:  # the seeds share no range: draw them one by one
-                for i, curve in enumerate(curves):
-                    xs = curve.accuracy if axis == "accuracy" else curve.sparsity
-                    ax.plot(
-                        xs,
-                        curve.value,
-                        linewidth=0.8,
-                        alpha=0.7,
-                        label=f"{name}, seed {i} (no common range)",
-                    )
+            for curve in curves:  # every seed, thin
+                xs = curve.accuracy if axis == "accuracy" else curve.sparsity
+                ax.plot(
+                    xs,
+                    curve.value,
+                    color=color,
+                    linewidth=0.7,
+                    alpha=0.45,
+                    marker=".",
+                    markersize=3,
+                )
+            if band is None or len(band["x"]) < 2:  # the seeds share no range: no band
+                ax.plot([], [], color=color, linewidth=0.7, label=f"{name} (seeds share no range)")
                 continue
-            (line,) = ax.plot(band["x"], band["mean"], linewidth=1.8, label=name)
+            ax.plot(band["x"], band["mean"], color=color, linewidth=2.0, label=name)
             ax.fill_between(
-                band["x"], band["low"], band["high"], color=line.get_color(), alpha=0.2, linewidth=0
+                band["x"], band["low"], band["high"], color=color, alpha=0.2, linewidth=0
             )
         if comparison.at == axis:
             for level in comparison.levels:
@@ -525,8 +529,9 @@ def comparison_figures(comparison: Comparison, confidence: float = 0.95) -> dict
         ax.set_ylabel(comparison.metric)
         _title(
             ax,
-            f"{comparison.metric} vs {axis}: mean and {confidence:.0%} CI over {n} seeds",
-            width=60,
+            f"{comparison.metric} vs {axis}: mean over {n} seeds (thick) with its "
+            f"{confidence:.0%} CI band, each seed thin",
+            width=80,
         )
         ax.grid(alpha=0.3)
         _legend_outside(ax)
