@@ -150,6 +150,27 @@ def _names(records: Sequence[Mapping[str, Any]], count: int) -> list[str]:
     return [str(names[g]) if g < len(names) else f"g{g}" for g in range(count)]
 
 
+def _disparity(record: Mapping[str, Any], quantity: str) -> float | None:
+    """`disparity_stat`; ``"accuracy"``: of the group accuracies (recall in older records)."""
+    if quantity == "accuracy":
+        value = disparity_stat(record, "group_accuracy")
+        return disparity_stat(record, "recall") if value is None else value
+    return disparity_stat(record, quantity)
+
+
+def _note_if_empty(ax: Any) -> None:
+    if not ax.get_lines():
+        ax.text(
+            0.5,
+            0.5,
+            "not in the records",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            color="grey",
+        )
+
+
 def _parity(record: Mapping[str, Any], key: str) -> float | None:
     fairness = record.get("fairness")
     return number(fairness.get(key)) if isinstance(fairness, Mapping) else None
@@ -326,6 +347,7 @@ def _plot_alpha(ax: Any, runs: Sequence[RunLike], immediate: bool = False) -> No
 
 def _plot_curvature_gaps(ax: Any, run: RunLike) -> None:
     """Gradient-norm (left axis) and Hessian-trace (right axis) gaps; coloured axes, no legend."""
+    drawn = False
     for axis, quantity, label, color in (
         (ax, "grad_norm", "gradient-norm gap", "tab:blue"),
         (ax.twinx(), "hessian_trace", "Hessian-trace gap", "tab:red"),
@@ -333,11 +355,14 @@ def _plot_curvature_gaps(ax: Any, run: RunLike) -> None:
         x, y = _curve(run.records, lambda r, q=quantity: disparity_stat(r, q))
         if x:
             axis.plot(x, y, marker="o", markersize=3, color=color)
+            drawn = True
         axis.set_ylabel(f"{label} (max - min over groups)", color=color, fontsize=8)
         axis.tick_params(axis="y", colors=color)
     ax.set_xlabel("sparsity")
     _title(ax, "Gradient-norm and Hessian-trace disparity")
     ax.grid(alpha=0.3)
+    if not drawn:
+        _note_if_empty(ax)
 
 
 def _plot_parity(ax: Any, runs: Sequence[RunLike], keys: Sequence[tuple[str, str]]) -> None:
@@ -412,20 +437,21 @@ def report_figures(runs: Sequence[RunLike], rows: Sequence[Mapping[str, Any]]) -
     for ax, (quantity, title) in zip(
         axes[0],
         (
-            ("recall", "Recall disparity"),
+            ("accuracy", "Group-accuracy (recall) disparity"),
             ("grad_norm", "Gradient-norm disparity"),
             ("hessian_trace", "Hessian-trace disparity"),
         ),
         strict=True,
     ):
         for run in runs:
-            x, y = _curve(run.records, lambda r, q=quantity: disparity_stat(r, q))
+            x, y = _curve(run.records, lambda r, q=quantity: _disparity(r, q))
             if x:
                 ax.plot(x, y, marker="o", markersize=3, label=run.name)
         ax.set_xlabel("sparsity")
         ax.set_ylabel("max - min over groups")
         _title(ax, title)
         ax.grid(alpha=0.3)
+        _note_if_empty(ax)
     if len(runs) > 1:
         _figure_legend(fig, axes[0])
     figures["disparity_vs_sparsity.png"] = fig

@@ -388,6 +388,12 @@ def test_report_figures_are_readable_and_name_the_groups(tmp_path, monkeypatch):
         "Equalized odds difference vs sparsity",
     ]
     assert legend_texts(parity.legends[0]) == ["arrests_a", "arrests_b"]
+    # the group-accuracy disparity of records without "recall" (protected groups) is drawn
+    lines = saved["disparity_vs_sparsity.png"].axes[0].get_lines()
+    assert len(lines) == 2
+    records = [json.loads(x) for x in (runs[0] / HISTORY_FILENAME).read_text().splitlines()]
+    latest = {r["sparsity"]: r["group_accuracy"] for r in records}
+    assert list(lines[0].get_ydata()) == pytest.approx([max(v) - min(v) for v in latest.values()])
     # the table names the worst group
     rows = {row["run"]: row for row in report.rows}
     assert rows["arrests_a"]["worst_group_name"] == "colour=Black & sex=Male"
