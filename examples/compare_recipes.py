@@ -153,6 +153,7 @@ def train_run(label: str, recipe: Recipe, seed: int, args: argparse.Namespace) -
         enable_model_summary=False,
         accelerator="cpu",
         deterministic=True,
+        num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=data)
     return Path(monitor.history_file).parent
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.fast:
         args.seeds, args.rounds, args.dense_epochs, args.finetune_epochs = 2, 2, 4, 1
-        args.batch_size, args.lr = 64, 0.1
+        args.batch_size, args.lr = 128, 0.2
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-fit banner
 
