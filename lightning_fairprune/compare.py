@@ -671,7 +671,10 @@ def _levels(
                 "Expected a nonzero sparsity level recorded in every run (level='common'), but "
                 f"there is none. Ranges: {describe()}"
             )
-        return common, f"sparsity levels recorded in every run: {', '.join(map(str, common))}"
+        # a level recorded as 0.9000 in one run and 0.8997 in another: compare inside both
+        common = [min(max(s, low), high) for s in common]
+        listed = ", ".join(f"{s:.4f}" for s in common)
+        return common, f"the sparsity levels recorded in every run (within 0.001): {listed}"
     levels = [level] if not isinstance(level, Sequence) else list(level)
     if not levels:
         raise ValueError("Expected `level` to hold at least one level, but got []")
@@ -733,7 +736,92 @@ def compare_histories(
     run_names = _run_names(histories, names)
     labels = list(histories)
     baseline = labels[0] if baseline is None else baseline
-    if baseline not in histories:
+    _check_options(labels, metric, baseline, at, ci, confidence, correction, n_resamples)
+    curves = {
+        label: [_run_curve(records, metric, run_names[label][i]) for i, records in enumerate(runs)]
+        for label, runs in histories.items()
+    }
+    levels, how = _levels(curves, run_names, at, level)
+    others = [label for label in labels if label != baseline]
+    m = len(others) * len(levels) if correction == "bonferroni" else 1
+    matched = {
+        label: [[curve_at(c, at, lvl) for c in curves[label]] for lvl in levels] for label in labels
+    }
+    values = {
+        label: [[p["value"] for p in points] for points in matched[label]]  # type: ignore[index]
+        for label in labels
+    }
+    rows: list[dict[str, Any]] = []
+    for j, lvl in enumerate(levels):
+        for label in [baseline, *others]:
+            points: list[dict[str, float]] = matched[label][j]  # type: ignore[assignment]
+            n = len(points)
+            row: dict[str, Any] = {
+                "recipe": label,
+                "level": lvl,
+                "n": n,
+                "mean": sum(values[label][j]) / n,
+                "sparsity": sum(p["sparsity"] for p in points) / n,
+                "accuracy": sum(p["accuracy"] for p in points) / n,
+            }
+            if label == baseline:
+                row.update(dict.fromkeys(_TEST_KEYS))
+            else:
+                row.update(
+                    paired_difference(
+                        values[label][j],
+                        values[baseline][j],
+                        ci=ci,
+                        confidence=confidence,
+                        comparisons=m,
+                        n_resamples=n_resamples,
+                        seed=seed,
+                    )
+                )
+            rows.append(row)
+    notes = _notes(
+        metric,
+        baseline,
+        len(histories[baseline]),
+        how,
+        ci,
+        confidence,
+        correction,
+        m,
+        n_resamples,
+        seed,
+    )
+    return Comparison(
+        metric=metric,
+        at=at,
+        baseline=baseline,
+        levels=levels,
+        rows=rows,
+        values=values,
+        curves=curves,
+        names=run_names,
+        ci=ci,
+        confidence=confidence,
+        correction=correction,
+        comparisons=m,
+        notes=notes,
+    )
+
+
+_TEST_KEYS = ("delta", "ci_low", "ci_high", "p_value", "p_raw", "wins", "losses")
+
+
+def _check_options(
+    labels: list[str],
+    metric: Any,
+    baseline: Any,
+    at: Any,
+    ci: Any,
+    confidence: Any,
+    correction: Any,
+    n_resamples: Any,
+) -> None:
+    if baseline not in labels:
         raise ValueError(f"Expected `baseline` to be one of {labels}, but got {baseline!r}")
     if not isinstance(metric, str) or not metric:
         raise ValueError(f"Expected `metric` to be the name of a record scalar, but got {metric!r}")
@@ -750,60 +838,32 @@ def compare_histories(
             f"Expected `correction` to be 'bonferroni' or None, but got {correction!r}"
         )
     check_int(n_resamples, "n_resamples", 100)
-    curves: dict[str, list[RunCurve]] = {}
-    for label, runs in histories.items():
-        curves[label] = []
-        for i, records in enumerate(runs):
-            curve = run_curve(records, metric)
-            if not curve.value:
-                raise ValueError(
-                    f"Expected every run to record `metric` {metric!r}, but run "
-                    f"{run_names[label][i]} has no trained-model record with it (moments "
-                    f"{CURVE_MOMENTS}; 'max_excess_accuracy_gap' also needs the dense record)"
-                )
-            curves[label].append(curve)
-    levels, how = _levels(curves, run_names, at, level)
-    others = [label for label in labels if label != baseline]
-    m = len(others) * len(levels) if correction == "bonferroni" else 1
-    values: dict[str, list[list[float]]] = {label: [] for label in labels}
-    matched: dict[str, list[list[dict[str, float]]]] = {label: [] for label in labels}
-    for lvl in levels:
-        for label in labels:
-            points = [curve_at(c, at, lvl) for c in curves[label]]
-            matched[label].append(points)  # type: ignore[arg-type]
-            values[label].append([p["value"] for p in points])  # type: ignore[index]
-    rows: list[dict[str, Any]] = []
-    n = len(histories[baseline])
-    for j, lvl in enumerate(levels):
-        for label in [baseline, *others]:
-            points = matched[label][j]
-            row: dict[str, Any] = {
-                "recipe": label,
-                "level": lvl,
-                "n": n,
-                "mean": sum(values[label][j]) / n,
-                "sparsity": sum(p["sparsity"] for p in points) / n,
-                "accuracy": sum(p["accuracy"] for p in points) / n,
-            }
-            if label == baseline:
-                row.update(
-                    dict.fromkeys(
-                        ("delta", "ci_low", "ci_high", "p_value", "p_raw", "wins", "losses")
-                    )
-                )
-            else:
-                row.update(
-                    paired_difference(
-                        values[label][j],
-                        values[baseline][j],
-                        ci=ci,
-                        confidence=confidence,
-                        comparisons=m,
-                        n_resamples=n_resamples,
-                        seed=seed,
-                    )
-                )
-            rows.append(row)
+
+
+def _run_curve(records: Sequence[Mapping[str, Any]], metric: str, name: str) -> RunCurve:
+    curve = run_curve(records, metric)
+    if not curve.value:
+        raise ValueError(
+            f"Expected every run to record `metric` {metric!r}, but run {name} has no "
+            f"trained-model record with it (moments {CURVE_MOMENTS}; "
+            "'max_excess_accuracy_gap' also needs the dense record)"
+        )
+    return curve
+
+
+def _notes(
+    metric: str,
+    baseline: str,
+    n: int,
+    how: str,
+    ci: str,
+    confidence: float,
+    correction: str | None,
+    m: int,
+    n_resamples: int,
+    seed: int,
+) -> list[str]:
+    """What the comparison did, in words (printed under the table)."""
     interval = (
         "Student t interval of the mean paired difference"
         if ci == "t"
@@ -825,18 +885,4 @@ def compare_histories(
         notes.append(
             "max_excess_accuracy_gap: lower is better (a negative delta is an improvement)"
         )
-    return Comparison(
-        metric=metric,
-        at=at,
-        baseline=baseline,
-        levels=levels,
-        rows=rows,
-        values=values,
-        curves=curves,
-        names=run_names,
-        ci=ci,
-        confidence=confidence,
-        correction=correction,
-        comparisons=m,
-        notes=notes,
-    )
+    return notes

@@ -214,6 +214,13 @@ def test_equal_sparsity_levels_given_and_common(tmp_path):
     common = compare_recipes(dirs, at="sparsity", level="common", correction=None)
     assert common.levels == SPARSITIES[1:]
     assert common.comparisons == 1
+    # a level realized as 0.8997 in one run and 0.9 in the others is still common
+    recs = records_of([0.95, 0.94, 0.92, 0.88, 0.8], [0.7] * 5)
+    for r in recs:
+        r["sparsity"] = 0.8997 if r["sparsity"] == 0.9 else r["sparsity"]
+    other = [records_of([0.95, 0.94, 0.92, 0.88, 0.8], [0.6] * 5) for _ in range(2)]
+    result = compare_histories({"a": [recs, other[0]], "b": other}, at="sparsity", level="common")
+    assert result.levels == [*SPARSITIES[1:4], 0.8997]
     given = compare_recipes(dirs, at="sparsity", level=[0.6, 0.85])
     assert given.comparisons == 2 * 2  # two recipes x two levels
     run = dirs["better"][2]
