@@ -190,11 +190,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run_dirs[label].append(train_run(label, RECIPES[label], seed, args))
 
     baseline = args.recipes[0]
-    try:
-        comparison = compare_recipes(run_dirs, "worst_group_accuracy", baseline, at="accuracy")
-    except ValueError as err:  # no accuracy level every run reaches: say so, compare at sparsity
-        print(f"\nNo matched-accuracy comparison: {err}\nComparing at equal sparsity instead.")
-        comparison = compare_recipes(run_dirs, "worst_group_accuracy", baseline, at="sparsity")
+    comparison = None
+    for at, level in (("accuracy", None), ("accuracy", "per_seed"), ("sparsity", None)):
+        try:  # one accuracy level for all runs, else one per seed, else equal sparsity
+            comparison = compare_recipes(run_dirs, "worst_group_accuracy", baseline, at, level)
+            break
+        except ValueError as err:
+            print(f"\nNot compared at {at} (level={level!r}): {err}")
+    assert comparison is not None
     written = write_comparison(comparison, Path(args.out) / "compare")
     print()
     print(comparison.table())

@@ -26,7 +26,11 @@ most pruned model of the run with that accuracy). A run *reaches* an accuracy le
 level lies between its lowest and its highest accuracy. Default levels: the lowest accuracy
 every run reaches (the highest of the runs' lowest accuracies), or the highest sparsity every
 run reaches; ``level="common"`` (sparsity only) uses every nonzero sparsity level recorded in
-all runs. A level some run does not reach is refused, naming the runs and their ranges.
+all runs. A level some run does not reach is refused, naming the runs and their ranges. Seeds
+often differ in accuracy more than recipes do (the dense models of two seeds can be further
+apart than pruning moves either): ``level="per_seed"`` (accuracy only) matches each pair on
+its own level, for seed ``i`` the lowest accuracy that run ``i`` of every recipe reaches; the
+row's ``level`` is then the mean of these levels.
 
 **Statistics.** Runs are paired by position (run ``i`` of every recipe is seed ``i``). For each
 recipe and level, the paired differences ``d_i = m(recipe, i) − m(baseline, i)`` give
@@ -518,7 +522,9 @@ class Comparison:
     ``rows``: one per recipe and level (the baseline first, with its mean and no test), keys
     ``recipe, level, n, mean, sparsity, accuracy, delta, ci_low, ci_high, p_value, p_raw,
     wins, losses`` (``sparsity``/``accuracy``: the recipe's mean matched sparsity and accuracy
-    at the level). ``values[recipe][j]`` are the per-seed values at ``levels[j]``;
+    at the level). ``values[recipe][j]`` are the per-seed values at ``levels[j]``, read at
+    ``seed_levels[j][i]`` for seed ``i`` (all equal to ``levels[j]`` unless
+    ``level="per_seed"``, where ``levels[j]`` is their mean);
     ``curves[recipe]`` the per-seed `RunCurve` s; ``notes`` say which level and statistics
     were used.
     """
@@ -529,6 +535,7 @@ class Comparison:
     levels: list[float]
     rows: list[dict[str, Any]]
     values: dict[str, list[list[float]]]
+    seed_levels: list[list[float]]
     curves: dict[str, list[RunCurve]]
     names: dict[str, list[str]]
     ci: str
@@ -618,10 +625,47 @@ def _run_names(histories: Mapping[str, Sequence[Any]], names: Any) -> dict[str, 
     return out
 
 
+def _per_seed_levels(
+    curves: Mapping[str, list[RunCurve]], names: Mapping[str, list[str]]
+) -> tuple[list[list[float]], str]:
+    """For each seed i, the lowest accuracy run i of every recipe reaches."""
+    out = []
+    for i in range(len(next(iter(curves.values())))):
+        ranges = {label: runs[i].range("accuracy") for label, runs in curves.items()}
+        low = max(lo for lo, _ in ranges.values())
+        high = min(hi for _, hi in ranges.values())
+        if low > high:
+            listed = "; ".join(
+                f"{names[k][i]}: [{lo:.4f}, {hi:.4f}]" for k, (lo, hi) in ranges.items()
+            )
+            raise ValueError(
+                f"Expected an accuracy level that run {i} of every recipe reaches "
+                f"(level='per_seed'), but there is none for seed {i}. Ranges: {listed}"
+            )
+        out.append(low)
+    how = (
+        f"matched accuracy per seed: for seed i, the lowest accuracy that run i of every recipe "
+        f"reaches ({min(out):.4f} to {max(out):.4f} over the seeds, mean "
+        f"{sum(out) / len(out):.4f})"
+    )
+    return [out], how
+
+
 def _levels(
     curves: Mapping[str, list[RunCurve]], names: Mapping[str, list[str]], at: str, level: Any
+) -> tuple[list[list[float]], str]:
+    """The levels to compare at (per level, one per seed), and how they were chosen."""
+    n = len(next(iter(curves.values())))
+    if isinstance(level, str) and level == "per_seed" and at == "accuracy":
+        return _per_seed_levels(curves, names)
+    levels, how = _common_levels(curves, names, at, level)
+    return [[value] * n for value in levels], how
+
+
+def _common_levels(
+    curves: Mapping[str, list[RunCurve]], names: Mapping[str, list[str]], at: str, level: Any
 ) -> tuple[list[float], str]:
-    """The levels to compare at, and a note saying how they were chosen."""
+    """Levels every run reaches, and a note saying how they were chosen."""
     ranges = {
         (label, i): curve.range(at) for label, cs in curves.items() for i, curve in enumerate(cs)
     }
@@ -640,7 +684,8 @@ def _levels(
                 f"Expected an {at} level that every run reaches, but there is none: the highest "
                 f"lowest {at} ({low:.4f}, {names[low_key[0]][low_key[1]]}) is above the lowest "
                 f"highest {at} ({high:.4f}, {names[high_key[0]][high_key[1]]}). Ranges: "
-                f"{describe()}. Compare at the other axis, or prune the runs to a common level"
+                f"{describe()}. Match per seed (level='per_seed'), compare at the other axis, "
+                "or prune the runs to a common level"
             )
         if at == "accuracy":
             return [low], (
@@ -654,8 +699,9 @@ def _levels(
     if isinstance(level, str):
         if level != "common" or at != "sparsity":
             raise ValueError(
-                "Expected `level` to be None, a float, a list of floats or 'common' (with "
-                f"at='sparsity'), but got {level!r} with at={at!r}"
+                "Expected `level` to be None, a float, a list of floats, 'per_seed' (with "
+                f"at='accuracy') or 'common' (with at='sparsity'), but got {level!r} with "
+                f"at={at!r}"
             )
         first = next(iter(curves.values()))[0].sparsity
         common = [
@@ -718,7 +764,8 @@ def compare_histories(
         baseline: the recipe the others are compared with (default: the first).
         at: ``"accuracy"`` (matched accuracy) or ``"sparsity"`` (equal sparsity).
         level: the level(s) to compare at; ``None``: the default level (module docstring);
-            ``"common"``: every nonzero sparsity recorded in all runs (``at="sparsity"``).
+            ``"common"``: every nonzero sparsity recorded in all runs (``at="sparsity"``);
+            ``"per_seed"``: one accuracy level per seed (``at="accuracy"``).
         ci: ``"t"`` or ``"bootstrap"``.
         confidence: nominal level of the intervals (before the correction).
         correction: ``"bonferroni"`` or ``None``.
@@ -741,11 +788,19 @@ def compare_histories(
         label: [_run_curve(records, metric, run_names[label][i]) for i, records in enumerate(runs)]
         for label, runs in histories.items()
     }
-    levels, how = _levels(curves, run_names, at, level)
+    seed_levels, how = _levels(curves, run_names, at, level)
+    levels = [
+        per_seed[0] if len(set(per_seed)) == 1 else sum(per_seed) / len(per_seed)
+        for per_seed in seed_levels
+    ]
     others = [label for label in labels if label != baseline]
     m = len(others) * len(levels) if correction == "bonferroni" else 1
     matched = {
-        label: [[curve_at(c, at, lvl) for c in curves[label]] for lvl in levels] for label in labels
+        label: [
+            [curve_at(c, at, x) for c, x in zip(curves[label], per_seed, strict=True)]
+            for per_seed in seed_levels
+        ]
+        for label in labels
     }
     values = {
         label: [[p["value"] for p in points] for points in matched[label]]  # type: ignore[index]
@@ -798,6 +853,7 @@ def compare_histories(
         levels=levels,
         rows=rows,
         values=values,
+        seed_levels=seed_levels,
         curves=curves,
         names=run_names,
         ci=ci,

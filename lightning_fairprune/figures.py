@@ -543,13 +543,14 @@ def comparison_figures(comparison: Comparison, confidence: float = 0.95) -> dict
                 band["x"], band["low"], band["high"], color=color, alpha=0.2, linewidth=0
             )
         if comparison.at == axis:
+            per_seed = "" if len(set(comparison.seed_levels[0])) == 1 else " (mean over seeds)"
             for level in comparison.levels:
                 ax.axvline(
                     level,
                     color="black",
                     linestyle="--",
                     linewidth=0.9,
-                    label=f"compared at {axis} {level:.3f}",
+                    label=f"compared at {axis} {level:.3f}{per_seed}",
                 )
         ax.set_xlabel(axis)
         ax.set_ylabel(comparison.metric)

@@ -431,7 +431,7 @@ def compare_recipes(
         baseline: the reference recipe (default: the first).
         at: ``"accuracy"`` (matched accuracy) or ``"sparsity"``.
         level: the level(s); ``None`` for the default, ``"common"`` for every sparsity level
-            recorded in all runs.
+            recorded in all runs, ``"per_seed"`` for one accuracy level per seed.
         ci: ``"t"`` or ``"bootstrap"``.
         confidence: nominal confidence of one interval.
         correction: ``"bonferroni"`` or ``None``.
@@ -504,6 +504,7 @@ def write_comparison(comparison: Comparison, out_dir: str | Path) -> list[Path]:
         "at": comparison.at,
         "baseline": comparison.baseline,
         "levels": comparison.levels,
+        "seed_levels": comparison.seed_levels,
         "ci": comparison.ci,
         "confidence": comparison.confidence,
         "correction": comparison.correction,
@@ -544,8 +545,8 @@ def _compare_main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--level",
         nargs="+",
-        help="level(s) to compare at, or 'common' "
-        "(every sparsity in all runs); default: see docs/compare_recipes.md",
+        help="level(s) to compare at, 'common' (every sparsity in all runs) or 'per_seed' (one "
+        "accuracy level per seed); default: see docs/compare_recipes.md",
     )
     parser.add_argument("--ci", choices=("t", "bootstrap"), default="t")
     parser.add_argument("--confidence", type=float, default=0.95)
@@ -570,9 +571,12 @@ def _compare_main(argv: Sequence[str]) -> int:
     level: Any = args.level
     if level is not None:
         try:
-            level = "common" if level == ["common"] else [float(v) for v in level]
+            named = level[0] if len(level) == 1 and level[0] in ("common", "per_seed") else None
+            level = named or [float(v) for v in level]
         except ValueError:
-            parser.error(f"Expected --level to be numbers or 'common', but got {args.level}")
+            parser.error(
+                f"Expected --level to be numbers, 'common' or 'per_seed', but got {args.level}"
+            )
     try:
         comparison = compare_recipes(
             recipes,

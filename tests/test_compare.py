@@ -470,3 +470,37 @@ def test_comparison_figures_are_readable(tmp_path):
         assert fig.bbox.x0 <= title.x0
         assert title.x1 <= fig.bbox.x1
         assert len(ax.collections) == 3  # one CI band per recipe
+
+
+def test_per_seed_matching_when_seeds_differ_more_than_recipes():
+    """Seeds 0.05 apart in accuracy, pruning costs 0.02: no level is common to all runs, but
+    each seed's runs share one; the per-seed comparison recovers the effect exactly."""
+    runs = {"base": [], "better": []}
+    curves = {}
+    for label, effect, drop in (("base", 0.0, 0.02), ("better", 0.08, 0.015)):
+        for i in range(4):
+            acc = list(0.95 - 0.05 * i - drop * np.array([0.0, 0.2, 0.5, 0.8, 1.0]))
+            worst = list(0.5 + 2.0 * (np.array(acc) - 0.9) + effect)
+            runs[label].append(records_of(acc, worst))
+            curves[label, i] = (acc, worst)
+    with pytest.raises(ValueError, match=r"there is none.*level='per_seed'"):
+        compare_histories(runs)
+    result = compare_histories(runs, level="per_seed")
+    expected_levels = [max(min(curves[label, i][0]) for label in runs) for i in range(4)]
+    assert result.seed_levels == [expected_levels]
+    assert result.levels == [pytest.approx(np.mean(expected_levels))]
+    for label in runs:
+        for i in range(4):
+            acc, worst = curves[label, i]
+            expected = np.interp(expected_levels[i], acc[::-1], worst[::-1])
+            assert result.values[label][0][i] == pytest.approx(expected, abs=1e-12)
+    assert result.rows[1]["delta"] == pytest.approx(0.08)
+    assert "per seed" in result.notes[0]
+    # a seed whose runs share no level is refused, naming it
+    runs["better"][2] = records_of([0.7, 0.69, 0.68, 0.67, 0.66], [0.3] * 5)
+    with pytest.raises(
+        ValueError, match=r"none for seed 2\. Ranges: base\[2\]: \[0\.8300, 0\.8500\]; better\[2\]"
+    ):
+        compare_histories(runs, level="per_seed")
+    with pytest.raises(ValueError, match=r"'per_seed' \(with at='accuracy'\)"):
+        compare_histories(runs, at="sparsity", level="per_seed")
