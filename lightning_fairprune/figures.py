@@ -32,7 +32,7 @@ import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from lightning_fairprune.compare import Comparison, curve_band
+from lightning_fairprune.compare import Comparison, curve_band, t_interval
 from lightning_fairprune.history import (
     dense_record,
     disparity_stat,
@@ -505,43 +505,67 @@ def _comparison(runs: Sequence[RunLike], rows: Sequence[Mapping[str, Any]]) -> A
 
 
 def comparison_figures(comparison: Comparison, confidence: float = 0.95) -> dict[str, Any]:
-    """The recipe curves of a `Comparison`: metric vs accuracy and vs sparsity, with CI bands.
+    """The recipe curves of a `Comparison`: metric vs accuracy and vs sparsity, with CIs.
 
-    For each recipe, on a grid over the range every one of its runs covers, the mean over
-    seeds of the interpolated metric (`lightning_fairprune.compare.curve_at`) and its pointwise
-    Student t interval at ``confidence`` (not corrected for multiple comparisons); the
-    compared level is drawn as a dashed line.
+    For each recipe: every seed's curve (thin); on a grid over the range all its seeds cover,
+    the mean over seeds of the interpolated metric (`lightning_fairprune.compare.curve_at`,
+    thick) and its pointwise Student t interval at ``confidence`` (band; none when the seeds
+    share no range); and the compared point (diamond: the mean matched accuracy or sparsity
+    and the mean metric, with the t interval of the metric over seeds). Intervals are not
+    corrected for multiple comparisons (the table is the test); the compared level is dashed.
 
     Returns:
         ``{"<metric>_vs_accuracy.png": Figure, "<metric>_vs_sparsity.png": Figure}``.
     """
     figures: dict[str, Any] = {}
     n = len(next(iter(comparison.curves.values())))
+    labels = list(comparison.curves)
     for axis in ("accuracy", "sparsity"):
-        fig, axes = _figure(size=(9.0, 5.0))
+        fig, axes = _figure(size=(9.5, 5.0))
         ax = axes[0, 0]
         for k, (label, curves) in enumerate(comparison.curves.items()):
             color = f"C{k % 10}"
-            band = curve_band(curves, axis, confidence=confidence)
             name = label + (" (baseline)" if label == comparison.baseline else "")
             for curve in curves:  # every seed, thin
                 xs = curve.accuracy if axis == "accuracy" else curve.sparsity
                 ax.plot(
-                    xs,
-                    curve.value,
-                    color=color,
-                    linewidth=0.7,
-                    alpha=0.45,
-                    marker=".",
-                    markersize=3,
+                    xs, curve.value, color=color, linewidth=0.6, alpha=0.3, marker=".", markersize=2
                 )
+            band = curve_band(curves, axis, confidence=confidence)
             if band is None or len(band["x"]) < 2:  # the seeds share no range: no band
-                ax.plot([], [], color=color, linewidth=0.7, label=f"{name} (seeds share no range)")
-                continue
-            ax.plot(band["x"], band["mean"], color=color, linewidth=2.0, label=name)
-            ax.fill_between(
-                band["x"], band["low"], band["high"], color=color, alpha=0.2, linewidth=0
+                ax.plot([], [], color=color, linewidth=0.6, label=f"{name} (seeds share no range)")
+            else:
+                ax.plot(band["x"], band["mean"], color=color, linewidth=2.0, label=name)
+                ax.fill_between(
+                    band["x"], band["low"], band["high"], color=color, alpha=0.2, linewidth=0
+                )
+        lo_x, hi_x = ax.get_xlim()
+        for row in comparison.rows:  # the compared points, side by side (dodged)
+            k = labels.index(row["recipe"])
+            j = comparison.levels.index(row["level"])
+            low, high = t_interval(comparison.values[row["recipe"]][j], confidence)
+            x = row[axis] + (k - (len(labels) - 1) / 2) * 0.012 * (hi_x - lo_x)
+            ax.errorbar(
+                [x],
+                [row["mean"]],
+                yerr=[[row["mean"] - low], [high - row["mean"]]],
+                marker="D",
+                markersize=6,
+                capsize=3,
+                markeredgecolor="black",
+                color=f"C{k % 10}",
+                linestyle="none",
+                zorder=5,
             )
+        ax.plot(
+            [],
+            [],
+            marker="D",
+            color="grey",
+            markeredgecolor="black",
+            linestyle="none",
+            label=f"compared point (side by side): mean, {confidence:.0%} CI",
+        )
         if comparison.at == axis:
             per_seed = "" if len(set(comparison.seed_levels[0])) == 1 else " (mean over seeds)"
             for level in comparison.levels:
@@ -556,8 +580,8 @@ def comparison_figures(comparison: Comparison, confidence: float = 0.95) -> dict
         ax.set_ylabel(comparison.metric)
         _title(
             ax,
-            f"{comparison.metric} vs {axis}: mean over {n} seeds (thick) with its "
-            f"{confidence:.0%} CI band, each seed thin",
+            f"{comparison.metric} vs {axis}: each seed (thin), mean over {n} seeds "
+            f"(thick) with its {confidence:.0%} CI band",
             width=80,
         )
         ax.grid(alpha=0.3)

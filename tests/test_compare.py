@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.collections import PolyCollection
 from scipy import stats
 
 from lightning_fairprune.compare import (
@@ -469,7 +470,16 @@ def test_comparison_figures_are_readable(tmp_path):
         title = ax.title.get_window_extent(renderer)
         assert fig.bbox.x0 <= title.x0
         assert title.x1 <= fig.bbox.x1
-        assert len(ax.collections) == 3  # one CI band per recipe
+        bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+        assert len(bands) == 3  # one CI band per recipe
+        assert "compared point (side by side): mean, 95% CI" in labels
+        # the compared points: at each recipe's mean matched coordinate, the mean metric
+        points = [
+            line for line in ax.get_lines() if line.get_marker() == "D" and len(line.get_xdata())
+        ]
+        assert sorted(float(line.get_ydata()[0]) for line in points) == pytest.approx(
+            sorted(row["mean"] for row in result.rows)
+        )
 
 
 def test_per_seed_matching_when_seeds_differ_more_than_recipes():
