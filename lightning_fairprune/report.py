@@ -5,16 +5,21 @@ Every `FairnessMonitor` writes its measurements, one JSON record per line, to
 for a monitor with a ``name``; each monitor is reported as its own run). This module reads
 those files from one or many run directories (searched recursively) and writes:
 
-* ``<run>_recall_vs_sparsity.png``: per-group recall against sparsity (one per run);
-* ``<run>_overview.png``: per-group accuracy (recall of class groups, with Wilson
-  intervals), accuracy and worst-group accuracy, the
-  intensification slope α, and the gradient-norm and Hessian-trace disparities against
-  sparsity (one per run);
-* ``alpha_vs_sparsity.png`` and ``disparity_vs_sparsity.png``: the same quantities for all
-  runs on shared axes;
-* ``comparison.png``: accuracy and worst-group accuracy against sparsity for every run, with
-  the final record of each run drawn as a marker and the Pareto-best runs starred;
-* ``report.txt`` and ``report.md``: one table row per run (also printed).
+* per run, ``<run>_recall_vs_sparsity.png`` (per-group accuracy, recall of class groups,
+  with Wilson intervals), ``<run>_overview.png`` (that, accuracy and worst-group accuracy, the
+  intensification slope α, the gradient-norm and Hessian-trace disparities) and, when the
+  records have them, ``<run>_fairness.png`` (per-group TPR; demographic parity, equalized
+  odds, equal opportunity and accuracy differences against sparsity);
+* across runs, ``alpha_vs_sparsity.png``, ``disparity_vs_sparsity.png``,
+  ``parity_vs_sparsity.png`` (when present) and ``comparison.png`` (accuracy and worst-group
+  accuracy against sparsity, the final record of each run marked, the Pareto-best starred);
+* ``report.txt`` and ``report.md``: one table row per run (also printed), the worst group
+  named.
+
+The figures are built by `lightning_fairprune.figures` (legends outside the data, groups by
+name). `compare_recipes` (and ``fairprune-report compare``) compares *recipes* over paired
+seeds at matched accuracy or equal sparsity, with confidence intervals and Wilcoxon tests
+(`lightning_fairprune.compare`; docs/compare_recipes.md).
 
 **Pareto-best.** Each run is summarized by its final record (the last one in its file).
 For a metric m (accuracy, or worst-group accuracy), run A *dominates* run B when
@@ -32,14 +37,19 @@ Usage::
 
     python -m lightning_fairprune.report RUN_DIR [RUN_DIR ...] --out OUT_DIR
     fairprune-report RUN_DIR [RUN_DIR ...] --out OUT_DIR
+    fairprune-report compare --recipe plain runs/plain/seed_* --recipe weighted \
+        runs/weighted/seed_* --metric worst_group_accuracy --at accuracy --out OUT_DIR
 
 Exit status: 0 when every run directory was reported; 1 when some had no readable history
-(the others are still reported); 2 when nothing could be reported or the arguments are bad.
+(the others are still reported); 2 when nothing could be reported or the arguments are bad
+(``compare``: 0, or 2 when the comparison is refused). A run directory literally named
+``compare`` is given as ``./compare``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -47,41 +57,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning_fairprune.compare import Comparison, check_paired, compare_histories
 from lightning_fairprune.history import (
     HISTORY_FILENAME,
     HISTORY_GLOB,
     dense_record,
     disparity_stat,
     group_list,
-    latest_per_sparsity,
     number,
     read_history,
-    recall_curves,
     worst_group,
 )
 
-
-def _group_values(record: Mapping[str, Any], key: str) -> list[float | None]:
-    return [number(v) for v in group_list(record, key)]
-
-
-def _curve(records: Sequence[Mapping[str, Any]], getter: Any) -> tuple[list[float], list[float]]:
-    """``getter(record)`` against sparsity; the latest record at each sparsity level."""
-    latest = latest_per_sparsity(records)
-    xs: list[float] = []
-    ys: list[float] = []
-    for sparsity in sorted(latest):
-        value = getter(latest[sparsity])
-        if value is not None:
-            xs.append(sparsity)
-            ys.append(value)
-    return xs, ys
-
-
 __all__ = [
     "HISTORY_FILENAME",
+    "Comparison",
     "Report",
     "Run",
+    "compare_recipes",
     "find_histories",
     "format_table",
     "group_intervals",
@@ -90,6 +83,7 @@ __all__ = [
     "pareto_best",
     "read_history",
     "summarize_run",
+    "write_comparison",
     "write_report",
 ]
 
@@ -222,14 +216,17 @@ def summarize_run(run: Run) -> dict[str, Any]:
         ...     {"moment": "end", "round": 3, "sparsity": 0.8, "accuracy": 0.85,
         ...      "recall": [0.93, 0.7], "alpha": 2.0}])
         >>> row = summarize_run(run)
-        >>> row["worst_group"], row["worst_group_accuracy"], round(row["accuracy_gap"], 6)
-        (1, 0.7, 0.23)
+        >>> row["worst_group"], row["worst_group_name"], row["worst_group_accuracy"]
+        (1, 'g1', 0.7)
+        >>> round(row["accuracy_gap"], 6)
+        0.23
         >>> row["dense_accuracy"], row["alpha"]
         (0.9, 2.0)
     """
     final = run.final
     dense = dense_record(run.records)
     group, worst = worst_group(final)
+    names = group_list(final, "group_names")
     return {
         "run": run.name,
         "records": len(run.records),
@@ -238,6 +235,9 @@ def summarize_run(run: Run) -> dict[str, Any]:
         "accuracy": number(final.get("accuracy")),
         "dense_accuracy": number(dense.get("accuracy")) if dense else None,
         "worst_group": group,
+        "worst_group_name": None
+        if group is None
+        else (str(names[group]) if group < len(names) else f"g{group}"),
         "worst_group_accuracy": worst,
         "dense_worst_group_accuracy": worst_group(dense)[1] if dense else None,
         "accuracy_gap": disparity_stat(final, "group_accuracy")
@@ -296,7 +296,7 @@ _COLUMNS: list[tuple[str, str, str]] = [
     ("accuracy", "accuracy", ".4f"),
     ("dense_accuracy", "dense acc", ".4f"),
     ("worst_group_accuracy", "worst acc", ".4f"),
-    ("worst_group", "worst group", "d"),
+    ("worst_group_name", "worst group", "s"),
     ("dense_worst_group_accuracy", "dense worst", ".4f"),
     ("accuracy_gap", "group gap", ".4f"),
     ("alpha", "alpha", ".3f"),
@@ -350,30 +350,12 @@ def format_table(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> s
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 
-# --------------------------------------------------------------------------------------
-# Figures (matplotlib's object-oriented API with the Agg canvas: no global backend change)
-# --------------------------------------------------------------------------------------
-
-
-def _figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 4.0)) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
-
-
 def group_intervals(records: Sequence[Mapping[str, Any]], group: int) -> tuple[list, list]:
-    """Wilson interval half-widths below/above each point of a group's curve (`recall_curves`).
+    """Wilson interval half-widths below/above each point of a group's accuracy curve.
 
     From the ``group_accuracy_ci`` of the latest record at each sparsity level; ``(0, 0)`` where
-    a record has none (older histories).
+    a record has none (older histories). See `lightning_fairprune.figures.group_curves` (any
+    per-group rate).
 
     Example:
         >>> recs = [{"sparsity": 0.0, "group_accuracy": [0.8], "group_accuracy_ci": [[0.7, 0.9]]},
@@ -381,162 +363,240 @@ def group_intervals(records: Sequence[Mapping[str, Any]], group: int) -> tuple[l
         >>> [[round(v, 6) for v in side] for side in group_intervals(recs, 0)]
         [[0.1, 0.0], [0.1, 0.0]]
     """
-    latest = latest_per_sparsity(records)
-    lower: list[float] = []
-    upper: list[float] = []
-    for sparsity in sorted(latest):
-        record = latest[sparsity]
-        values = group_list(record, "group_accuracy") or group_list(record, "recall")
-        if group >= len(values) or number(values[group]) is None:
-            continue
-        value = float(values[group])
-        bounds = group_list(record, "group_accuracy_ci")
-        pair = bounds[group] if group < len(bounds) else None
-        if isinstance(pair, (list, tuple)) and len(pair) == 2 and None not in pair:
-            lower.append(max(0.0, value - float(pair[0])))
-            upper.append(max(0.0, float(pair[1]) - value))
-        else:
-            lower.append(0.0)
-            upper.append(0.0)
-    return lower, upper
+    from lightning_fairprune.figures import group_curves
+
+    curve = group_curves(records)[group]
+    return curve["below"], curve["above"]
 
 
-def _plot_group_recall(ax: Any, run: Run) -> None:
-    xs, ys, keys = recall_curves(run.records)
-    dense = dense_record(run.records) or run.records[0]
-    support = _group_values(dense, "support")
-    classes = any(group_list(r, "recall") for r in run.records)
-    for group, (x, y) in enumerate(zip(xs, ys, strict=True)):
-        if not x:
-            continue
-        label = keys[group]
-        if group < len(support) and support[group] is not None:
-            label += f" (n={int(support[group])})"
-        lower, upper = group_intervals(run.records, group)
-        ax.errorbar(x, y, yerr=[lower, upper], marker="o", markersize=3, linewidth=1.2,
-                    capsize=2, label=label)  # fmt: skip
-    what = "recall" if classes else "accuracy within group"
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel(f"{what} (95% Wilson interval)")
-    ax.set_title(f"Per-group {what} vs sparsity: {run.name}", fontsize=10)
-    ax.grid(alpha=0.3)
-    if xs:
-        ax.legend(fontsize=7, ncol=2 if len(xs) > 5 else 1)
+def _save_figures(figures: Mapping[str, Any], out: Path) -> list[Path]:
+    paths = []
+    for name, fig in figures.items():
+        fig.savefig(out / name, dpi=110)
+        paths.append(out / name)
+    return paths
 
 
-def _after_round(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return [r for r in records if r.get("moment") == "after_round"]
+# --------------------------------------------------------------------------------------
+# Recipes over paired seeds
+# --------------------------------------------------------------------------------------
 
 
-def _plot_accuracy(ax: Any, run: Run) -> None:
-    immediate = _after_round(run.records)
-    for label, getter, color in (
-        ("accuracy", lambda r: number(r.get("accuracy")), "tab:blue"),
-        ("worst-group accuracy", lambda r: worst_group(r)[1], "tab:orange"),
-    ):
-        x, y = _curve(run.records, getter)
-        ax.plot(x, y, "-", color=color, marker="o", markersize=3, label=label)
-        x, y = _curve(immediate, getter)
-        if x:
-            ax.plot(x, y, ":", color=color, marker="x", markersize=4,
-                    label=f"{label}, right after each round")  # fmt: skip
-    ax.set_xlabel("sparsity")
-    ax.set_title("Accuracy and worst-group accuracy", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-
-
-def _plot_alpha(ax: Any, runs: Sequence[Run], immediate: bool = False) -> None:
-    for run in runs:
-        x, y = _curve(run.records, lambda r: number(r.get("alpha")))
-        if x:
-            (line,) = ax.plot(x, y, marker="o", markersize=3, label=run.name)
-        x, y = _curve(_after_round(run.records), lambda r: number(r.get("alpha")))
-        if immediate and x:
-            ax.plot(x, y, ":", marker="x", markersize=4, color=line.get_color(),
-                    label="right after each round")  # fmt: skip
-    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel("alpha")
-    ax.set_title("Intensification slope alpha (>1: gaps widen)", fontsize=10)
-    ax.grid(alpha=0.3)
-    if len(runs) > 1 or immediate:
-        ax.legend(fontsize=7)
-
-
-def _plotdisparity_stat(ax: Any, runs: Sequence[Run], quantity: str, title: str) -> None:
-    for run in runs:
-        x, y = _curve(run.records, lambda r: disparity_stat(r, quantity))
-        if x:
-            ax.plot(x, y, marker="o", markersize=3, label=run.name)
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel("max - min over groups")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    if len(runs) > 1:
-        ax.legend(fontsize=7)
-
-
-def _save(fig: Any, path: Path, figures: list[Path]) -> None:
-    fig.savefig(path, dpi=110)
-    figures.append(path)
-
-
-def _plot_run(run: Run, out: Path, figures: list[Path]) -> None:
-    name = _safe(run.name)
-    fig, axes = _figure(size=(6.5, 4.2))
-    _plot_group_recall(axes[0, 0], run)
-    _save(fig, out / f"{name}_recall_vs_sparsity.png", figures)
-
-    fig, axes = _figure(2, 2, size=(11.0, 8.0))
-    _plot_group_recall(axes[0, 0], run)
-    _plot_accuracy(axes[0, 1], run)
-    _plot_alpha(axes[1, 0], [run], immediate=True)
-    ax = axes[1, 1]
-    handles = []
-    for axis, quantity, label, color in (
-        (ax, "grad_norm", "gradient norm (left axis)", "tab:blue"),
-        (ax.twinx(), "hessian_trace", "Hessian trace (right axis)", "tab:red"),
-    ):
-        x, y = _curve(run.records, lambda r, q=quantity: disparity_stat(r, q))
-        if x:
-            handles += axis.plot(x, y, marker="o", markersize=3, color=color, label=label)
-        axis.set_ylabel(f"{quantity.replace('_', ' ')}: max - min over groups", fontsize=8)
-    ax.set_xlabel("sparsity")
-    ax.set_title("Gradient-norm and Hessian-trace disparity", fontsize=10)
-    ax.grid(alpha=0.3)
-    if handles:
-        ax.legend(handles=handles, fontsize=8)
-    fig.suptitle(f"lightning_fairprune report: {run.name}")
-    _save(fig, out / f"{name}_overview.png", figures)
-
-
-def _plot_comparison(runs: Sequence[Run], rows: Sequence[Mapping[str, Any]], out: Path) -> Any:
-    fig, axes = _figure(2, 1, size=(11.0, 4.5))
-    panels = (
-        ("accuracy", lambda r: number(r.get("accuracy")), "pareto_accuracy"),
-        ("worst-group accuracy", lambda r: worst_group(r)[1], "pareto_wgr"),
+def _recipe_run(run_dir: str | Path, monitor: str | None) -> tuple[Run | None, str]:
+    """The one history of ``run_dir`` (for ``monitor``), or ``None`` and why not."""
+    runs, errors = load_runs([run_dir])
+    if monitor is not None:
+        runs = [r for r in runs if r.records[0].get("monitor") == monitor]
+    if len(runs) == 1:
+        return runs[0], ""
+    if not runs:
+        why = "; ".join(errors) or f"no history of monitor {monitor!r}"
+        return None, why
+    found = ", ".join(f"{r.path} (monitor {r.records[0].get('monitor')!r})" for r in runs)
+    return None, (
+        f"{run_dir} holds {len(runs)} histories ({found}); give the directory or file of one "
+        "run, or `monitor=` for a named monitor"
     )
-    for ax, (label, getter, flag) in zip(axes[0], panels, strict=True):
-        for run, row in zip(runs, rows, strict=True):
-            x, y = _curve(run.records, getter)
-            (line,) = ax.plot(x, y, linewidth=1, alpha=0.6)
-            fx, fy = row["sparsity"], getter(run.final)
-            if fx is None or fy is None:
+
+
+def compare_recipes(
+    recipes: Mapping[str, Sequence[str | Path]],
+    metric: str = "worst_group_accuracy",
+    baseline: str | None = None,
+    at: str = "accuracy",
+    level: float | Sequence[float] | str | None = None,
+    *,
+    ci: str = "t",
+    confidence: float = 0.95,
+    correction: str | None = "bonferroni",
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    monitor: str | None = None,
+) -> Comparison:
+    """Compare training recipes over paired seeds, from their run directories.
+
+    Run ``i`` of every recipe is seed ``i``. Each run directory (or history file) must hold
+    exactly one history (of ``monitor``, for named monitors). The metric is read from the
+    trained-model records, matched at an accuracy level every run reaches or at equal
+    sparsity, and each recipe is compared with ``baseline``: mean paired difference, its
+    confidence interval (Student t, or a seeded paired bootstrap), a Wilcoxon signed-rank
+    p-value, Bonferroni-corrected across recipes and levels by default. See
+    `lightning_fairprune.compare` for every rule, and docs/compare_recipes.md.
+
+    Args:
+        recipes: ``{label: [run_dir of seed 0, run_dir of seed 1, ...]}``, at least 2 recipes
+            with the same number (>= 2) of runs.
+        metric: a record scalar (``"worst_group_accuracy"``, ``"accuracy"``,
+            ``"equalized_odds_difference"``...) or ``"max_excess_accuracy_gap"``.
+        baseline: the reference recipe (default: the first).
+        at: ``"accuracy"`` (matched accuracy) or ``"sparsity"``.
+        level: the level(s); ``None`` for the default, ``"common"`` for every sparsity level
+            recorded in all runs, ``"per_seed"`` for one accuracy level per seed.
+        ci: ``"t"`` or ``"bootstrap"``.
+        confidence: nominal confidence of one interval.
+        correction: ``"bonferroni"`` or ``None``.
+        n_resamples: bootstrap resamples.
+        seed: bootstrap seed.
+        monitor: the named monitor whose history to read (``None``: the only one).
+
+    Returns:
+        A `lightning_fairprune.compare.Comparison` (``.rows``, ``.table()``, ``.notes``).
+
+    Raises:
+        ValueError: unpaired inputs (the recipes' run counts differ), a run directory without
+            exactly one history, no level every run reaches, bad arguments.
+
+    Example:
+        >>> compare_recipes({"plain": ["a", "b"], "weighted": ["c"]})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected every recipe to have the same number ... {'plain': 2, 'weighted': 1}
+    """
+    check_paired(recipes, "recipes")
+    histories: dict[str, list[list[dict[str, Any]]]] = {}
+    names: dict[str, list[str]] = {}
+    problems = []
+    for label, run_dirs in recipes.items():
+        histories[label], names[label] = [], []
+        for i, run_dir in enumerate(run_dirs):
+            run, why = _recipe_run(run_dir, monitor)
+            if run is None:
+                problems.append(f"{label}[{i}]: {why}")
                 continue
-            if row.get(flag):
-                ax.plot([fx], [fy], marker="*", markersize=15, color=line.get_color(),
-                        markeredgecolor="black", linestyle="none",
-                        label=f"{run.name} (Pareto-best)")  # fmt: skip
-            else:
-                ax.plot([fx], [fy], marker="o", markersize=6, color=line.get_color(),
-                        linestyle="none", label=run.name)  # fmt: skip
-        ax.set_xlabel("sparsity")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label} vs sparsity (final record marked; star = Pareto-best)", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return fig
+            histories[label].append(run.records)
+            names[label].append(f"{label}[{i}] ({run_dir})")
+    if problems:
+        raise ValueError(
+            "Expected one readable history per run directory, but " + "; ".join(problems)
+        )
+    return compare_histories(
+        histories,
+        metric,
+        baseline,
+        at,
+        level,
+        ci=ci,
+        confidence=confidence,
+        correction=correction,
+        n_resamples=n_resamples,
+        seed=seed,
+        names=names,
+    )
+
+
+def write_comparison(comparison: Comparison, out_dir: str | Path) -> list[Path]:
+    """Write a comparison's table (``compare.txt``, ``compare.md``, ``compare.json``) and figures.
+
+    The figures (`lightning_fairprune.figures.comparison_figures`): the metric against
+    accuracy and against sparsity, mean and 95% band over seeds per recipe.
+
+    Returns:
+        The paths written.
+    """
+    from lightning_fairprune.figures import comparison_figures
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.txt").write_text(comparison.table() + "\n", encoding="utf-8")
+    (out / "compare.md").write_text(comparison.table(markdown=True) + "\n", encoding="utf-8")
+    payload = {
+        "metric": comparison.metric,
+        "at": comparison.at,
+        "baseline": comparison.baseline,
+        "levels": comparison.levels,
+        "seed_levels": comparison.seed_levels,
+        "ci": comparison.ci,
+        "confidence": comparison.confidence,
+        "correction": comparison.correction,
+        "comparisons": comparison.comparisons,
+        "rows": comparison.rows,
+        "values": comparison.values,
+        "names": comparison.names,
+        "notes": comparison.notes,
+    }
+    (out / "compare.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    paths = [out / "compare.txt", out / "compare.md", out / "compare.json"]
+    return paths + _save_figures(comparison_figures(comparison), out)
+
+
+def _compare_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fairprune-report compare",
+        description="Compare training recipes over paired seeds (run i of every recipe is seed "
+        "i): a metric at matched accuracy or equal sparsity, mean paired difference with its "
+        "CI, Wilcoxon p-values (Bonferroni-corrected), and the Pareto curves with CI bands.",
+    )
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        nargs="+",
+        required=True,
+        metavar=("LABEL", "RUN_DIR"),
+        help="a recipe label and its run "
+        "directories, one per seed in seed order (repeat per recipe)",
+    )
+    parser.add_argument(
+        "--metric",
+        default="worst_group_accuracy",
+        help="record scalar, or max_excess_accuracy_gap (default: %(default)s)",
+    )
+    parser.add_argument("--baseline", help="label of the baseline (default: the first recipe)")
+    parser.add_argument("--at", choices=("accuracy", "sparsity"), default="accuracy")
+    parser.add_argument(
+        "--level",
+        nargs="+",
+        help="level(s) to compare at, 'common' (every sparsity in all runs) or 'per_seed' (one "
+        "accuracy level per seed); default: see docs/compare_recipes.md",
+    )
+    parser.add_argument("--ci", choices=("t", "bootstrap"), default="t")
+    parser.add_argument("--confidence", type=float, default=0.95)
+    parser.add_argument(
+        "--no-correction",
+        action="store_true",
+        help="no Bonferroni correction across recipes and levels",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--monitor", help="name of the monitor whose history to read")
+    parser.add_argument("--out", default="fairprune_compare", metavar="OUT_DIR")
+    args = parser.parse_args(argv)
+    recipes: dict[str, list[str]] = {}
+    for label, *run_dirs in args.recipe:
+        if not run_dirs or label in recipes:
+            what = "no run directory" if not run_dirs else "a repeated label"
+            parser.error(
+                f"Expected --recipe LABEL RUN_DIR [RUN_DIR ...] with distinct labels, "
+                f"but got {what} for {label!r}"
+            )
+        recipes[label] = run_dirs
+    level: Any = args.level
+    if level is not None:
+        try:
+            named = level[0] if len(level) == 1 and level[0] in ("common", "per_seed") else None
+            level = named or [float(v) for v in level]
+        except ValueError:
+            parser.error(
+                f"Expected --level to be numbers, 'common' or 'per_seed', but got {args.level}"
+            )
+    try:
+        comparison = compare_recipes(
+            recipes,
+            args.metric,
+            args.baseline,
+            args.at,
+            level,
+            ci=args.ci,
+            confidence=args.confidence,
+            correction=None if args.no_correction else "bonferroni",
+            seed=args.seed,
+            monitor=args.monitor,
+        )
+    except (ValueError, TypeError) as err:
+        print(f"fairprune-report compare: error: {err}", file=sys.stderr)
+        return 2
+    paths = write_comparison(comparison, args.out)
+    print(comparison.table())
+    print(f"\nwrote {', '.join(p.name for p in paths)} to {args.out}")
+    return 0
 
 
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Report:
@@ -579,25 +639,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Report:
     rows = [summarize_run(run) for run in runs]
     _mark_pareto(rows)
 
-    figures: list[Path] = []
-    for run in runs:
-        _plot_run(run, out, figures)
-    fig, axes = _figure(size=(6.5, 4.2))
-    _plot_alpha(axes[0, 0], runs)
-    _save(fig, out / "alpha_vs_sparsity.png", figures)
-    fig, axes = _figure(3, 1, size=(15.0, 4.2))
-    for ax, (quantity, title) in zip(
-        axes[0],
-        (
-            ("recall", "Recall disparity"),
-            ("grad_norm", "Gradient-norm disparity"),
-            ("hessian_trace", "Hessian-trace disparity"),
-        ),
-        strict=True,
-    ):
-        _plotdisparity_stat(ax, runs, quantity, title)
-    _save(fig, out / "disparity_vs_sparsity.png", figures)
-    _save(_plot_comparison(runs, rows, out), out / "comparison.png", figures)
+    from lightning_fairprune.figures import report_figures
+
+    figures = _save_figures(report_figures(runs, rows), out)
 
     table = format_table(rows)
     notes = (
@@ -619,16 +663,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         0 when every run directory was reported, 1 when some had no readable history
-        (the others are still reported), 2 when nothing could be reported.
+        (the others are still reported), 2 when nothing could be reported. With ``compare``
+        as the first argument (``fairprune-report compare --recipe ...``, see
+        `compare_recipes`): 0, or 2 when the comparison is refused.
 
     Example:
         >>> main(["/nonexistent/run", "--out", "/tmp/never-written"])
         2
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        return _compare_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="fairprune-report",
         description="Plot and compare lightning_fairprune runs from their local "
-        f"{HISTORY_FILENAME} files (no W&B account needed).",
+        f"{HISTORY_FILENAME} files (no W&B account needed). To compare recipes over paired "
+        "seeds with statistics: fairprune-report compare --help.",
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     parser.add_argument(

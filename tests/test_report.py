@@ -164,7 +164,7 @@ def test_write_report_tables_figures_and_pareto(tmp_path):
     assert table_rows["a"][-1] == "acc+wgr"
     assert table_rows["d"][-1] == "-"
     md = (out / "report.md").read_text()
-    assert "| c | 3 | 2 | 0.9000 | 0.8000 | 0.9500 | 0.7000 | 1 |" in md
+    assert "| c | 3 | 2 | 0.9000 | 0.8000 | 0.9500 | 0.7000 | g1 |" in md
     assert "![comparison](comparison.png)" in md
 
 
@@ -236,3 +236,188 @@ def test_format_table_marks_missing_values():
     text = format_table([row])
     assert text.splitlines()[2].split() == ["x", "1", "-", "0.2500"] + ["-"] * 10
     assert set(text.splitlines()[1]) == {"-", " "}
+
+
+# ---------------------------------------------------------------- readable figures (issue 18.15)
+NAMES = [
+    "colour=White & sex=Male",
+    "colour=White & sex=Female",
+    "colour=Black & sex=Male",
+    "colour=Black & sex=Female",
+]
+
+
+def protected_record(moment, rnd, sparsity, accuracy, group_accuracy, names=NAMES, binary=True):
+    """A record of a binary task with named (intersectional) groups, as the monitor writes it."""
+    g = len(group_accuracy)
+    record = {
+        "moment": moment,
+        "round": rnd,
+        "epoch": rnd,
+        "global_step": 10 * rnd,
+        "sparsity": sparsity,
+        "accuracy": accuracy,
+        "num_groups": g,
+        "group_names": list(names),
+        "groups_are_classes": not binary,
+        "support": [400 // (a + 1) for a in range(g)],
+        "group_accuracy": list(group_accuracy),
+        "group_accuracy_ci": [[a - 0.05, min(1.0, a + 0.05)] for a in group_accuracy],
+        "alpha": 1.2 if rnd else None,
+        "fairness": {
+            "worst_group_accuracy": min(group_accuracy),
+            "accuracy_difference": max(group_accuracy) - min(group_accuracy),
+            "demographic_parity_difference": 0.1 + 0.2 * sparsity,
+            "equalized_odds_difference": 0.15 + 0.3 * sparsity,
+        },
+    }
+    if binary:
+        record["tpr"] = [a - 0.05 for a in group_accuracy]
+        record["tpr_ci"] = [[a - 0.12, a + 0.02] for a in group_accuracy]
+    return record
+
+
+def write_protected_run(root, name, worst_final=0.45, names=NAMES, binary=True):
+    g = len(names)
+    base = [0.9 - 0.02 * a for a in range(g)]
+    steps = [("dense", 0, 0.0, 0.88, base)]
+    for rnd, sparsity in ((1, 0.5), (2, 0.8), (3, 0.9)):
+        accs = [v - 0.05 * rnd for v in base]
+        steps.append(("after_round", rnd, sparsity, 0.7, [v - 0.1 for v in accs]))
+        accs[2] = 0.6 - (0.6 - worst_final) * rnd / 3  # group 2 ends worst
+        steps.append(("before_round" if rnd < 3 else "end", rnd, sparsity, 0.85 - 0.02 * rnd, accs))
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    lines = [json.dumps(protected_record(*step, names=names, binary=binary)) for step in steps]
+    (run_dir / HISTORY_FILENAME).write_text("\n".join(lines) + "\n")
+    return run_dir
+
+
+def saved_figures(monkeypatch):
+    """Capture every Figure the report saves (works whatever builds them)."""
+    from matplotlib.figure import Figure
+
+    saved = {}
+    original = Figure.savefig
+
+    def savefig(self, fname, *args, **kwargs):
+        saved[Path(fname).name] = self
+        return original(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
+def legend_texts(legend):
+    return [t.get_text() for t in legend.get_texts()]
+
+
+def assert_readable(name, fig):
+    """Legends outside every axes (never over data), titles inside the figure, not overlapping."""
+    fig.draw_without_rendering()  # the layout, without rasterizing
+    renderer = fig.canvas.get_renderer()
+    frame = fig.bbox
+    axes_boxes = [ax.get_window_extent(renderer) for ax in fig.axes]
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None] + fig.legends
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        assert not any(box.overlaps(a) for a in axes_boxes), f"{name}: a legend covers a panel"
+        assert frame.x0 <= box.x0, f"{name}: a legend is cut"
+        assert box.x1 <= frame.x1 + 1, f"{name}: a legend is cut"
+    titles = [ax.title for ax in fig.axes if ax.get_title()] + [
+        t for t in fig.texts if t.get_text()
+    ]
+    boxes = [t.get_window_extent(renderer) for t in titles]
+    for text, box in zip(titles, boxes, strict=True):
+        assert frame.x0 <= box.x0, f"{name}: title {text.get_text()!r} cut on the left"
+        assert box.x1 <= frame.x1, f"{name}: title {text.get_text()!r} cut on the right"
+        assert box.y1 <= frame.y1, f"{name}: title {text.get_text()!r} cut at the top"
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), f"{name}: two titles overlap"
+
+
+def test_report_figures_are_readable_and_name_the_groups(tmp_path, monkeypatch):
+    saved = saved_figures(monkeypatch)
+    runs = [
+        write_protected_run(tmp_path, "arrests_a"),
+        write_protected_run(tmp_path, "arrests_b", 0.5),
+    ]
+    report = write_report(runs, tmp_path / "out")
+    expected = {
+        "alpha_vs_sparsity.png",
+        "disparity_vs_sparsity.png",
+        "comparison.png",
+        "parity_vs_sparsity.png",
+    }
+    for run in ("arrests_a", "arrests_b"):
+        expected |= {f"{run}_recall_vs_sparsity.png", f"{run}_overview.png", f"{run}_fairness.png"}
+    assert set(saved) == expected
+    assert {p.name for p in report.figures} == expected
+    for name, fig in saved.items():
+        assert_readable(name, fig)
+        assert (tmp_path / "out" / name).read_bytes()[:8] == PNG_MAGIC
+
+    # the per-group panels name the groups, with their sizes, and mark the worst one
+    overview = saved["arrests_a_overview.png"]
+    labels = legend_texts(overview.axes[0].get_legend())
+    assert labels == [
+        "colour=White & sex=Male (n=400)",
+        "colour=White & sex=Female (n=200)",
+        "colour=Black & sex=Male (n=133) - worst",
+        "colour=Black & sex=Female (n=100)",
+    ]
+    accuracy_panel = legend_texts(overview.axes[1].get_legend())
+    assert "worst-group accuracy (final worst: colour=Black & sex=Male)" in accuracy_panel
+    # per-group TPR and the parity gaps
+    fairness = saved["arrests_a_fairness.png"]
+    tpr_axes, gap_axes = fairness.axes[:2]
+    assert tpr_axes.get_ylabel().startswith("TPR")
+    assert [t.split(" (n=")[0] for t in legend_texts(tpr_axes.get_legend())] == NAMES
+    assert legend_texts(gap_axes.get_legend()) == [
+        "demographic parity difference",
+        "equalized odds difference",
+        "accuracy difference",
+    ]
+    x, y = gap_axes.get_lines()[0].get_data()
+    assert list(x) == [0.0, 0.5, 0.8, 0.9]  # the latest record at each level (after_round too)
+    assert list(y) == pytest.approx([0.1 + 0.2 * s for s in x])
+    parity = saved["parity_vs_sparsity.png"]
+    assert [ax.get_title() for ax in parity.axes] == [
+        "Demographic parity difference vs sparsity",
+        "Equalized odds difference vs sparsity",
+    ]
+    assert legend_texts(parity.legends[0]) == ["arrests_a", "arrests_b"]
+    # the group-accuracy disparity of records without "recall" (protected groups) is drawn
+    lines = saved["disparity_vs_sparsity.png"].axes[0].get_lines()
+    assert len(lines) == 2
+    records = [json.loads(x) for x in (runs[0] / HISTORY_FILENAME).read_text().splitlines()]
+    latest = {r["sparsity"]: r["group_accuracy"] for r in records}
+    assert list(lines[0].get_ydata()) == pytest.approx([max(v) - min(v) for v in latest.values()])
+    # the table names the worst group
+    rows = {row["run"]: row for row in report.rows}
+    assert rows["arrests_a"]["worst_group_name"] == "colour=Black & sex=Male"
+    assert "colour=Black & sex=Male" in (tmp_path / "out" / "report.txt").read_text()
+
+
+def test_many_groups_name_the_worst_and_class_groups_draw_no_parity_gaps(tmp_path):
+    from lightning_fairprune.figures import MAX_NAMED_GROUPS, report_figures
+    from lightning_fairprune.report import summarize_run
+
+    names = [f"digit {d}" for d in range(12)]
+    run_dir = write_protected_run(tmp_path, "digits", names=names, binary=False)
+    runs, _ = load_runs([run_dir])
+    saved = report_figures(runs, [summarize_run(run) for run in runs])
+    assert "digits_fairness.png" not in saved  # class groups: parity gaps mean nothing, no TPR
+    assert "parity_vs_sparsity.png" not in saved
+    assert_readable("digits_recall_vs_sparsity.png", saved["digits_recall_vs_sparsity.png"])
+    ax = saved["digits_recall_vs_sparsity.png"].axes[0]
+    labels = legend_texts(ax.get_legend())
+    assert len(labels) == MAX_NAMED_GROUPS + 1
+    assert labels[-1] == f"{12 - MAX_NAMED_GROUPS} other groups"
+    assert ax.get_ylabel().startswith("recall")
+    # the named ones are the lowest at the final record (group 2, then the last groups)
+    final = [0.9 - 0.02 * a - 0.15 for a in range(12)]
+    final[2] = 0.45
+    worst = sorted(range(12), key=lambda a: final[a])[:MAX_NAMED_GROUPS]
+    assert {label.split(" (n=")[0] for label in labels[:-1]} == {names[a] for a in worst}
