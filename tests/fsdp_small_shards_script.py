@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -40,9 +39,7 @@ TIMEOUT_S = 60  # a skipped collective fails within this time instead of hanging
 def build_model() -> nn.Module:
     """Layers of 4, 3 and 1 rows (shards 2+2, 2+1, 1+0 on two processes)."""
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1)
-    )
+    return nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1))
 
 
 def make_pruning() -> IterativePruning:
@@ -61,7 +58,7 @@ def _unpacked(state: dict) -> dict:
     from lightning_fairprune.pruning.masks import unpack_mask
 
     packed = state["packed_masks"]
-    return {k: unpack_mask(v["bits"], math.prod(v["shape"])).int().tolist() for k, v in packed.items()}
+    return _full({k: unpack_mask(v["bits"], math.prod(v["shape"])) for k, v in packed.items()})
 
 
 def run(rank: int, out_dir: str) -> None:
@@ -106,6 +103,15 @@ def run(rank: int, out_dir: str) -> None:
     result["imported_local"] = _local(imported.masks)
     result["loaded_local"] = _local(loaded.masks)
     result["imported_sparsity"] = imported.current_sparsity
+    # a file of process 0's shards (e.g. `save_masks(pruning.masks)` on rank 0): refused by
+    # every process alike, not taken as local masks by process 0 alone
+    full = torch.load(out / "masks.pt", weights_only=True)
+    torch.save({k: v[: -(-v.shape[0] // WORLD)] for k, v in full.items()}, out / f"bad{rank}.pt")
+    try:
+        make_pruning().import_masks(out / f"bad{rank}.pt", model)
+        result["bad_import"] = None
+    except ValueError as err:
+        result["bad_import"] = str(err)
 
     # a masked selection: a further round on top of the current masks, then exported again
     pruning.prune_now(None, model, sparsity=0.75)

@@ -249,10 +249,12 @@ def test_empty_and_whole_shards_join_every_collective(tmp_path: Path) -> None:
         assert [r["sparsity"], r["imported_sparsity"]] == [sparsities[0]] * 2
         assert r["sparsity_75"] == sparsities[1]
         assert r["layerwise"] == flat(ref_layer)
-        assert r["counts"] == {
-            n: [int((~m).sum()), m.numel()] for n, m in ref_layer.items()
-        }
+        assert r["counts"] == {n: [int((~m).sum()), m.numel()] for n, m in ref_layer.items()}
         assert r["dcp_equal"]
+        assert r["bad_import"] == (
+            "IterativePruning: the imported masks do not fit the model: Expected the mask of "
+            "'0.weight' to have shape (4, 6), but got (2, 6)"
+        )
         assert r["weights"] == {n: p.detach().reshape(-1).tolist() for n, p in params.items()}
     for n in ref_50:  # each process's shard: its rows of the reference, in rank order
         assert ranks[0]["own_local"][n] + ranks[1]["own_local"][n] == flat(ref_50)[n]

@@ -252,7 +252,9 @@ def _select_sharded(
         key_chunks,
         rank,
         bits,
-        reduce_fn=lambda h: _all_reduce(h, group),
+        # on the same device everywhere (a process without local keys, e.g. with empty
+        # shards, makes its zero histogram on the CPU)
+        reduce_fn=lambda h: _all_reduce(h.to(dev0), group),
         sync_free=sync_free,
     )
     # NaN keys lie above +inf: the (global) top histogram tells every process alike
