@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_fairprune import IterativePruning
+from lightning_fairprune.diagnostics.sharded import sharded_group_gradient_norms
 from lightning_fairprune.pruning.masks import local_tensor
 from lightning_fairprune.pruning.sharded import (
     gather_full_masks,
@@ -40,6 +41,16 @@ def build_model() -> nn.Module:
     """Layers of 4, 3 and 1 rows (shards 2+2, 2+1, 1+0 on two processes)."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1))
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """16 samples (8 per process): inputs, regression targets, 2 groups."""
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(16, 6, generator=gen), torch.randn(16, generator=gen), torch.arange(16) % 2
+
+
+def squared_error(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out.squeeze(1) - y) ** 2
 
 
 def make_pruning() -> IterativePruning:
@@ -138,6 +149,14 @@ def run(rank: int, out_dir: str) -> None:
     # full weights from local shards (the rewind weights' checkpoint form)
     weights = gather_full_tensors({n: local_tensor(p) for n, p in params.items()}, params)
     result["weights"] = {n: w.reshape(-1).tolist() for n, w in weights.items()}
+
+    # per-group gradient norms (sharded backward passes, all-reduced local norms)
+    x, y, g = data()
+    mine = slice(rank * 8, (rank + 1) * 8)
+    norms = sharded_group_gradient_norms(
+        model, [(x[mine], y[mine], g[mine])], 2, loss_fn=squared_error
+    )
+    result["grad_norms"] = norms.norms.tolist()
 
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     finish_distributed()

@@ -219,7 +219,9 @@ def test_empty_and_whole_shards_join_every_collective(tmp_path: Path) -> None:
     # a one-row layer: process 0 holds all of it, process 1 an empty shard; before the fix
     # process 0 skipped the gather of its masks and the other process waited (state_dict,
     # export_masks and checkpoints hung; the file written first held wrong masks)
-    from fsdp_small_shards_script import build_model, make_pruning
+    from fsdp_small_shards_script import build_model, data, make_pruning, squared_error
+
+    from lightning_fairprune.diagnostics import group_gradient_norms
 
     ranks = run_ddp(HERE / "fsdp_small_shards_script.py", tmp_path, timeout=180)
     assert [r["local_rows"]["4.weight"] for r in ranks] == [1, 0]
@@ -256,6 +258,9 @@ def test_empty_and_whole_shards_join_every_collective(tmp_path: Path) -> None:
             "'0.weight' to have shape (4, 6), but got (2, 6)"
         )
         assert r["weights"] == {n: p.detach().reshape(-1).tolist() for n, p in params.items()}
+    ref_norms = group_gradient_norms(model, [data()], 2, loss_fn=squared_error).norms
+    for r in ranks:
+        assert torch.allclose(torch.tensor(r["grad_norms"], dtype=torch.float64), ref_norms)
     for n in ref_50:  # each process's shard: its rows of the reference, in rank order
         assert ranks[0]["own_local"][n] + ranks[1]["own_local"][n] == flat(ref_50)[n]
 
