@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _ddp import finish_distributed
 from torch import nn
 
 from lightning_fairprune import IterativePruning
@@ -73,8 +74,6 @@ def _unpacked(state: dict) -> dict:
 
 
 def run(rank: int, out_dir: str) -> None:
-    from _ddp import finish_distributed
-
     dist.init_process_group(
         "gloo",
         init_method=f"file://{out_dir}/pg",
