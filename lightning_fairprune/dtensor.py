@@ -157,6 +157,21 @@ def shard_spec(t: Tensor, group: Any = None) -> ShardSpec:
     return ShardSpec(shape, numel, start * row, math.prod(expected), True)
 
 
+def _rows_split(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor sharded on rows (``Shard(0)``), whatever its local shard.
+
+    The same answer on every process (unlike the size of the local shard, which is the
+    whole tensor on one process and empty on another when there are fewer rows than
+    processes), so it can decide whether to run a collective.
+    """
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(t, dtensor):
+        return False
+    from torch.distributed.tensor import Shard
+
+    return any(isinstance(p, Shard) for p in t.placements)
+
+
 def _group_of(tensors: Mapping[str, Tensor], group: Any) -> Any:
     """The process group: given, else the DTensors' (one mesh for all), else the default."""
     if group is not None:

@@ -25,13 +25,21 @@ def free_port() -> int:
 def finish_distributed() -> None:
     """End a 2-process test script: barrier, destroy the process group, exit without teardown.
 
-    Lightning's strategies leave the process group alive after ``fit``. A process exiting
-    normally then runs torch's C++ static teardown, which aborted now and then ("terminate
-    called without an active exception", SIGABRT, about 1 run in 10 of a 2-process script,
-    after every result had been written; still seen, more rarely, with the group destroyed
-    first), failing the test for no fault of the code under test. So, once both processes
-    have passed the barrier and the group is gone, the process flushes its streams and leaves
-    with ``os._exit(0)``. Call it last, after the results are written.
+    Lightning's strategies leave the process group alive after ``fit``, and
+    ``destroy_process_group`` does not end it either: it only drops the registry's
+    references, while FSDP2's modules (their ``FSDPMeshInfo``) and other references, some
+    from C++, keep the gloo group, and with it its three threads (two ``pt_gloo_runloop``
+    workers and the ``gloo_tcp_loop``), alive until the interpreter's teardown (seen in
+    ``/proc/self/task`` after ``destroy_process_group``, ``del`` of the model and the mesh and
+    ``gc.collect()``, torch 2.13). A process exiting normally
+    then tears the interpreter down under running gloo threads, which aborted now and then
+    ("terminate called without an active exception", SIGABRT, about 1 run in 10 of a
+    2-process script, after every result had been written; more rarely with the group
+    destroyed first), failing the test for no fault of the code under test (torch issue
+    #190489). So, once both processes have passed the barrier and the group is gone, the
+    process flushes its streams and leaves with ``os._exit(0)``: no teardown runs. Call it
+    last, after the results are written, in every 2-process script (``torch.multiprocessing``
+    workers included: the parent sees exit code 0).
     """
     import torch.distributed as dist
 

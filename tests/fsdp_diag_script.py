@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _ddp import finish_distributed
 from torch import nn
 
 WORLD = 2
@@ -113,8 +114,7 @@ def run_core(rank: int, out_dir: str) -> None:
         "uneven_error": uneven_error,
     }
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_distributed()  # not the interpreter's teardown: it aborted now and then (see there)
 
 
 # ------------------------------------------------------------------ Trainer.fit
@@ -238,7 +238,5 @@ if __name__ == "__main__":
     if what == "core":
         torch.multiprocessing.spawn(run_core, args=(out,), nprocs=WORLD, join=True)
     else:
-        from _ddp import finish_distributed
-
         run_fit(Path(out), what)
         finish_distributed()

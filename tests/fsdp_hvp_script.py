@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _ddp import finish_distributed
 from torch import nn
 
 WORLD = 2
@@ -208,8 +209,7 @@ def run_core(rank: int, out_dir: str) -> None:
         },
     }
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_distributed()  # not the interpreter's teardown: it aborted now and then (see there)
 
 
 # ------------------------------------------------------------------ Trainer.fit
@@ -315,3 +315,4 @@ if __name__ == "__main__":
         torch.multiprocessing.spawn(run_core, args=(out,), nprocs=WORLD, join=True)
     else:
         run_fit(Path(out), what)
+        finish_distributed()

@@ -215,6 +215,56 @@ def test_radix_select_joins_reduction_without_local_candidates() -> None:
     assert int(calls[1].sum()) == 0  # the empty local histogram of the second pass
 
 
+def test_empty_and_whole_shards_join_every_collective(tmp_path: Path) -> None:
+    # a one-row layer: process 0 holds all of it, process 1 an empty shard; before the fix
+    # process 0 skipped the gather of its masks and the other process waited (state_dict,
+    # export_masks and checkpoints hung; the file written first held wrong masks)
+    from fsdp_small_shards_script import build_model, data, make_pruning, squared_error
+
+    from lightning_fairprune.diagnostics import group_gradient_norms
+
+    ranks = run_ddp(HERE / "fsdp_small_shards_script.py", tmp_path, timeout=300)
+    assert [r["local_rows"]["4.weight"] for r in ranks] == [1, 0]
+    assert [r["local_rows"]["2.weight"] for r in ranks] == [2, 1]
+    # the same steps unsharded
+    model = build_model()
+    pruning = make_pruning()
+    pruning.prune_now(None, model)
+    ref_50 = {k: v.clone() for k, v in pruning.masks.items()}
+    sparsities = [pruning.current_sparsity]
+    pruning.prune_now(None, model, sparsity=0.75)
+    ref_75 = pruning.masks
+    sparsities.append(pruning.current_sparsity)
+    params = dict(model.named_parameters())
+    scores = {n: p.detach().abs() for n, p in params.items()}
+    ref_layer = layerwise_masks(scores, 0.6, current_masks=layerwise_masks(scores, 0.5))
+
+    def flat(masks: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+        return {k: v.reshape(-1).int().tolist() for k, v in masks.items()}
+
+    for name, ref in (("masks.pt", ref_50), ("masks_75.pt", ref_75)):
+        exported = torch.load(tmp_path / name, weights_only=True)
+        assert flat(exported) == flat(ref), name
+    for r in ranks:
+        assert r["state_masks"] == flat(ref_50)
+        assert r["imported_local"] == r["own_local"] == r["loaded_local"]
+        assert [r["sparsity"], r["imported_sparsity"]] == [sparsities[0]] * 2
+        assert r["sparsity_75"] == sparsities[1]
+        assert r["layerwise"] == flat(ref_layer)
+        assert r["counts"] == {n: [int((~m).sum()), m.numel()] for n, m in ref_layer.items()}
+        assert r["dcp_equal"]
+        assert r["bad_import"] == (
+            "IterativePruning: the imported masks do not fit the model: Expected the mask of "
+            "'0.weight' to have shape (4, 6), but got (2, 6)"
+        )
+        assert r["weights"] == {n: p.detach().reshape(-1).tolist() for n, p in params.items()}
+    ref_norms = group_gradient_norms(model, [data()], 2, loss_fn=squared_error).norms
+    for r in ranks:
+        assert torch.allclose(torch.tensor(r["grad_norms"], dtype=torch.float64), ref_norms)
+    for n in ref_50:  # each process's shard: its rows of the reference, in rank order
+        assert ranks[0]["own_local"][n] + ranks[1]["own_local"][n] == flat(ref_50)[n]
+
+
 def test_shard_spec_and_full_masks_validation() -> None:
     assert shard_spec(torch.zeros(4, 2)).offset == 0
     with pytest.raises(ValueError, match="Expected the full mask of 'w'"):

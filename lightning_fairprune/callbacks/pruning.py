@@ -573,7 +573,8 @@ class IterativePruning(Callback):
             self.plan.resolve_compression(total, prunable)
         if self._pending_masks is not None:
             pending, self._pending_masks = self._pending_masks, None
-            self._set_masks(pl_module, self._localize(pl_module, pending), source="imported masks")
+            source = "imported masks"
+            self._set_masks(pl_module, self._localize(pl_module, pending, source), source=source)
         if self._pending_state is not None:
             pending_state, self._pending_state = self._pending_state, None
             self.load_state_dict(pending_state)
@@ -1143,10 +1144,7 @@ class IterativePruning(Callback):
         params = self._params(pl_module)
         self._sharded = is_sharded(params)
         targets = {k: local_tensor(p) for k, p in params.items()} if self._sharded else params
-        try:
-            check_masks_fit(masks, targets)
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"IterativePruning: the {source} do not fit the model: {err}") from err
+        self._check_fit(masks, targets, source)
         new = {k: masks[k].to(device=targets[k].device, dtype=torch.bool) for k in params}
         if self._masks:
             new = {k: v & self._masks[k].to(v.device) for k, v in new.items()}
@@ -1154,6 +1152,13 @@ class IterativePruning(Callback):
         apply_masks(params, self._masks)
         if self._sharded:
             self._count_shards(params)
+
+    @staticmethod
+    def _check_fit(masks: Mapping[str, Tensor], targets: Mapping[str, Tensor], source: str) -> None:
+        try:
+            check_masks_fit(masks, targets)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"IterativePruning: the {source} do not fit the model: {err}") from err
 
     def _local_scores(
         self, params: Mapping[str, Tensor], scores: Mapping[str, Tensor]
@@ -1313,21 +1318,24 @@ class IterativePruning(Callback):
         assert module is not None
         if self._fqns is None:
             self._setup_module(module)
-        self._set_masks(module, self._localize(module, masks), source="imported masks")
+        source = "imported masks"
+        self._set_masks(module, self._localize(module, masks, source), source=source)
 
-    def _localize(self, pl_module: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Full masks -> local-shard masks for sharded parameters (unchanged otherwise)."""
+    def _localize(
+        self, pl_module: nn.Module, masks: Mapping[str, Tensor], source: str
+    ) -> dict[str, Tensor]:
+        """Full masks -> local-shard masks for sharded parameters (unchanged otherwise).
+
+        Sharded, the masks are checked against the full shapes, so every process accepts or
+        refuses them alike (a check of the local shapes could pass on the process whose
+        shard is the whole tensor and fail on the others, which would then miss the
+        collectives that follow).
+        """
         params = self._params(pl_module)
         if not is_sharded(params):
             return dict(masks)
-        full = {
-            k: v
-            for k, v in masks.items()
-            if k in params and tuple(v.shape) == tuple(params[k].shape)
-        }
-        if len(full) != len(params) or len(masks) != len(params):
-            return dict(masks)  # already local (or not fitting): `_set_masks` checks them
-        return shard_full_masks(full, params)
+        self._check_fit(masks, params, source)  # DTensor shapes are the full shapes
+        return shard_full_masks(masks, params)
 
     def sparsity_report(self, pl_module: nn.Module | None = None) -> dict[str, Any]:
         """Per-layer and overall sparsity of the pruned model (see `masks.sparsity_report`).
@@ -1437,8 +1445,9 @@ class IterativePruning(Callback):
             }
         if masks:
             self._masks = {}
-            masks = self._localize(self._pl_module, masks)
-            self._set_masks(self._pl_module, masks, source="checkpoint masks")
+            source = "checkpoint masks"
+            masks = self._localize(self._pl_module, masks, source)
+            self._set_masks(self._pl_module, masks, source=source)
         else:
             self._masks = {}
         rewind = state_dict.get("rewind_weights")

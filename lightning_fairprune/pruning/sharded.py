@@ -52,6 +52,7 @@ from lightning_fairprune.dtensor import (
     ShardSpec,
     _dtensor_type,
     _group_of,
+    _rows_split,
     _world,
     is_sharded,
     shard_spec,
@@ -251,7 +252,9 @@ def _select_sharded(
         key_chunks,
         rank,
         bits,
-        reduce_fn=lambda h: _all_reduce(h, group),
+        # on the same device everywhere (a process without local keys, e.g. with empty
+        # shards, makes its zero histogram on the CPU)
+        reduce_fn=lambda h: _all_reduce(h.to(dev0), group),
         sync_free=sync_free,
     )
     # NaN keys lie above +inf: the (global) top histogram tells every process alike
@@ -474,7 +477,9 @@ def gather_full_masks(
     """Full (unsharded) CPU bool masks from local-shard masks, on every process.
 
     Each process sends its local masks packed (1 bit per weight); the full masks are
-    assembled one parameter at a time. This is the *full* form (for ``export_masks`` and
+    assembled one parameter at a time. A collective for every parameter sharded on rows,
+    whatever the size of the local shards (empty ones included): call it on every process.
+    This is the *full* form (for ``export_masks`` and
     full state dicts): its size is one byte per weight of the full model (bool), so use
     :func:`sharded_mask_state` when the full masks should not exist anywhere.
 
@@ -496,7 +501,9 @@ def gather_full_masks(
     for name, param in params.items():
         spec = shard_spec(param, group)
         local = local_tensor(masks[name]).detach().to("cpu").reshape(-1)
-        if world == 1 or spec.local_numel == spec.numel:
+        # decided from the layout alone, the same on every process: a process holding the
+        # whole of a sharded tensor (the others an empty shard) still joins the gather
+        if world == 1 or not _rows_split(param):
             out[name] = local.clone().view(spec.shape)
             continue
         pieces: list[Any] = [None] * world
