@@ -12,6 +12,11 @@ This is the only module besides `callbacks/` that knows about Lightning loggers.
 * `log_summary`: final sparsity, accuracy, worst-group accuracy, α, fairness summaries and
   disparities into the W&B run summary; `log_config`: a callback's settings into every
   logger's hyperparameters (the W&B run config included).
+* `run_directory`: where a run keeps its history files (never the directory of another run);
+  `monitored_keys`: the metric keys other callbacks and LR schedulers read at validation end.
+
+A named monitor's keys (scalars, W&B tables and charts, summary) start with
+``fairprune-<name>/`` instead of ``fairprune/`` (`history.metric_prefix`).
 
 Only global rank 0 logs. ``wandb`` is imported lazily, inside functions, and only when a
 `WandbLogger` is attached (detected by class name). Any logger or W&B failure becomes one
@@ -24,6 +29,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from lightning_fairprune.history import (
@@ -32,6 +38,8 @@ from lightning_fairprune.history import (
     check_record,
     group_table,
     logged_scalars,
+    metric_prefix,
+    next_version_dir,
     number,
     recall_curves,
     record_scalars,
@@ -49,8 +57,10 @@ __all__ = [
     "log_round",
     "log_scalars",
     "log_summary",
+    "monitored_keys",
     "recall_curves",
     "record_scalars",
+    "run_directory",
     "summary_values",
 ]
 
@@ -185,7 +195,8 @@ def _wandb_media(record: Mapping[str, Any], history: Sequence[Mapping[str, Any]]
     columns, rows = group_table(record, history)
     if not rows:
         return media
-    media["fairprune/groups"] = wandb.Table(columns=columns, data=rows)
+    prefix = metric_prefix(record.get("monitor"))
+    media[f"{prefix}groups"] = wandb.Table(columns=columns, data=rows)
 
     idx = {name: i for i, name in enumerate(columns)}
     bars = []
@@ -196,14 +207,14 @@ def _wandb_media(record: Mapping[str, Any], history: Sequence[Mapping[str, Any]]
                 bars.append([f"{row[0]} {label}", value])
     if bars:
         bar_table = wandb.Table(columns=["group", "accuracy"], data=bars)
-        media["fairprune/group_accuracy_dense_vs_now"] = wandb.plot.bar(
+        media[f"{prefix}group_accuracy_dense_vs_now"] = wandb.plot.bar(
             bar_table, "group", "accuracy", title="Accuracy within each group: dense vs now"
         )
 
     xs, ys, keys = recall_curves(history)
     kept = [i for i, x in enumerate(xs) if x]
     if kept:
-        media["fairprune/group_accuracy_vs_sparsity"] = wandb.plot.line_series(
+        media[f"{prefix}group_accuracy_vs_sparsity"] = wandb.plot.line_series(
             xs=[xs[i] for i in kept],
             ys=[ys[i] for i in kept],
             keys=[keys[i] for i in kept],
@@ -222,7 +233,7 @@ def _wandb_media(record: Mapping[str, Any], history: Sequence[Mapping[str, Any]]
         scatter_table = wandb.Table(
             columns=["group", "norm_balance_dense", "norm_balance"], data=points
         )
-        media["fairprune/norm_balance_scatter"] = wandb.plot.scatter(
+        media[f"{prefix}norm_balance_scatter"] = wandb.plot.scatter(
             scatter_table,
             "norm_balance_dense",
             "norm_balance",
@@ -396,3 +407,82 @@ def log_config(trainer: Any, name: str, settings: Mapping[str, Any]) -> None:
             f"lightning_fairprune: writing the callback settings into the W&B run config "
             f"failed ({type(err).__name__}: {err}); training continues.",
         )
+
+
+# --------------------------------------------------------------------------------------
+# Where a run writes, and what other callbacks read
+# --------------------------------------------------------------------------------------
+
+
+def run_directory(trainer: Any) -> tuple[Path, bool]:
+    """The directory of this run's history files, and whether it is the monitor's own.
+
+    * a `TensorBoardLogger` or `CSVLogger` first in ``trainer.loggers``: its ``log_dir``
+      (Lightning gives each run its own ``version_N``);
+    * another logger (W&B, MLflow...), whose ``save_dir`` runs share: ``<save_dir>/fairprune/
+      <its version>`` (the W&B run id...);
+    * no logger (``logger=False``), or one without a version: ``<default_root_dir>/fairprune/
+      version_N`` with N one more than the largest existing (`history.next_version_dir`).
+      Only this directory is the monitor's own (``True``): a run resumed from a checkpoint
+      continues the file of the checkpoint's run there (`history.HistoryFile.continue_file`).
+
+    Resolved on every process (``trainer.log_dir`` broadcasts); the version is chosen on
+    global rank 0 and broadcast. Nothing is created on disk here.
+
+    Example:
+        >>> import tempfile
+        >>> class _Trainer:
+        ...     loggers, log_dir = [], None
+        ...     default_root_dir = tempfile.mkdtemp()
+        >>> path, own = run_directory(_Trainer())
+        >>> path.relative_to(_Trainer.default_root_dir).as_posix(), own
+        ('fairprune/version_0', True)
+    """
+    root = Path(getattr(trainer, "log_dir", None) or trainer.default_root_dir)
+    loggers = list(getattr(trainer, "loggers", None) or [])
+    if loggers and type(loggers[0]).__name__ in ("TensorBoardLogger", "CSVLogger"):
+        return root, False
+    version, own = "", True
+    if is_global_zero(trainer):
+        try:
+            version = str(loggers[0].version) if loggers else ""
+        except Exception:  # a logger that cannot start: a version of our own
+            version = ""
+        own = version in ("", "None")
+        if own:
+            version = next_version_dir(root / "fairprune").name
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is not None:
+        version, own = strategy.broadcast((version, own))
+    return root / "fairprune" / version, own
+
+
+def monitored_keys(trainer: Any) -> dict[str, str]:
+    """The ``callback_metrics`` keys that other parts of the fit read, and who reads each.
+
+    The ``monitor`` of every callback that has one (`ModelCheckpoint`, `EarlyStopping`...) and
+    of every LR scheduler configuration (``ReduceLROnPlateau``): Lightning raises when such a
+    key is missing after validation.
+
+    Example:
+        >>> class _Stopper:
+        ...     monitor = "fairprune/worst_group_accuracy"
+        >>> class _Trainer:
+        ...     callbacks, lr_scheduler_configs = [_Stopper(), object()], []
+        >>> monitored_keys(_Trainer())
+        {'fairprune/worst_group_accuracy': '_Stopper'}
+    """
+    out: dict[str, str] = {}
+    for callback in list(getattr(trainer, "callbacks", None) or []):
+        key = getattr(callback, "monitor", None)
+        if isinstance(key, str):
+            out.setdefault(key, type(callback).__name__)
+    try:
+        configs = list(getattr(trainer, "lr_scheduler_configs", None) or [])
+    except Exception:  # no strategy yet
+        configs = []
+    for config in configs:
+        key = getattr(config, "monitor", None)
+        if isinstance(key, str):
+            out.setdefault(key, "an LR scheduler")
+    return out
