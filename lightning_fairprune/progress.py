@@ -111,8 +111,8 @@ class PassProgress:
 
     def __iter__(self) -> Iterator[Any]:
         self.passes += 1
-        self.bar.reset(total=self.total)
         self.bar.set_postfix_str(f"pass={self.passes}", refresh=False)
+        self.bar.reset(total=self.total)  # shows the new pass
         for batch in self.batches:
             yield batch
             self.bar.update()

@@ -660,7 +660,8 @@ class FairnessMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if find_pruner(trainer) is None and self.every_n_epochs is None and not self.history:
+        periodic = isinstance(self.every_n_epochs, int) or self._at_validation
+        if find_pruner(trainer) is None and not periodic and not self.history:
             warnings.warn(
                 "FairnessMonitor found no pruning callback (IterativePruning) in "
                 "`trainer.callbacks`: it will only measure at the end of training, with no "
@@ -704,10 +705,10 @@ class FairnessMonitor(Callback):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # measure before ModelCheckpoint/EarlyStopping act on this validation (they run after
-        # the validation that ends the epoch, before `on_train_epoch_end`)
-        if trainer.sanity_checking or not trainer.training:
-            return
+        # measure before ModelCheckpoint/EarlyStopping act on this validation (at its end, or
+        # at `on_train_epoch_end`, where they run after the other callbacks)
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return  # (the stage is "validate" here: `trainer.training` is False)
         if self._at_validation or (self._monitored and not self._published):
             self.measure(trainer, pl_module, "periodic")  # the keys others read are fresh
             return
