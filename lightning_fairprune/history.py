@@ -41,18 +41,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "AT_TARGET",
     "GROUP_TABLE_COLUMNS",
     "HISTORY_FILENAME",
     "HISTORY_GLOB",
     "MOMENTS",
     "MOMENT_CODES",
+    "PARITY_NOTE",
     "PARITY_SUMMARIES",
     "PER_GROUP_KEYS",
     "PREFIXED_MOMENTS",
     "RATE_KEYS",
     "HistoryFile",
-    "callback_scalars",
     "check_distinct_prefixes",
     "check_record",
     "dense_record",
@@ -62,12 +61,12 @@ __all__ = [
     "group_keys",
     "group_list",
     "group_table",
+    "headline_scalars",
     "history_filename",
     "latest_per_sparsity",
     "logged_scalars",
     "make_record",
     "metric_prefix",
-    "next_version_dir",
     "number",
     "qualified_name",
     "read_history",
@@ -124,9 +123,13 @@ PARITY_SUMMARIES: tuple[str, ...] = (
     "equalized_odds_difference",
 )
 
-#: Key segment of the headline scalars that exist only at the pruner's target sparsity
-#: (``fairprune/at_target/...``, NaN before; see `callback_scalars`).
-AT_TARGET = "at_target"
+#: Why a monitor of class groups leaves the `PARITY_SUMMARIES` out (said once).
+PARITY_NOTE = (
+    f"FairnessMonitor: the groups are the classes, so {', '.join(PARITY_SUMMARIES)} are not "
+    "reported: they compare groups on the label itself (a right classifier selects each class "
+    "only within its own group), so they would be about 1 by construction. Give a protected "
+    "attribute (`num_groups`, (x, y, g) batches) to get them."
+)
 
 #: Per-group fields relative to the dense reference (undefined before it exists).
 _RELATIVE_KEYS: tuple[str, ...] = ("intensification", "excess_loss")
@@ -568,28 +571,6 @@ def check_distinct_prefixes(names: Sequence[str | None]) -> None:
             )
 
 
-def next_version_dir(root: str | os.PathLike[str]) -> Path:
-    """``root/version_N`` with N one more than the largest existing (Lightning's convention).
-
-    Example:
-        >>> import tempfile
-        >>> root = Path(tempfile.mkdtemp())
-        >>> next_version_dir(root).name
-        'version_0'
-        >>> (root / "version_3").mkdir()
-        >>> next_version_dir(root).name
-        'version_4'
-    """
-    root = Path(root)
-    found = [-1]
-    if root.is_dir():
-        for child in root.iterdir():
-            match = re.fullmatch(r"version_(\d+)", child.name)
-            if match and child.is_dir():
-                found.append(int(match.group(1)))
-    return root / f"version_{max(found) + 1}"
-
-
 def read_history(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     r"""Read a JSON-lines history, skipping (with a warning naming file:line) bad lines.
 
@@ -889,16 +870,9 @@ def record_scalars(
     return {k: undefined if v is None else v for k, v in flat.items()}
 
 
-def _moment_keys(record: Mapping[str, Any], scalars: Mapping[str, float]) -> dict[str, float]:
-    """``scalars`` under ``<prefix><moment>/`` for the `PREFIXED_MOMENTS`, else unchanged."""
-    moment = record.get("moment")
-    if moment not in PREFIXED_MOMENTS:
-        return dict(scalars)
-    prefix = metric_prefix(record.get("monitor"))
-    return {f"{prefix}{moment}/{k.removeprefix(prefix)}": v for k, v in scalars.items()}
-
-
-def logged_scalars(record: Mapping[str, Any]) -> dict[str, float]:
+def logged_scalars(
+    record: Mapping[str, Any], *, undefined: float | None = None
+) -> dict[str, float]:
     """The scalars a logger gets for a record: `record_scalars`, prefixed by moment.
 
     ``"dense"`` and ``"after_round"`` records go under ``fairprune/dense/...`` and
@@ -911,41 +885,27 @@ def logged_scalars(record: Mapping[str, Any]) -> dict[str, float]:
         >>> sorted(logged_scalars({"moment": "dense", "accuracy": 0.9, "recall": [0.9]}))[:2]
         ['fairprune/dense/accuracy', 'fairprune/dense/moment_code']
     """
-    return _moment_keys(record, record_scalars(record))
+    scalars = record_scalars(record, undefined=undefined)
+    moment = record.get("moment")
+    if moment not in PREFIXED_MOMENTS:
+        return scalars
+    prefix = metric_prefix(record.get("monitor"))
+    return {f"{prefix}{moment}/{k.removeprefix(prefix)}": v for k, v in scalars.items()}
 
 
-def _is_headline(name: str) -> bool:
-    """Whether a key (without its prefix) is a headline number, not a per-group value."""
-    return "/" not in name or name.startswith("disparity/")
-
-
-def callback_scalars(record: Mapping[str, Any], *, at_target: bool) -> dict[str, float]:
-    """What a monitor puts into ``trainer.callback_metrics`` for one record.
-
-    Every scalar of `record_scalars` (undefined values as NaN, so that every key exists from
-    the first measurement on and never holds a stale value); the same under
-    ``<prefix><moment>/`` for the `PREFIXED_MOMENTS`; and the headline numbers (no per-group
-    values) under ``<prefix>at_target/`` (`AT_TARGET`): equal to the plain key once the pruner
-    has reached its target sparsity (``at_target``), NaN before. `ModelCheckpoint` ranks NaN
-    last in either mode, so ``ModelCheckpoint(monitor="fairprune/at_target/...")`` keeps a
-    model at the target sparsity.
+def headline_scalars(scalars: Mapping[str, float], prefix: str) -> dict[str, float]:
+    """The headline numbers of `record_scalars` (no per-group values), keys without ``prefix``.
 
     Example:
-        >>> rec = {"moment": "periodic", "accuracy": 0.9, "recall": [0.9, 0.7]}
-        >>> before = callback_scalars(rec, at_target=False)
-        >>> before["fairprune/worst_group_accuracy"], before["fairprune/at_target/accuracy"]
-        (0.7, nan)
-        >>> callback_scalars(rec, at_target=True)["fairprune/at_target/worst_group_accuracy"]
-        0.7
+        >>> headline_scalars({"fairprune/accuracy": 0.9, "fairprune/recall/g0": 0.8,
+        ...                   "fairprune/disparity/recall/gap": 0.1}, "fairprune/")
+        {'accuracy': 0.9, 'disparity/recall/gap': 0.1}
     """
-    scalars = record_scalars(record, undefined=math.nan)
-    out = dict(scalars)
-    out.update(_moment_keys(record, scalars))
-    prefix = metric_prefix(record.get("monitor"))
+    out: dict[str, float] = {}
     for key, value in scalars.items():
         name = key.removeprefix(prefix)
-        if _is_headline(name):
-            out[f"{prefix}{AT_TARGET}/{name}"] = value if at_target else math.nan
+        if "/" not in name or name.startswith("disparity/"):
+            out[name] = value
     return out
 
 
@@ -1096,10 +1056,8 @@ def summary_values(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     final = records[-1]
     prefix = metric_prefix(final.get("monitor"))
     out: dict[str, float] = {f"{prefix}num_records": float(len(records))}
-    for key, value in record_scalars(final).items():
-        name = key.removeprefix(prefix)
-        if _is_headline(name):
-            out[f"{prefix}final/{name}"] = value
+    for name, value in headline_scalars(record_scalars(final), prefix).items():
+        out[f"{prefix}final/{name}"] = value
     sparsity = number(final.get("sparsity"))
     if sparsity is not None:
         out[f"{prefix}final/sparsity"] = sparsity

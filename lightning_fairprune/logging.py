@@ -12,8 +12,9 @@ This is the only module besides `callbacks/` that knows about Lightning loggers.
 * `log_summary`: final sparsity, accuracy, worst-group accuracy, α, fairness summaries and
   disparities into the W&B run summary; `log_config`: a callback's settings into every
   logger's hyperparameters (the W&B run config included).
-* `run_directory`: where a run keeps its history files (never the directory of another run);
-  `monitored_keys`: the metric keys other callbacks and LR schedulers read at validation end.
+* `callback_scalars`: what a monitor puts into ``trainer.callback_metrics`` for
+  `ModelCheckpoint`, `EarlyStopping` and LR schedulers; `monitored_keys`: the keys they read.
+* `run_directory`: where a run keeps its history files (never the directory of another run).
 
 A named monitor's keys (scalars, W&B tables and charts, summary) start with
 ``fairprune-<name>/`` instead of ``fairprune/`` (`history.metric_prefix`).
@@ -26,20 +27,24 @@ measurement in their local history, which nothing here modifies.
 
 from __future__ import annotations
 
+import math
+import re
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_info
+
 from lightning_fairprune.history import (
     GROUP_TABLE_COLUMNS,
     MOMENT_CODES,
     check_record,
     group_table,
+    headline_scalars,
     logged_scalars,
     metric_prefix,
-    next_version_dir,
     number,
     recall_curves,
     record_scalars,
@@ -48,8 +53,10 @@ from lightning_fairprune.history import (
 )
 
 __all__ = [
+    "AT_TARGET",
     "GROUP_TABLE_COLUMNS",
     "MOMENT_CODES",
+    "callback_scalars",
     "find_wandb_logger",
     "group_table",
     "is_global_zero",
@@ -57,12 +64,17 @@ __all__ = [
     "log_round",
     "log_scalars",
     "log_summary",
+    "measure_at_validation",
     "monitored_keys",
     "recall_curves",
     "record_scalars",
     "run_directory",
     "summary_values",
 ]
+
+#: Key segment of the headline numbers that exist only at the pruner's target sparsity
+#: (``fairprune/at_target/...``, NaN before it; see `callback_scalars`).
+AT_TARGET = "at_target"
 
 _warned: set[int] = set()
 _warned_kinds: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
@@ -414,6 +426,45 @@ def log_config(trainer: Any, name: str, settings: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def callback_scalars(record: Mapping[str, Any], *, at_target: bool) -> dict[str, float]:
+    """What a monitor puts into ``trainer.callback_metrics`` for one record.
+
+    Every scalar of `history.record_scalars` and `history.logged_scalars` (undefined values as
+    NaN, so that every key exists from the first measurement on and never holds a stale
+    value), and the headline numbers (`history.headline_scalars`) under
+    ``<prefix>at_target/`` (`AT_TARGET`): equal to the plain key once the pruner has reached
+    its target sparsity (``at_target``), NaN before. `ModelCheckpoint` ranks NaN last in
+    either mode, so ``ModelCheckpoint(monitor="fairprune/at_target/...")`` keeps a model at
+    the target sparsity (`EarlyStopping(check_finite=True)` would stop on the NaN: early-stop
+    on the plain keys).
+
+    Example:
+        >>> rec = {"moment": "periodic", "accuracy": 0.9, "recall": [0.9, 0.7]}
+        >>> before = callback_scalars(rec, at_target=False)
+        >>> before["fairprune/worst_group_accuracy"], before["fairprune/at_target/accuracy"]
+        (0.7, nan)
+        >>> callback_scalars(rec, at_target=True)["fairprune/at_target/worst_group_accuracy"]
+        0.7
+    """
+    out = record_scalars(record, undefined=math.nan)
+    out.update(logged_scalars(record, undefined=math.nan))
+    prefix = metric_prefix(record.get("monitor"))
+    for name, value in headline_scalars(out, prefix).items():
+        out[f"{prefix}{AT_TARGET}/{name}"] = value if at_target else math.nan
+    return out
+
+
+def _next_version(root: Path) -> str:
+    """``version_N`` with N one more than the largest in ``root`` (Lightning's convention)."""
+    found = [-1]
+    if root.is_dir():
+        for child in root.iterdir():
+            match = re.fullmatch(r"version_(\d+)", child.name)
+            if match and child.is_dir():
+                found.append(int(match.group(1)))
+    return f"version_{max(found) + 1}"
+
+
 def run_directory(trainer: Any) -> tuple[Path, bool]:
     """The directory of this run's history files, and whether it is the monitor's own.
 
@@ -422,7 +473,7 @@ def run_directory(trainer: Any) -> tuple[Path, bool]:
     * another logger (W&B, MLflow...), whose ``save_dir`` runs share: ``<save_dir>/fairprune/
       <its version>`` (the W&B run id...);
     * no logger (``logger=False``), or one without a version: ``<default_root_dir>/fairprune/
-      version_N`` with N one more than the largest existing (`history.next_version_dir`).
+      version_N`` with N one more than the largest existing (Lightning's convention).
       Only this directory is the monitor's own (``True``): a run resumed from a checkpoint
       continues the file of the checkpoint's run there (`history.HistoryFile.continue_file`).
 
@@ -437,6 +488,9 @@ def run_directory(trainer: Any) -> tuple[Path, bool]:
         >>> path, own = run_directory(_Trainer())
         >>> path.relative_to(_Trainer.default_root_dir).as_posix(), own
         ('fairprune/version_0', True)
+        >>> (path.parent / "version_3").mkdir(parents=True)
+        >>> run_directory(_Trainer())[0].name
+        'version_4'
     """
     root = Path(getattr(trainer, "log_dir", None) or trainer.default_root_dir)
     loggers = list(getattr(trainer, "loggers", None) or [])
@@ -450,7 +504,7 @@ def run_directory(trainer: Any) -> tuple[Path, bool]:
             version = ""
         own = version in ("", "None")
         if own:
-            version = next_version_dir(root / "fairprune").name
+            version = _next_version(root / "fairprune")
     strategy = getattr(trainer, "strategy", None)
     if strategy is not None:
         version, own = strategy.broadcast((version, own))
@@ -486,3 +540,35 @@ def monitored_keys(trainer: Any) -> dict[str, str]:
         if isinstance(key, str):
             out.setdefault(key, "an LR scheduler")
     return out
+
+
+def measure_at_validation(trainer: Any, prefix: str, every_n_epochs: Any) -> list[str]:
+    """A monitor's keys that the fit reads at validation end; says at fit start what follows.
+
+    With ``every_n_epochs="auto"`` and such keys the monitor measures at every validation end
+    (an info line says so); with ``None`` they would be missing before the first pruning round
+    and stale after it (a warning names the setting that makes them fresh).
+
+    Args:
+        trainer: the `Trainer` at fit start.
+        prefix: the monitor's `history.metric_prefix`.
+        every_n_epochs: the monitor's setting.
+
+    Returns:
+        The monitored keys under ``prefix`` (`monitored_keys`).
+    """
+    keys = [key for key in monitored_keys(trainer) if key.startswith(prefix)]
+    if keys and every_n_epochs == "auto":
+        rank_zero_info(
+            f"FairnessMonitor: {keys} read at validation end: measuring at the end of every "
+            "validation (every_n_epochs='auto')."
+        )
+    elif keys and every_n_epochs is None:
+        warnings.warn(
+            f"FairnessMonitor(every_n_epochs=None) measures only at pruning rounds, but {keys} "
+            "are read at every validation end (missing before the first round, stale after "
+            "it); set every_n_epochs='auto' or 1.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return keys

@@ -9,7 +9,6 @@ key that appears only at the first round, and long passes without progress.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -161,6 +160,7 @@ def test_the_same_weights_are_measured_once_and_logged_once_per_step(tmp_path):
     assert history[0]["alpha"] is None  # before any dense reference
     assert history[4]["group_accuracy_dense"] == dense["group_accuracy"]
     assert history[7]["predicted_excess_loss"] is None  # only after_round records predict
+    assert read_history(monitor.history_file) == history  # plain JSON values, NaN-free
     # loggers: one value per key and step; one "fairprune/accuracy" per step
     rows = [(s, m) for s, m in logger.rows if any("moment_code" in k for k in m)]
     _no_key_twice_per_step(rows)
@@ -318,9 +318,11 @@ def test_model_checkpoint_on_the_at_target_key_keeps_a_model_at_the_target_spars
     assert [row[0] for row in spy.rows] == [0, 1, 2, 3]
     for epoch, at_target, plain, sparsity in spy.rows:
         if epoch < 2:  # before the last round (epoch 2): NaN, which ModelCheckpoint ranks last
-            assert math.isnan(at_target) and not math.isnan(plain)
+            assert math.isnan(at_target)
+            assert not math.isnan(plain)
         else:
-            assert at_target == plain and sparsity == pytest.approx(0.8, abs=1e-3)
+            assert at_target == plain
+            assert sparsity == pytest.approx(0.8, abs=1e-3)
     best = max(row[1] for row in spy.rows if row[0] >= 2)
     assert checkpoint.best_model_score.item() == pytest.approx(best)
     state = torch.load(checkpoint.best_model_path, weights_only=True)["state_dict"]
@@ -358,7 +360,8 @@ def test_parity_gaps_are_not_reported_for_class_groups_and_why_is_said_once(tmp_
                for r in classes.history)  # fmt: skip
     assert all(r["tpr"] is not None for r in classes.history)  # the rates themselves stay
     said = [r for r in caplog.records if "the groups are the classes" in r.getMessage()]
-    assert len(said) == 1 and len(classes.history) > 1
+    assert len(said) == 1
+    assert len(classes.history) > 1
     assert "demographic_parity_difference" in said[0].getMessage()
 
 
@@ -425,15 +428,6 @@ def test_long_measurement_passes_show_progress_only_with_a_progress_bar(tmp_path
 
     shown = fit(True)
     assert "FairnessMonitor: periodic" in shown
-    assert "/10 [" in shown and "pass=2" in shown  # the measurement pass, the metrics pass
+    assert "/10 [" in shown
+    assert "pass=2" in shown
     assert "FairnessMonitor" not in fit(False)
-
-
-def test_history_records_are_plain_json(tmp_path):
-    """The restamped records are plain values, like measured ones (JSON without NaN)."""
-    pl.seed_everything(0)
-    monitor = FairnessMonitor(num_probes=0, every_n_epochs=1, max_batches=1)
-    trainer = _trainer(tmp_path, [IterativePruning(0.5, start=1), monitor])
-    trainer.fit(SmallCNN(), datamodule=DigitsDataModule(n=100, batch_size=50))
-    for record in monitor.history:
-        json.dumps(record, allow_nan=False)

@@ -62,10 +62,9 @@ from lightning_fairprune.fairness_data import FairnessBatches, FairnessData
 from lightning_fairprune.history import (
     HISTORY_FILENAME,
     MOMENTS,
-    PARITY_SUMMARIES,
+    PARITY_NOTE,
     PREFIXED_MOMENTS,
     HistoryFile,
-    callback_scalars,
     check_distinct_prefixes,
     dense_reference,
     history_filename,
@@ -549,25 +548,10 @@ class FairnessMonitor(Callback):
         self.check_data(trainer, pl_module)
         self.check_metrics(trainer, pl_module)
         self._fitting = True
-        self._monitored = [
-            key
-            for key in fp_logging.monitored_keys(trainer)
-            if key.startswith(metric_prefix(self.name))
-        ]
+        self._monitored = fp_logging.measure_at_validation(
+            trainer, metric_prefix(self.name), self.every_n_epochs
+        )
         self._at_validation = self.every_n_epochs == "auto" and bool(self._monitored)
-        if self._at_validation:
-            rank_zero_info(
-                f"FairnessMonitor: {self._monitored} read at validation end: measuring at the "
-                "end of every validation (every_n_epochs='auto')."
-            )
-        elif self._monitored and self.every_n_epochs is None:
-            warnings.warn(
-                f"FairnessMonitor(every_n_epochs=None) measures only at pruning rounds, but "
-                f"{self._monitored} are read at every validation end (missing before the first "
-                "round, stale after it); set every_n_epochs='auto' or 1.",
-                UserWarning,
-                stacklevel=2,
-            )
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -803,12 +787,7 @@ class FairnessMonitor(Callback):
     def _say_parity(self, record: Mapping[str, Any]) -> None:
         if record.get("groups_are_classes") and record.get("fairness") and not self._said_parity:
             self._said_parity = True
-            rank_zero_info(
-                f"FairnessMonitor: the groups are the classes, so {', '.join(PARITY_SUMMARIES)} "
-                "are not reported: they compare groups on the label itself (a right classifier "
-                "selects each class only within its own group), so they would be about 1 by "
-                "construction. Give a protected attribute (`num_groups`, (x, y, g) batches)."
-            )
+            rank_zero_info(PARITY_NOTE)
 
     def _warn_small_groups(self, record: Mapping[str, Any]) -> None:
         small = record.get("small_groups") or []
@@ -838,7 +817,8 @@ class FairnessMonitor(Callback):
         metrics = getattr(trainer, "callback_metrics", None)
         if not isinstance(metrics, dict):
             return
-        for key, value in callback_scalars(record, at_target=schedule_complete(trainer)).items():
+        at_target = schedule_complete(trainer)
+        for key, value in fp_logging.callback_scalars(record, at_target=at_target).items():
             metrics[key] = torch.tensor(value, dtype=torch.float32)
         self._published = True
 
