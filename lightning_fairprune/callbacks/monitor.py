@@ -693,14 +693,13 @@ class FairnessMonitor(Callback):
         # at `on_train_epoch_end`, where they run after the other callbacks)
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return  # (the stage is "validate" here: `trainer.training` is False)
-        if self._at_validation or (self._monitored and not self._published):
-            self.measure(trainer, pl_module, "periodic")  # the keys others read are fresh
-            return
         progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
-        if not bool(getattr(progress, "is_last_batch", True)):
-            return  # a mid-epoch validation (`val_check_interval` < 1)
-        if self._periodic_due(trainer):
-            self._periodic_epoch = trainer.current_epoch
+        ends_epoch = bool(getattr(progress, "is_last_batch", True))  # not `val_check_interval`'s
+        due = ends_epoch and self._periodic_due(trainer)
+        # with a key others read: every validation ("auto"), or at least the first one
+        if due or self._at_validation or (self._monitored and not self._published):
+            if ends_epoch:
+                self._periodic_epoch = trainer.current_epoch
             self.measure(trainer, pl_module, "periodic")
 
     @override
