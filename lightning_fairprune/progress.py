@@ -118,6 +118,8 @@ class PassProgress:
             self.bar.update()
 
     def __getattr__(self, name: str) -> Any:
+        if name == "batches":  # not set yet (e.g. while copying)
+            raise AttributeError(name)
         return getattr(self.batches, name)
 
 

@@ -404,6 +404,22 @@ def test_model_checkpoint_works_with_the_default_monitor_from_the_first_validati
     assert "periodic" not in [r["moment"] for r in quiet.history]
 
 
+def test_without_validation_the_keys_are_fresh_where_model_checkpoint_reads_them(tmp_path):
+    x, y = digits_tensors(n=60)
+    monitor = FairnessMonitor(DataLoader(TensorDataset(x, y), batch_size=30), num_probes=0)
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="fairprune/worst_group_accuracy", mode="max"
+    )
+    trainer = _trainer(
+        tmp_path, [monitor, checkpoint], limit_val_batches=0, enable_checkpointing=True
+    )
+    trainer.fit(SmallCNN(), datamodule=DigitsDataModule(n=100, batch_size=50))
+    periodic = [r for r in monitor.history if r["moment"] == "periodic"]
+    assert [r["epoch"] for r in periodic] == [0, 1]  # at each epoch end (no validation)
+    best = max(r["fairness"]["worst_group_accuracy"] for r in periodic)
+    assert checkpoint.best_model_score.item() == pytest.approx(best, abs=1e-6)
+
+
 # ------------------------------------------------------------------ 17: progress
 def test_long_measurement_passes_show_progress_only_with_a_progress_bar(tmp_path, capsys):
     x, y = digits_tensors(n=160)

@@ -704,7 +704,11 @@ class FairnessMonitor(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._periodic_due(trainer):
+        # no validation at all: ModelCheckpoint/EarlyStopping read here
+        unvalidated = self._at_validation and not sum(trainer.num_val_batches or [0])
+        if self._periodic_due(trainer) or (
+            unvalidated and self._periodic_epoch != trainer.current_epoch
+        ):
             self._periodic_epoch = trainer.current_epoch
             self.measure(trainer, pl_module, "periodic")
 
