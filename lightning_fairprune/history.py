@@ -394,10 +394,10 @@ def make_record(
             if value is not None:
                 record[key] = to_plain(value.value)
                 record[f"{key}_ci"] = to_plain(torch.stack([value.lower, value.upper], dim=-1))
-        summary = dict(metrics.summary)
-        if groups_are_classes:  # the gaps compare groups on their own label: left out
-            summary = {k: v for k, v in summary.items() if k not in PARITY_SUMMARIES}
-        record["fairness"] = to_plain(summary)
+        left_out = PARITY_SUMMARIES if groups_are_classes else ()  # gaps on the label itself
+        record["fairness"] = to_plain(
+            {k: v for k, v in metrics.summary.items() if k not in left_out}
+        )
     elif correct is not None:
         lower, upper = wilson_interval(correct, support, confidence)
         record["group_accuracy_ci"] = to_plain(torch.stack([lower, upper], dim=-1))

@@ -547,7 +547,9 @@ def measure_at_validation(trainer: Any, prefix: str, every_n_epochs: Any) -> lis
 
     With ``every_n_epochs="auto"`` and such keys the monitor measures at every validation end
     (an info line says so); with ``None`` they would be missing before the first pruning round
-    and stale after it (a warning names the setting that makes them fresh).
+    and stale after it (a warning names the setting that makes them fresh). An `EarlyStopping`
+    with ``check_finite=True`` on an `AT_TARGET` key (NaN before the target sparsity) would
+    stop the fit at its first check: a warning says so.
 
     Args:
         trainer: the `Trainer` at fit start.
@@ -558,6 +560,16 @@ def measure_at_validation(trainer: Any, prefix: str, every_n_epochs: Any) -> lis
         The monitored keys under ``prefix`` (`monitored_keys`).
     """
     keys = [key for key in monitored_keys(trainer) if key.startswith(prefix)]
+    for callback in list(getattr(trainer, "callbacks", None) or []):
+        key = getattr(callback, "monitor", None)
+        if key in keys and f"/{AT_TARGET}/" in key and getattr(callback, "check_finite", False):
+            warnings.warn(
+                f"{type(callback).__name__}(monitor={key!r}, check_finite=True) stops at its "
+                "first check before the target sparsity, where the key is NaN; monitor "
+                f"{key.replace(f'{AT_TARGET}/', '')!r} or set check_finite=False.",
+                UserWarning,
+                stacklevel=3,
+            )
     if keys and every_n_epochs == "auto":
         rank_zero_info(
             f"FairnessMonitor: {keys} read at validation end: measuring at the end of every "

@@ -329,9 +329,14 @@ def test_model_checkpoint_on_the_at_target_key_keeps_a_model_at_the_target_spars
     zeros = sum(int((state[n] == 0).sum()) for n in PRUNED)
     total = sum(state[n].numel() for n in PRUNED)
     assert zeros / total == pytest.approx(0.8, abs=1e-3)  # a model at the target sparsity
-    # the plain key would have kept a dense epoch: the at-target key is what it is for
-    plain_best = max(spy.rows, key=lambda row: row[2])
-    assert plain_best[0] < 2 or plain_best[2] == best
+    # EarlyStopping stops on NaN (check_finite): said at fit start, with the key to use
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from lightning_fairprune.logging import measure_at_validation
+
+    stopper = EarlyStopping(monitor="fairprune/at_target/worst_group_accuracy", mode="max")
+    with pytest.warns(UserWarning, match=r"monitor 'fairprune/worst_group_accuracy'"):
+        measure_at_validation(pl.Trainer(callbacks=[stopper], logger=False), "fairprune/", "auto")
 
 
 # ------------------------------------------------------------------ 14: parity for classes

@@ -345,7 +345,6 @@ class FairnessMonitor(Callback):
         self._file: HistoryFile | None = None
         self._warned_small = False
         self._sharded = False  # the measured parameters are FSDP2 DTensors
-        self._periodic_epoch: int | None = None
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
@@ -358,6 +357,7 @@ class FairnessMonitor(Callback):
         self._published = False
         self._said_parity = False
         self._fitting = False
+        self._periodic_epoch: int | None = None
 
     # ---------------------------------------------------------------- the data's arguments
     @property
