@@ -21,7 +21,9 @@ Rules that hold everywhere:
   fine-tuning when the monitor measured both right after the round and later);
 * **history files** are ``fairprune_history.jsonl``, or ``fairprune_history-<name>.jsonl`` for
   a monitor with a ``name`` (two monitors never share a file); every record carries its
-  monitor's name in ``"monitor"``.
+  monitor's name in ``"monitor"``;
+* **metric keys** start with ``fairprune/`` for an unnamed monitor and ``fairprune-<name>/``
+  for a named one (`metric_prefix`): two monitors never share a key.
 """
 
 from __future__ import annotations
@@ -44,10 +46,13 @@ __all__ = [
     "HISTORY_GLOB",
     "MOMENTS",
     "MOMENT_CODES",
+    "PARITY_NOTE",
+    "PARITY_SUMMARIES",
     "PER_GROUP_KEYS",
     "PREFIXED_MOMENTS",
     "RATE_KEYS",
     "HistoryFile",
+    "check_distinct_prefixes",
     "check_record",
     "dense_record",
     "dense_reference",
@@ -56,15 +61,18 @@ __all__ = [
     "group_keys",
     "group_list",
     "group_table",
+    "headline_scalars",
     "history_filename",
     "latest_per_sparsity",
     "logged_scalars",
     "make_record",
+    "metric_prefix",
     "number",
     "qualified_name",
     "read_history",
     "recall_curves",
     "record_scalars",
+    "restamp",
     "summary_values",
     "to_plain",
     "worst_group",
@@ -103,6 +111,28 @@ RATE_KEYS: tuple[str, ...] = ("group_accuracy", "tpr", "fpr", "selection_rate")
 #: Record moments whose scalars are logged under their own prefix (``fairprune/<moment>/...``),
 #: so that two measurements at one global step never write the same key twice.
 PREFIXED_MOMENTS: tuple[str, ...] = ("dense", "after_round")
+
+#: Fairness summaries that compare groups on the label itself (selection rate, TPR, FPR):
+#: meaningless when the groups are the classes (a right classifier selects each class only in
+#: its own group, so the gaps are about 1 by construction); such records leave them out.
+PARITY_SUMMARIES: tuple[str, ...] = (
+    "demographic_parity_difference",
+    "demographic_parity_ratio",
+    "worst_group_tpr",
+    "equal_opportunity_difference",
+    "equalized_odds_difference",
+)
+
+#: Why a monitor of class groups leaves the `PARITY_SUMMARIES` out (said once).
+PARITY_NOTE = (
+    f"FairnessMonitor: the groups are the classes, so {', '.join(PARITY_SUMMARIES)} are not "
+    "reported: they compare groups on the label itself (a right classifier selects each class "
+    "only within its own group), so they would be about 1 by construction. Give a protected "
+    "attribute (`num_groups`, (x, y, g) batches) to get them."
+)
+
+#: Per-group fields relative to the dense reference (undefined before it exists).
+_RELATIVE_KEYS: tuple[str, ...] = ("intensification", "excess_loss")
 
 #: Columns of the per-group table (W&B table, report).
 GROUP_TABLE_COLUMNS: list[str] = [
@@ -259,8 +289,8 @@ def make_record(
     tasks ``tpr``, ``fpr`` and ``selection_rate`` per group. Each rate has a Wilson interval
     (``<rate>_ci``), and ``fairness`` holds the summaries (worst-group accuracy, accuracy
     difference, demographic parity difference and ratio, and for binary tasks worst-group
-    TPR, equal-opportunity and equalized-odds differences). See
-    `lightning_fairprune.diagnostics.group_metrics`.
+    TPR, equal-opportunity and equalized-odds differences; the `PARITY_SUMMARIES` only when the
+    groups are not the classes). See `lightning_fairprune.diagnostics.group_metrics`.
 
     Args:
         measurement: the measurement (``recall``, ``accuracy``, ``support``, ``mean_loss``,
@@ -364,7 +394,10 @@ def make_record(
             if value is not None:
                 record[key] = to_plain(value.value)
                 record[f"{key}_ci"] = to_plain(torch.stack([value.lower, value.upper], dim=-1))
-        record["fairness"] = to_plain(metrics.summary)
+        left_out = PARITY_SUMMARIES if groups_are_classes else ()  # gaps on the label itself
+        record["fairness"] = to_plain(
+            {k: v for k, v in metrics.summary.items() if k not in left_out}
+        )
     elif correct is not None:
         lower, upper = wilson_interval(correct, support, confidence)
         record["group_accuracy_ci"] = to_plain(torch.stack([lower, upper], dim=-1))
@@ -447,9 +480,49 @@ def fill_relative(record: dict[str, Any], dense: Mapping[str, Any] | None) -> No
     record["excess_loss"] = to_plain(excessive_loss(_f64(record["loss"]), _f64(dense["loss"])))
 
 
+def restamp(
+    record: Mapping[str, Any],
+    *,
+    moment: str,
+    round_index: int,
+    epoch: int,
+    sparsity: float,
+    dense: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The same measurement recorded at another moment (the same weights at the same step).
+
+    A copy of ``record`` with the new ``moment``, ``round``, ``epoch`` and ``sparsity``; the
+    fields relative to the dense reference are filled again (against itself for
+    ``moment="dense"``), and ``predicted_excess_loss`` is kept only for ``"after_round"``.
+
+    Example:
+        >>> rec = {"moment": "periodic", "round": 0, "epoch": 1, "sparsity": 0.0,
+        ...        "num_groups": 2, "accuracy": 0.75, "group_accuracy": [1.0, 0.5],
+        ...        "norm_balance": [0.25, -0.25], "loss": [0.1, 0.9], "support": [2, 2],
+        ...        "alpha": None, "excess_loss": None, "predicted_excess_loss": None}
+        >>> dense = restamp(rec, moment="dense", round_index=0, epoch=2, sparsity=0.0, dense=None)
+        >>> dense["moment"], dense["epoch"], dense["alpha"], dense["excess_loss"], rec["alpha"]
+        ('dense', 2, 1.0, [0.0, 0.0], None)
+    """
+    if moment not in MOMENTS:
+        raise ValueError(f"Expected `moment` to be one of {MOMENTS}, but got {moment!r}")
+    out = json.loads(json.dumps(to_plain(record)))  # a deep copy of plain values
+    out.update(moment=moment, round=int(round_index), epoch=int(epoch), sparsity=float(sparsity))
+    if moment != "after_round":
+        out["predicted_excess_loss"] = None
+    for key in ("group_accuracy_dense", "recall_dense", "alpha", *_RELATIVE_KEYS):
+        out[key] = None
+    fill_relative(out, dense_reference(out) if moment == "dense" else dense)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # the file
 # --------------------------------------------------------------------------------------------
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_") or "monitor"
+
+
 def history_filename(name: str | None = None) -> str:
     """The history file name of a monitor: one file per monitor name.
 
@@ -459,8 +532,43 @@ def history_filename(name: str | None = None) -> str:
     """
     if name is None:
         return HISTORY_FILENAME
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_") or "monitor"
-    return f"fairprune_history-{slug}.jsonl"
+    return f"fairprune_history-{_slug(name)}.jsonl"
+
+
+def metric_prefix(name: str | None = None) -> str:
+    """The prefix of a monitor's metric keys: ``fairprune/``, or ``fairprune-<name>/``.
+
+    The name is slugged as in `history_filename`, so that two monitors in one trainer never
+    share a key (`check_distinct_prefixes`).
+
+    Example:
+        >>> metric_prefix(), metric_prefix("race x sex")
+        ('fairprune/', 'fairprune-race_x_sex/')
+    """
+    return "fairprune/" if name is None else f"fairprune-{_slug(name)}/"
+
+
+def check_distinct_prefixes(names: Sequence[str | None]) -> None:
+    """Raise ``ValueError`` if two monitors' metric keys (and history files) would collide.
+
+    Example:
+        >>> check_distinct_prefixes([None, "attr"])
+        >>> try:
+        ...     check_distinct_prefixes(["a b", "a/b"])
+        ... except ValueError as err:
+        ...     print(str(err)[-66:])
+        got names ['a b', 'a/b'], which share the keys 'fairprune-a_b/...'
+    """
+    seen: dict[str, list[str | None]] = {}
+    for name in names:
+        seen.setdefault(metric_prefix(name), []).append(name)
+    for prefix, group in seen.items():
+        if len(group) > 1:
+            raise ValueError(
+                "Expected every FairnessMonitor of a trainer to have its own `name` (its metric "
+                f"keys and history file follow it), but got names {group}, which share the "
+                f"keys '{prefix}...'"
+            )
 
 
 def read_history(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -523,6 +631,10 @@ class HistoryFile:
     file; later writes append one line. I/O errors become one `RuntimeWarning` each and are
     otherwise ignored: the records stay in memory and in checkpoints.
 
+    ``own=True`` says that the file's directory is a ``version_N`` the monitor chose itself
+    (no logger gave the run a directory): `continue_file` then lets a resumed run go on
+    writing the file of the checkpoint's run instead of starting a new version.
+
     Example:
         >>> import tempfile
         >>> f = HistoryFile(Path(tempfile.mkdtemp()) / "h.jsonl")
@@ -532,9 +644,38 @@ class HistoryFile:
         (['dense', 'end'], None)
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, own: bool = False) -> None:
         self.path = Path(path)
+        self.own = own
         self.synced = False
+
+    def continue_file(self, saved: str | os.PathLike[str] | None) -> None:
+        """Go on writing ``saved`` (a checkpoint's file) if it is this run's in another version.
+
+        Only for an `own` file, and only when ``saved`` has the same name in a sibling
+        ``version_N`` directory (the same root, so the same run directory settings); the next
+        `write` then replaces it with the resumed history (the records after the checkpoint
+        go, the history continues from it).
+
+        Example:
+            >>> f = HistoryFile("/runs/fairprune/version_1/h.jsonl", own=True)
+            >>> f.continue_file("/runs/fairprune/version_0/h.jsonl")
+            >>> f.path.as_posix()
+            '/runs/fairprune/version_0/h.jsonl'
+            >>> f.continue_file("/elsewhere/fairprune/version_0/h.jsonl")
+            >>> f.path.as_posix()
+            '/runs/fairprune/version_0/h.jsonl'
+        """
+        if not self.own or saved is None:
+            return
+        saved = Path(saved)
+        if (
+            saved.name == self.path.name
+            and saved.parent.parent == self.path.parent.parent
+            and re.fullmatch(r"version_\d+", saved.parent.name)
+        ):
+            self.path = saved
+            self.synced = False
 
     def write(self, records: Sequence[Mapping[str, Any]]) -> None:
         """Write the history: all of it the first time, else its last record."""
@@ -642,10 +783,13 @@ def group_keys(record: Mapping[str, Any]) -> list[str]:
     return [f"g{a}" for a in range(count)]
 
 
-def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
-    """Flatten one record into its ``fairprune/...`` scalars.
+def record_scalars(
+    record: Mapping[str, Any], *, undefined: float | None = None
+) -> dict[str, float]:
+    """Flatten one record into its scalars, keyed under its monitor's `metric_prefix`.
 
-    Keys: ``fairprune/accuracy``, ``fairprune/alpha``, ``fairprune/worst_group_accuracy``
+    Keys (for an unnamed monitor; ``fairprune-<name>/`` instead of ``fairprune/`` for a named
+    one): ``fairprune/accuracy``, ``fairprune/alpha``, ``fairprune/worst_group_accuracy``
     (lowest accuracy within a group, over groups with samples), ``fairprune/worst_group_recall``
     (the same, when the groups are the classes), ``fairprune/moment_code`` (see
     `MOMENT_CODES`), ``fairprune/<summary>`` for the fairness summaries
@@ -653,7 +797,10 @@ def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     `PER_GROUP_KEYS` with ``<group>`` the slug of the group's name (`group_keys`),
     ``fairprune/<rate>_lower|_upper/<group>`` for the Wilson bounds of the `RATE_KEYS`, and
     ``fairprune/disparity/<quantity>/gap|ratio``. Missing and non-finite values are left out
-    (the record keeps them). The sparsity is not among them: the pruner logs it.
+    (the record keeps them), or, with ``undefined`` given, set to it, together with α and the
+    per-group fields relative to a dense reference the record does not have yet: the key set
+    then does not depend on what one measurement happened to see. The sparsity is not among
+    them: the pruner logs it.
 
     Example:
         >>> rec = {"moment": "after_round", "sparsity": 0.5, "accuracy": 0.9, "alpha": None,
@@ -671,49 +818,61 @@ def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
         fairprune/recall/g1 0.8
         fairprune/worst_group_accuracy 0.8
         fairprune/worst_group_recall 0.8
+        >>> named = record_scalars({**rec, "monitor": "attr"}, undefined=float("nan"))
+        >>> named["fairprune-attr/alpha"], named["fairprune-attr/recall/g2"]
+        (nan, nan)
     """
     check_record(record)
     accuracy_key = "group_accuracy" if group_list(record, "group_accuracy") else "recall"
     out: dict[str, Any] = {
-        "fairprune/accuracy": record.get("accuracy"),
-        "fairprune/alpha": record.get("alpha"),
-        "fairprune/worst_group_accuracy": worst_group(record, accuracy_key)[1],
-        "fairprune/moment_code": MOMENT_CODES.get(str(record.get("moment"))),
+        "accuracy": record.get("accuracy"),
+        "alpha": record.get("alpha"),
+        "worst_group_accuracy": worst_group(record, accuracy_key)[1],
+        "moment_code": MOMENT_CODES.get(str(record.get("moment"))),
     }
     if group_list(record, "recall"):
-        out["fairprune/worst_group_recall"] = worst_group(record, "recall")[1]
+        out["worst_group_recall"] = worst_group(record, "recall")[1]
     fairness = record.get("fairness")
     if isinstance(fairness, Mapping):
         for name, value in fairness.items():
             if name != "worst_group_accuracy":
-                out[f"fairprune/{name}"] = value
+                out[name] = value
     keys = group_keys(record)
     for key in PER_GROUP_KEYS:
-        for group, value in enumerate(group_list(record, key)):
+        values = group_list(record, key)
+        if not values and key in _RELATIVE_KEYS and undefined is not None:
+            values = [None] * len(keys)  # no dense reference yet
+        for group, value in enumerate(values):
             if group < len(keys):
-                out[f"fairprune/{key}/{keys[group]}"] = value
+                out[f"{key}/{keys[group]}"] = value
     user = record.get("metrics")
     if isinstance(user, Mapping):
         for name, values in user.items():
             if isinstance(values, (list, tuple)):
                 for group, value in enumerate(values):
                     if group < len(keys):
-                        out[f"fairprune/{name}/{keys[group]}"] = value
+                        out[f"{name}/{keys[group]}"] = value
     for key in RATE_KEYS:
         for group, bounds in enumerate(group_list(record, f"{key}_ci")):
             if group < len(keys) and isinstance(bounds, (list, tuple)) and len(bounds) == 2:
-                out[f"fairprune/{key}_lower/{keys[group]}"] = bounds[0]
-                out[f"fairprune/{key}_upper/{keys[group]}"] = bounds[1]
+                out[f"{key}_lower/{keys[group]}"] = bounds[0]
+                out[f"{key}_upper/{keys[group]}"] = bounds[1]
     disparity = record.get("disparity") or {}
     if isinstance(disparity, Mapping):
         for quantity, summary in disparity.items():
             if isinstance(summary, Mapping):
                 for stat in ("gap", "ratio"):
-                    out[f"fairprune/disparity/{quantity}/{stat}"] = summary.get(stat)
-    return {k: v for k, v in ((k, number(v)) for k, v in out.items()) if v is not None}
+                    out[f"disparity/{quantity}/{stat}"] = summary.get(stat)
+    prefix = metric_prefix(record.get("monitor"))
+    flat = {prefix + k: number(v) for k, v in out.items()}
+    if undefined is None:
+        return {k: v for k, v in flat.items() if v is not None}
+    return {k: undefined if v is None else v for k, v in flat.items()}
 
 
-def logged_scalars(record: Mapping[str, Any]) -> dict[str, float]:
+def logged_scalars(
+    record: Mapping[str, Any], *, undefined: float | None = None
+) -> dict[str, float]:
     """The scalars a logger gets for a record: `record_scalars`, prefixed by moment.
 
     ``"dense"`` and ``"after_round"`` records go under ``fairprune/dense/...`` and
@@ -726,14 +885,28 @@ def logged_scalars(record: Mapping[str, Any]) -> dict[str, float]:
         >>> sorted(logged_scalars({"moment": "dense", "accuracy": 0.9, "recall": [0.9]}))[:2]
         ['fairprune/dense/accuracy', 'fairprune/dense/moment_code']
     """
-    scalars = record_scalars(record)
+    scalars = record_scalars(record, undefined=undefined)
     moment = record.get("moment")
     if moment not in PREFIXED_MOMENTS:
         return scalars
-    return {
-        f"fairprune/{moment}/{key.removeprefix('fairprune/')}": value
-        for key, value in scalars.items()
-    }
+    prefix = metric_prefix(record.get("monitor"))
+    return {f"{prefix}{moment}/{k.removeprefix(prefix)}": v for k, v in scalars.items()}
+
+
+def headline_scalars(scalars: Mapping[str, float], prefix: str) -> dict[str, float]:
+    """The headline numbers of `record_scalars` (no per-group values), keys without ``prefix``.
+
+    Example:
+        >>> headline_scalars({"fairprune/accuracy": 0.9, "fairprune/recall/g0": 0.8,
+        ...                   "fairprune/disparity/recall/gap": 0.1}, "fairprune/")
+        {'accuracy': 0.9, 'disparity/recall/gap': 0.1}
+    """
+    out: dict[str, float] = {}
+    for key, value in scalars.items():
+        name = key.removeprefix(prefix)
+        if "/" not in name or name.startswith("disparity/"):
+            out[name] = value
+    return out
 
 
 def _dense_norm_balance(
@@ -866,7 +1039,8 @@ def summary_values(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     ``disparity/<quantity>/gap|ratio`` (per-group values left out); plus
     ``fairprune/dense/accuracy``, ``fairprune/dense/worst_group_accuracy`` and
     ``fairprune/dense/worst_group_recall`` from the dense record, ``fairprune/final/sparsity``
-    and ``fairprune/num_records``. Missing values are left out.
+    and ``fairprune/num_records``. Missing values are left out. A named monitor's records give
+    ``fairprune-<name>/...`` (`metric_prefix`).
 
     Example:
         >>> hist = [{"moment": "dense", "sparsity": 0.0, "accuracy": 0.95, "recall": [1.0, 0.9]},
@@ -879,21 +1053,18 @@ def summary_values(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     records = [r for r in history if isinstance(r, Mapping)]
     if not records:
         return {}
-    out: dict[str, float] = {"fairprune/num_records": float(len(records))}
     final = records[-1]
-    for key, value in record_scalars(final).items():
-        name = key.removeprefix("fairprune/")
-        head = name.split("/")[0]
-        if head in PER_GROUP_KEYS or head.endswith(("_lower", "_upper")):
-            continue
-        out[f"fairprune/final/{name}"] = value
+    prefix = metric_prefix(final.get("monitor"))
+    out: dict[str, float] = {f"{prefix}num_records": float(len(records))}
+    for name, value in headline_scalars(record_scalars(final), prefix).items():
+        out[f"{prefix}final/{name}"] = value
     sparsity = number(final.get("sparsity"))
     if sparsity is not None:
-        out["fairprune/final/sparsity"] = sparsity
+        out[f"{prefix}final/sparsity"] = sparsity
     dense = dense_record(records)
     if dense is not None:
         scalars = record_scalars(dense)
         for name in ("accuracy", "worst_group_accuracy", "worst_group_recall"):
-            if f"fairprune/{name}" in scalars:
-                out[f"fairprune/dense/{name}"] = scalars[f"fairprune/{name}"]
+            if f"{prefix}{name}" in scalars:
+                out[f"{prefix}dense/{name}"] = scalars[f"{prefix}{name}"]
     return out

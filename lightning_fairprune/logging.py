@@ -12,6 +12,12 @@ This is the only module besides `callbacks/` that knows about Lightning loggers.
 * `log_summary`: final sparsity, accuracy, worst-group accuracy, α, fairness summaries and
   disparities into the W&B run summary; `log_config`: a callback's settings into every
   logger's hyperparameters (the W&B run config included).
+* `callback_scalars`: what a monitor puts into ``trainer.callback_metrics`` for
+  `ModelCheckpoint`, `EarlyStopping` and LR schedulers; `monitored_keys`: the keys they read.
+* `run_directory`: where a run keeps its history files (never the directory of another run).
+
+A named monitor's keys (scalars, W&B tables and charts, summary) start with
+``fairprune-<name>/`` instead of ``fairprune/`` (`history.metric_prefix`).
 
 Only global rank 0 logs. ``wandb`` is imported lazily, inside functions, and only when a
 `WandbLogger` is attached (detected by class name). Any logger or W&B failure becomes one
@@ -21,17 +27,24 @@ measurement in their local history, which nothing here modifies.
 
 from __future__ import annotations
 
+import math
+import re
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_fairprune.history import (
     GROUP_TABLE_COLUMNS,
     MOMENT_CODES,
     check_record,
     group_table,
+    headline_scalars,
     logged_scalars,
+    metric_prefix,
     number,
     recall_curves,
     record_scalars,
@@ -40,8 +53,10 @@ from lightning_fairprune.history import (
 )
 
 __all__ = [
+    "AT_TARGET",
     "GROUP_TABLE_COLUMNS",
     "MOMENT_CODES",
+    "callback_scalars",
     "find_wandb_logger",
     "group_table",
     "is_global_zero",
@@ -49,10 +64,17 @@ __all__ = [
     "log_round",
     "log_scalars",
     "log_summary",
+    "measure_at_validation",
+    "monitored_keys",
     "recall_curves",
     "record_scalars",
+    "run_directory",
     "summary_values",
 ]
+
+#: Key segment of the headline numbers that exist only at the pruner's target sparsity
+#: (``fairprune/at_target/...``, NaN before it; see `callback_scalars`).
+AT_TARGET = "at_target"
 
 _warned: set[int] = set()
 _warned_kinds: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
@@ -185,7 +207,8 @@ def _wandb_media(record: Mapping[str, Any], history: Sequence[Mapping[str, Any]]
     columns, rows = group_table(record, history)
     if not rows:
         return media
-    media["fairprune/groups"] = wandb.Table(columns=columns, data=rows)
+    prefix = metric_prefix(record.get("monitor"))
+    media[f"{prefix}groups"] = wandb.Table(columns=columns, data=rows)
 
     idx = {name: i for i, name in enumerate(columns)}
     bars = []
@@ -196,14 +219,14 @@ def _wandb_media(record: Mapping[str, Any], history: Sequence[Mapping[str, Any]]
                 bars.append([f"{row[0]} {label}", value])
     if bars:
         bar_table = wandb.Table(columns=["group", "accuracy"], data=bars)
-        media["fairprune/group_accuracy_dense_vs_now"] = wandb.plot.bar(
+        media[f"{prefix}group_accuracy_dense_vs_now"] = wandb.plot.bar(
             bar_table, "group", "accuracy", title="Accuracy within each group: dense vs now"
         )
 
     xs, ys, keys = recall_curves(history)
     kept = [i for i, x in enumerate(xs) if x]
     if kept:
-        media["fairprune/group_accuracy_vs_sparsity"] = wandb.plot.line_series(
+        media[f"{prefix}group_accuracy_vs_sparsity"] = wandb.plot.line_series(
             xs=[xs[i] for i in kept],
             ys=[ys[i] for i in kept],
             keys=[keys[i] for i in kept],
@@ -222,7 +245,7 @@ def _wandb_media(record: Mapping[str, Any], history: Sequence[Mapping[str, Any]]
         scatter_table = wandb.Table(
             columns=["group", "norm_balance_dense", "norm_balance"], data=points
         )
-        media["fairprune/norm_balance_scatter"] = wandb.plot.scatter(
+        media[f"{prefix}norm_balance_scatter"] = wandb.plot.scatter(
             scatter_table,
             "norm_balance_dense",
             "norm_balance",
@@ -396,3 +419,168 @@ def log_config(trainer: Any, name: str, settings: Mapping[str, Any]) -> None:
             f"lightning_fairprune: writing the callback settings into the W&B run config "
             f"failed ({type(err).__name__}: {err}); training continues.",
         )
+
+
+# --------------------------------------------------------------------------------------
+# Where a run writes, and what other callbacks read
+# --------------------------------------------------------------------------------------
+
+
+def callback_scalars(record: Mapping[str, Any], *, at_target: bool) -> dict[str, float]:
+    """What a monitor puts into ``trainer.callback_metrics`` for one record.
+
+    Every scalar of `history.record_scalars` and `history.logged_scalars` (undefined values as
+    NaN, so that every key exists from the first measurement on and never holds a stale
+    value), and the headline numbers (`history.headline_scalars`) under
+    ``<prefix>at_target/`` (`AT_TARGET`): equal to the plain key once the pruner has reached
+    its target sparsity (``at_target``), NaN before. `ModelCheckpoint` ranks NaN last in
+    either mode, so ``ModelCheckpoint(monitor="fairprune/at_target/...")`` keeps a model at
+    the target sparsity (`EarlyStopping(check_finite=True)` would stop on the NaN: early-stop
+    on the plain keys).
+
+    Example:
+        >>> rec = {"moment": "periodic", "accuracy": 0.9, "recall": [0.9, 0.7]}
+        >>> before = callback_scalars(rec, at_target=False)
+        >>> before["fairprune/worst_group_accuracy"], before["fairprune/at_target/accuracy"]
+        (0.7, nan)
+        >>> callback_scalars(rec, at_target=True)["fairprune/at_target/worst_group_accuracy"]
+        0.7
+    """
+    out = record_scalars(record, undefined=math.nan)
+    out.update(logged_scalars(record, undefined=math.nan))
+    prefix = metric_prefix(record.get("monitor"))
+    for name, value in headline_scalars(out, prefix).items():
+        out[f"{prefix}{AT_TARGET}/{name}"] = value if at_target else math.nan
+    return out
+
+
+def _next_version(root: Path) -> str:
+    """``version_N`` with N one more than the largest in ``root`` (Lightning's convention)."""
+    found = [-1]
+    if root.is_dir():
+        for child in root.iterdir():
+            match = re.fullmatch(r"version_(\d+)", child.name)
+            if match and child.is_dir():
+                found.append(int(match.group(1)))
+    return f"version_{max(found) + 1}"
+
+
+def run_directory(trainer: Any) -> tuple[Path, bool]:
+    """The directory of this run's history files, and whether it is the monitor's own.
+
+    * a `TensorBoardLogger` or `CSVLogger` first in ``trainer.loggers``: its ``log_dir``
+      (Lightning gives each run its own ``version_N``);
+    * another logger (W&B, MLflow...), whose ``save_dir`` runs share: ``<save_dir>/fairprune/
+      <its version>`` (the W&B run id...);
+    * no logger (``logger=False``), or one without a version: ``<default_root_dir>/fairprune/
+      version_N`` with N one more than the largest existing (Lightning's convention).
+      Only this directory is the monitor's own (``True``): a run resumed from a checkpoint
+      continues the file of the checkpoint's run there (`history.HistoryFile.continue_file`).
+
+    Resolved on every process (``trainer.log_dir`` broadcasts); the version is chosen on
+    global rank 0 and broadcast. Nothing is created on disk here.
+
+    Example:
+        >>> import tempfile
+        >>> class _Trainer:
+        ...     loggers, log_dir = [], None
+        ...     default_root_dir = tempfile.mkdtemp()
+        >>> path, own = run_directory(_Trainer())
+        >>> path.relative_to(_Trainer.default_root_dir).as_posix(), own
+        ('fairprune/version_0', True)
+        >>> (path.parent / "version_3").mkdir(parents=True)
+        >>> run_directory(_Trainer())[0].name
+        'version_4'
+    """
+    root = Path(getattr(trainer, "log_dir", None) or trainer.default_root_dir)
+    loggers = list(getattr(trainer, "loggers", None) or [])
+    if loggers and type(loggers[0]).__name__ in ("TensorBoardLogger", "CSVLogger"):
+        return root, False
+    version, own = "", True
+    if is_global_zero(trainer):
+        try:
+            version = str(loggers[0].version) if loggers else ""
+        except Exception:  # a logger that cannot start: a version of our own
+            version = ""
+        own = version in ("", "None")
+        if own:
+            version = _next_version(root / "fairprune")
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is not None:
+        version, own = strategy.broadcast((version, own))
+    return root / "fairprune" / version, own
+
+
+def monitored_keys(trainer: Any) -> dict[str, str]:
+    """The ``callback_metrics`` keys that other parts of the fit read, and who reads each.
+
+    The ``monitor`` of every callback that has one (`ModelCheckpoint`, `EarlyStopping`...) and
+    of every LR scheduler configuration (``ReduceLROnPlateau``): Lightning raises when such a
+    key is missing after validation.
+
+    Example:
+        >>> class _Stopper:
+        ...     monitor = "fairprune/worst_group_accuracy"
+        >>> class _Trainer:
+        ...     callbacks, lr_scheduler_configs = [_Stopper(), object()], []
+        >>> monitored_keys(_Trainer())
+        {'fairprune/worst_group_accuracy': '_Stopper'}
+    """
+    out: dict[str, str] = {}
+    for callback in list(getattr(trainer, "callbacks", None) or []):
+        key = getattr(callback, "monitor", None)
+        if isinstance(key, str):
+            out.setdefault(key, type(callback).__name__)
+    try:
+        configs = list(getattr(trainer, "lr_scheduler_configs", None) or [])
+    except Exception:  # no strategy yet
+        configs = []
+    for config in configs:
+        key = getattr(config, "monitor", None)
+        if isinstance(key, str):
+            out.setdefault(key, "an LR scheduler")
+    return out
+
+
+def measure_at_validation(trainer: Any, prefix: str, every_n_epochs: Any) -> list[str]:
+    """A monitor's keys that the fit reads at validation end; says at fit start what follows.
+
+    With ``every_n_epochs="auto"`` and such keys the monitor measures at every validation end
+    (an info line says so); with ``None`` they would be missing before the first pruning round
+    and stale after it (a warning names the setting that makes them fresh). An `EarlyStopping`
+    with ``check_finite=True`` on an `AT_TARGET` key (NaN before the target sparsity) would
+    stop the fit at its first check: a warning says so.
+
+    Args:
+        trainer: the `Trainer` at fit start.
+        prefix: the monitor's `history.metric_prefix`.
+        every_n_epochs: the monitor's setting.
+
+    Returns:
+        The monitored keys under ``prefix`` (`monitored_keys`).
+    """
+    keys = [key for key in monitored_keys(trainer) if key.startswith(prefix)]
+    for callback in list(getattr(trainer, "callbacks", None) or []):
+        key = getattr(callback, "monitor", None)
+        if key in keys and f"/{AT_TARGET}/" in key and getattr(callback, "check_finite", False):
+            warnings.warn(
+                f"{type(callback).__name__}(monitor={key!r}, check_finite=True) stops at its "
+                "first check before the target sparsity, where the key is NaN; monitor "
+                f"{key.replace(f'{AT_TARGET}/', '')!r} or set check_finite=False.",
+                UserWarning,
+                stacklevel=3,
+            )
+    if keys and every_n_epochs == "auto":
+        rank_zero_info(
+            f"FairnessMonitor: {keys} read at validation end: measuring at the end of every "
+            "validation (every_n_epochs='auto')."
+        )
+    elif keys and every_n_epochs is None:
+        warnings.warn(
+            f"FairnessMonitor(every_n_epochs=None) measures only at pruning rounds, but {keys} "
+            "are read at every validation end (missing before the first round, stale after "
+            "it); set every_n_epochs='auto' or 1.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return keys

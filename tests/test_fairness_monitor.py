@@ -265,7 +265,9 @@ def test_predicted_excess_loss_uses_the_rounds_step(fitted):
 
 def test_history_jsonl_round_trips_and_logger_gets_scalars(fitted):
     history = fitted["monitor"].history
-    path = Path(fitted["tmp"]) / HISTORY_FILENAME
+    # a logger whose save_dir runs share: the history is in <save_dir>/fairprune/<version>
+    path = Path(fitted["tmp"]) / "fairprune" / "0" / HISTORY_FILENAME
+    assert fitted["monitor"].history_file == path
     lines = path.read_text().splitlines()
     assert [json.loads(line) for line in lines] == history
     # every record went to the logger, in order, with the contract's keys; the dense and
@@ -474,8 +476,9 @@ def test_resume_keeps_history_and_dense_reference(tmp_path):
     dense_recall = first.history[0]["recall"]
     assert all(r["recall_dense"] == dense_recall for r in second.history)
     assert second.history[-1]["sparsity"] == pytest.approx(0.5, abs=1e-3)
-    # the new run's history file holds the restored records too
-    lines = (tmp_path / "b" / HISTORY_FILENAME).read_text().splitlines()
+    # the new run (another root directory) has its own file, holding the restored records too
+    assert second.history_file == tmp_path / "b" / "fairprune" / "version_0" / HISTORY_FILENAME
+    lines = second.history_file.read_text().splitlines()
     assert [json.loads(line) for line in lines] == second.history
 
 

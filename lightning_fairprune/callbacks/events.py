@@ -28,9 +28,11 @@ __all__ = [
     "Pruner",
     "PruningEvent",
     "PruningListener",
+    "ScheduledPruner",
     "find_pruner",
     "pruned_parameter_sets",
     "pruning_has_started",
+    "schedule_complete",
 ]
 
 
@@ -130,6 +132,27 @@ class Pruner(Protocol):
         ...
 
 
+@runtime_checkable
+class ScheduledPruner(Pruner, Protocol):
+    """A `Pruner` that also says how many scheduled rounds it plans (`IterativePruning` does).
+
+    Optional: a pruner without ``num_rounds`` is still a `Pruner`; other callbacks then cannot
+    tell when its target sparsity is reached (`schedule_complete` is False).
+
+    Example:
+        >>> class MyPruner:
+        ...     masks, rounds_done, current_sparsity, parameter_names = {}, 2, 0.9, ["w"]
+        ...     num_rounds = 2
+        >>> isinstance(MyPruner(), ScheduledPruner)
+        True
+    """
+
+    @property
+    def num_rounds(self) -> int | None:
+        """Number of scheduled rounds (``None``: open-ended, or not resolved yet)."""
+        ...
+
+
 def find_pruner(trainer: Any) -> Pruner | None:
     """The first callback of ``trainer`` that implements `Pruner`, or ``None``.
 
@@ -180,3 +203,31 @@ def pruning_has_started(trainer: Any) -> bool:
     """
     pruner = find_pruner(trainer)
     return pruner is not None and int(pruner.rounds_done) > 0
+
+
+def schedule_complete(trainer: Any) -> bool:
+    """Whether the trainer's model is at its target sparsity: every scheduled round has run.
+
+    True without a pruner (nothing to reach); False for a pruner that does not say how many
+    rounds it plans (not a `ScheduledPruner`), or whose schedule is open-ended.
+
+    Example:
+        >>> class P:
+        ...     masks, rounds_done, current_sparsity, parameter_names = {}, 1, 0.5, []
+        ...     num_rounds = 3
+        >>> class T: callbacks = [P()]
+        >>> schedule_complete(T())
+        False
+        >>> P.rounds_done = 3
+        >>> schedule_complete(T()), schedule_complete(object())
+        (True, True)
+    """
+    pruner = find_pruner(trainer)
+    if pruner is None:
+        return True
+    flag = getattr(pruner, "schedule_complete", None)
+    if isinstance(flag, bool):  # the pruner knows (e.g. an extra round reached the target)
+        return flag
+    if not isinstance(pruner, ScheduledPruner) or pruner.num_rounds is None:
+        return False
+    return int(pruner.rounds_done) >= int(pruner.num_rounds)

@@ -18,8 +18,14 @@ Moments (the ``"moment"`` field of every record):
   step δ = θ̄ − θ_pre, with g_a and H_a taken at the pre-round weights θ_pre.
 * ``"before_round"``: in ``on_before_pruning_round`` of rounds ≥ 1, after the fine-tuning that
   followed the previous round (what the papers report).
-* ``"periodic"``: every ``every_n_epochs`` training epochs (optional).
+* ``"periodic"``: every ``every_n_epochs`` training epochs, or at every validation end when
+  another callback monitors one of the monitor's keys (``every_n_epochs="auto"``).
 * ``"end"``: in ``on_train_end``.
+
+The same weights are never measured twice: a moment that comes at the same global step as the
+previous measurement, with no pruning round in between (the end-of-epoch ``"periodic"`` and the
+next epoch's ``"dense"``/``"before_round"``, or ``"end"``), is recorded from that measurement
+(`lightning_fairprune.history.restamp`) and logged once per key and step.
 
 ``excess_loss`` is R(a) against the *dense* reference; the realized loss change of one round
 (comparable to ``predicted_excess_loss``) is the ``loss`` of its ``after_round`` record minus the
@@ -44,26 +50,32 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_fairprune import logging as fp_logging
-from lightning_fairprune.callbacks.events import PruningEvent, find_pruner
+from lightning_fairprune.callbacks.events import PruningEvent, find_pruner, schedule_complete
 from lightning_fairprune.checks import check_bool, check_callable, check_int, check_real
 from lightning_fairprune.diagnostics.sharded import GATE_MEMORY
 from lightning_fairprune.fairness_data import FairnessBatches, FairnessData, agree
 from lightning_fairprune.history import (
     HISTORY_FILENAME,
     MOMENTS,
+    PARITY_NOTE,
+    PREFIXED_MOMENTS,
     HistoryFile,
+    check_distinct_prefixes,
     dense_reference,
     history_filename,
     make_record,
+    metric_prefix,
     qualified_name,
-    record_scalars,
+    restamp,
     to_plain,
 )
 from lightning_fairprune.measure import isolated, precision_context
+from lightning_fairprune.progress import progress_enabled, track
 
 __all__ = ["HISTORY_FILENAME", "MOMENTS", "FairnessMonitor", "preserve_training_state"]
 
@@ -133,7 +145,10 @@ class FairnessMonitor(Callback):
     fairlearn defines them; the recall-distortion and disparate-impact quantities of the
     papers; and any torchmetrics metric per group (``metrics=``). Every scalar of the latest
     measurement is in ``trainer.callback_metrics`` (so ``ModelCheckpoint(monitor=...)`` and
-    ``EarlyStopping`` can use e.g. ``"fairprune/worst_group_accuracy"``).
+    ``EarlyStopping`` can use e.g. ``"fairprune/worst_group_accuracy"``), and the headline
+    numbers also under ``"fairprune/at_target/..."``, NaN until the pruner's last scheduled
+    round (`lightning_fairprune.history.callback_scalars`). A named monitor's keys start with
+    ``"fairprune-<name>/"``.
 
     Args:
         dataloader: fairness dataloader; ``None`` uses the validation dataloader.
@@ -158,7 +173,8 @@ class FairnessMonitor(Callback):
             per group and updated with ``(logits, targets)`` of that group's samples only (a
             batch without a group leaves that group's clone untouched); results in the
             record's ``metrics`` and logged as ``fairprune/<name>/<group>``. One more forward
-            pass over the fairness data per measurement.
+            pass over the fairness data per measurement, and one at fit start, where a metric
+            that raises on some group's samples is an error naming the metric and the group.
         metrics_input: what the ``metrics`` get with the targets: ``"preds"`` (the predicted
             class ids, for accuracy/F1/precision... of binary and multiclass metrics) or
             ``"probs"`` (softmax probabilities; for two classes and a ``pos_label``, the
@@ -177,17 +193,24 @@ class FairnessMonitor(Callback):
         predict_excess_loss: compute the predicted excessive loss at every ``after_round``.
         seed: seed of the Hutchinson probes (the same probes at every measurement).
         every_n_epochs: also measure (moment ``"periodic"``) at the end of every n-th training
-            epoch; ``None``: never.
+            epoch (right after its validation); ``None``: never; ``"auto"`` (default): at the
+            end of every validation when a callback (``ModelCheckpoint``, ``EarlyStopping``) or
+            an LR scheduler monitors one of this monitor's keys (said at fit start), else never.
+            With a monitored key, the first validation end always has a measurement.
         measure_end: measure at the end of training (moment ``"end"``).
-        history_path: JSON-lines file of the history; default
-            ``<trainer.log_dir>/fairprune_history.jsonl``. Written by global rank 0 only.
+        history_path: JSON-lines file of the history; default: in the run's own directory
+            (`lightning_fairprune.logging.run_directory`: the logger's ``version_N``, or
+            ``<default_root_dir>/fairprune/version_N`` without a logger; a resumed run
+            continues its checkpoint's file). Written by global rank 0 only.
         loss_fn: per-sample loss ``fn(logits, targets) -> Tensor[N]``; default cross-entropy.
         forward_fn: ``fn(model, inputs) -> logits``; default ``model(inputs)``.
         log: send the scalars of each record to the trainer's loggers; also, on global rank
             0, put `settings` into the W&B run config (``fairprune/monitor``) in ``setup`` and
             the final numbers of `history` into the W&B run summary at the end of training.
-        name: distinguishes several monitors in one trainer (checkpoint state key, history
-            file ``fairprune_history-<name>.jsonl``, ``"monitor"`` field of the records).
+        name: distinguishes several monitors in one trainer (checkpoint state key, metric
+            keys ``fairprune-<name>/...``, history file ``fairprune_history-<name>.jsonl``,
+            ``"monitor"`` field of the records); two monitors of one trainer need distinct
+            names.
         gate_memory: FSDP2-sharded models only: bytes the frozen activation gates of the
             finite-difference curvature (trace, λ_max, predicted excess loss) may take when
             stored for the whole fairness data (default 1 GiB, the diagnostics'
@@ -226,7 +249,7 @@ class FairnessMonitor(Callback):
         gradient_norms: bool = True,
         predict_excess_loss: bool = True,
         seed: int = 0,
-        every_n_epochs: int | None = None,
+        every_n_epochs: int | str | None = "auto",
         measure_end: bool = True,
         history_path: str | os.PathLike[str] | None = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -252,7 +275,8 @@ class FairnessMonitor(Callback):
         check_int(lambda_max_iterations, "lambda_max_iterations", 0)
         check_int(gate_memory, "gate_memory", 0, allow_none=True)
         check_int(seed, "seed", 0)
-        check_int(every_n_epochs, "every_n_epochs", 1, allow_none=True)
+        if every_n_epochs != "auto":
+            check_int(every_n_epochs, "every_n_epochs", 1, allow_none=True)
         check_callable(loss_fn, "loss_fn")
         check_callable(forward_fn, "forward_fn")
         if pos_label is not None and pos_label not in (0, 1):
@@ -321,7 +345,18 @@ class FairnessMonitor(Callback):
         self._file: HistoryFile | None = None
         self._warned_small = False
         self._sharded = False  # the measured parameters are FSDP2 DTensors
-        self._last_logged_step: int | None = None
+        self._reset_fit_state()
+
+    def _reset_fit_state(self) -> None:
+        """Forget what belongs to one fit (the measurement cache, what was logged, said...)."""
+        self._cache: tuple[tuple[int, ...], dict[str, Any]] | None = None
+        self._rounds_heard = 0  # pruning rounds announced: the weights changed
+        self._logged: tuple[int, set[str]] = (-1, set())
+        self._monitored: list[str] = []  # this monitor's keys that others read
+        self._at_validation = False
+        self._published = False
+        self._said_parity = False
+        self._fitting = False
         self._periodic_epoch: int | None = None
 
     # ---------------------------------------------------------------- the data's arguments
@@ -460,6 +495,7 @@ class FairnessMonitor(Callback):
             "num_classes": self._num_classes,
             "num_groups": self._num_groups,
             "param_names": None if self._param_names is None else list(self._param_names),
+            "history_file": None if self._file is None else str(self._file.path),
         }
 
     @override
@@ -485,52 +521,56 @@ class FairnessMonitor(Callback):
         self._param_names = None if names is None else list(names)
         if self._file is not None:
             self._file.synced = False
+            self._file.continue_file(state_dict.get("history_file"))  # the same run goes on
 
     # ---------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # trainer.log_dir broadcasts: resolve it here, on every process
+        check_distinct_prefixes(
+            [cb.name for cb in getattr(trainer, "callbacks", []) if isinstance(cb, FairnessMonitor)]
+        )
         if self.history_path is not None:
-            path = self.history_path
-        else:
-            path = self._run_dir(trainer) / history_filename(self.name)
-        self._file = HistoryFile(path)
+            self._file = HistoryFile(self.history_path)
+        else:  # resolved on every process (it broadcasts)
+            run_dir, own = fp_logging.run_directory(trainer)
+            self._file = HistoryFile(run_dir / history_filename(self.name), own=own)
         self.data.reset()
         self._warned_small = False
-        self._last_logged_step = None
+        self._reset_fit_state()
         if self._log_enabled and bool(getattr(trainer, "is_global_zero", True)):
             fp_logging.log_config(trainer, self._config_name(), self.settings())
 
     def _config_name(self) -> str:
         return "monitor" if self.name is None else f"monitor-{self.name}"
 
-    @staticmethod
-    def _run_dir(trainer: pl.Trainer) -> Path:
-        """The run's own directory: ``trainer.log_dir``, or ``<save_dir>/fairprune/<run id>``.
-
-        TensorBoard and CSV loggers give each run its own ``version_N`` directory, but a
-        `WandbLogger` first in ``trainer.loggers`` only has its shared ``save_dir``: the W&B run
-        id is appended so that two runs never write the same history. Resolved on every process
-        (``trainer.log_dir`` broadcasts; the run id is broadcast from rank 0).
-        """
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        loggers = list(getattr(trainer, "loggers", None) or [])
-        if not loggers or type(loggers[0]).__name__ != "WandbLogger":
-            return log_dir
-        version = None
-        if bool(getattr(trainer, "is_global_zero", True)):
-            try:
-                version = loggers[0].version
-            except Exception:  # a logger that cannot start: the shared directory it is
-                version = None
-        version = trainer.strategy.broadcast(version)
-        if version is None or str(version) == "":
-            return log_dir
-        return log_dir / "fairprune" / str(version)
-
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.check_data(trainer, pl_module)
+        self.check_metrics(trainer, pl_module)
+        self._fitting = True
+        self._monitored = fp_logging.measure_at_validation(
+            trainer, metric_prefix(self.name), self.every_n_epochs
+        )
+        self._at_validation = self.every_n_epochs == "auto" and bool(self._monitored)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fitting = False
+        self._cache = None
+
+    def check_metrics(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> None:
+        """Run the ``metrics=`` once over the fairness data, before any training.
+
+        Raises:
+            ValueError: naming the metric and the group whose samples it raised on.
+        """
+        if not self.metrics:
+            return
+        with isolated(pl_module, mode="eval"), precision_context(trainer):
+            batches = self._batches(trainer, pl_module)  # type: ignore[arg-type]
+            _, num_groups = self._resolve_sizes(pl_module, batches, classes=False)
+            self._user_metrics(trainer, pl_module, batches, num_groups)
+        self.data.reset()
 
     def check_data(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> None:
         """Validate the whole fairness data before any training.
@@ -603,7 +643,8 @@ class FairnessMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if find_pruner(trainer) is None and self.every_n_epochs is None and not self.history:
+        periodic = isinstance(self.every_n_epochs, int) or self._at_validation
+        if find_pruner(trainer) is None and not periodic and not self.history:
             warnings.warn(
                 "FairnessMonitor found no pruning callback (IterativePruning) in "
                 "`trainer.callbacks`: it will only measure at the end of training, with no "
@@ -631,34 +672,42 @@ class FairnessMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: PruningEvent
     ) -> None:
         """Measure the immediate damage of the round, with its predicted excessive loss."""
+        self._rounds_heard += 1  # new weights: nothing measured before is reused
         try:
             self.measure(trainer, pl_module, "after_round", event)
         finally:
             self._pre_round = None
 
     def _periodic_due(self, trainer: pl.Trainer) -> bool:
+        every = self.every_n_epochs
         return (
-            self.every_n_epochs is not None
-            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+            isinstance(every, int)
+            and (trainer.current_epoch + 1) % every == 0
             and self._periodic_epoch != trainer.current_epoch
         )
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # measure before ModelCheckpoint/EarlyStopping act on this validation (they run after
-        # the validation that ends the epoch, before `on_train_epoch_end`)
-        if trainer.sanity_checking or not trainer.training:
-            return
+        # measure before ModelCheckpoint/EarlyStopping act on this validation (at its end, or
+        # at `on_train_epoch_end`, where they run after the other callbacks)
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return  # (the stage is "validate" here: `trainer.training` is False)
         progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
-        if not bool(getattr(progress, "is_last_batch", True)):
-            return  # a mid-epoch validation (`val_check_interval` < 1)
-        if self._periodic_due(trainer):
-            self._periodic_epoch = trainer.current_epoch
+        ends_epoch = bool(getattr(progress, "is_last_batch", True))  # not `val_check_interval`'s
+        due = ends_epoch and self._periodic_due(trainer)
+        # with a key others read: every validation ("auto"), or at least the first one
+        if due or self._at_validation or (self._monitored and not self._published):
+            if ends_epoch:
+                self._periodic_epoch = trainer.current_epoch
             self.measure(trainer, pl_module, "periodic")
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._periodic_due(trainer):
+        # no validation at all: ModelCheckpoint/EarlyStopping read here
+        unvalidated = self._at_validation and not sum(trainer.num_val_batches or [0])
+        if self._periodic_due(trainer) or (
+            unvalidated and self._periodic_epoch != trainer.current_epoch
+        ):
             self._periodic_epoch = trainer.current_epoch
             self.measure(trainer, pl_module, "periodic")
 
@@ -704,17 +753,43 @@ class FairnessMonitor(Callback):
         """
         if moment not in MOMENTS:
             raise ValueError(f"Expected `moment` to be one of {MOMENTS}, but got {moment!r}")
-        with isolated(pl_module, mode="eval"), precision_context(trainer):
-            record = self._measure(trainer, pl_module, moment, event)
+        key = self._weights_key(trainer, pl_module)
+        if key is not None and self._cache is not None and self._cache[0] == key:
+            record = restamp(  # the same weights at the same step: not measured again
+                self._cache[1],
+                moment=moment,
+                round_index=self._round(trainer, moment, event),
+                epoch=int(trainer.current_epoch),
+                sparsity=self._sparsity(trainer, pl_module, moment, event),
+                dense=self._dense,
+            )
+        else:
+            with isolated(pl_module, mode="eval"), precision_context(trainer):
+                record = self._measure(trainer, pl_module, moment, event)
+        self._cache = None if key is None else (key, record)
         self.history.append(record)
         if moment == "dense":
             self._dense = dense_reference(record)
         self._write(trainer)
         self._warn_small_groups(record)
+        self._say_parity(record)
         self._publish(trainer, record)
         if self._log_enabled:
             self._log(trainer, record)
         return record
+
+    def _weights_key(self, trainer: pl.Trainer, model: nn.Module) -> tuple[int, ...] | None:
+        """What identifies the measured weights within a fit (``None`` outside a fit)."""
+        if not self._fitting:
+            return None
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        batches = getattr(getattr(getattr(loop, "batch_progress", None), "total", None), "ready", 0)
+        return (id(model), int(trainer.global_step), int(batches), self._rounds_heard)
+
+    def _say_parity(self, record: Mapping[str, Any]) -> None:
+        if record.get("groups_are_classes") and record.get("fairness") and not self._said_parity:
+            self._said_parity = True
+            rank_zero_info(PARITY_NOTE)
 
     def _warn_small_groups(self, record: Mapping[str, Any]) -> None:
         small = record.get("small_groups") or []
@@ -733,27 +808,21 @@ class FairnessMonitor(Callback):
             )
 
     def _publish(self, trainer: pl.Trainer, record: Mapping[str, Any]) -> None:
-        """Put the record's scalars into ``trainer.callback_metrics`` (the latest wins).
+        """Put the record's `callback_scalars` into ``trainer.callback_metrics``.
 
         ``ModelCheckpoint(monitor=...)`` and ``EarlyStopping`` read them from there. Every
         record updates the plain keys (``fairprune/worst_group_accuracy``...), so they always
-        describe the latest measured model; the same values are also kept under
-        ``fairprune/<moment>/...`` for the dense and after-round records.
+        describe the latest measured model (NaN where it has no value); the same values are
+        also kept under ``fairprune/<moment>/...`` for the dense and after-round records, and
+        the headline ones under ``fairprune/at_target/...`` (NaN before the target sparsity).
         """
         metrics = getattr(trainer, "callback_metrics", None)
         if not isinstance(metrics, dict):
             return
-        scalars = record_scalars(record)
-        moment = record.get("moment")
-        if moment in ("dense", "after_round"):
-            scalars.update(
-                {
-                    f"fairprune/{moment}/{k.removeprefix('fairprune/')}": v
-                    for k, v in record_scalars(record).items()
-                }
-            )
-        for key, value in scalars.items():
+        at_target = schedule_complete(trainer)
+        for key, value in fp_logging.callback_scalars(record, at_target=at_target).items():
             metrics[key] = torch.tensor(value, dtype=torch.float32)
+        self._published = True
 
     def _measure(
         self,
@@ -778,14 +847,17 @@ class FairnessMonitor(Callback):
         }
 
         self._sharded = has_dtensor_params(params.values())
-        if self._sharded:  # FSDP2: no double backward; finite-difference curvature
-            measurement, predicted = self._measure_sharded(
-                model, batches, num_groups, num_classes, common, moment
-            )
-        else:
-            measurement, predicted = self._measure_plain(
-                model, batches, num_groups, num_classes, params, common, moment
-            )
+        label = "FairnessMonitor" if self.name is None else f"FairnessMonitor[{self.name}]"
+        with track(batches, desc=f"{label}: {moment}", enabled=progress_enabled(trainer)) as it:
+            if self._sharded:  # FSDP2: no double backward; finite-difference curvature
+                measurement, predicted = self._measure_sharded(
+                    model, it, num_groups, num_classes, common, moment
+                )
+            else:
+                measurement, predicted = self._measure_plain(
+                    model, it, num_groups, num_classes, params, common, moment
+                )
+            metrics = self._user_metrics(trainer, model, it, num_groups) if self.metrics else None
         self._num_classes = int(measurement.support.shape[1])  # from the measurement's logits
         record = make_record(
             measurement,
@@ -804,8 +876,7 @@ class FairnessMonitor(Callback):
             confidence=self.confidence,
             min_group_size=self.min_group_size,
         )
-        if self.metrics:
-            record["metrics"] = self._user_metrics(trainer, model, batches, num_groups)
+        record["metrics"] = metrics
         return record
 
     def _measure_plain(
@@ -963,31 +1034,26 @@ class FairnessMonitor(Callback):
 
     def _user_metrics(
         self,
-        trainer: pl.Trainer,
+        trainer: pl.Trainer | None,
         model: nn.Module,
         batches: FairnessBatches,
         num_groups: int,
     ) -> dict[str, list[Any]]:
-        """The ``metrics=`` per group: one forward pass, one clone of each metric per group."""
-        from lightning_fairprune.diagnostics.group_metrics import PerGroupMetric
+        """The ``metrics=`` per group (`diagnostics.user_metrics.user_metric_values`)."""
+        from lightning_fairprune.diagnostics.user_metrics import user_metric_values
 
-        device = next(model.parameters()).device
-        per_group = {
-            name: PerGroupMetric(metric, num_groups).to(device)
-            for name, metric in self.metrics.items()
-        }
-        with torch.no_grad():
-            for x, y, g in batches:
-                logits = model(x) if self.forward_fn is None else self.forward_fn(model, x)
-                if self.metrics_input == "preds":
-                    inputs = logits.argmax(1)
-                else:
-                    inputs = logits.float().softmax(1)
-                    if inputs.shape[1] == 2 and self.pos_label is not None:
-                        inputs = inputs[:, self.pos_label]
-                for metric in per_group.values():
-                    metric.update(inputs, y, groups=g)
-        return {name: to_plain(metric.compute()) for name, metric in per_group.items()}
+        values = user_metric_values(
+            model,
+            batches,
+            self.metrics,
+            num_groups,
+            forward_fn=self.forward_fn,
+            metrics_input=self.metrics_input,
+            pos_label=self.pos_label,
+            group_names=self.resolved_group_names(),
+            reduce_fn=self._reduce_fn(trainer),  # type: ignore[arg-type]
+        )
+        return {name: to_plain(value) for name, value in values.items()}
 
     def _predicted(
         self,
@@ -1152,11 +1218,14 @@ class FairnessMonitor(Callback):
             self._file.write(self.history)
 
     def _log(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
-        # "end" right after a periodic measurement at the same step measured the same model:
-        # it is in the history and the summary, but not logged twice at one step
-        step = int(trainer.global_step)
-        if record.get("moment") == "end" and self._last_logged_step == step:
+        # a logger holds one value per key and step: a second record at one step under the
+        # same keys (the same weights restamped, e.g. "end" right after "periodic") is in the
+        # history and the summary, but not logged again
+        step, moment = int(trainer.global_step), str(record.get("moment"))
+        kind = moment if moment in PREFIXED_MOMENTS else ""
+        if self._logged[0] != step:
+            self._logged = (step, set())
+        if kind in self._logged[1]:
             return
-        if record.get("moment") not in ("dense", "after_round"):
-            self._last_logged_step = step
+        self._logged[1].add(kind)
         fp_logging.log_round(trainer, record, self.history)
