@@ -187,6 +187,22 @@ class FairnessData:
             return []
         return [self.group_key] if isinstance(self.group_key, str) else list(self.group_key)
 
+    @property
+    def attribute_names(self) -> list[str]:
+        """One name per attribute of intersectional groups: the keys, else ``a0, a1, ...``.
+
+        A single (default) ``group_key`` holding a ``[N, k]`` column names no attribute.
+
+        Example:
+            >>> FairnessData(num_groups=[2, 3]).attribute_names
+            ['a0', 'a1']
+            >>> FairnessData(num_groups=[2, 3], group_key=["race", "sex"]).attribute_names
+            ['race', 'sex']
+        """
+        sizes = self.attribute_sizes or []
+        keys = self.group_keys
+        return keys if len(keys) == len(sizes) > 1 else [f"a{i}" for i in range(len(sizes))]
+
     def validate(
         self, x: Any, y: Any, g: Any | None, num_groups: int | None = None
     ) -> tuple[Any, Tensor, Tensor, bool]:
@@ -231,7 +247,7 @@ class FairnessData:
                 f"{getattr(g, 'dtype', type(g).__name__)} of shape "
                 f"{tuple(getattr(g, 'shape', ()))}"
             )
-        names = self.group_keys or [f"a{i}" for i in range(len(sizes))]
+        names = self.attribute_names
         columns = []
         for i, (size, name) in enumerate(zip(sizes, names, strict=True)):
             column = g[:, i]

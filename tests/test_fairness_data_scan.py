@@ -114,3 +114,15 @@ def test_two_processes_agree_on_a_bad_batch_and_on_the_counts(tmp_path):
         # a bad batch (index 3) only rank 1 sees: both processes raise, neither hangs
         expected = "in fairness batch 3" if rank == 1 else "1 other process(es) failed a check"
         assert expected in result["bad_error"], rank
+
+
+def test_intersectional_column_with_the_default_group_key():
+    """A [N, 2] group column under the default `group_key` (reported: 'zip() argument 2 is
+    shorter' in every batch); ids are the row-major products, names a0/a1."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 3, generator=gen), torch.randint(0, 2, (10,), generator=gen)
+    g = torch.stack([torch.randint(0, 2, (10,), generator=gen), torch.randint(0, 3, (10,))], 1)
+    data = FairnessData(DataLoader(TensorDataset(x, y, g), batch_size=4), num_groups=[2, 3])
+    ids = torch.cat([b[2] for b in data.batches(None, torch.nn.Linear(3, 2))])
+    assert ids.tolist() == (g[:, 0] * 3 + g[:, 1]).tolist()
+    assert data.attribute_names == ["a0", "a1"]

@@ -430,7 +430,7 @@ class FairnessMonitor(Callback):
 
         sizes = self.data.attribute_sizes
         if sizes is not None and len(sizes) > 1:
-            keys = self.data.group_keys or [f"a{i}" for i in range(len(sizes))]
+            keys = self.data.attribute_names
             if names is None:
                 return product_group_names(sizes, keys)
             if isinstance(names, Mapping) and all(k in names for k in keys):
