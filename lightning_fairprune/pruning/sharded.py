@@ -479,9 +479,9 @@ def gather_full_masks(
     Each process sends its local masks packed (1 bit per weight); the full masks are
     assembled one parameter at a time. A collective for every parameter sharded on rows,
     whatever the size of the local shards (empty ones included): call it on every process.
-    This is the *full* form (for ``export_masks`` and
-    full state dicts): its size is one byte per weight of the full model (bool), so use
-    :func:`sharded_mask_state` when the full masks should not exist anywhere.
+    This is the *full* form (for ``export_masks`` and full state dicts): its size is one
+    byte per weight of the full model (bool), so use :func:`sharded_mask_state` when the
+    full masks should not exist anywhere.
 
     Args:
         masks: FQN -> local-shard bool mask.
