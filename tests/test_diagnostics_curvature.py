@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
+from lightning_fairprune.diagnostics import group_counts, group_recall
 from lightning_fairprune.diagnostics.curvature import (
     group_gradient_norms,
     group_hessian_lambda_max,
@@ -16,7 +17,6 @@ from lightning_fairprune.diagnostics.curvature import (
     measure_groups,
     predicted_excess_loss,
 )
-from lightning_fairprune.diagnostics import group_counts, group_recall
 
 NUM_CLASSES = 3
 

@@ -196,6 +196,7 @@ class GroupMeasurement:
 
 
 def _options(
+    finite_difference: Any,
     named: list[tuple[str, Tensor]],
     loss_fn: LossFn | None,
     forward_fn: ForwardFn | None,
@@ -206,6 +207,11 @@ def _options(
     num_probes: int = 1,
 ) -> PassOptions:
     """The pass options of an estimator (strategy and probe batching: plain backend only)."""
+    if finite_difference is not None and not isinstance(finite_difference, FiniteDifference):
+        raise TypeError(
+            "Expected `finite_difference` to be None or a FiniteDifference, but got "
+            f"{type(finite_difference).__name__}"
+        )
     ref = named[0][1]
     size = sum(p.numel() for _, p in named)
     return PassOptions(
@@ -386,7 +392,7 @@ def group_gradient_norms(
     check_pass_args(num_groups, chunk_size, batches, 1)
     check_int(max_memory, "max_memory", 1, allow_none=True)
     named = resolve_params(model, params)
-    opts = _options(named, loss_fn, forward_fn, reduce_fn, chunk_size, strategy)
+    opts = _options(finite_difference, named, loss_fn, forward_fn, reduce_fn, chunk_size, strategy)
     norms, loss_sums, counts = [], [], []
     with open_pass(model, batches, num_groups, named, opts, finite_difference) as backend:
         blocks = _gradient_blocks(backend, num_groups, max_memory)
@@ -489,9 +495,8 @@ def group_hessian_trace(
     adaptive = tolerance is not None and probes is None
     check_iterable(batches, 2 if (adaptive or power_iterations) else 1)
     named = resolve_params(model, params)
-    opts = _options(
-        named, loss_fn, forward_fn, reduce_fn, chunk_size, strategy, max_memory, num_probes
-    )
+    opts = _options(finite_difference, named, loss_fn, forward_fn, reduce_fn, chunk_size,
+                    strategy, max_memory, num_probes)  # fmt: skip
     values: list[Tensor] = []
     with open_pass(model, batches, num_groups, named, opts, finite_difference) as backend:
         while True:
@@ -578,7 +583,7 @@ def group_hessian_lambda_max(
     check_int(seed, "seed", 0)
     check_iterable(batches, 2 if iterations > 1 else 1)
     named = resolve_params(model, params)
-    opts = _options(named, loss_fn, forward_fn, reduce_fn, chunk_size)
+    opts = _options(finite_difference, named, loss_fn, forward_fn, reduce_fn, chunk_size)
     with open_pass(model, batches, num_groups, named, opts, finite_difference) as backend:
         lam, counts = _power_iteration(backend, num_groups, iterations, seed)
     warn_missing("group_hessian_lambda_max", counts)
@@ -655,7 +660,7 @@ def group_directional(
     if params is None:
         params = list(dict.fromkeys(n for m in many if isinstance(m, Mapping) for n in m))
     named = resolve_params(model, params)
-    opts = _options(named, loss_fn, forward_fn, reduce_fn, chunk_size)
+    opts = _options(finite_difference, named, loss_fn, forward_fn, reduce_fn, chunk_size)
     with open_pass(model, batches, num_groups, named, opts, finite_difference) as backend:
         sums = backend.run(PassRequest(directions=local_directions(named, many, "directions")))
     assert sums.dir_lin is not None
@@ -733,7 +738,7 @@ def predicted_excess_loss(
         )
     check_pass_args(num_groups, chunk_size, batches, 1)
     named = resolve_params(model, list(given.keys()) if params is None else params)
-    opts = _options(named, loss_fn, forward_fn, reduce_fn, chunk_size)
+    opts = _options(finite_difference, named, loss_fn, forward_fn, reduce_fn, chunk_size)
     swap = _weights_at(named, pre) if pre is not None else contextlib.nullcontext(delta)
     with swap as step:
         parts = local_directions(named, [step], "delta")
@@ -825,9 +830,8 @@ def measure_groups(
     if delta is not None and pre is not None:
         raise ValueError("Expected at most one of `delta` and `pre`, but got both")
     named = resolve_params(model, params)
-    opts = _options(
-        named, loss_fn, forward_fn, reduce_fn, chunk_size, strategy, max_memory, max(1, num_probes)
-    )
+    opts = _options(finite_difference, named, loss_fn, forward_fn, reduce_fn, chunk_size,
+                    strategy, max_memory, max(1, num_probes))  # fmt: skip
     request = PassRequest(class_counts=True, num_classes=num_classes, grad_norms=gradients)
     if probes is not None or num_probes > 0:
         request.probes = probes if probes is not None else Probes(num_probes, seed)

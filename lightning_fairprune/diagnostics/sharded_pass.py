@@ -594,11 +594,6 @@ class ShardedBackend:
         fd: FiniteDifference | None,
     ) -> Iterator[ShardedBackend]:
         """The backend inside `isolated`; weights restored and gates dropped on exit."""
-        if fd is not None and not isinstance(fd, FiniteDifference):
-            raise TypeError(
-                "Expected `finite_difference` to be None or a FiniteDifference, but got "
-                f"{type(fd).__name__}"
-            )
         check_iterable(batches, 2)
         for _, p in named:
             shard_spec(p)  # raises for placements other than Shard(0) / Replicate on a 1-D mesh
