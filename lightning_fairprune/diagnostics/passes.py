@@ -296,9 +296,8 @@ class PassRequest:
     @property
     def needs_graph(self) -> bool:
         """Whether Hessian-vector products (a graph kept for double backward) are needed."""
-        return any(x is not None for x in (self.probes, self.directions, self.hv_vectors)) or (
-            self.hutch_probes is not None
-        )
+        curvature = (self.probes, self.directions, self.hv_vectors, self.hutch_probes)
+        return any(x is not None for x in curvature)
 
     @property
     def needs_grad(self) -> bool:
@@ -672,7 +671,10 @@ class PlainPass:
             groups = torch.full_like(y, groups)
         pred = out.detach().argmax(1)
         conf = group_confusion(pred, y, groups, self.g, self.num_classes, validate=False)
-        self.confusion = conf if self.confusion is None else self.confusion + conf
+        if self.confusion is None:
+            self.confusion = conf
+        else:
+            self.confusion += conf
 
     def _record(self, a: int, total: Tensor, n: int) -> None:
         self.chunk_losses.append(total.detach())

@@ -34,10 +34,6 @@ __all__ = [
 ]
 
 
-def _is_integer_dtype(t: Tensor) -> bool:
-    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
-
-
 def _check_labels(name: str, t: Tensor, upper: int | None, what: str) -> None:
     """`lightning_fairprune.checks.check_labels` with this module's argument order."""
     check_labels(t, name, upper=upper, what=what)
