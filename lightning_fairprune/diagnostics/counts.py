@@ -24,6 +24,17 @@ from lightning_fairprune.distributed import all_reduce
 __all__ = ["GroupConfusion", "confusion_to_counts", "group_confusion", "group_counts"]
 
 
+def _check_sizes(num_groups: int, num_classes: int, threshold: float) -> float:
+    """Validate the sizes and the binary threshold of a confusion count; the threshold."""
+    check_int(num_groups, "num_groups", 1)
+    check_int(num_classes, "num_classes", 1)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"Expected `threshold` to be a float in [0, 1], but got {threshold!r}")
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"Expected `threshold` to be a float in [0, 1], but got {threshold!r}")
+    return float(threshold)
+
+
 def _check_ids(name: str, t: Tensor, upper: int | None, what: str, validate: bool) -> None:
     """`check_labels`; without ``validate`` only type, dtype and shape (no device sync)."""
     if validate or not isinstance(t, Tensor) or t.ndim != 1:
@@ -111,13 +122,8 @@ def group_confusion(
         >>> c[0].tolist(), c[1].tolist()
         ([[0, 0], [1, 1]], [[0, 1], [0, 0]])
     """
-    check_int(num_groups, "num_groups", 1)
-    check_int(num_classes, "num_classes", 1)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"Expected `threshold` to be a float in [0, 1], but got {threshold!r}")
-    if not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"Expected `threshold` to be a float in [0, 1], but got {threshold!r}")
-    preds = _predictions(preds_or_logits, num_classes, float(threshold), validate)
+    threshold = _check_sizes(num_groups, num_classes, threshold)
+    preds = _predictions(preds_or_logits, num_classes, threshold, validate)
     _check_ids("targets", targets, num_classes, "class labels", validate)
     _check_ids("groups", groups, num_groups, "group ids", validate)
     n = targets.shape[0]
@@ -194,15 +200,9 @@ class GroupConfusion:
     def __init__(
         self, num_groups: int, num_classes: int, threshold: float = 0.5, validate: bool = True
     ) -> None:
-        check_int(num_groups, "num_groups", 1)
-        check_int(num_classes, "num_classes", 1)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise TypeError(f"Expected `threshold` to be a float in [0, 1], but got {threshold!r}")
-        if not 0.0 <= float(threshold) <= 1.0:
-            raise ValueError(f"Expected `threshold` to be a float in [0, 1], but got {threshold!r}")
+        self.threshold = _check_sizes(num_groups, num_classes, threshold)
         self.num_groups = num_groups
         self.num_classes = num_classes
-        self.threshold = float(threshold)
         self.validate = bool(validate)
         self.confusion = torch.zeros(num_groups, num_classes, num_classes, dtype=torch.int64)
 

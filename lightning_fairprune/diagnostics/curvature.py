@@ -58,11 +58,10 @@ from lightning_fairprune.diagnostics.passes import (
     resolve_params,
     resolve_strategy,
     safe_div,
-    warn_missing,
 )
 from lightning_fairprune.diagnostics.probes import Probes
 from lightning_fairprune.diagnostics.recall import accuracy as _accuracy
-from lightning_fairprune.diagnostics.recall import group_recall
+from lightning_fairprune.diagnostics.recall import group_recall, warn_missing
 from lightning_fairprune.diagnostics.sharded_pass import FiniteDifference
 from lightning_fairprune.distributed import local_tensor
 
@@ -408,7 +407,7 @@ def group_gradient_norms(
     all_counts = torch.cat(counts)
     if float(all_counts.sum()) == 0:
         raise ValueError("Expected `batches` to contain at least one sample, but all were empty")
-    warn_missing("group_gradient_norms", all_counts)
+    warn_missing("group_gradient_norms", all_counts <= 0)
     return GroupGradients(norms=torch.cat(norms), loss_sums=torch.cat(loss_sums), counts=all_counts)
 
 
@@ -515,7 +514,7 @@ def group_hessian_trace(
             if bool((stderr[present] / trace[present].abs() <= tolerance).all()):
                 break
         lam, _ = _power_iteration(backend, num_groups, power_iterations, seed)
-    warn_missing("group_hessian_trace", counts)
+    warn_missing("group_hessian_trace", counts <= 0)
     all_values = torch.cat(values, 1)
     trace, stderr = _trace_stats(all_values)
     return GroupHessianTrace(
@@ -586,7 +585,7 @@ def group_hessian_lambda_max(
     opts = _options(finite_difference, named, loss_fn, forward_fn, reduce_fn, chunk_size)
     with open_pass(model, batches, num_groups, named, opts, finite_difference) as backend:
         lam, counts = _power_iteration(backend, num_groups, iterations, seed)
-    warn_missing("group_hessian_lambda_max", counts)
+    warn_missing("group_hessian_lambda_max", counts <= 0)
     return lam
 
 
@@ -665,7 +664,7 @@ def group_directional(
         sums = backend.run(PassRequest(directions=local_directions(named, many, "directions")))
     assert sums.dir_lin is not None
     assert sums.dir_quad is not None
-    warn_missing("group_directional", sums.counts)
+    warn_missing("group_directional", sums.counts <= 0)
     return GroupDirectional(
         linear=safe_div(sums.dir_lin.cpu(), sums.counts[:, None]),
         quadratic=safe_div(sums.dir_quad.cpu(), sums.counts[:, None]),
@@ -746,7 +745,7 @@ def predicted_excess_loss(
             sums = backend.run(PassRequest(directions=parts))
     assert sums.dir_lin is not None
     assert sums.dir_quad is not None
-    warn_missing("predicted_excess_loss", sums.counts)
+    warn_missing("predicted_excess_loss", sums.counts <= 0)
     return safe_div((sums.dir_lin[:, 0] + 0.5 * sums.dir_quad[:, 0]).cpu(), sums.counts)
 
 
@@ -840,7 +839,7 @@ def measure_groups(
     with open_pass(model, batches, num_groups, named, opts, finite_difference) as backend:
         sums = backend.run(request)
         lam, _ = _power_iteration(backend, num_groups, lambda_max_iterations, seed)
-    warn_missing("measure_groups", sums.counts)
+    warn_missing("measure_groups", sums.counts <= 0)
     result = _measurement(sums, lam if lambda_max_iterations else None)
     if pre is not None:
         with warnings.catch_warnings():  # absent groups were reported above

@@ -34,7 +34,6 @@ Hutchinson diagonal v ⊙ H v.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -96,17 +95,6 @@ def safe_div(num: Tensor, den: Tensor) -> Tensor:
     missing = den <= 0
     out = num.to(torch.float64) / torch.where(missing, torch.ones_like(den), den)
     return torch.where(missing, torch.full_like(out, math.nan), out)
-
-
-def warn_missing(fn: str, counts: Tensor) -> None:
-    """One warning naming the groups without samples (reported as NaN by ``fn``)."""
-    ids = (counts <= 0).nonzero().flatten().tolist()
-    if ids:
-        warnings.warn(
-            f"{fn}: group(s) {ids} have no samples in `batches`; reported as missing (NaN).",
-            UserWarning,
-            stacklevel=3,
-        )
 
 
 def check_iterable(batches: Any, passes: int) -> None:

@@ -43,7 +43,8 @@ def _check_count(name: str, value: int | None) -> None:
     check_int(value, name, 1, allow_none=True)
 
 
-def _warn_missing(kind: str, missing: Tensor) -> None:
+def warn_missing(kind: str, missing: Tensor) -> None:
+    """One warning from ``kind`` naming the groups marked ``missing`` (reported as NaN)."""
     ids = missing.nonzero().flatten().tolist()
     if ids:
         warnings.warn(
@@ -90,7 +91,7 @@ def group_recall(support: Tensor, correct: Tensor, warn: bool = True) -> Tensor:
         s, c = s.sum(1), c.sum(1)
     missing = s <= 0
     if warn:
-        _warn_missing("group_recall", missing)
+        warn_missing("group_recall", missing)
     recall = c / torch.where(missing, torch.ones_like(s), s)
     return torch.where(missing, torch.full_like(recall, math.nan), recall)
 
