@@ -241,22 +241,24 @@ def _power_iteration(
     √P (each process builds its columns); then v_a ← H_a v_a / ‖H_a v_a‖ with the Rayleigh
     quotient v_aᵀ H_a v_a as the estimate. Returns λ_max and the sample counts.
     """
-    vecs = backend.probe_rows(num_groups, seed + 1) * (1.0 / math.sqrt(max(backend.numel, 1)))
-    vecs = vecs.to(backend.dtype)
     lam = torch.full((num_groups,), math.nan, dtype=torch.float64)
     counts = torch.zeros(num_groups, dtype=torch.float64)
+    if iterations == 0:
+        return lam, counts
+    # ±1 times the scale is exact: scaling in the parameters' dtype equals scaling in float64
+    vecs = backend.probe_rows(num_groups, seed + 1).mul_(1.0 / math.sqrt(max(backend.numel, 1)))
     for _ in range(iterations):
         sums = backend.run(PassRequest(hv_vectors=vecs))
         assert sums.hv_sums is not None
         counts = sums.counts
         n = counts.to(sums.hv_sums.device)
-        hv = sums.hv_sums.to(torch.float64) / n.clamp_min(1)[:, None]
+        hv = sums.hv_sums.to(torch.float64).div_(n.clamp_min(1)[:, None])
         lam = backend.dots(hv, vecs)
         lam[counts <= 0] = math.nan
         norm = backend.dots(hv, hv).clamp_min(0).sqrt().to(hv.device)
         ok = (norm > 0) & (n > 0)
-        new = torch.where(ok[:, None], hv / norm.clamp_min(1e-300)[:, None], vecs.double())
-        vecs = new.to(backend.dtype)
+        hv = hv.div_(norm.clamp_min(1e-300)[:, None]).to(backend.dtype)
+        vecs = torch.where(ok[:, None], hv, vecs)
     return lam, counts
 
 

@@ -473,8 +473,8 @@ class PlainBackend:
         return (a.to(torch.float64) * b.to(torch.float64)).sum(1).cpu()
 
     def probe_rows(self, num: int, seed: int) -> Tensor:
-        """Rows ``0..num-1`` of `rademacher_probes` over the selected parameters (float64)."""
-        return rademacher_probes(num, self.size, seed, device=self.ref.device, dtype=torch.float64)
+        """Rows ``0..num-1`` of `rademacher_probes` over the selected parameters."""
+        return rademacher_probes(num, self.size, seed, device=self.ref.device, dtype=self.dtype)
 
 
 def probe_matrix(probes: Probes | Tensor, size: int, ref: Tensor) -> Tensor:

@@ -566,12 +566,12 @@ class ShardedBackend:
         self.size = sum(t.numel() for t in self.locals_)
         self.numel = sum(shard_spec(p, self.group).numel for _, p in named)
         self.dtype = self.locals_[0].dtype
-        self.owned = torch.cat(
-            [
-                torch.full((t.numel(),), shard_spec(p, self.group).owner)
-                for t, (_, p) in zip(self.locals_, named, strict=True)
-            ]
-        )
+        self.owned = []  # flat ranges of the local parts this process counts
+        start = 0
+        for t, (_, p) in zip(self.locals_, named, strict=True):
+            if shard_spec(p, self.group).owner:
+                self.owned.append((start, start + t.numel()))
+            start += t.numel()
         self.factors = _divide_factors(model)
         self.plan = _Plan(
             batches, num_groups, options.chunk_size, self.group, options.loss_fn is None,
@@ -831,19 +831,15 @@ class ShardedBackend:
 
         Owned elements only (a replicated parameter counts once): one all-reduce.
         """
-        prod = a.to(torch.float64) * b.to(torch.float64)
-        local = prod[:, self.owned.to(prod.device)].sum(1)
+        local = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+        for lo, hi in self.owned:
+            local += (a[:, lo:hi].to(torch.float64) * b[:, lo:hi].to(torch.float64)).sum(1)
         return all_reduce(local.to(self.device), self.group).cpu()
 
     def probe_rows(self, num: int, seed: int) -> Tensor:
-        """This process's columns of probes ``0..num-1`` of `rademacher_probes` (float64)."""
-        rows = [
-            torch.cat(
-                [
-                    t.reshape(-1).to(torch.float64)
-                    for t in local_rademacher_probes(self.named, k, seed)
-                ]
-            )
-            for k in range(num)
-        ]
-        return torch.stack(rows).to(self.device)
+        """This process's columns of probes ``0..num-1`` of `rademacher_probes`."""
+        rows = torch.empty(num, self.size, dtype=self.dtype, device=self.device)
+        for k in range(num):
+            parts = local_rademacher_probes(self.named, k, seed, self.group)
+            torch.cat([t.reshape(-1).to(self.dtype) for t in parts], out=rows[k])
+        return rows
