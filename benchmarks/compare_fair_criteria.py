@@ -71,6 +71,7 @@ from torch.nn import functional as F
 
 from lightning_fairprune.diagnostics import (
     group_hessian_trace,
+    group_statistics,
     intensification_alpha,
     normalized_recall_balance,
     predicted_excess_loss,
@@ -87,7 +88,6 @@ from lightning_fairprune.pruning import (
     compute_scores,
     fair_masks,
     global_masks,
-    group_statistics,
     realized_sparsity,
     select_parameters,
 )

@@ -3,8 +3,9 @@
 For the ReLU MLP and the ReLU + max-pool CNN of ``sharded_curvature_accuracy.py`` and a larger
 CNN (two 3x3 convolutions with 16 and 32 channels on 8x8 digits upsampled to 28x28), float32,
 G = 10 groups (the digit labels), 400 samples, ``chunk_size=50``: CPU time (one torch thread,
-``time.thread_time``, median of interleaved repeats) of `sharded_group_hessian_trace` (K = 4
-probes: 1 record pass + 8 perturbed passes) and `sharded_predicted_excess_loss` (1 + 2) with
+``time.thread_time``, median of interleaved repeats) of `group_hessian_trace` (K = 4
+probes: 1 record pass + 8 perturbed passes) and `predicted_excess_loss` (1 + 2) on the FSDP2
+backend (``FiniteDifference(force=True)``, one process) with
 ``gate_memory=None`` (stored) and ``gate_memory=0`` (per chunk), the peak bytes of gates held
 (from the module's debug log), and a check that both modes give the same numbers bit for bit.
 Single process (world size 1): under FSDP2 the extra no-grad forward per chunk also
@@ -27,8 +28,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from lightning_fairprune.diagnostics import (
-    sharded_group_hessian_trace,
-    sharded_predicted_excess_loss,
+    FiniteDifference,
+    group_hessian_trace,
+    predicted_excess_loss,
 )
 
 GROUPS = 10
@@ -85,13 +87,18 @@ def models() -> dict[str, tuple[nn.Module, int]]:
     }
 
 
+def _fd(gate_memory: int | None) -> FiniteDifference:
+    """The FSDP2 backend on one process with the given gate budget."""
+    return FiniteDifference(gate_memory=gate_memory, force=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
     handler = _Peaks()
-    logger = logging.getLogger("lightning_fairprune.diagnostics.sharded")
+    logger = logging.getLogger("lightning_fairprune.diagnostics.sharded_pass")
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
     print(
@@ -104,12 +111,12 @@ def main() -> None:
         delta = {n: -0.5 * p.detach() for n, p in model.named_parameters() if p is first}
         calls = {
             "trace K=4": lambda gm, m=model, b=batches: (
-                sharded_group_hessian_trace(
-                    m, b, GROUPS, num_probes=4, chunk_size=50, gate_memory=gm
+                group_hessian_trace(
+                    m, b, GROUPS, num_probes=4, chunk_size=50, finite_difference=_fd(gm)
                 ).probe_values
             ),
-            "predicted": lambda gm, m=model, b=batches, d=delta: sharded_predicted_excess_loss(
-                m, b, d, GROUPS, chunk_size=50, gate_memory=gm
+            "predicted": lambda gm, m=model, b=batches, d=delta: predicted_excess_loss(
+                m, b, d, GROUPS, chunk_size=50, finite_difference=_fd(gm)
             ),
         }
         for call, fn in calls.items():

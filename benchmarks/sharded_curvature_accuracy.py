@@ -1,17 +1,17 @@
-"""Accuracy of the finite-difference curvature of `diagnostics.sharded` against double backward.
+"""Accuracy of the finite-difference curvature of the FSDP2 backend against double backward.
 
 For {ReLU MLP, tanh MLP, small CNN with ReLU + max pooling} x {float64, float32} x
 {live, frozen gates} x a few relative steps r, prints the maximum relative error of
 
-* the Hutchinson probe values v_kᵀH_a v_k (`sharded_group_hessian_trace`, K = 4), and
+* the Hutchinson probe values v_kᵀH_a v_k (`group_hessian_trace`, K = 4), and
 * the predicted excess loss g_aᵀδ + ½ δᵀH_aδ of a magnitude-pruning step δ (half of the first
-  layer's weights; `sharded_predicted_excess_loss`),
+  layer's weights; `predicted_excess_loss`),
 
 per group (G = 10 groups: the digit labels), against the double-backward cores
 (`group_hessian_trace`, `predicted_excess_loss`) on a float64 copy of the same weights. The
 models are trained briefly on scikit-learn's digits (8x8, 200 samples) so the curvature is that
-of a fitted network. Single process (world size 1: the sharded functions accept plain
-modules); the numbers do not depend on the sharding, which the tests check separately.
+of a fitted network. Single process: ``FiniteDifference(force=True)`` runs the FSDP2 backend on
+plain modules; the numbers do not depend on the sharding, which the tests check separately.
 
 Usage: ``python benchmarks/sharded_curvature_accuracy.py`` (well under a minute on 2 CPU cores).
 """
@@ -26,12 +26,11 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from lightning_fairprune.diagnostics import (
+    FiniteDifference,
     group_hessian_trace,
     predicted_excess_loss,
-    sharded_group_hessian_trace,
-    sharded_predicted_excess_loss,
 )
-from lightning_fairprune.diagnostics.sharded import default_relative_step
+from lightning_fairprune.diagnostics.sharded_pass import default_relative_step
 
 PROBES = 4
 STEPS = (1e-5, 1e-4, 1e-3, 2e-3, 4.9e-3, 2e-2)
@@ -101,9 +100,9 @@ def main() -> None:
             for gates in ("live", "frozen"):
                 steps = sorted({default_relative_step(dtype, gates), *STEPS})
                 for r in steps:
-                    kw = dict(eps=r, gates=gates)
-                    tr = sharded_group_hessian_trace(m, b, GROUPS, num_probes=PROBES, **kw)
-                    pred = sharded_predicted_excess_loss(m, b, delta, GROUPS, **kw)
+                    kw = dict(finite_difference=FiniteDifference(eps=r, gates=gates, force=True))
+                    tr = group_hessian_trace(m, b, GROUPS, num_probes=PROBES, **kw)
+                    pred = predicted_excess_loss(m, b, delta, GROUPS, **kw)
                     default = r == default_relative_step(dtype, gates)
                     rows.append(
                         (

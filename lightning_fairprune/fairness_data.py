@@ -52,7 +52,7 @@ class FairnessData:
             intersectional groups, one size per attribute (with a sequence ``group_key``, or a
             ``[N, k]`` group column): the groups are the ``prod(sizes)`` combinations (mixed
             radix ids, first attribute most significant; see
-            `lightning_fairprune.diagnostics.group_metrics.combine_groups`).
+            `lightning_fairprune.diagnostics.groups.combine_groups`).
         max_batches: at most this many batches per pass (per process); ``None``: all.
         group_fn: ``fn(batch) -> (inputs, targets, groups)``; overrides the batch parsing.
         input_key: key of the inputs in a dict batch.
@@ -237,7 +237,7 @@ class FairnessData:
 
     def _combine(self, g: Any, n: int) -> Tensor:
         """Product ids of a ``[N, k]`` tensor of attribute ids (intersectional groups)."""
-        from lightning_fairprune.diagnostics.group_metrics import combine_groups
+        from lightning_fairprune.diagnostics.groups import combine_groups
 
         sizes = self.attribute_sizes or []
         if not isinstance(g, Tensor) or g.ndim != 2 or g.shape != (n, len(sizes)):

@@ -324,9 +324,9 @@ def make_record(
     from lightning_fairprune.diagnostics.group_metrics import (
         SMALL_GROUP_SIZE,
         group_metrics,
-        normalize_group_names,
         wilson_interval,
     )
+    from lightning_fairprune.diagnostics.groups import normalize_group_names
 
     if moment not in MOMENTS:
         raise ValueError(f"Expected `moment` to be one of {MOMENTS}, but got {moment!r}")
@@ -772,7 +772,7 @@ def group_keys(record: Mapping[str, Any]) -> list[str]:
         >>> group_keys({"recall": [0.5, 0.7]})
         ['g0', 'g1']
     """
-    from lightning_fairprune.diagnostics.group_metrics import group_slugs
+    from lightning_fairprune.diagnostics.groups import group_slugs
 
     names = group_list(record, "group_names")
     if names:

@@ -51,10 +51,7 @@ def run_core(rank: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from lightning_fairprune.diagnostics.sharded import (
-        sharded_group_gradient_norms,
-        sharded_measure_groups,
-    )
+    from lightning_fairprune.diagnostics import group_gradient_norms, measure_groups
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -72,23 +69,23 @@ def run_core(rank: int, out_dir: str) -> None:
     for n, p in model.named_parameters():
         p.grad = sentinel[n]
     rng_before = torch.get_rng_state()
-    res = sharded_group_gradient_norms(model, batches, GROUPS, params=names, chunk_size=4)
+    res = group_gradient_norms(model, batches, GROUPS, params=names, chunk_size=4)
     restored = all(p.grad is sentinel[n] for n, p in model.named_parameters())
     restored = restored and model.training and torch.equal(rng_before, torch.get_rng_state())
-    res_all = sharded_group_gradient_norms(model, batches, GROUPS)  # all params, default chunk
+    res_all = group_gradient_norms(model, batches, GROUPS)  # all params, default chunk
     # a custom FSDP divide factor is read back
     for m in model.modules():
         if hasattr(m, "set_gradient_divide_factor"):
             m.set_gradient_divide_factor(3.0)
-    res_factor = sharded_group_gradient_norms(model, batches, GROUPS, params=names, chunk_size=4)
+    res_factor = group_gradient_norms(model, batches, GROUPS, params=names, chunk_size=4)
     for m in model.modules():
         if hasattr(m, "set_gradient_divide_factor"):
             m.set_gradient_divide_factor(float(WORLD))
     # forward-only measurement and the gradient norms in one call (equal batch counts)
     even = batches[:2]
-    meas = sharded_measure_groups(model, even, GROUPS, None, params=names)
+    meas = measure_groups(model, even, GROUPS, None, params=names)
     try:
-        sharded_measure_groups(model, batches, GROUPS, None, params=names)
+        measure_groups(model, batches, GROUPS, None, params=names)
         uneven_error = None
     except ValueError as err:
         uneven_error = str(err)

@@ -73,14 +73,17 @@ def run_core(rank: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from lightning_fairprune.diagnostics.sharded import (
+    from lightning_fairprune.diagnostics import (
+        FiniteDifference,
+        group_directional,
+        group_hessian_lambda_max,
+        group_hessian_trace,
         local_rademacher_probes,
-        sharded_group_directional,
-        sharded_group_hessian_lambda_max,
-        sharded_group_hessian_trace,
-        sharded_predicted_excess_loss,
+        predicted_excess_loss,
     )
-    from lightning_fairprune.dtensor import local_tensor, shard_spec
+    from lightning_fairprune.distributed import local_tensor, shard_spec
+
+    per_chunk = FiniteDifference(gate_memory=0)  # frozen gates recomputed per chunk
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -98,10 +101,10 @@ def run_core(rank: int, out_dir: str) -> None:
     for n, p in model.named_parameters():
         p.grad = sentinel[n]
     before = {n: local_tensor(p).detach().clone() for n, p in model.named_parameters()}
-    trace = sharded_group_hessian_trace(
+    trace = group_hessian_trace(
         model, batches, GROUPS, num_probes=PROBES, seed=SEED, params=names, chunk_size=4
     )
-    trace_all = sharded_group_hessian_trace(model, batches, GROUPS, num_probes=2)
+    trace_all = group_hessian_trace(model, batches, GROUPS, num_probes=2)
     delta_full = full_delta(model, names)
 
     def local_part(n: str, t: torch.Tensor) -> torch.Tensor:
@@ -111,13 +114,14 @@ def run_core(rank: int, out_dir: str) -> None:
         return t.flatten()[spec.offset : spec.offset + spec.local_numel].view(shape)
 
     delta = {n: local_part(n, t) for n, t in delta_full.items()}
-    predicted = sharded_predicted_excess_loss(model, batches, delta, GROUPS, chunk_size=4)
+    predicted = predicted_excess_loss(model, batches, delta, GROUPS, chunk_size=4)
     # the same step given as two directions at once, with an explicit relative step
     half = {n: 0.5 * t for n, t in delta.items()}
-    directional = sharded_group_directional(
-        model, batches, GROUPS, [delta, half], eps=1e-5, params=names
-    )
-    lambda_max = sharded_group_hessian_lambda_max(
+    directional = group_directional(
+        model, batches, GROUPS, [delta, half], params=names,
+        finite_difference=FiniteDifference(eps=1e-5),
+    )  # fmt: skip
+    lambda_max = group_hessian_lambda_max(
         model, batches, GROUPS, iterations=LAMBDA_ITERATIONS, seed=SEED, params=names
     )
     restored = all(
@@ -137,7 +141,7 @@ def run_core(rank: int, out_dir: str) -> None:
     conv_before = {n: local_tensor(p).detach().clone() for n, p in conv.named_parameters()}
     with torch.no_grad():  # leaves the root's parameters unsharded (FSDP2 keeps them)
         out_before = conv(cb[0][0])
-    conv_trace = sharded_group_hessian_trace(conv, cb, 3, num_probes=PROBES, seed=SEED)
+    conv_trace = group_hessian_trace(conv, cb, 3, num_probes=PROBES, seed=SEED)
     conv_names = [n for n, _ in conv.named_parameters()]
     conv_delta_full = full_delta(conv, ["0.weight", "4.weight"])
     conv_params = dict(conv.named_parameters())
@@ -148,22 +152,22 @@ def run_core(rank: int, out_dir: str) -> None:
         return t.flatten()[spec.offset : spec.offset + spec.local_numel].view(shape)
 
     conv_delta = {n: conv_local(n, t) for n, t in conv_delta_full.items()}
-    conv_pred = sharded_predicted_excess_loss(conv, cb, conv_delta, 3, chunk_size=3)
-    conv_lam = sharded_group_hessian_lambda_max(
-        conv, cb, 3, iterations=LAMBDA_ITERATIONS, seed=SEED
-    )
-    conv_dir = sharded_group_directional(conv, cb, 3, conv_delta, chunk_size=3)
+    conv_pred = predicted_excess_loss(conv, cb, conv_delta, 3, chunk_size=3)
+    conv_lam = group_hessian_lambda_max(conv, cb, 3, iterations=LAMBDA_ITERATIONS, seed=SEED)
+    conv_dir = group_directional(conv, cb, 3, conv_delta, chunk_size=3)
     # the same with the gates recomputed per chunk (gate_memory=0): equal bit for bit
-    chunked_trace = sharded_group_hessian_trace(
-        conv, cb, 3, num_probes=PROBES, seed=SEED, gate_memory=0
+    chunked_trace = group_hessian_trace(
+        conv, cb, 3, num_probes=PROBES, seed=SEED, finite_difference=per_chunk
     )
-    chunked_pred = sharded_predicted_excess_loss(
-        conv, cb, conv_delta, 3, chunk_size=3, gate_memory=0
+    chunked_pred = predicted_excess_loss(
+        conv, cb, conv_delta, 3, chunk_size=3, finite_difference=per_chunk
     )
-    chunked_lam = sharded_group_hessian_lambda_max(
-        conv, cb, 3, iterations=LAMBDA_ITERATIONS, seed=SEED, gate_memory=0
+    chunked_lam = group_hessian_lambda_max(
+        conv, cb, 3, iterations=LAMBDA_ITERATIONS, seed=SEED, finite_difference=per_chunk
     )
-    chunked_dir = sharded_group_directional(conv, cb, 3, conv_delta, chunk_size=3, gate_memory=0)
+    chunked_dir = group_directional(
+        conv, cb, 3, conv_delta, chunk_size=3, finite_difference=per_chunk
+    )
     restored = restored and all(
         torch.equal(local_tensor(p), conv_before[n]) for n, p in conv.named_parameters()
     )

@@ -23,8 +23,8 @@ from _ddp import finish_distributed
 from torch import nn
 
 from lightning_fairprune import IterativePruning
-from lightning_fairprune.diagnostics.sharded import sharded_group_gradient_norms
-from lightning_fairprune.pruning.masks import local_tensor
+from lightning_fairprune.diagnostics import group_gradient_norms
+from lightning_fairprune.distributed import local_tensor
 from lightning_fairprune.pruning.sharded import (
     gather_full_masks,
     gather_full_tensors,
@@ -152,9 +152,7 @@ def run(rank: int, out_dir: str) -> None:
     # per-group gradient norms (sharded backward passes, all-reduced local norms)
     x, y, g = data()
     mine = slice(rank * 8, (rank + 1) * 8)
-    norms = sharded_group_gradient_norms(
-        model, [(x[mine], y[mine], g[mine])], 2, loss_fn=squared_error
-    )
+    norms = group_gradient_norms(model, [(x[mine], y[mine], g[mine])], 2, loss_fn=squared_error)
     result["grad_norms"] = norms.norms.tolist()
 
     (out / f"rank{rank}.json").write_text(json.dumps(result))

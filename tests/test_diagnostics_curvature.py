@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
+from lightning_fairprune.diagnostics import group_counts, group_recall
 from lightning_fairprune.diagnostics.curvature import (
     group_gradient_norms,
     group_hessian_lambda_max,
@@ -16,7 +17,6 @@ from lightning_fairprune.diagnostics.curvature import (
     measure_groups,
     predicted_excess_loss,
 )
-from lightning_fairprune.diagnostics.recall import group_counts, group_recall
 
 NUM_CLASSES = 3
 
@@ -361,7 +361,7 @@ def test_regrouper_emits_every_sample_once_in_pure_group_chunks():
 
 
 def test_float32_row_norms_match_float64_reference_in_blocks_and_beyond_range():
-    from lightning_fairprune.diagnostics.curvature import _row_norms
+    from lightning_fairprune.diagnostics.passes import row_norms as _row_norms
 
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(7, 5000, generator=gen)

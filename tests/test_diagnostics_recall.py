@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, recall_score
 
-from lightning_fairprune.diagnostics.recall import (
+from lightning_fairprune.diagnostics import (
     accuracy,
     disparity,
     excessive_loss,

@@ -7,15 +7,14 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_fairprune.diagnostics import GroupStatistics, group_statistics, rademacher_probes
+from lightning_fairprune.measure import isolated
 from lightning_fairprune.pruning import fair_criteria as fc
 from lightning_fairprune.pruning.fair_criteria import (
-    GroupStatistics,
     fair_masks,
     fairgrape_masks,
     fairprune_masks,
     forecast_group_damage,
-    group_statistics,
-    measuring,
     worst_group_masks,
 )
 from lightning_fairprune.pruning.masks import num_to_prune
@@ -108,14 +107,8 @@ def test_hutchinson_diag_vs_exact_hessian():
         parts = torch.split(v, sizes)
         return {n: t.reshape(s) for n, t, s in zip(names, parts, shapes, strict=True)}
 
-    # the same probes as documented: seeded CPU generator, Rademacher, parameters in order
-    pgen = torch.Generator().manual_seed(0)
-    probes = [
-        torch.cat(
-            [(torch.randint(0, 2, s, generator=pgen) * 2 - 1).reshape(-1) for s in shapes]
-        ).double()
-        for _ in range(k)
-    ]
+    # the same probes as documented: the package's rademacher_probes, parameters in order
+    probes = list(rademacher_probes(k, sum(sizes), seed=0, dtype=torch.float64))
     for a in range(2):
         idx = groups == a
 
@@ -140,7 +133,7 @@ def test_hutchinson_diag_vs_exact_hessian():
     assert bool((got - torch.diag(hess)).abs().le(5 * off / 3000**0.5 + 1e-12).all())
 
 
-def test_measuring_restores_state():
+def test_statistics_restore_state():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
     model.train()
@@ -149,7 +142,7 @@ def test_measuring_restores_state():
     running = model[1].running_mean.clone()
     x, y = torch.randn(8, 4), torch.tensor([0, 1] * 4)
     rng = torch.get_rng_state()
-    with measuring(model, list(model.parameters())):
+    with isolated(model, mode="eval", grad_params=list(model.parameters())):
         assert not model.training
         assert model[0].weight.requires_grad
         model[1].running_mean.add_(5.0)  # even a buffer changed inside is restored

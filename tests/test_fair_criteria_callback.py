@@ -12,8 +12,9 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fairprune import IterativePruning
+from lightning_fairprune.diagnostics import group_statistics
 from lightning_fairprune.fairness_data import FairnessData
-from lightning_fairprune.pruning.fair_criteria import fair_masks, group_statistics
+from lightning_fairprune.pruning.fair_criteria import fair_masks
 
 NAMES = ["features.2.weight", "fc.weight"]
 

@@ -18,14 +18,21 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from lightning_fairprune.diagnostics import (
+    FiniteDifference,
     FrozenGates,
+    group_directional,
+    group_hessian_lambda_max,
     group_hessian_trace,
     predicted_excess_loss,
-    sharded_group_directional,
-    sharded_group_hessian_lambda_max,
-    sharded_group_hessian_trace,
-    sharded_predicted_excess_loss,
 )
+
+LOGGER = "lightning_fairprune.diagnostics.sharded_pass"
+
+
+def fd(**kw) -> FiniteDifference:
+    """The FSDP2 backend (central differences, gates) on plain parameters."""
+    return FiniteDifference(force=True, **kw)
+
 
 X = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 PRELU_W = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
@@ -191,16 +198,16 @@ def test_float32_relu_live_gates_fail_frozen_gates_agree_with_double_backward() 
     def rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a - b).abs() / b.abs()
 
-    live = sharded_predicted_excess_loss(m32, b32, delta, 10, gates="live")
-    live_trace = sharded_group_hessian_trace(m32, b32, 10, num_probes=4, gates="live")
+    live = predicted_excess_loss(m32, b32, delta, 10, finite_difference=fd(gates="live"))
+    live_trace = group_hessian_trace(m32, b32, 10, num_probes=4, finite_difference=fd(gates="live"))
     assert float(rel(live, ref_pred).max()) > 1.0  # some group is off by more than 100 %
     assert float(rel(live_trace.probe_values, ref_trace).max()) > 1.0
-    frozen = sharded_predicted_excess_loss(m32, b32, delta, 10)
-    frozen_trace = sharded_group_hessian_trace(m32, b32, 10, num_probes=4)
+    frozen = predicted_excess_loss(m32, b32, delta, 10, finite_difference=fd())
+    frozen_trace = group_hessian_trace(m32, b32, 10, num_probes=4, finite_difference=fd())
     assert float(rel(frozen, ref_pred).max()) < 5e-3
     assert float(rel(frozen_trace.probe_values, ref_trace).max()) < 1e-2
     # the linear term comes from the pass at θ: the gradient itself, not (plus + minus) / 2
-    res = sharded_group_directional(m32, b32, 10, delta)
+    res = group_directional(m32, b32, 10, delta, finite_difference=fd())
     m64 = copy.deepcopy(m32).double()
     flat = delta["0.weight"].double().flatten()
     for a in range(10):
@@ -218,15 +225,11 @@ def test_float32_relu_live_gates_fail_frozen_gates_agree_with_double_backward() 
 
 
 def test_gates_argument_is_validated() -> None:
-    model, batches = _fitted_relu_mlp()
-    d = {"0.weight": torch.ones_like(model[0].weight)}
     match = r"Expected `gates` to be one of \('frozen', 'live'\), but got 'off'"
     with pytest.raises(ValueError, match=match):
-        sharded_group_directional(model, batches, 10, d, gates="off")
-    with pytest.raises(ValueError, match=match):
-        sharded_group_hessian_trace(model, batches, 10, gates="off")
-    with pytest.raises(ValueError, match=match):
-        sharded_predicted_excess_loss(model, batches, d, 10, gates="off")
+        FiniteDifference(gates="off")
+    with pytest.raises(TypeError, match="Expected `force` to be a bool"):
+        FiniteDifference(force=1)
 
 
 # ------------------------------------------------------------ gate memory (per-chunk mode)
@@ -255,12 +258,12 @@ def _relu_pool_cnn():
 
 
 def _gate_runs(model, batches, delta, gate_memory):
-    kw = {"gate_memory": gate_memory, "chunk_size": 3}
+    kw = {"finite_difference": fd(gate_memory=gate_memory), "chunk_size": 3}
     return {
-        "trace": sharded_group_hessian_trace(model, batches, 3, num_probes=2, seed=1, **kw),
-        "predicted": sharded_predicted_excess_loss(model, batches, delta, 3, **kw),
-        "lambda_max": sharded_group_hessian_lambda_max(model, batches, 3, iterations=2, **kw),
-        "directional": sharded_group_directional(model, batches, 3, [delta, delta], **kw),
+        "trace": group_hessian_trace(model, batches, 3, num_probes=2, seed=1, **kw),
+        "predicted": predicted_excess_loss(model, batches, delta, 3, **kw),
+        "lambda_max": group_hessian_lambda_max(model, batches, 3, iterations=2, **kw),
+        "directional": group_directional(model, batches, 3, [delta, delta], **kw),
     }
 
 
@@ -280,8 +283,7 @@ def _logged(caplog: pytest.LogCaptureFixture) -> list[tuple[str, int, int, int]]
 def test_per_chunk_gates_equal_stored_gates_bitwise(caplog: pytest.LogCaptureFixture) -> None:
     model, batches, delta = _relu_pool_cnn()
     before = [p.detach().clone() for p in model.parameters()]
-    logger = "lightning_fairprune.diagnostics.sharded"
-    with caplog.at_level(logging.DEBUG, logger=logger):
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
         stored = _gate_runs(model, batches, delta, None)
         stored_log = _logged(caplog)
         caplog.clear()
@@ -296,7 +298,8 @@ def test_per_chunk_gates_equal_stored_gates_bitwise(caplog: pytest.LogCaptureFix
         )
     assert stored["directional"].gate_mode == "stored"
     assert chunked["directional"].gate_mode == "per_chunk"
-    live = sharded_group_directional(model, batches, 3, delta, gates="live", gate_memory=0)
+    live_fd = fd(gates="live", gate_memory=0)
+    live = group_directional(model, batches, 3, delta, finite_difference=live_fd)
     assert live.gate_mode == "live"
     assert not torch.equal(live.quadratic, stored["directional"].quadratic[:, :1])  # kinks count
     # what was held: stored, the gates of all the data; per chunk, one chunk's
@@ -314,14 +317,15 @@ def test_per_chunk_gates_equal_stored_gates_bitwise(caplog: pytest.LogCaptureFix
 
 def test_gate_memory_budget_picks_the_mode(caplog: pytest.LogCaptureFixture) -> None:
     model, batches, delta = _relu_pool_cnn()
-    logger = "lightning_fairprune.diagnostics.sharded"
-    with caplog.at_level(logging.DEBUG, logger=logger):
-        default = sharded_group_directional(model, batches, 3, delta, chunk_size=3)
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        default = group_directional(model, batches, 3, delta, chunk_size=3, finite_difference=fd())
         ((_, estimate, _, _),) = _logged(caplog)
     assert default.gate_mode == "stored"  # a few KB within the default 1 GiB
-    fits = sharded_group_directional(model, batches, 3, delta, chunk_size=3, gate_memory=estimate)
-    over = sharded_group_directional(
-        model, batches, 3, delta, chunk_size=3, gate_memory=estimate - 1
+    fits = group_directional(
+        model, batches, 3, delta, chunk_size=3, finite_difference=fd(gate_memory=estimate)
+    )
+    over = group_directional(
+        model, batches, 3, delta, chunk_size=3, finite_difference=fd(gate_memory=estimate - 1)
     )
     assert (fits.gate_mode, over.gate_mode) == ("stored", "per_chunk")
     assert torch.equal(fits.quadratic, over.quadratic)
@@ -329,16 +333,9 @@ def test_gate_memory_budget_picks_the_mode(caplog: pytest.LogCaptureFixture) -> 
 
 @pytest.mark.parametrize("value", [-1, 1.5, True, "1GB"])
 def test_gate_memory_is_validated(value: object) -> None:
-    model, batches, delta = _relu_pool_cnn()
     match = re.escape(f"Expected `gate_memory` to be None or an int >= 0, but got {value!r}")
     with pytest.raises(ValueError, match=match):
-        sharded_group_directional(model, batches, 3, delta, gate_memory=value)
-    with pytest.raises(ValueError, match=match):
-        sharded_group_hessian_trace(model, batches, 3, gate_memory=value)
-    with pytest.raises(ValueError, match=match):
-        sharded_predicted_excess_loss(model, batches, delta, 3, gate_memory=value)
-    with pytest.raises(ValueError, match=match):
-        sharded_group_hessian_lambda_max(model, batches, 3, gate_memory=value)
+        FiniteDifference(gate_memory=value)
 
 
 @pytest.mark.parametrize("gate_memory", [None, 0])
@@ -360,13 +357,12 @@ def test_weights_restored_bitwise_when_a_pass_fails(gate_memory: int | None, fai
             raise RuntimeError("boom")
         return net(x)
 
+    kw = {"finite_difference": fd(gate_memory=gate_memory)}
     with pytest.raises(RuntimeError, match="boom"):
-        sharded_predicted_excess_loss(
-            model, batches, delta, 3, chunk_size=3, gate_memory=gate_memory, forward_fn=forward_fn
-        )
+        predicted_excess_loss(model, batches, delta, 3, chunk_size=3, forward_fn=forward_fn, **kw)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert all(p.grad is None for p in model.parameters())
     # and the next measurement runs normally, with the same result as a fresh model
-    res = sharded_predicted_excess_loss(model, batches, delta, 3, gate_memory=gate_memory)
+    res = predicted_excess_loss(model, batches, delta, 3, **kw)
     fresh, _, _ = _relu_pool_cnn()
-    assert torch.equal(res, sharded_predicted_excess_loss(fresh, batches, delta, 3))
+    assert torch.equal(res, predicted_excess_loss(fresh, batches, delta, 3, finite_difference=fd()))

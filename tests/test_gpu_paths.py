@@ -356,7 +356,7 @@ def test_group_gradient_norms_budget_errors():
 def test_batched_hutchinson_equals_sequential_and_exact_trace():
     from torch.func import functional_call, hessian
 
-    from lightning_fairprune.diagnostics.curvature import group_hessian_trace, rademacher_probes
+    from lightning_fairprune.diagnostics import group_hessian_trace, rademacher_probes
 
     model = _bn_cnn()
     x, y, g = _group_data(n=48, num_groups=3)
@@ -393,7 +393,7 @@ def test_batched_hutchinson_equals_sequential_and_exact_trace():
 
 
 def test_probes_identical_whatever_the_chunking_and_balanced():
-    from lightning_fairprune.diagnostics.curvature import rademacher_probes
+    from lightning_fairprune.diagnostics import rademacher_probes
 
     full = rademacher_probes(8, 1000, seed=11)
     parts = torch.cat([rademacher_probes(3, 1000, 11), rademacher_probes(5, 1000, 11, start=3)])

@@ -2,7 +2,8 @@
 
 The sharded runs live in ``fsdp_hvp_script.py`` (2 gloo CPU processes); the references are
 exact per-group Hessians from `torch.func.hessian` on the gathered float64 model and the union
-of both processes' data, and the unsharded double-backward cores with the same probes.
+of both processes' data, and the double-backward backend with the same probes. On one process
+the FSDP2 backend runs on plain parameters with ``FiniteDifference(force=True)``.
 """
 
 from __future__ import annotations
@@ -22,18 +23,21 @@ from torch import nn
 from torch.func import functional_call, grad, hessian
 
 from lightning_fairprune.diagnostics import (
+    FiniteDifference,
+    group_directional,
     group_hessian_lambda_max,
     group_hessian_trace,
     local_rademacher_probes,
     predicted_excess_loss,
     rademacher_probes,
-    sharded_group_directional,
-    sharded_group_hessian_lambda_max,
-    sharded_group_hessian_trace,
-    sharded_predicted_excess_loss,
 )
 
 HERE = Path(__file__).parent
+FD = FiniteDifference(force=True)  # the FSDP2 backend (central differences) on plain parameters
+
+
+def fd(**kw) -> FiniteDifference:
+    return FiniteDifference(force=True, **kw)
 
 
 def _exact(model: nn.Module, batches, names: list[str], num_groups: int, loss=None):
@@ -101,7 +105,9 @@ def test_single_process_trace_and_predicted_equal_exact_hessians() -> None:
     size = sum(p.numel() for p in model.parameters())
     probes = rademacher_probes(3, size, seed=2, dtype=torch.float64)
     before = [p.detach().clone() for p in model.parameters()]
-    res = sharded_group_hessian_trace(model, batches, 2, num_probes=3, seed=2, chunk_size=3)
+    res = group_hessian_trace(
+        model, batches, 2, num_probes=3, seed=2, chunk_size=3, finite_difference=FD
+    )
     ref = torch.stack([torch.einsum("kp,pq,kq->k", probes, h, probes) for _, h in exact])
     assert torch.allclose(res.probe_values, ref, rtol=1e-6, atol=0)
     assert torch.allclose(res.trace, ref.mean(1), rtol=1e-6)
@@ -114,7 +120,7 @@ def test_single_process_trace_and_predicted_equal_exact_hessians() -> None:
     flat = torch.cat(
         [delta.get(n, torch.zeros_like(p)).reshape(-1) for n, p in model.named_parameters()]
     )
-    pred = sharded_predicted_excess_loss(model, batches, delta, 2)
+    pred = predicted_excess_loss(model, batches, delta, 2, finite_difference=FD)
     want = torch.stack([gr @ flat + 0.5 * flat @ h @ flat for gr, h in exact])
     assert torch.allclose(pred, want, rtol=1e-6, atol=1e-12)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
@@ -133,7 +139,9 @@ def test_quadratic_loss_is_exact_for_any_step() -> None:
     names = ["weight", "bias"]
     exact = _exact(model, batches, names, 2, loss=lambda o, t: loss(o, t).mean())
     d = {"weight": torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)}
-    res = sharded_group_directional(model, batches, 2, d, eps=0.5, params=names, loss_fn=loss)
+    res = group_directional(
+        model, batches, 2, d, params=names, loss_fn=loss, finite_difference=fd(eps=0.5)
+    )
     flat = torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=torch.float64)
     quad = torch.stack([flat @ h @ flat for _, h in exact])
     lin = torch.stack([gr @ flat for gr, _ in exact])
@@ -147,15 +155,19 @@ def test_directional_validation() -> None:
     model, batches = _tiny()
     w = torch.ones(5, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"Expected `eps` to be None or a float in \(0, 1\)"):
-        sharded_group_directional(model, batches, 2, {"0.weight": w}, eps=2.0)
+        FiniteDifference(eps=2.0)
     with pytest.raises(ValueError, match=r"Expected `directions\['0.weight'\]` to have the shape"):
-        sharded_group_directional(model, batches, 2, {"0.weight": torch.ones(3)})
+        group_directional(model, batches, 2, {"0.weight": torch.ones(3)}, finite_difference=FD)
     with pytest.raises(ValueError, match="Expected the keys of `directions`"):
-        sharded_group_directional(model, batches, 2, {"0.weight": w}, params=["2.weight"])
+        group_directional(model, batches, 2, {"0.weight": w}, params=["2.weight"])
     with pytest.raises(TypeError, match="Expected `directions` to be a mapping"):
-        sharded_group_directional(model, batches, 2, [])
+        group_directional(model, batches, 2, [], finite_difference=FD)
     with pytest.raises(ValueError, match="Expected `num_probes` to be an int >= 1"):
-        sharded_group_hessian_trace(model, batches, 2, num_probes=0)
+        group_hessian_trace(model, batches, 2, num_probes=0, finite_difference=FD)
+    with pytest.raises(ValueError, match="Expected `probes` to be None"):
+        group_hessian_trace(model, batches, 2, probes=torch.ones(2, 53), finite_difference=FD)
+    with pytest.raises(TypeError, match="Expected `finite_difference` to be None or a"):
+        group_hessian_trace(model, batches, 2, finite_difference={"force": True})
 
 
 def _as_batches(rows):
@@ -304,8 +316,8 @@ def test_lambda_max_equals_the_unsharded_iterates(iterations: int) -> None:
     model, batches = _relu_tiny()
     before = [p.detach().clone() for p in model.parameters()]
     ref = group_hessian_lambda_max(model, batches, 3, iterations=iterations, seed=4)
-    got = sharded_group_hessian_lambda_max(
-        model, batches, 3, iterations=iterations, seed=4, chunk_size=4
+    got = group_hessian_lambda_max(
+        model, batches, 3, iterations=iterations, seed=4, chunk_size=4, finite_difference=FD
     )
     assert got.dtype == torch.float64
     assert got.shape == (3,)
@@ -318,15 +330,18 @@ def test_lambda_max_equals_the_unsharded_iterates(iterations: int) -> None:
 
 
 def test_lambda_max_start_vectors_are_sliceable_rademacher_rows() -> None:
-    from lightning_fairprune.diagnostics.sharded import _start_vectors
-
-    model, _ = _relu_tiny()
-    named = list(model.named_parameters())
-    size = sum(p.numel() for _, p in named)
-    parts = _start_vectors(named, 3, seed=4, group=None)
+    """One iteration is the Rayleigh quotient of the start vector: row a of the probes / √P."""
+    model, batches = _relu_tiny()
+    names = [n for n, _ in model.named_parameters()]
+    size = sum(p.numel() for p in model.parameters())
     rows = rademacher_probes(3, size, seed=5, dtype=torch.float64) / math.sqrt(size)
-    for a in range(3):
-        assert torch.equal(torch.cat([t.flatten() for t in parts[a]]), rows[a])
+    exact = _exact(model, batches, names, 3)
+    want = torch.stack([rows[a] @ h @ rows[a] for a, (_, h) in enumerate(exact)])
+    for backend in (None, FD):
+        got = group_hessian_lambda_max(
+            model, batches, 3, iterations=1, seed=4, finite_difference=backend
+        )
+        assert torch.allclose(got, want, rtol=1e-6, atol=0)
 
 
 def test_lambda_max_converges_to_the_exact_top_eigenvalue() -> None:
@@ -334,7 +349,9 @@ def test_lambda_max_converges_to_the_exact_top_eigenvalue() -> None:
     names = [n for n, _ in model.named_parameters()]
     exact = _exact(model, batches, names, 2)
     for gates in ("frozen", "live"):
-        lam = sharded_group_hessian_lambda_max(model, batches, 2, iterations=150, gates=gates)
+        lam = group_hessian_lambda_max(
+            model, batches, 2, iterations=150, finite_difference=fd(gates=gates)
+        )
         for a, (_, h) in enumerate(exact):
             eig = torch.linalg.eigvalsh(h)
             top = eig[eig.abs().argmax()]
@@ -344,11 +361,11 @@ def test_lambda_max_converges_to_the_exact_top_eigenvalue() -> None:
 def test_lambda_max_validation_and_missing_groups() -> None:
     model, batches = _tiny()
     with pytest.raises(ValueError, match="Expected `iterations` to be an int >= 1"):
-        sharded_group_hessian_lambda_max(model, batches, 2, iterations=0)
+        group_hessian_lambda_max(model, batches, 2, iterations=0, finite_difference=FD)
     with pytest.raises(ValueError, match=r"Expected `gates` to be one of \('frozen', 'live'\)"):
-        sharded_group_hessian_lambda_max(model, batches, 2, gates="none")
-    with pytest.warns(UserWarning, match="sharded_group_hessian_lambda_max"):
-        lam = sharded_group_hessian_lambda_max(model, batches, 3, iterations=2)
+        fd(gates="none")
+    with pytest.warns(UserWarning, match=r"group_hessian_lambda_max: group\(s\) \[2\]"):
+        lam = group_hessian_lambda_max(model, batches, 3, iterations=2, finite_difference=FD)
     ref = group_hessian_lambda_max(model, batches, 2, iterations=2)
     assert math.isnan(float(lam[2]))
     assert torch.allclose(lam[:2], ref, rtol=1e-6)

@@ -2,7 +2,8 @@
 
 The sharded runs live in ``fsdp_diag_script.py`` (subprocesses); the references are the
 unsharded cores on the gathered weights and the union of both processes' data, plus a naive
-per-group ``torch.autograd`` loop for the gradient norms.
+per-group ``torch.autograd`` loop for the gradient norms. On one process the FSDP2 backend runs
+on plain parameters with ``FiniteDifference(force=True)``.
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ import torch
 from _ddp import run_ddp
 from torch import nn
 
-from lightning_fairprune.diagnostics import group_gradient_norms, measure_groups
-from lightning_fairprune.diagnostics.sharded import (
-    has_dtensor_params,
-    sharded_group_gradient_norms,
-    sharded_measure_groups,
+from lightning_fairprune.diagnostics import (
+    FiniteDifference,
+    group_gradient_norms,
+    measure_groups,
 )
+from lightning_fairprune.diagnostics.passes import PassRequest, run_pass
+from lightning_fairprune.distributed import is_sharded
 
 HERE = Path(__file__).parent
+FSDP_BACKEND = FiniteDifference(force=True)  # the FSDP2 backend on plain parameters
 
 
 def _naive_norms(model: nn.Module, batches, names, num_groups: int) -> list[float]:
@@ -53,10 +56,10 @@ def test_single_process_equals_unsharded_core() -> None:
         (torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 3, (n,)), torch.arange(n) % 3)
         for n in (7, 4)
     ]
-    res = sharded_group_gradient_norms(model, batches, 3, chunk_size=2)
+    res = group_gradient_norms(model, batches, 3, chunk_size=2, finite_difference=FSDP_BACKEND)
     naive = _naive_norms(model, batches, [n for n, _ in model.named_parameters()], 3)
     assert res.norms.tolist() == pytest.approx(naive, rel=1e-12)
-    meas = sharded_measure_groups(model, batches, 3, None)
+    meas = measure_groups(model, batches, 3, None, finite_difference=FSDP_BACKEND)
     ref = measure_groups(model, batches, 3, None)
     assert torch.equal(meas.support, ref.support)
     assert torch.equal(meas.confusion, ref.confusion)
@@ -64,18 +67,23 @@ def test_single_process_equals_unsharded_core() -> None:
     assert torch.allclose(meas.grad_norms, ref.grad_norms, rtol=1e-12)
     assert meas.hessian_trace is None
     assert meas.predicted_excess_loss is None
-    assert not has_dtensor_params(model.parameters())
+    assert not is_sharded(model.parameters())
 
 
 def test_sharded_validation() -> None:
     model = nn.Linear(3, 2)
     batch = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 0, 1]))]
+    kw = {"finite_difference": FSDP_BACKEND}
     with pytest.raises(ValueError, match="Expected `num_groups` to be an int >= 1"):
-        sharded_group_gradient_norms(model, batch, 0)
+        group_gradient_norms(model, batch, 0, **kw)
     with pytest.raises(ValueError, match="re-iterable"):
-        sharded_group_gradient_norms(model, iter(batch), 2)
+        group_gradient_norms(model, iter(batch), 2, **kw)
     with pytest.raises(ValueError, match="at least one sample on every process"):
-        sharded_group_gradient_norms(model, [(torch.zeros(0, 3), torch.zeros(0).long())], 2)
+        group_gradient_norms(model, [(torch.zeros(0, 3), torch.zeros(0).long())], 2, **kw)
+    named = list(model.named_parameters())
+    for request in (PassRequest(grad_sums=True), PassRequest(fisher_diag=True)):
+        with pytest.raises(ValueError, match="a measurement the FSDP2 backend supports"):
+            run_pass(model, batch, 2, named, request, finite_difference=FSDP_BACKEND)
 
 
 def test_fsdp_cores_equal_unsharded(tmp_path: Path) -> None:

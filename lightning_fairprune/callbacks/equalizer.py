@@ -428,10 +428,7 @@ class GroupEqualizer(Callback):
         return int(trainer.global_step) % max(1, every) == 0
 
     def _group_keys(self, num_groups: int) -> list[str]:
-        from lightning_fairprune.diagnostics.group_metrics import (
-            group_slugs,
-            normalize_group_names,
-        )
+        from lightning_fairprune.diagnostics.groups import group_slugs, normalize_group_names
 
         return group_slugs(normalize_group_names(self.group_names, num_groups))
 

@@ -57,7 +57,8 @@ from typing_extensions import override
 from lightning_fairprune import logging as fp_logging
 from lightning_fairprune.callbacks.events import PruningEvent, find_pruner, schedule_complete
 from lightning_fairprune.checks import check_bool, check_callable, check_int, check_real
-from lightning_fairprune.diagnostics.sharded import GATE_MEMORY
+from lightning_fairprune.diagnostics.curvature import measure_groups
+from lightning_fairprune.diagnostics.sharded_pass import GATE_MEMORY, FiniteDifference
 from lightning_fairprune.fairness_data import FairnessBatches, FairnessData, agree
 from lightning_fairprune.history import (
     HISTORY_FILENAME,
@@ -344,7 +345,6 @@ class FairnessMonitor(Callback):
         self._pre_round: dict[str, Tensor] | None = None
         self._file: HistoryFile | None = None
         self._warned_small = False
-        self._sharded = False  # the measured parameters are FSDP2 DTensors
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
@@ -423,7 +423,7 @@ class FairnessMonitor(Callback):
     # ---------------------------------------------------------------- groups and metrics
     def _check_group_names(self, names: Any) -> list[str] | None:
         """Names known at construction (``None``: resolved when G is known)."""
-        from lightning_fairprune.diagnostics.group_metrics import (
+        from lightning_fairprune.diagnostics.groups import (
             normalize_group_names,
             product_group_names,
         )
@@ -468,7 +468,7 @@ class FairnessMonitor(Callback):
 
     def resolved_group_names(self) -> list[str] | None:
         """The group names in use (known once the number of groups is)."""
-        from lightning_fairprune.diagnostics.group_metrics import normalize_group_names
+        from lightning_fairprune.diagnostics.groups import normalize_group_names
 
         if self._num_groups is None:
             return self._names
@@ -831,33 +831,31 @@ class FairnessMonitor(Callback):
         moment: str,
         event: PruningEvent | None,
     ) -> dict[str, Any]:
-        from lightning_fairprune.diagnostics.sharded import has_dtensor_params
-
         batches = self._batches(trainer, model)
         num_classes, num_groups = self._resolve_sizes(model, batches, classes=False)
         names = self._resolve_param_names(trainer, model)
         named = dict(model.named_parameters())
-        params = {n: named[n] for n in names}
-        reduce_fn = self._reduce_fn(trainer)
-        common: dict[str, Any] = {
-            "params": params,
-            "loss_fn": self.loss_fn,
-            "forward_fn": self.forward_fn,
-            "reduce_fn": reduce_fn,
-        }
-
-        self._sharded = has_dtensor_params(params.values())
+        pre = self._pre_round if moment == "after_round" and self.predict_excess_loss else None
         label = "FairnessMonitor" if self.name is None else f"FairnessMonitor[{self.name}]"
         with track(batches, desc=f"{label}: {moment}", enabled=progress_enabled(trainer)) as it:
-            if self._sharded:  # FSDP2: no double backward; finite-difference curvature
-                measurement, predicted = self._measure_sharded(
-                    model, it, num_groups, num_classes, common, moment
-                )
-            else:
-                measurement, predicted = self._measure_plain(
-                    model, it, num_groups, num_classes, params, common, moment
-                )
+            measurement = measure_groups(  # plain or FSDP2-sharded parameters alike
+                model,
+                it,
+                num_groups,
+                num_classes,
+                params={n: named[n] for n in names},
+                num_probes=self.num_probes,
+                lambda_max_iterations=self.lambda_max_iterations,
+                pre=pre,
+                seed=self.seed,
+                loss_fn=self.loss_fn,
+                forward_fn=self.forward_fn,
+                reduce_fn=self._reduce_fn(trainer),
+                gradients=self.gradient_norms,
+                finite_difference=FiniteDifference(gate_memory=self.gate_memory),
+            )
             metrics = self._user_metrics(trainer, model, it, num_groups) if self.metrics else None
+        predicted = measurement.predicted_excess_loss
         self._num_classes = int(measurement.support.shape[1])  # from the measurement's logits
         record = make_record(
             measurement,
@@ -878,159 +876,6 @@ class FairnessMonitor(Callback):
         )
         record["metrics"] = metrics
         return record
-
-    def _measure_plain(
-        self,
-        model: nn.Module,
-        batches: FairnessBatches,
-        num_groups: int,
-        num_classes: int | None,
-        params: dict[str, nn.Parameter],
-        common: dict[str, Any],
-        moment: str,
-    ) -> tuple[Any, Tensor | None]:
-        """`measure_groups` (and λ_max, the predicted excess loss) on unsharded parameters."""
-        from lightning_fairprune.diagnostics import measure_groups
-
-        predicted = None
-        pre = self._pre_round
-        if moment == "after_round" and self.predict_excess_loss and pre is not None:
-            predicted = self._predicted(model, batches, num_groups, params, common, pre)
-
-        measurement = measure_groups(
-            model,
-            batches,
-            num_groups,
-            num_classes,
-            num_probes=self.num_probes,
-            seed=self.seed,
-            gradients=self.gradient_norms,
-            **common,
-        )
-        if self.lambda_max_iterations:
-            from lightning_fairprune.diagnostics import group_hessian_lambda_max
-
-            with warnings.catch_warnings():  # absent groups were already reported above
-                warnings.simplefilter("ignore", UserWarning)
-                measurement.hessian_lambda_max = group_hessian_lambda_max(
-                    model,
-                    batches,
-                    num_groups,
-                    iterations=self.lambda_max_iterations,
-                    seed=self.seed,
-                    **common,
-                )
-        return measurement, predicted
-
-    def _measure_sharded(
-        self,
-        model: nn.Module,
-        batches: FairnessBatches,
-        num_groups: int,
-        num_classes: int | None,
-        common: dict[str, Any],
-        moment: str,
-    ) -> tuple[Any, Tensor | None]:
-        """FSDP2-sharded parameters: everything from local shards.
-
-        Forward-only sums and gradient norms (`sharded_measure_groups`), the Hutchinson trace
-        with its standard error (`sharded_group_hessian_trace`, the probes of the unsharded
-        path), the predicted excess loss (`sharded_predicted_excess_loss`) and λ_max
-        (`sharded_group_hessian_lambda_max`, the start vectors of the unsharded path), all by
-        central differences of sharded gradients with frozen gates (``(2 · num_probes + 1) ·
-        G``, ``3 · G`` and ``(2 · lambda_max_iterations + 1) · G`` sharded backward sets),
-        stored for the whole data within ``gate_memory``, else recomputed per chunk (same
-        results, one more no-grad forward per chunk).
-        """
-        from lightning_fairprune.diagnostics.sharded import (
-            sharded_group_hessian_lambda_max,
-            sharded_group_hessian_trace,
-            sharded_measure_groups,
-        )
-
-        params = common["params"]
-        predicted = None
-        pre = self._pre_round
-        if moment == "after_round" and self.predict_excess_loss and pre is not None:
-            predicted = self._predicted_sharded(model, batches, num_groups, params, pre)
-        measurement = sharded_measure_groups(
-            model,
-            batches,
-            num_groups,
-            num_classes,
-            params=params,
-            loss_fn=self.loss_fn,
-            forward_fn=self.forward_fn,
-            gradients=self.gradient_norms,
-        )
-        if self.num_probes > 0:
-            with warnings.catch_warnings():  # absent groups were already reported above
-                warnings.simplefilter("ignore", UserWarning)
-                trace = sharded_group_hessian_trace(
-                    model,
-                    batches,
-                    num_groups,
-                    num_probes=self.num_probes,
-                    seed=self.seed,
-                    gate_memory=self.gate_memory,
-                    params=params,
-                    loss_fn=self.loss_fn,
-                    forward_fn=self.forward_fn,
-                )
-            measurement.hessian_trace = trace.trace
-            measurement.hessian_trace_stderr = trace.stderr
-            measurement.num_probes = trace.num_probes
-        if self.lambda_max_iterations > 0:
-            with warnings.catch_warnings():  # absent groups were already reported above
-                warnings.simplefilter("ignore", UserWarning)
-                measurement.hessian_lambda_max = sharded_group_hessian_lambda_max(
-                    model,
-                    batches,
-                    num_groups,
-                    iterations=self.lambda_max_iterations,
-                    seed=self.seed,
-                    gate_memory=self.gate_memory,
-                    params=params,
-                    loss_fn=self.loss_fn,
-                    forward_fn=self.forward_fn,
-                )
-        return measurement, predicted
-
-    def _predicted_sharded(
-        self,
-        model: nn.Module,
-        batches: Iterable[Any],
-        num_groups: int,
-        params: dict[str, nn.Parameter],
-        pre: dict[str, Tensor],
-    ) -> Tensor:
-        """`_predicted` on local shards: δ = θ̄ − θ_pre per shard, measured at θ_pre."""
-        from lightning_fairprune.diagnostics.sharded import sharded_predicted_excess_loss
-        from lightning_fairprune.dtensor import local_tensor
-
-        shards = {n: local_tensor(params[n]) for n in pre}
-        post = {n: shards[n].detach().clone() for n in pre}
-        delta = {n: post[n] - pre[n] for n in pre}
-        try:
-            with torch.no_grad():
-                for n in pre:
-                    shards[n].copy_(pre[n])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                return sharded_predicted_excess_loss(
-                    model,
-                    batches,
-                    delta,
-                    num_groups,
-                    gate_memory=self.gate_memory,
-                    params=list(pre),
-                    loss_fn=self.loss_fn,
-                    forward_fn=self.forward_fn,
-                )
-        finally:
-            with torch.no_grad():
-                for n in pre:
-                    shards[n].copy_(post[n])
 
     def _user_metrics(
         self,
@@ -1055,40 +900,12 @@ class FairnessMonitor(Callback):
         )
         return {name: to_plain(value) for name, value in values.items()}
 
-    def _predicted(
-        self,
-        model: nn.Module,
-        batches: Iterable[Any],
-        num_groups: int,
-        params: dict[str, nn.Parameter],
-        common: dict[str, Any],
-        pre: dict[str, Tensor],
-    ) -> Tensor:
-        """g_aᵀδ + ½δᵀH_aδ at the pre-round weights for the round's step δ = θ̄ − θ_pre.
-
-        The pre-round values are loaded for the measurement and the pruned values restored
-        bit for bit afterwards (also on error).
-        """
-        from lightning_fairprune.diagnostics import predicted_excess_loss
-
-        post = {n: params[n].detach().clone() for n in pre}
-        delta = {n: post[n] - pre[n] for n in pre}
-        try:
-            with torch.no_grad():
-                for n in pre:
-                    params[n].copy_(pre[n])
-            return predicted_excess_loss(model, batches, delta, num_groups, **common)
-        finally:
-            with torch.no_grad():
-                for n in pre:
-                    params[n].copy_(post[n])
-
     def _snapshot(self, model: nn.Module) -> None:
         """Keep θ_pre of the measured parameters for the predicted excessive loss."""
         if not self.predict_excess_loss or self._param_names is None:
             self._pre_round = None
             return
-        from lightning_fairprune.dtensor import local_tensor
+        from lightning_fairprune.distributed import local_tensor
 
         named = dict(model.named_parameters())  # FSDP2: the local shards
         self._pre_round = {n: local_tensor(named[n]).detach().clone() for n in self._param_names}

@@ -48,6 +48,7 @@ from lightning_fairprune.checks import (
     check_sparsity,
     is_int,
 )
+from lightning_fairprune.diagnostics.statistics import GroupStatistics, group_statistics
 from lightning_fairprune.fairness_data import FairnessData, agree
 from lightning_fairprune.logging import log_config, log_scalars
 from lightning_fairprune.measure import (
@@ -57,13 +58,7 @@ from lightning_fairprune.measure import (
     task_gradients,
 )
 from lightning_fairprune.pruning.criteria import NEEDS_GRADIENTS, compute_scores, magnitude_scores
-from lightning_fairprune.pruning.fair_criteria import (
-    FAIR_CRITERIA,
-    GroupStatistics,
-    check_fair_options,
-    fair_masks,
-    group_statistics,
-)
+from lightning_fairprune.pruning.fair_criteria import FAIR_CRITERIA, check_fair_options, fair_masks
 from lightning_fairprune.pruning.masks import (
     MaskEnforcer,
     apply_masks,

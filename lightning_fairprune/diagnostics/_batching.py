@@ -5,6 +5,8 @@
 * `Regrouper`: reorders samples across batches into *pure-group chunks* of a fixed size, so
   that per-group forward/backward work processes every sample exactly once in full-size
   chunks (G groups cost about one pass, not G passes).
+* `VmapGrads`: gradient sums of several pure-group chunks (or per-sample gradients) in one
+  ``torch.func.vmap`` call.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from torch import Tensor, nn
 from lightning_fairprune.checks import check_labels
 
 Nested = Any  # a Tensor, or a tuple/list/dict of Nested
+LossFn = Callable[[Tensor, Tensor], Tensor]
+ForwardFn = Callable[[nn.Module, Nested], Tensor]
 
 
 def tree_map(fn: Callable[[Tensor], Tensor], x: Nested) -> Nested:
@@ -175,3 +179,87 @@ def default_forward(model: nn.Module, inputs: Nested) -> Tensor:
 def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """Per-sample cross-entropy ``[N]``."""
     return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+class _Forward(nn.Module):
+    """``forward_fn(model, inputs)`` as a module, so `functional_call` can swap parameters."""
+
+    def __init__(self, model: nn.Module, forward_fn: ForwardFn) -> None:
+        super().__init__()
+        self.m = model
+        self.forward_fn = forward_fn
+
+    def forward(self, inputs: Nested) -> Tensor:
+        return self.forward_fn(self.m, inputs)
+
+
+def _pad_stack(parts: list[Nested], index: list[Tensor]) -> Nested:
+    """Stack nested chunks to ``[B, L, ...]``, chunk j gathered at ``index[j]`` (padding)."""
+    head = parts[0]
+    if isinstance(head, Tensor):
+        return torch.stack(
+            [p.index_select(0, i.to(p.device)) for p, i in zip(parts, index, strict=True)]
+        )
+    if isinstance(head, Mapping):
+        return {k: _pad_stack([p[k] for p in parts], index) for k in head}
+    return type(head)(_pad_stack([p[i] for p in parts], index) for i in range(len(head)))
+
+
+class VmapGrads:
+    """Gradient sums of several pure-group chunks in one call: ``vmap`` of ``grad``.
+
+    Chunks are padded to the longest by repeating their own samples (finite, valid inputs)
+    with weight 0, so each chunk's gradient is exactly the sum over its real samples.
+    `stacked` takes chunks already stacked ``[B, L, ...]`` (``L = 1``: per-sample gradients).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        forward_fn: ForwardFn,
+        loss_fn: LossFn,
+        named: list[tuple[str, Tensor]],
+    ) -> None:
+        from torch.func import functional_call, grad, vmap
+
+        wrapped = _Forward(model, forward_fn)
+        names = ["m." + n for n, _ in named]
+        self.params = [p for _, p in named]
+
+        def total(pvals: tuple[Tensor, ...], x: Nested, y: Tensor, w: Tensor) -> Any:
+            out = functional_call(wrapped, dict(zip(names, pvals, strict=True)), (x,))
+            losses = loss_fn(out, y)
+            if not isinstance(losses, Tensor) or losses.shape != y.shape:
+                raise ValueError(
+                    f"Expected `loss_fn` to return per-sample losses of shape {tuple(y.shape)},"
+                    " but got"
+                    f" {tuple(losses.shape) if isinstance(losses, Tensor) else type(losses)}"
+                )
+            weighted = (losses * w).sum()
+            return weighted, (weighted.detach(), out.detach())
+
+        self.fn = vmap(grad(total, has_aux=True), in_dims=(None, 0, 0, 0))
+
+    def stacked(self, x: Nested, y: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``([B, P] gradient sums, [B] loss sums, [B, L, ...] outputs)`` of stacked chunks."""
+        pvals = tuple(p.detach() for p in self.params)
+        grads, (totals, outs) = self.fn(pvals, x, y, w.to(self.params[0].dtype))
+        b = y.shape[0]
+        return torch.cat([g.detach().reshape(b, -1) for g in grads], 1), totals, outs
+
+    def __call__(
+        self, chunks: list[tuple[int, Nested, Tensor]]
+    ) -> tuple[Tensor, list[int], Tensor, Tensor, Tensor]:
+        lengths = [int(y.shape[0]) for _, _, y in chunks]
+        width = max(lengths)
+        device = chunks[0][2].device
+        index = [torch.arange(width, device=device) % n for n in lengths]
+        x = _pad_stack([c[1] for c in chunks], index)
+        y = torch.stack([c[2].index_select(0, i) for c, i in zip(chunks, index, strict=True)])
+        w = (
+            torch.arange(width, device=device)[None, :]
+            < torch.tensor(lengths, device=device)[:, None]
+        )
+        grads, totals, outs = self.stacked(x, y, w)
+        ids = torch.tensor([a for a, _, _ in chunks], dtype=torch.int64)
+        return ids, lengths, grads, totals, outs

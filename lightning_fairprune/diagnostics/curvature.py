@@ -1,38 +1,39 @@
-"""Per-group gradient norms, Hessian traces and predicted excess loss (methods.md section 4).
+"""Per-group gradient norms, Hessian traces, λ_max and predicted excess loss (methods.md §4).
 
 For every group ``a`` with ``n_a`` samples, J_a(θ) is the group's *mean* loss. This module
 measures at the model's current weights:
 
 * ‖g_a‖ with g_a = ∇J_a = S_a / n_a, S_a the sum of per-sample gradients of group ``a``;
 * Tr(H_a) by Hutchinson, mean over Rademacher probes v_k of v_kᵀ H_a v_k, with its standard
-  error over probes; optionally λ_max(H_a) by power iteration;
-* the predicted excess loss g_aᵀδ + ½ δᵀ H_a δ of a weight change δ.
+  error over probes; λ_max(H_a) by power iteration;
+* g_aᵀd and dᵀH_a d along given directions, and the predicted excess loss
+  g_aᵀδ + ½ δᵀ H_a δ of a weight change δ;
+* `measure_groups`: counts, recall, losses and all of the above in as few passes as possible.
 
-How it stays cheap: samples are regrouped across batches into *pure-group chunks* of
-``chunk_size`` samples (default: the size of the first batch). Each chunk gets one forward
-pass and one backward of its summed loss (kept with ``create_graph=True`` when curvature is
-needed); the K Hessian-vector products of the Hutchinson probes reuse that graph by double
-backward. Every sample is therefore processed once, in full-size chunks, however many groups
-there are: about one forward+backward over the data for the gradient norms, about K HVPs for
-the trace. The price is memory: samples waiting for their group's chunk to fill (at most
-``num_groups * chunk_size`` samples) and one flat gradient sum per group (``[G, P]``).
+Each estimator is written once over the pass engine (`lightning_fairprune.diagnostics.passes`),
+whose backend the parameters select: plain tensors get pure-group chunks with double-backward
+Hessian-vector products (about one forward+backward over the data for the gradient norms,
+about K HVPs for a trace of K probes, whatever the number of groups); FSDP2-sharded DTensor
+parameters get lockstep per-group backward passes on local shards and central differences of
+sharded gradients (`~lightning_fairprune.diagnostics.sharded_pass.FiniteDifference`: step,
+frozen gates, gate memory). The same probes and start vectors (`rademacher_probes`) serve
+both backends, so both estimate the same quantities (to finite-difference accuracy).
 
-All accumulators are sums (per-group gradient sums, loss sums, counts, vᵀHv sums), so
-``reduce_fn`` (a function summing a tensor across processes, e.g. an all-reduce) turns
-per-process sums into global ones: N processes with the same probes give the numbers of one
-process over all the data.
-
-The model is put in eval mode (normalization layers use their running statistics, dropout
-off) and its modes restored afterwards; gradients are taken with `torch.autograd.grad`, so
-``.grad`` of every parameter is left untouched. Parameters selected while having
-``requires_grad=False`` are enabled for the measurement and restored.
+All accumulators are sums, so ``reduce_fn`` (a function summing a tensor across processes,
+e.g. an all-reduce) turns per-process sums into global ones on plain parameters: N processes
+with the same probes give the numbers of one process over all the data. On FSDP2-sharded
+parameters the sums are all-reduced over the DTensors' process group instead (``reduce_fn``
+is not used). Measurements run inside `lightning_fairprune.measure.isolated`: the model is in
+eval mode, and module modes, buffers, ``.grad``, ``requires_grad`` flags and RNG states are
+restored afterwards (selected frozen parameters get gradients for the measurement only).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -41,35 +42,43 @@ import torch
 from torch import Tensor, nn
 
 from lightning_fairprune.checks import check_int
-from lightning_fairprune.diagnostics._batching import (
-    Nested,
-    Regrouper,
-    check_groups,
-    check_targets,
-    default_forward,
-    default_loss,
-    first_tensor,
-    split_batch,
-    tree_map,
+from lightning_fairprune.diagnostics.passes import (
+    Backend,
+    ForwardFn,
+    LossFn,
+    ParamsArg,
+    PassOptions,
+    PassRequest,
+    ReduceFn,
+    check_iterable,
+    check_pass_args,
+    local_directions,
+    open_pass,
+    probe_batch,
+    resolve_params,
+    resolve_strategy,
+    safe_div,
 )
+from lightning_fairprune.diagnostics.probes import Probes
 from lightning_fairprune.diagnostics.recall import accuracy as _accuracy
-from lightning_fairprune.diagnostics.recall import group_recall
+from lightning_fairprune.diagnostics.recall import group_recall, warn_missing
+from lightning_fairprune.diagnostics.sharded_pass import FiniteDifference
+from lightning_fairprune.distributed import local_tensor
 
 __all__ = [
+    "GroupDirectional",
     "GroupGradients",
     "GroupHessianTrace",
     "GroupMeasurement",
+    "group_directional",
     "group_gradient_norms",
+    "group_hessian_lambda_max",
     "group_hessian_trace",
     "measure_groups",
     "predicted_excess_loss",
-    "rademacher_probes",
 ]
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
-ForwardFn = Callable[[nn.Module, Nested], Tensor]
-ReduceFn = Callable[[Tensor], Tensor]
-ParamsArg = Mapping[str, Tensor] | Sequence[str] | None
+Directions = Mapping[str, Tensor]
 
 
 # --------------------------------------------------------------------------- results
@@ -92,7 +101,7 @@ class GroupGradients:
     @property
     def mean_loss(self) -> Tensor:
         """Mean loss J_a per group (NaN for missing groups)."""
-        return _safe_div(self.loss_sums, self.counts)
+        return safe_div(self.loss_sums, self.counts)
 
 
 @dataclass
@@ -117,6 +126,28 @@ class GroupHessianTrace:
 
 
 @dataclass
+class GroupDirectional:
+    """Result of `group_directional` (float64, CPU, indexed by group id).
+
+    Attributes:
+        linear: ``[G, K]`` g_aᵀd_k, g_a the gradient of group a's *mean* loss (NaN if missing).
+        quadratic: ``[G, K]`` d_kᵀH_a d_k (NaN if missing).
+        counts: ``[G]`` samples per group (all processes).
+        eps: ``[K]`` the finite-difference step ε_k along each direction (FSDP2 backend), or
+            None (double backward, exact).
+        gate_mode: how the gates of the finite differences ran: ``"stored"`` (frozen gates
+            of all the data held), ``"per_chunk"`` (recomputed per chunk, see
+            ``gate_memory``) or ``"live"``; None with double backward.
+    """
+
+    linear: Tensor
+    quadratic: Tensor
+    counts: Tensor
+    eps: Tensor | None = None
+    gate_mode: str | None = None
+
+
+@dataclass
 class GroupMeasurement:
     """Result of `measure_groups` (float64, CPU, indexed by group id; None = not measured).
 
@@ -133,8 +164,8 @@ class GroupMeasurement:
         hessian_trace_stderr: ``[G]`` its standard error, or None.
         num_probes: probes used for the trace (0 = none).
         predicted_excess_loss: ``[G]`` g_aᵀδ + ½ δᵀH_aδ, or None.
-        hessian_lambda_max: ``[G]`` top Hessian eigenvalue (filled by callers that run
-            `group_hessian_lambda_max`, e.g. `FairnessMonitor`), or None.
+        hessian_lambda_max: ``[G]`` top Hessian eigenvalue (``lambda_max_iterations``), or
+            None.
         confusion: ``[G, C, C]`` counts of (group, target class, predicted class), the input
             of `lightning_fairprune.diagnostics.group_metrics` (TPR, FPR, selection rate...).
     """
@@ -163,744 +194,33 @@ class GroupMeasurement:
 # --------------------------------------------------------------------------- helpers
 
 
-def _safe_div(num: Tensor, den: Tensor) -> Tensor:
-    den = den.to(torch.float64)
-    missing = den <= 0
-    out = num.to(torch.float64) / torch.where(missing, torch.ones_like(den), den)
-    return torch.where(missing, torch.full_like(out, math.nan), out)
-
-
-def _warn_missing(fn: str, counts: Tensor) -> None:
-    ids = (counts <= 0).nonzero().flatten().tolist()
-    if ids:
-        warnings.warn(
-            f"{fn}: group(s) {ids} have no samples in `batches`; reported as missing (NaN).",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
-def _check_positive_int(name: str, value: Any, allow_zero: bool = False) -> None:
-    check_int(value, name, 0 if allow_zero else 1)
-
-
-def _resolve_params(model: nn.Module, params: ParamsArg) -> list[tuple[str, Tensor]]:
-    """Selected (FQN, parameter) pairs in the model's registration order."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model)}")
-    named = dict(model.named_parameters())
-    if params is None:
-        chosen = [(n, p) for n, p in named.items() if p.requires_grad]
-    else:
-        if isinstance(params, Mapping):
-            wanted = list(params.keys())
-            for name, value in params.items():
-                if name in named and value is not named[name]:
-                    raise ValueError(
-                        f"Expected `params[{name!r}]` to be the model's parameter {name!r}, but"
-                        " got a different tensor"
-                    )
-        elif isinstance(params, str) or not isinstance(params, Sequence):
-            raise TypeError(
-                "Expected `params` to be None, a mapping FQN -> parameter or a sequence of"
-                f" parameter names, but got {type(params).__name__}"
-            )
-        else:
-            wanted = list(params)
-        unknown = [n for n in wanted if n not in named]
-        if unknown:
-            raise ValueError(
-                f"Expected `params` to name parameters of `model`, but got unknown {unknown}"
-            )
-        order = {n: i for i, n in enumerate(named)}
-        chosen = [(n, named[n]) for n in sorted(set(wanted), key=order.__getitem__)]
-    if not chosen:
-        raise ValueError(
-            "Expected at least one parameter to be selected (`params`, or model parameters with"
-            f" requires_grad=True), but got none (params={params!r})"
-        )
-    return chosen
-
-
-@contextmanager
-def _measurement_mode(model: nn.Module, params: list[Tensor]) -> Iterator[None]:
-    """Eval mode, grad enabled outside inference mode, selected params requiring grad."""
-    modes = [(m, m.training) for m in model.modules()]
-    frozen = [p for p in params if not p.requires_grad]
-    try:
-        model.eval()
-        for p in frozen:
-            p.requires_grad_(True)
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
-        for m, mode in modes:
-            m.training = mode
-
-
-def _flat(ts: Sequence[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in ts])
-
-
-def _parts(flat: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
-    sizes = [math.prod(s) for s in shapes]
-    return [v.view(s) for v, s in zip(flat.split(sizes), shapes, strict=True)]
-
-
-def _row_norms(rows: Tensor, block_elems: int = 1 << 22) -> Tensor:
-    """Euclidean norm of each row of ``[G, P]`` as float64, without a float64 copy.
-
-    Squares are summed in the rows' dtype (torch's reduction sums in blocks, so float32 keeps
-    about 1e-7 relative accuracy) a few rows at a time, bounding the temporary to
-    ``block_elems`` elements; converting all of ``[G, P]`` to float64 first was 10x slower.
-    Rows whose sum of squares overflows, or is small enough for subnormal squares to matter,
-    are recomputed in float64.
-    """
-    if rows.dtype == torch.float64:
-        return torch.linalg.vector_norm(rows, dim=1)
-    step = max(1, block_elems // max(1, rows.shape[1]))
-    sumsq = torch.cat([blk.square().sum(dim=1) for blk in rows.split(step)]).to(torch.float64)
-    info = torch.finfo(rows.dtype)
-    # squares beyond the dtype's range, or so small that subnormal squares lose accuracy:
-    # redo those (rare) rows in float64
-    redo = torch.isinf(sumsq) | (sumsq < info.tiny / info.eps * rows.shape[1])
-    if bool(redo.any()):
-        sumsq[redo] = rows[redo].to(torch.float64).square().sum(dim=1)
-    return sumsq.sqrt()
-
-
-def _apply_reduce(reduce_fn: ReduceFn | None, t: Tensor, name: str) -> Tensor:
-    if reduce_fn is None:
-        return t
-    out = reduce_fn(t)
-    if not isinstance(out, Tensor) or out.shape != t.shape:
-        raise ValueError(
-            f"Expected `reduce_fn` to return a tensor of shape {tuple(t.shape)} (the summed"
-            f" {name}), but got {type(out).__name__}"
-            + (f" of shape {tuple(out.shape)}" if isinstance(out, Tensor) else "")
-        )
-    return out
-
-
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x: Tensor, c: int) -> Tensor:
-    """``(x * c) mod 2**32`` for int64 ``x`` in [0, 2**32) without int64 overflow."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + torch.bitwise_left_shift((x * hi) & 0xFFFF, 16)) & _M32
-
-
-def _mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer hash (lowbias32 by C. Wellons) on int64 tensors in [0, 2**32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _mix32_int(x: int) -> int:
-    x &= _M32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def rademacher_probes(
-    num_probes: int,
-    size: int,
-    seed: int | torch.Generator = 0,
-    *,
-    start: int = 0,
-    offset: int = 0,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Rademacher (±1) probe vectors ``[num_probes, size]``, a pure function of the seed.
-
-    Entry ``i`` of probe ``k`` is a bit of an integer hash of ``(seed, start + k, offset + i)``
-    computed with integer tensor ops on ``device``: the same seed gives bit-identical probes
-    on every process and every device (CPU or GPU), nothing is generated on the host and
-    copied over, and probe ``k`` does not depend on how many probes are drawn at once
-    (``start`` continues a sequence).
-
-    Args:
-        num_probes: number of probes K.
-        size: length P of each (flattened) probe.
-        seed: a non-negative int seed (a CPU `torch.Generator` is accepted and consumed:
-            one int seed is drawn from it).
-        start: index of the first probe.
-        offset: element index of the first column: the result is columns
-            ``[offset, offset + size)`` of the probes of any longer length, so a process holding
-            a shard of the parameters builds exactly its slice of every probe.
-        device: where to build the probes (default CPU).
-        dtype: floating dtype of the result.
-
-    Returns:
-        ``[num_probes, size]`` tensor of ±1 values.
-
-    Example:
-        >>> v = rademacher_probes(3, 5, seed=0)
-        >>> v.shape, bool((v.abs() == 1).all())
-        (torch.Size([3, 5]), True)
-        >>> torch.equal(rademacher_probes(2, 5, seed=0, start=1), v[1:])
-        True
-        >>> torch.equal(rademacher_probes(3, 2, seed=0, offset=3), v[:, 3:])
-        True
-    """
-    if isinstance(seed, torch.Generator):
-        seed = int(torch.randint(0, 2**62, (1,), generator=seed))
-    _check_positive_int("seed", seed, allow_zero=True)
-    _check_positive_int("start", start, allow_zero=True)
-    _check_positive_int("offset", offset, allow_zero=True)
-    out = torch.empty(num_probes, size, dtype=dtype, device=device)
-    if num_probes == 0 or size == 0:
-        return out
-    idx = torch.arange(offset, offset + size, dtype=torch.int64, device=out.device)
-    low, high = idx & _M32, idx >> 32
-    seed_key = _mix32_int(_mix32_int(seed & _M32) ^ (seed >> 32))
-    for k in range(num_probes):
-        base = _mix32_int(seed_key + 0x9E3779B9 * (start + k + 1))
-        x = _mix32(low ^ base)
-        if offset + size > _M32:  # elements past 2**32 mix in their high bits
-            x = torch.where(high > 0, _mix32((x + high) & _M32), x)
-        # top bit -> ±1
-        torch.sub(1, (x >> 31).to(dtype), alpha=2, out=out[k])
-    return out
-
-
-_VMAP_SAMPLES = 2048  # samples per vmapped gradient call (several pure-group chunks)
-_STRATEGIES = ("auto", "loop", "batched")
-
-
-def _resolve_strategy(strategy: str, ref: Tensor) -> bool:
-    """True for the batched (vmap / is_grads_batched) paths: off the CPU when ``"auto"``."""
-    if strategy not in _STRATEGIES:
-        raise ValueError(f"Expected `strategy` to be one of {_STRATEGIES}, but got {strategy!r}")
-    if strategy == "auto":
-        return ref.device.type != "cpu"
-    return strategy == "batched"
-
-
-def _check_max_memory(max_memory: Any) -> None:
-    if max_memory is not None and (
-        isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1
-    ):
-        raise ValueError(
-            f"Expected `max_memory` to be None or a positive int (bytes), but got {max_memory!r}"
-        )
-
-
-def _probe_batch(max_memory: int | None, size: int, ref: Tensor, num_probes: int) -> int | None:
-    """Probes per batched double backward: probe, HVP and product buffers within the budget."""
-    _check_max_memory(max_memory)
-    if max_memory is None:
-        return None
-    return max(1, min(num_probes, max_memory // (3 * size * ref.element_size())))
-
-
-class _Forward(nn.Module):
-    """``forward_fn(model, inputs)`` as a module, so `functional_call` can swap parameters."""
-
-    def __init__(self, model: nn.Module, forward_fn: ForwardFn) -> None:
-        super().__init__()
-        self.m = model
-        self.forward_fn = forward_fn
-
-    def forward(self, inputs: Nested) -> Tensor:
-        return self.forward_fn(self.m, inputs)
-
-
-def _pad_stack(parts: list[Nested], index: list[Tensor]) -> Nested:
-    """Stack nested chunks to ``[B, L, ...]``, chunk j gathered at ``index[j]`` (padding)."""
-    head = parts[0]
-    if isinstance(head, Tensor):
-        return torch.stack(
-            [p.index_select(0, i.to(p.device)) for p, i in zip(parts, index, strict=True)]
-        )
-    if isinstance(head, Mapping):
-        return {k: _pad_stack([p[k] for p in parts], index) for k in head}
-    return type(head)(_pad_stack([p[i] for p in parts], index) for i in range(len(head)))
-
-
-class _VmapGrads:
-    """Gradient sums of several pure-group chunks in one call: ``vmap`` of ``grad``.
-
-    Chunks are padded to the longest by repeating their own samples (finite, valid inputs)
-    with weight 0, so each chunk's gradient is exactly the sum over its real samples.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        forward_fn: ForwardFn,
-        loss_fn: LossFn,
-        named: list[tuple[str, Tensor]],
-    ) -> None:
-        from torch.func import functional_call, grad, vmap
-
-        wrapped = _Forward(model, forward_fn)
-        names = ["m." + n for n, _ in named]
-        self.params = [p for _, p in named]
-
-        def total(pvals: tuple[Tensor, ...], x: Nested, y: Tensor, w: Tensor) -> Any:
-            out = functional_call(wrapped, dict(zip(names, pvals, strict=True)), (x,))
-            losses = loss_fn(out, y)
-            if not isinstance(losses, Tensor) or losses.shape != y.shape:
-                raise ValueError(
-                    f"Expected `loss_fn` to return per-sample losses of shape {tuple(y.shape)},"
-                    " but got"
-                    f" {tuple(losses.shape) if isinstance(losses, Tensor) else type(losses)}"
-                )
-            weighted = (losses * w).sum()
-            return weighted, (weighted.detach(), out.detach())
-
-        self.fn = vmap(grad(total, has_aux=True), in_dims=(None, 0, 0, 0))
-
-    def __call__(
-        self, chunks: list[tuple[int, Nested, Tensor]]
-    ) -> tuple[Tensor, list[int], Tensor, Tensor, Tensor]:
-        lengths = [int(y.shape[0]) for _, _, y in chunks]
-        width = max(lengths)
-        device = chunks[0][2].device
-        index = [torch.arange(width, device=device) % n for n in lengths]
-        x = _pad_stack([c[1] for c in chunks], index)
-        y = torch.stack([c[2].index_select(0, i) for c, i in zip(chunks, index, strict=True)])
-        ref = self.params[0]
-        w = (
-            torch.arange(width, device=device)[None, :]
-            < torch.tensor(lengths, device=device)[:, None]
-        )
-        pvals = tuple(p.detach() for p in self.params)
-        grads, (loss_totals, outs) = self.fn(pvals, x, y, w.to(ref.dtype))
-        b = len(chunks)
-        flat = torch.cat([g.reshape(b, -1) for g in grads], 1)
-        ids = torch.tensor([a for a, _, _ in chunks], dtype=torch.int64)
-        return ids, lengths, flat, loss_totals, outs
-
-
-# --------------------------------------------------------------------------- the engine
-
-_NONFINITE = (
-    "Expected finite losses, but `loss_fn` returned NaN or inf (check the model weights and inputs)"
-)
-
-
-@dataclass
-class _Sums:
-    """Per-process accumulators of one pass (before reduction)."""
-
-    loss_sums: Tensor  # [G] float64
-    counts: Tensor  # [G] float64
-    grad_sums: Tensor | None = None  # [G, P]
-    probe_sums: Tensor | None = None  # [G, K] float64, Σ_chunks vᵀ H_chunk v
-    delta_lin: Tensor | None = None  # [G] float64, Σ_chunks S·δ
-    delta_quad: Tensor | None = None  # [G] float64, Σ_chunks δᵀ H_chunk δ
-    hv_sums: Tensor | None = None  # [G, P] Σ_chunks H_chunk v_a
-    support: Tensor | None = None  # [G, C] float64
-    correct: Tensor | None = None  # [G, C] float64
-    confusion: Tensor | None = None  # [G, C, C] float64 (group, target, prediction)
-
-
-def _run_pass(
-    model: nn.Module,
-    batches: Iterable[Any],
-    num_groups: int,
+def _options(
+    finite_difference: Any,
     named: list[tuple[str, Tensor]],
-    *,
     loss_fn: LossFn | None,
     forward_fn: ForwardFn | None,
+    reduce_fn: ReduceFn | None,
     chunk_size: int | None,
-    grad_sums: bool = False,
-    probes: Tensor | None = None,
-    delta: Tensor | None = None,
-    hv_vectors: Tensor | None = None,
-    num_classes: int | None = None,
-    count_classes: bool = False,
-    batched: bool = False,
-    probe_batch: int | None = None,
-    group_range: tuple[int, int] | None = None,
-    vmap_samples: int = _VMAP_SAMPLES,
-) -> tuple[_Sums, int | None]:
-    """One pass over ``batches`` accumulating the requested per-group sums.
-
-    ``batched``: gradient sums by ``vmap`` of the gradient over padded pure-group chunks
-    (about ``vmap_samples`` samples per call) when no graph is needed, and all Hutchinson
-    probes (``probe_batch`` at a time) in one double backward with ``is_grads_batched``.
-    ``group_range=(lo, hi)``: only groups ``lo <= a < hi`` are measured (sums indexed
-    ``a - lo``); other samples are dropped before the forward pass.
-    """
-    params = [p for _, p in named]
-    shapes = [p.shape for p in params]
-    device = params[0].device
-    dtype = params[0].dtype
-    acc_dtype = torch.promote_types(dtype, torch.float32)
-    need_graph = probes is not None or delta is not None or hv_vectors is not None
-    need_grad = grad_sums or need_graph
-    check_labels = loss_fn is None or count_classes
-    loss_fn = loss_fn or default_loss
-    forward_fn = forward_fn or default_forward
-    lo, hi = group_range if group_range is not None else (0, num_groups)
-    g_count = hi - lo
-    size = sum(p.numel() for p in params)
-    use_vmap = batched and grad_sums and not need_graph
-
-    sums = _Sums(
-        loss_sums=torch.zeros(g_count, dtype=torch.float64, device=device),
-        counts=torch.zeros(g_count, dtype=torch.float64, device=device),
+    strategy: str = "auto",
+    max_memory: int | None = None,
+    num_probes: int = 1,
+) -> PassOptions:
+    """The pass options of an estimator (strategy and probe batching: plain backend only)."""
+    if finite_difference is not None and not isinstance(finite_difference, FiniteDifference):
+        raise TypeError(
+            "Expected `finite_difference` to be None or a FiniteDifference, but got "
+            f"{type(finite_difference).__name__}"
+        )
+    ref = named[0][1]
+    size = sum(p.numel() for _, p in named)
+    return PassOptions(
+        loss_fn=loss_fn,
+        forward_fn=forward_fn,
+        reduce_fn=reduce_fn,
+        chunk_size=chunk_size,
+        batched=resolve_strategy(strategy, ref),
+        probe_batch=probe_batch(max_memory, size, ref, num_probes),
     )
-    if grad_sums:
-        sums.grad_sums = torch.zeros(g_count, size, dtype=acc_dtype, device=device)
-    if probes is not None:
-        sums.probe_sums = torch.zeros(g_count, probes.shape[0], dtype=torch.float64, device=device)
-    if delta is not None:
-        sums.delta_lin = torch.zeros(g_count, dtype=torch.float64, device=device)
-        sums.delta_quad = torch.zeros(g_count, dtype=torch.float64, device=device)
-    if hv_vectors is not None:
-        sums.hv_sums = torch.zeros(g_count, size, dtype=acc_dtype, device=device)
-
-    def count_update(a_or_groups: int | Tensor, out: Tensor, y: Tensor) -> None:
-        nonlocal num_classes
-        if not count_classes:
-            return
-        if out.ndim != 2:
-            raise ValueError(
-                "Expected the model output to be logits [N, C] to count correct predictions,"
-                f" but got shape {tuple(out.shape)}"
-            )
-        if num_classes is None:
-            num_classes = out.shape[1]
-        if sums.support is None:
-            sums.support = torch.zeros(g_count, num_classes, dtype=torch.float64, device=device)
-            sums.correct = torch.zeros_like(sums.support)
-            sums.confusion = torch.zeros(
-                g_count, num_classes, num_classes, dtype=torch.float64, device=device
-            )
-        if isinstance(a_or_groups, int):
-            cell = y.to(device)
-            base = a_or_groups * num_classes
-        else:
-            cell = a_or_groups.to(device) * num_classes + y.to(device)
-            base = 0
-        pred = out.detach().argmax(1).to(device)
-        hit = pred == y.to(device)
-        total = g_count * num_classes
-        expect = total if base == 0 else num_classes
-        sup = torch.bincount(cell, minlength=expect)
-        if sup.numel() > expect:
-            raise ValueError(
-                f"Expected class labels in [0, {num_classes}) in `targets`, but got"
-                f" {sup.numel() - 1 if base == 0 else int(cell.max())}"
-            )
-        cor = torch.bincount(cell[hit], minlength=expect)
-        sums.support.view(-1)[base : base + sup.numel()] += sup.to(torch.float64)
-        sums.correct.view(-1)[base : base + cor.numel()] += cor.to(torch.float64)
-        pairs = torch.bincount(cell * num_classes + pred, minlength=expect * num_classes)
-        start = base * num_classes
-        sums.confusion.view(-1)[start : start + pairs.numel()] += pairs.to(torch.float64)
-
-    def losses_of(out: Tensor, y: Tensor, n: int) -> Tensor:
-        losses = loss_fn(out, y)
-        if not isinstance(losses, Tensor) or losses.shape != (n,):
-            raise ValueError(
-                f"Expected `loss_fn` to return per-sample losses of shape [{n}], but got"
-                f" {tuple(losses.shape) if isinstance(losses, Tensor) else type(losses)}"
-            )
-        return losses
-
-    def hvp(grads: list[Tensor], vec_parts: list[Tensor]) -> Tensor:
-        idx = [i for i, g in enumerate(grads) if g.requires_grad]
-        if not idx:
-            return torch.zeros(size, dtype=dtype, device=device)
-        hv = torch.autograd.grad(
-            [grads[i] for i in idx],
-            params,
-            grad_outputs=[vec_parts[i] for i in idx],
-            retain_graph=True,
-            allow_unused=True,
-            materialize_grads=True,
-        )
-        return _flat(hv)
-
-    def batched_quadratic_forms(grads: list[Tensor]) -> Tensor:
-        """v_kᵀ H v_k for all probes: ``probe_batch`` probes per double backward."""
-        assert probes is not None
-        idx = [i for i, g in enumerate(grads) if g.requires_grad]
-        k_all = probes.shape[0]
-        if not idx:
-            return torch.zeros(k_all, dtype=torch.float64, device=device)
-        step = probe_batch or k_all
-        offsets = [0]
-        for p in params:
-            offsets.append(offsets[-1] + p.numel())
-        out = []
-        for k0 in range(0, k_all, step):
-            rows = probes[k0 : k0 + step]
-            kc = rows.shape[0]
-            parts = [rows[:, offsets[i] : offsets[i + 1]].reshape(kc, *shapes[i]) for i in idx]
-            hv = torch.autograd.grad(
-                [grads[i] for i in idx],
-                params,
-                grad_outputs=parts,
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-                is_grads_batched=True,
-            )
-            val = torch.zeros(kc, dtype=dtype, device=device)
-            for j, h in enumerate(hv):
-                val += (h.reshape(kc, -1) * rows[:, offsets[j] : offsets[j + 1]]).sum(1)
-            out.append(val)
-        return torch.cat(out)
-
-    probe_rows = None
-    if probes is not None:
-        probe_rows = [(row, _parts(row, shapes)) for row in probes]
-    delta_parts = _parts(delta, shapes) if delta is not None else None
-
-    def process_chunk(a: int, x: Nested, y: Tensor) -> None:
-        n = y.shape[0]
-        out = forward_fn(model, x)
-        losses = losses_of(out, y, n)
-        total = losses.sum()
-        chunk_losses.append(total.detach())
-        chunk_groups.append(a)
-        host_counts[a] += n
-        count_update(a, out, y)
-        grads = list(
-            torch.autograd.grad(
-                total, params, create_graph=need_graph, allow_unused=True, materialize_grads=True
-            )
-        )
-        if not need_graph:
-            if a not in grad_views:
-                grad_views[a] = _parts(sums.grad_sums[a], shapes)
-            if acc_dtype == dtype:
-                torch._foreach_add_(grad_views[a], grads)
-            else:
-                sums.grad_sums[a] += _flat(grads).to(acc_dtype)
-            return
-        flat_g = _flat(grads).detach()
-        if grad_sums:
-            sums.grad_sums[a] += flat_g.to(acc_dtype)
-        if probe_rows is not None and batched:
-            sums.probe_sums[a] += batched_quadratic_forms(grads).to(torch.float64)
-        elif probe_rows is not None:
-            vals = [torch.dot(hvp(grads, parts), row) for row, parts in probe_rows]
-            sums.probe_sums[a] += torch.stack(vals).to(torch.float64)
-        if delta is not None:
-            sums.delta_lin[a] += torch.dot(flat_g, delta).to(torch.float64)
-            sums.delta_quad[a] += torch.dot(hvp(grads, delta_parts), delta).to(torch.float64)
-        if hv_vectors is not None:
-            vec = hv_vectors[a]
-            sums.hv_sums[a] += hvp(grads, _parts(vec, shapes)).to(acc_dtype)
-
-    vmapped = _VmapGrads(model, forward_fn, loss_fn, named) if use_vmap else None
-    pending: list[tuple[int, Nested, Tensor]] = []
-    pending_samples = 0
-
-    def flush_pending() -> None:
-        nonlocal pending_samples
-        if not pending:
-            return
-        assert vmapped is not None
-        assert sums.grad_sums is not None
-        ids, lengths, flat_grads, loss_totals, outs = vmapped(pending)
-        sums.grad_sums.index_add_(0, ids.to(device), flat_grads.to(acc_dtype))
-        for j, (a, _, y) in enumerate(pending):
-            chunk_losses.append(loss_totals[j].detach())
-            chunk_groups.append(a)
-            host_counts[a] += lengths[j]
-            count_update(a, outs[j, : lengths[j]], y)
-        pending.clear()
-        pending_samples = 0
-
-    def take_chunk(a: int, x: Nested, y: Tensor) -> None:
-        nonlocal pending_samples
-        if vmapped is None:
-            process_chunk(a, x, y)
-            return
-        pending.append((a, x, y))
-        pending_samples += y.shape[0]
-        if pending_samples >= vmap_samples:
-            flush_pending()
-
-    chunk_losses: list[Tensor] = []
-    chunk_groups: list[int] = []
-    host_counts = [0] * g_count
-    grad_views: dict[int, list[Tensor]] = {}
-    regrouper: Regrouper | None = None
-    seen_batches = 0
-    for batch in batches:
-        seen_batches += 1
-        x, y, g = split_batch(batch)
-        n = y.shape[0] if y.ndim else 0
-        check_groups(g, num_groups, n)
-        if check_labels:
-            check_targets(y, n, num_classes)
-        if group_range is not None and n:
-            keep = (g >= lo) & (g < hi)
-            if not bool(keep.all()):
-                x = tree_map(lambda t, k=keep: t[k.to(t.device)], x)
-                y, g = y[keep.to(y.device)], g[keep]
-            g = g - lo
-            n = y.shape[0]
-        if n == 0:
-            continue
-        lead = first_tensor(x)
-        if lead.shape[0] != n:
-            raise ValueError(
-                f"Expected inputs with {n} samples (as many as targets), but got first dim"
-                f" {lead.shape[0]}"
-            )
-        x = tree_map(lambda t: t.to(device), x)
-        y, g = y.to(device), g.to(device)
-        if not need_grad:
-            with torch.no_grad():
-                out = forward_fn(model, x)
-                losses = losses_of(out, y, n)
-                sums.loss_sums.index_add_(0, g, losses.to(torch.float64))
-                sums.counts += torch.bincount(g, minlength=g_count).to(torch.float64)
-                if not bool(torch.isfinite(losses).all()):
-                    raise ValueError(_NONFINITE)
-                count_update(g, out, y)
-            continue
-        if regrouper is None:
-            regrouper = Regrouper(g_count, chunk_size or n)
-        for a, cx, cy in regrouper.push(x, y, g):
-            take_chunk(a, cx, cy)
-    if seen_batches == 0:
-        raise ValueError("Expected `batches` to yield at least one batch, but it yielded none")
-    if regrouper is not None:
-        for a, cx, cy in regrouper.flush():
-            take_chunk(a, cx, cy)
-        flush_pending()
-    if chunk_losses:
-        idx = torch.tensor(chunk_groups, device=device)
-        sums.loss_sums.index_add_(0, idx, torch.stack(chunk_losses).to(torch.float64))
-        sums.counts += torch.tensor(host_counts, dtype=torch.float64, device=device)
-    if not bool(torch.isfinite(sums.loss_sums).all()):
-        raise ValueError(_NONFINITE)
-    if group_range is None and float(sums.counts.sum()) == 0:
-        raise ValueError("Expected `batches` to contain at least one sample, but all were empty")
-    return sums, num_classes
-
-
-def _check_pass_args(num_groups: int, chunk_size: int | None, batches: Any) -> None:
-    """Validate the arguments every pass-based function shares."""
-    _check_positive_int("num_groups", num_groups)
-    if chunk_size is not None:
-        _check_positive_int("chunk_size", chunk_size)
-    _check_iterable(batches, 1)
-
-
-def _single_pass(
-    name: str,
-    model: nn.Module,
-    batches: Any,
-    num_groups: int,
-    named: Any,
-    reduce_fn: Any,
-    **pass_kwargs: Any,
-) -> tuple[Any, Tensor]:
-    """One measured pass, reduced across processes; warns about groups with no samples."""
-    with _measurement_mode(model, [p for _, p in named]):
-        sums, _ = _run_pass(model, batches, num_groups, named, **pass_kwargs)
-    sums = _reduce_sums(sums, reduce_fn)
-    counts = sums.counts.cpu()
-    _warn_missing(name, counts)
-    return sums, counts
-
-
-def _reduce_sums(sums: _Sums, reduce_fn: ReduceFn | None) -> _Sums:
-    """Sum every accumulator across processes (one call for all float64 scalars)."""
-    if reduce_fn is None:
-        return sums
-    small = [
-        (name, getattr(sums, name))
-        for name in (
-            "loss_sums",
-            "counts",
-            "probe_sums",
-            "delta_lin",
-            "delta_quad",
-            "support",
-            "correct",
-            "confusion",
-        )
-        if getattr(sums, name) is not None
-    ]
-    packed = torch.cat([t.reshape(-1) for _, t in small])
-    packed = _apply_reduce(reduce_fn, packed, "float64 sums")
-    offset = 0
-    for name, t in small:
-        setattr(sums, name, packed[offset : offset + t.numel()].view(t.shape))
-        offset += t.numel()
-    for name in ("grad_sums", "hv_sums"):
-        t = getattr(sums, name)
-        if t is not None:
-            setattr(sums, name, _apply_reduce(reduce_fn, t, name))
-    return sums
-
-
-def _check_iterable(batches: Any, passes: int) -> None:
-    if not isinstance(batches, Iterable):
-        raise TypeError(
-            f"Expected `batches` to be an iterable of (inputs, targets, groups), but got"
-            f" {type(batches).__name__}"
-        )
-    if passes > 1 and iter(batches) is batches:
-        raise ValueError(
-            "Expected `batches` to be re-iterable (a list or a DataLoader) because this"
-            f" measurement needs {passes} passes, but got a one-shot iterator"
-            f" ({type(batches).__name__})"
-        )
-
-
-def _flat_delta(delta: Mapping[str, Tensor], named: list[tuple[str, Tensor]]) -> Tensor:
-    if not isinstance(delta, Mapping):
-        raise TypeError(
-            f"Expected `delta` to be a mapping FQN -> tensor, but got {type(delta).__name__}"
-        )
-    names = {n for n, _ in named}
-    extra = [k for k in delta if k not in names]
-    if extra:
-        raise ValueError(
-            f"Expected `delta` keys among the selected parameters, but got unknown {extra}"
-        )
-    parts = []
-    for n, p in named:
-        d = delta.get(n)
-        if d is None:
-            parts.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
-            continue
-        if tuple(d.shape) != tuple(p.shape):
-            raise ValueError(
-                f"Expected `delta[{n!r}]` of shape {tuple(p.shape)}, but got {tuple(d.shape)}"
-            )
-        parts.append(d.detach().reshape(-1).to(device=p.device, dtype=p.dtype))
-    return torch.cat(parts)
-
-
-def _probe_matrix(
-    probes: Tensor | None, num_probes: int, seed: int, start: int, size: int, ref: Tensor
-) -> Tensor:
-    if probes is None:
-        return rademacher_probes(
-            num_probes, size, seed, start=start, device=ref.device, dtype=ref.dtype
-        )
-    if not isinstance(probes, Tensor) or probes.ndim != 2 or probes.shape[1] != size:
-        raise ValueError(
-            f"Expected `probes` to be a tensor [K, {size}] (flattened over the selected"
-            " parameters), but got"
-            f" {tuple(probes.shape) if isinstance(probes, Tensor) else type(probes)}"
-        )
-    return probes.to(device=ref.device, dtype=ref.dtype)
 
 
 def _trace_stats(values: Tensor) -> tuple[Tensor, Tensor]:
@@ -912,7 +232,98 @@ def _trace_stats(values: Tensor) -> tuple[Tensor, Tensor]:
     return trace, values.std(1, correction=1) / math.sqrt(k)
 
 
-# --------------------------------------------------------------------------- public API
+def _power_iteration(
+    backend: Backend, num_groups: int, iterations: int, seed: int
+) -> tuple[Tensor, Tensor]:
+    """λ_max(H_a) for all groups (NaN for groups without samples): one pass per iteration.
+
+    The start vector of group a is row a of ``rademacher_probes(G, P, seed + 1)`` divided by
+    √P (each process builds its columns); then v_a ← H_a v_a / ‖H_a v_a‖ with the Rayleigh
+    quotient v_aᵀ H_a v_a as the estimate. Returns λ_max and the sample counts.
+    """
+    lam = torch.full((num_groups,), math.nan, dtype=torch.float64)
+    counts = torch.zeros(num_groups, dtype=torch.float64)
+    if iterations == 0:
+        return lam, counts
+    # ±1 times the scale is exact: scaling in the parameters' dtype equals scaling in float64
+    vecs = backend.probe_rows(num_groups, seed + 1).mul_(1.0 / math.sqrt(max(backend.numel, 1)))
+    for _ in range(iterations):
+        sums = backend.run(PassRequest(hv_vectors=vecs))
+        assert sums.hv_sums is not None
+        counts = sums.counts
+        n = counts.to(sums.hv_sums.device)
+        hv = sums.hv_sums.to(torch.float64).div_(n.clamp_min(1)[:, None])
+        lam = backend.dots(hv, vecs)
+        lam[counts <= 0] = math.nan
+        norm = backend.dots(hv, hv).clamp_min(0).sqrt().to(hv.device)
+        ok = (norm > 0) & (n > 0)
+        hv = hv.div_(norm.clamp_min(1e-300)[:, None]).to(backend.dtype)
+        vecs = torch.where(ok[:, None], hv, vecs)
+    return lam, counts
+
+
+def _gradient_blocks(
+    backend: Backend, num_groups: int, max_memory: int | None
+) -> list[tuple[int, int] | None]:
+    """Group ranges whose ``[G_block, P]`` gradient sums fit ``max_memory`` ([None]: all)."""
+    if max_memory is None or not backend.dense_rows:
+        return [None]
+    row_bytes = backend.size * torch.promote_types(backend.dtype, torch.float32).itemsize
+    block = max_memory // row_bytes
+    if block < 1:
+        raise ValueError(
+            f"Expected `max_memory` to hold at least one group's gradient sum ({row_bytes}"
+            f" bytes for {backend.size} parameters), but got {max_memory}"
+        )
+    starts = range(0, num_groups, min(block, num_groups))
+    if len(starts) == 1:
+        return [None]
+    return [(lo, min(num_groups, lo + block)) for lo in starts]
+
+
+@contextmanager
+def _weights_at(
+    named: list[tuple[str, Tensor]], pre: Mapping[str, Tensor]
+) -> Iterator[dict[str, Tensor]]:
+    """The selected parameters set to ``pre``, yielding δ = current − pre; restored after.
+
+    ``pre`` holds local values (``local_tensor(param)``: local shards under FSDP2). The
+    current values are put back bit for bit, also on error.
+    """
+    if not isinstance(pre, Mapping):
+        raise TypeError(f"Expected `pre` to be a mapping FQN -> tensor, but got {type(pre)}")
+    index = dict(named)
+    unknown = [n for n in pre if n not in index]
+    if unknown:
+        raise ValueError(f"Expected `pre` keys among the selected parameters, but got {unknown}")
+    locals_ = {n: local_tensor(index[n]) for n in pre}
+    for n, t in locals_.items():
+        if tuple(pre[n].shape) != tuple(t.shape):
+            raise ValueError(
+                f"Expected `pre[{n!r}]` of shape {tuple(t.shape)} (this process's part of the"
+                f" parameter), but got {tuple(pre[n].shape)}"
+            )
+    post = {n: t.detach().clone() for n, t in locals_.items()}
+    delta = {n: post[n] - pre[n].to(post[n]) for n in pre}
+    try:
+        with torch.no_grad():
+            for n, t in locals_.items():
+                t.copy_(pre[n])
+        yield delta
+    finally:
+        with torch.no_grad():
+            for n, t in locals_.items():
+                t.copy_(post[n])
+
+
+def _check_tolerance(tolerance: Any) -> None:
+    if tolerance is not None and (
+        isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0
+    ):
+        raise ValueError(f"Expected `tolerance` to be a positive float, but got {tolerance!r}")
+
+
+# --------------------------------------------------------------------------- estimators
 
 
 def group_gradient_norms(
@@ -927,17 +338,22 @@ def group_gradient_norms(
     chunk_size: int | None = None,
     strategy: str = "auto",
     max_memory: int | None = None,
+    finite_difference: FiniteDifference | None = None,
 ) -> GroupGradients:
     """Norm of the gradient of each group's *mean* loss, accumulated over many batches.
 
     g_a = ∇_θ J(θ; D_a) = S_a / n_a with S_a the summed per-sample gradient of group a
     (not a mean of per-sample gradient norms). Cost: about one forward+backward over the
-    data, whatever the number of groups (see the module docstring).
+    data, whatever the number of groups (see the module docstring). On FSDP2-sharded
+    parameters every process runs, per group, ``.backward()`` of its summed group loss in
+    lockstep and the squared norms of the local gradient shards are all-reduced: the same
+    numbers as on the gathered model and the data of all processes, with no ``[G, P]`` sums.
 
     Args:
         model: the network; put in eval mode during the measurement, then restored.
         batches: iterable of ``(inputs, targets, groups)`` (or ``(inputs, targets)``:
             groups = targets). ``inputs`` may be a tensor or a tuple/list/dict of tensors.
+            Re-iterable on FSDP2-sharded parameters (any number of batches per process).
         num_groups: number of groups G; ids must lie in ``[0, G)``.
         params: parameters to differentiate: a mapping FQN -> parameter, a sequence of FQNs,
             or None for every parameter with ``requires_grad``.
@@ -956,6 +372,8 @@ def group_gradient_norms(
             one pass over ``batches`` per block (samples of other groups are dropped before
             the forward pass, so the compute stays about one pass; the data is read
             ``ceil(G / block)`` times and must be re-iterable). None: all groups at once.
+        finite_difference: options of the FSDP2 backend (``force=True`` runs it on plain
+            parameters).
 
     Returns:
         `GroupGradients` with ``norms``, ``loss_sums`` and ``counts`` per group (NaN norm,
@@ -965,7 +383,6 @@ def group_gradient_norms(
         ValueError: bad group ids or labels, non-finite losses, no parameters, no batches.
 
     Example:
-        >>> import torch
         >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(3, 2)
         >>> x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
@@ -973,50 +390,26 @@ def group_gradient_norms(
         >>> res.norms.shape, res.counts.tolist()
         (torch.Size([2]), [4.0, 4.0])
     """
-    _check_pass_args(num_groups, chunk_size, batches)
-    _check_max_memory(max_memory)
-    named = _resolve_params(model, params)
-    ref = named[0][1]
-    batched = _resolve_strategy(strategy, ref)
-    size = sum(p.numel() for _, p in named)
-    row_bytes = size * torch.promote_types(ref.dtype, torch.float32).itemsize
-    block = num_groups
-    if max_memory is not None:
-        block = max_memory // row_bytes
-        if block < 1:
-            raise ValueError(
-                f"Expected `max_memory` to hold at least one group's gradient sum ({row_bytes}"
-                f" bytes for {size} parameters), but got {max_memory}"
-            )
-        block = min(block, num_groups)
-    starts = list(range(0, num_groups, block))
-    _check_iterable(batches, len(starts))
+    check_pass_args(num_groups, chunk_size, batches, 1)
+    check_int(max_memory, "max_memory", 1, allow_none=True)
+    named = resolve_params(model, params)
+    opts = _options(finite_difference, named, loss_fn, forward_fn, reduce_fn, chunk_size, strategy)
     norms, loss_sums, counts = [], [], []
-    with _measurement_mode(model, [p for _, p in named]):
-        for lo in starts:
-            hi = min(num_groups, lo + block)
-            sums, _ = _run_pass(
-                model,
-                batches,
-                num_groups,
-                named,
-                loss_fn=loss_fn,
-                forward_fn=forward_fn,
-                chunk_size=chunk_size,
-                grad_sums=True,
-                batched=batched,
-                group_range=None if len(starts) == 1 else (lo, hi),
-            )
-            sums = _reduce_sums(sums, reduce_fn)
-            block_counts = sums.counts.cpu()
-            norms.append(_safe_div(_row_norms(sums.grad_sums).cpu(), block_counts))
+    with open_pass(model, batches, num_groups, named, opts, finite_difference) as backend:
+        blocks = _gradient_blocks(backend, num_groups, max_memory)
+        check_iterable(batches, len(blocks))
+        for block in blocks:
+            sums = backend.run(PassRequest(grad_norms=True, group_range=block))
+            assert sums.grad_norms is not None
+            assert sums.loss_sums is not None
+            norms.append(safe_div(sums.grad_norms.cpu(), sums.counts))
             loss_sums.append(sums.loss_sums.cpu())
-            counts.append(block_counts)
+            counts.append(sums.counts)
             del sums
     all_counts = torch.cat(counts)
     if float(all_counts.sum()) == 0:
         raise ValueError("Expected `batches` to contain at least one sample, but all were empty")
-    _warn_missing("group_gradient_norms", all_counts)
+    warn_missing("group_gradient_norms", all_counts <= 0)
     return GroupGradients(norms=torch.cat(norms), loss_sums=torch.cat(loss_sums), counts=all_counts)
 
 
@@ -1038,20 +431,24 @@ def group_hessian_trace(
     probes: Tensor | None = None,
     strategy: str = "auto",
     max_memory: int | None = None,
+    finite_difference: FiniteDifference | None = None,
 ) -> GroupHessianTrace:
     """Hutchinson estimate of Tr(H_a) per group, H_a the Hessian of group a's mean loss.
 
     Tr(H_a) ≈ (1/K) Σ_k v_kᵀ H_a v_k with Rademacher probes v_k built on the parameters'
     device by `rademacher_probes` from ``seed`` (bit-identical on every process and device,
-    whatever the chunking; the same probes for every group).
-    Per pure-group chunk: one forward, one backward with ``create_graph=True``, then K
+    whatever the chunking or sharding; the same probes for every group). Plain parameters:
+    per pure-group chunk one forward, one backward with ``create_graph=True``, then K
     Hessian-vector products by double backward reusing the graph, so K probes cost about K
-    HVPs over the data in total.
+    HVPs over the data. FSDP2-sharded parameters: v_kᵀ H_a v_k by central differences
+    (``2 K G`` sharded backward sets, plus ``G`` for the frozen gates), each process building
+    only its slice of each probe.
 
     Args:
         model: the network (eval mode during the measurement, then restored).
         batches: iterable of ``(inputs, targets, groups)``; must be re-iterable (a list or a
-            DataLoader) when ``tolerance`` or ``power_iterations`` need several passes.
+            DataLoader) when ``tolerance`` or ``power_iterations`` need several passes, and
+            on FSDP2-sharded parameters.
         num_groups: number of groups G.
         num_probes: probes K per pass.
         tolerance: if given, add passes of ``num_probes`` new probes until the relative
@@ -1063,13 +460,13 @@ def group_hessian_trace(
         forward_fn: ``(model, inputs) -> outputs``.
         reduce_fn: sums a tensor across processes (None: one process).
         power_iterations: if > 0, also estimate λ_max(H_a) (the eigenvalue of largest
-            magnitude) with that many power-iteration passes over the data.
+            magnitude) with that many power-iteration passes (`group_hessian_lambda_max`).
         chunk_size: samples per pure-group chunk (default: first batch size).
         max_probes: cap for tolerance mode (default ``16 * num_probes``).
         probes: explicit probe vectors ``[K, P]`` flattened over the selected parameters in
-            registration order; overrides ``num_probes``, ``seed`` and ``tolerance``. The
-            estimate is the mean of v_kᵀ H_a v_k, unbiased when E[v vᵀ] = I: ``sqrt(P)``
-            times the standard basis (P probes) gives the exact trace.
+            registration order (plain parameters); overrides ``num_probes``, ``seed`` and
+            ``tolerance``. The estimate is the mean of v_kᵀ H_a v_k, unbiased when
+            E[v vᵀ] = I: ``sqrt(P)`` times the standard basis (P probes) gives the exact trace.
         strategy: ``"loop"``: one double backward per probe (fastest on the CPU);
             ``"batched"``: all probes of a chunk in one double backward
             (``torch.autograd.grad(..., is_grads_batched=True)``); ``"auto"``: ``"loop"`` on
@@ -1078,12 +475,12 @@ def group_hessian_trace(
             ``3 · P`` values per probe): probes go through the double backward in groups of
             ``max(1, max_memory // (3 P · itemsize))``. The vmapped backward also holds that
             many copies of the backward's intermediates, so leave headroom. None: all at once.
+        finite_difference: options of the FSDP2 backend (see `FiniteDifference`).
 
     Returns:
         `GroupHessianTrace` (NaN, with one warning, for groups without samples).
 
     Example:
-        >>> import torch
         >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(3, 2)
         >>> x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
@@ -1091,101 +488,45 @@ def group_hessian_trace(
         >>> res.trace.shape, res.num_probes
         (torch.Size([2]), 4)
     """
-    _check_positive_int("num_groups", num_groups)
-    _check_positive_int("num_probes", num_probes)
-    _check_positive_int("power_iterations", power_iterations, allow_zero=True)
-    if chunk_size is not None:
-        _check_positive_int("chunk_size", chunk_size)
-    if tolerance is not None and (
-        isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0
-    ):
-        raise ValueError(f"Expected `tolerance` to be a positive float, but got {tolerance!r}")
-    if max_probes is None:
-        max_probes = 16 * num_probes
-    else:
-        _check_positive_int("max_probes", max_probes)
+    check_pass_args(num_groups, chunk_size, batches, 1)
+    check_int(num_probes, "num_probes", 1)
+    check_int(power_iterations, "power_iterations", 0)
+    _check_tolerance(tolerance)
+    max_probes = 16 * num_probes if max_probes is None else check_int(max_probes, "max_probes", 1)
     adaptive = tolerance is not None and probes is None
-    _check_iterable(batches, 2 if (adaptive or power_iterations) else 1)
-    named = _resolve_params(model, params)
-    ref = named[0][1]
-    size = sum(p.numel() for _, p in named)
-    kw: dict[str, Any] = dict(
-        loss_fn=loss_fn,
-        forward_fn=forward_fn,
-        chunk_size=chunk_size,
-        batched=_resolve_strategy(strategy, ref),
-        probe_batch=_probe_batch(max_memory, size, ref, num_probes),
-    )
-
+    check_iterable(batches, 2 if (adaptive or power_iterations) else 1)
+    named = resolve_params(model, params)
+    opts = _options(finite_difference, named, loss_fn, forward_fn, reduce_fn, chunk_size,
+                    strategy, max_memory, num_probes)  # fmt: skip
     values: list[Tensor] = []
-    counts = None
-    with _measurement_mode(model, [p for _, p in named]):
-        used = 0
+    with open_pass(model, batches, num_groups, named, opts, finite_difference) as backend:
         while True:
+            used = sum(v.shape[1] for v in values)
             k = num_probes if probes is None else probes.shape[0]
-            if adaptive:
-                k = min(k, max_probes - used)
-            pm = _probe_matrix(probes, k, seed, used, size, ref)
-            sums, _ = _run_pass(model, batches, num_groups, named, probes=pm, **kw)
-            sums = _reduce_sums(sums, reduce_fn)
-            counts = sums.counts.cpu()
-            values.append(_safe_div(sums.probe_sums.cpu(), counts[:, None]))
-            used += k
-            if not adaptive or used >= max_probes:
+            k = min(k, max_probes - used) if adaptive else k
+            request = PassRequest(probes=Probes(k, seed, used) if probes is None else probes)
+            sums = backend.run(request)
+            assert sums.probe_quads is not None
+            counts = sums.counts
+            values.append(safe_div(sums.probe_quads.cpu(), counts[:, None]))
+            if not adaptive or used + k >= max_probes:
                 break
             trace, stderr = _trace_stats(torch.cat(values, 1))
             present = counts > 0
-            rel = stderr[present] / trace[present].abs()
-            if bool((rel <= tolerance).all()):
+            if bool((stderr[present] / trace[present].abs() <= tolerance).all()):
                 break
-        lambda_max = None
-        if power_iterations:
-            lambda_max, _ = _power_iteration(
-                model, batches, num_groups, named, power_iterations, seed, reduce_fn, kw
-            )
-    _warn_missing("group_hessian_trace", counts)
+        lam, _ = _power_iteration(backend, num_groups, power_iterations, seed)
+    warn_missing("group_hessian_trace", counts <= 0)
     all_values = torch.cat(values, 1)
     trace, stderr = _trace_stats(all_values)
     return GroupHessianTrace(
         trace=trace,
         stderr=stderr,
         num_probes=all_values.shape[1],
-        lambda_max=lambda_max,
+        lambda_max=lam if power_iterations else None,
         counts=counts,
         probe_values=all_values,
     )
-
-
-def _power_iteration(
-    model: nn.Module,
-    batches: Iterable[Any],
-    num_groups: int,
-    named: list[tuple[str, Tensor]],
-    iterations: int,
-    seed: int,
-    reduce_fn: ReduceFn | None,
-    kw: dict[str, Any],
-) -> tuple[Tensor, Tensor]:
-    """λ_max(H_a) and the sample counts for all groups: one pass per iteration."""
-    ref = named[0][1]
-    size = sum(p.numel() for _, p in named)
-    # counter-based Rademacher rows (sliceable per shard: the sharded path starts the same)
-    vecs = rademacher_probes(num_groups, size, seed + 1, device=ref.device, dtype=torch.float64)
-    vecs = (vecs * (1.0 / math.sqrt(max(size, 1)))).to(ref.dtype)
-    lam = torch.full((num_groups,), math.nan, dtype=torch.float64)
-    counts = torch.zeros(num_groups, dtype=torch.float64)
-    for _ in range(iterations):
-        sums, _ = _run_pass(model, batches, num_groups, named, hv_vectors=vecs, **kw)
-        sums = _reduce_sums(sums, reduce_fn)
-        counts = sums.counts.to(sums.hv_sums.device)
-        hv = sums.hv_sums.to(torch.float64) / counts.clamp_min(1)[:, None]
-        lam = (hv * vecs.to(torch.float64)).sum(1).cpu()
-        lam[counts.cpu() <= 0] = math.nan
-        norm = torch.linalg.vector_norm(hv, dim=1, keepdim=True)
-        ok = (norm > 0).squeeze(1) & (counts > 0)
-        new = torch.where(ok[:, None], hv / norm.clamp_min(1e-300), vecs.to(torch.float64))
-        vecs = new.to(ref.dtype)
-    return lam, counts.cpu()
 
 
 def group_hessian_lambda_max(
@@ -1200,6 +541,7 @@ def group_hessian_lambda_max(
     forward_fn: ForwardFn | None = None,
     reduce_fn: ReduceFn | None = None,
     chunk_size: int | None = None,
+    finite_difference: FiniteDifference | None = None,
 ) -> Tensor:
     """Dominant eigenvalue of each group's Hessian H_a by power iteration, all groups at once.
 
@@ -1208,9 +550,11 @@ def group_hessian_lambda_max(
     i.e. the eigenvalue of largest magnitude (the top curvature of a trained model, where
     negative eigenvalues are small). The start vector of group a is row a of
     ``rademacher_probes(G, P, seed + 1)`` divided by √P (counter-based, identical on every
-    process and device, and sliceable per shard: the FSDP2 path
-    `~lightning_fairprune.diagnostics.sharded.sharded_group_hessian_lambda_max` starts from
-    the same vectors); with ``reduce_fn`` every process gets the same estimates.
+    process and device, sliceable per shard); with ``reduce_fn`` (or on FSDP2-sharded
+    parameters) every process gets the same estimates. On FSDP2-sharded parameters H_a v_a
+    is a central difference of sharded gradients with the vectors kept as local shards
+    (``2 · iterations · G`` sharded backward sets, each group's alone, plus ``G`` for the
+    frozen gates, recorded once).
 
     Args:
         model: the network (eval mode during the measurement, then restored).
@@ -1223,92 +567,188 @@ def group_hessian_lambda_max(
         forward_fn: ``(model, inputs) -> outputs``.
         reduce_fn: sums a tensor across processes; None for one process.
         chunk_size: samples per pure-group chunk.
+        finite_difference: options of the FSDP2 backend (see `FiniteDifference`).
 
     Returns:
         float64 ``[G]`` on the CPU (NaN for groups without samples).
 
     Example:
-        >>> import torch
         >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(3, 2)
         >>> x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
         >>> group_hessian_lambda_max(model, [(x, y, y)], num_groups=2, iterations=5).shape
         torch.Size([2])
     """
-    _check_positive_int("num_groups", num_groups)
-    _check_positive_int("iterations", iterations)
-    _check_positive_int("seed", seed, allow_zero=True)
-    if chunk_size is not None:
-        _check_positive_int("chunk_size", chunk_size)
-    _check_iterable(batches, 2 if iterations > 1 else 1)
-    named = _resolve_params(model, params)
-    kw: dict[str, Any] = dict(loss_fn=loss_fn, forward_fn=forward_fn, chunk_size=chunk_size)
-    with _measurement_mode(model, [p for _, p in named]):
-        lam, counts = _power_iteration(
-            model, batches, num_groups, named, iterations, seed, reduce_fn, kw
-        )
-    _warn_missing("group_hessian_lambda_max", counts)
+    check_pass_args(num_groups, chunk_size, batches, 1)
+    check_int(iterations, "iterations", 1)
+    check_int(seed, "seed", 0)
+    check_iterable(batches, 2 if iterations > 1 else 1)
+    named = resolve_params(model, params)
+    opts = _options(finite_difference, named, loss_fn, forward_fn, reduce_fn, chunk_size)
+    with open_pass(model, batches, num_groups, named, opts, finite_difference) as backend:
+        lam, counts = _power_iteration(backend, num_groups, iterations, seed)
+    warn_missing("group_hessian_lambda_max", counts <= 0)
     return lam
 
 
-def predicted_excess_loss(
+def group_directional(
     model: nn.Module,
     batches: Iterable[Any],
-    delta: Mapping[str, Tensor],
     num_groups: int,
+    directions: Directions | Sequence[Directions],
     *,
     params: ParamsArg = None,
     loss_fn: LossFn | None = None,
     forward_fn: ForwardFn | None = None,
     reduce_fn: ReduceFn | None = None,
     chunk_size: int | None = None,
+    finite_difference: FiniteDifference | None = None,
+) -> GroupDirectional:
+    """Per group, g_aᵀd and dᵀH_a d along given directions.
+
+    Plain parameters: S_a·d and dᵀH_a d by double backward per pure-group chunk (exact).
+    FSDP2-sharded parameters (directions given as this process's *local shards*): the local
+    shards move in place to θ ± εd and dᵀH_a d ≈ dᵀ(g_a(θ + εd) − g_a(θ − εd)) / (2ε)
+    (central difference: exact for a quadratic loss, O(ε²) otherwise); g_aᵀd comes from the
+    gradient at θ itself with frozen gates, else ≈ dᵀ(g_a(θ + εd) + g_a(θ − εd)) / 2. The
+    weights are restored bit for bit (also on error). See `FiniteDifference` for the step and
+    the gates.
+
+    Args:
+        model: the network (eval mode during the measurement, then restored).
+        batches: iterable of ``(inputs, targets, groups)`` or ``(inputs, targets)``
+            (re-iterable on FSDP2-sharded parameters).
+        num_groups: number of groups G.
+        directions: one mapping FQN -> d (of ``local_tensor(param)``'s shape: the local shard
+            under FSDP2, a DTensor taken by its local shard), or a non-empty sequence of them.
+            Parameters not listed have d = 0.
+        params: parameters to differentiate (default: the keys of ``directions``).
+        loss_fn: ``(outputs, targets) -> Tensor[N]`` per-sample losses (default cross-entropy).
+        forward_fn: ``(model, inputs) -> outputs``.
+        reduce_fn: sums a tensor across processes (plain parameters; None: one process).
+        chunk_size: samples per chunk (per backward call under FSDP2).
+        finite_difference: options of the FSDP2 backend (see `FiniteDifference`).
+
+    Returns:
+        `GroupDirectional`, identical on every process (NaN, one warning, for groups without
+        samples).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Linear(3, 2).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.tensor([0, 1] * 4)
+        >>> d = {"weight": torch.ones(2, 3, dtype=torch.float64)}
+        >>> fd = FiniteDifference(force=True)  # central differences, as under FSDP2
+        >>> res = group_directional(model, [(x, y, y)], 2, d)
+        >>> approx = group_directional(model, [(x, y, y)], 2, d, finite_difference=fd)
+        >>> from torch.func import functional_call, hessian
+        >>> def loss(w):  # group 0's mean loss as a function of the weight
+        ...     out = functional_call(model, {"weight": w, "bias": model.bias}, (x[y == 0],))
+        ...     return nn.functional.cross_entropy(out, y[y == 0])
+        >>> exact = hessian(loss)(model.weight.detach()).reshape(6, 6).sum()
+        >>> bool(torch.isclose(res.quadratic[0, 0], exact, rtol=1e-10))
+        True
+        >>> bool(torch.isclose(approx.quadratic[0, 0], exact, rtol=1e-6)), approx.gate_mode
+        (True, 'stored')
+    """
+    many = [directions] if isinstance(directions, Mapping) else directions
+    if isinstance(many, (str, bytes)) or not isinstance(many, Sequence) or not many:
+        raise TypeError(
+            "Expected `directions` to be a mapping FQN -> tensor or a non-empty sequence of "
+            f"them, but got {type(directions).__name__}"
+        )
+    check_pass_args(num_groups, chunk_size, batches, 1)
+    if params is None:
+        params = list(dict.fromkeys(n for m in many if isinstance(m, Mapping) for n in m))
+    named = resolve_params(model, params)
+    opts = _options(finite_difference, named, loss_fn, forward_fn, reduce_fn, chunk_size)
+    with open_pass(model, batches, num_groups, named, opts, finite_difference) as backend:
+        sums = backend.run(PassRequest(directions=local_directions(named, many, "directions")))
+    assert sums.dir_lin is not None
+    assert sums.dir_quad is not None
+    warn_missing("group_directional", sums.counts <= 0)
+    return GroupDirectional(
+        linear=safe_div(sums.dir_lin.cpu(), sums.counts[:, None]),
+        quadratic=safe_div(sums.dir_quad.cpu(), sums.counts[:, None]),
+        counts=sums.counts,
+        eps=sums.steps,
+        gate_mode=sums.gate_mode,
+    )
+
+
+def predicted_excess_loss(
+    model: nn.Module,
+    batches: Iterable[Any],
+    delta: Mapping[str, Tensor] | None,
+    num_groups: int,
+    *,
+    pre: Mapping[str, Tensor] | None = None,
+    params: ParamsArg = None,
+    loss_fn: LossFn | None = None,
+    forward_fn: ForwardFn | None = None,
+    reduce_fn: ReduceFn | None = None,
+    chunk_size: int | None = None,
+    finite_difference: FiniteDifference | None = None,
 ) -> Tensor:
     """Second-order prediction of each group's excess loss for a weight change δ.
 
-    R̂(a) = g_aᵀδ + ½ δᵀ H_a δ at the model's current weights θ* (δ = θ̄ − θ*, the weights
-    removed by pruning, with sign), with one Hessian-vector product per chunk.
+    R̂(a) = g_aᵀδ + ½ δᵀ H_a δ at weights θ*, with one Hessian-vector product per chunk on
+    plain parameters, by central differences on FSDP2-sharded ones (`group_directional`).
+    Either ``delta`` (δ = θ̄ − θ*, the weights removed by pruning, with sign, measured at the
+    current weights θ*) or ``pre`` (the weights before a pruning round: δ = current − pre,
+    measured at ``pre``; the parameters are set to ``pre`` for the measurement and their
+    current values restored bit for bit, also on error).
 
     Args:
-        model: the network at θ* (eval mode during the measurement, then restored).
+        model: the network (eval mode during the measurement, then restored).
         batches: iterable of ``(inputs, targets, groups)``.
-        delta: FQN -> change of that parameter (same shape); parameters not listed have
-            δ = 0.
+        delta: FQN -> change of that parameter (``local_tensor(param)``'s shape); parameters
+            not listed have δ = 0. None when ``pre`` is given.
         num_groups: number of groups G.
-        params: parameters to differentiate (default: the keys of ``delta``).
+        pre: FQN -> the parameter's (local) values before the step.
+        params: parameters to differentiate (default: the keys of ``delta`` or ``pre``).
         loss_fn: per-sample loss (default cross-entropy).
         forward_fn: ``(model, inputs) -> outputs``.
         reduce_fn: sums a tensor across processes (None: one process).
         chunk_size: samples per pure-group chunk.
+        finite_difference: options of the FSDP2 backend (see `FiniteDifference`).
 
     Returns:
         float64 ``[G]`` (NaN, with one warning, for groups without samples).
 
     Example:
-        >>> import torch
         >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(3, 2)
         >>> x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
         >>> delta = {"weight": -0.1 * model.weight.detach()}
-        >>> predicted_excess_loss(model, [(x, y, y)], delta, num_groups=2).shape
-        torch.Size([2])
-    """
-    _check_pass_args(num_groups, chunk_size, batches)
-    if params is None and isinstance(delta, Mapping):
-        params = list(delta.keys())
-    named = _resolve_params(model, params)
-    sums, counts = _single_pass(
-        "predicted_excess_loss",
-        model,
-        batches,
-        num_groups,
-        named,
-        reduce_fn,
-        loss_fn=loss_fn,
-        forward_fn=forward_fn,
-        chunk_size=chunk_size,
-        delta=_flat_delta(delta, named),
-    )
-    return _safe_div((sums.delta_lin + 0.5 * sums.delta_quad).cpu(), counts)
+        >>> pred = predicted_excess_loss(model, [(x, y, y)], delta, num_groups=2)
+        >>> pre = {"weight": model.weight.detach().clone()}
+        >>> with torch.no_grad():
+        ...     _ = model.weight.mul_(0.9)  # the step, taken
+        >>> after = predicted_excess_loss(model, [(x, y, y)], None, num_groups=2, pre=pre)
+        >>> pred.shape, bool(torch.allclose(pred, after)), torch.equal(model.weight, 0.9 * pre["weight"])
+        (torch.Size([2]), True, True)
+    """  # noqa: E501
+    if (delta is None) == (pre is None):
+        raise ValueError("Expected exactly one of `delta` and `pre`, but got both or neither")
+    given = delta if delta is not None else pre
+    if not isinstance(given, Mapping):
+        name = "delta" if delta is not None else "pre"
+        raise TypeError(
+            f"Expected `{name}` to be a mapping FQN -> tensor, but got {type(given).__name__}"
+        )
+    check_pass_args(num_groups, chunk_size, batches, 1)
+    named = resolve_params(model, list(given.keys()) if params is None else params)
+    opts = _options(finite_difference, named, loss_fn, forward_fn, reduce_fn, chunk_size)
+    swap = _weights_at(named, pre) if pre is not None else contextlib.nullcontext(delta)
+    with swap as step:
+        parts = local_directions(named, [step], "delta")
+        with open_pass(model, batches, num_groups, named, opts, finite_difference) as backend:
+            sums = backend.run(PassRequest(directions=parts))
+    assert sums.dir_lin is not None
+    assert sums.dir_quad is not None
+    warn_missing("predicted_excess_loss", sums.counts <= 0)
+    return safe_div((sums.dir_lin[:, 0] + 0.5 * sums.dir_quad[:, 0]).cpu(), sums.counts)
 
 
 def measure_groups(
@@ -1320,6 +760,8 @@ def measure_groups(
     params: ParamsArg = None,
     num_probes: int = 0,
     delta: Mapping[str, Tensor] | None = None,
+    pre: Mapping[str, Tensor] | None = None,
+    lambda_max_iterations: int = 0,
     seed: int = 0,
     loss_fn: LossFn | None = None,
     forward_fn: ForwardFn | None = None,
@@ -1329,14 +771,20 @@ def measure_groups(
     probes: Tensor | None = None,
     strategy: str = "auto",
     max_memory: int | None = None,
+    finite_difference: FiniteDifference | None = None,
 ) -> GroupMeasurement:
-    """Everything per group in ONE pass: counts, recall, losses, ‖g_a‖, Tr(H_a), R̂(a).
+    """Everything per group: counts, recall, losses, ‖g_a‖, Tr(H_a), λ_max, R̂(a).
 
-    Each pure-group chunk gets one forward (logits for the counts and the losses), one
-    backward (gradient sums), and, when asked, ``num_probes`` HVPs for the trace and one HVP
-    with ``delta`` for the predicted excess loss, all reusing the same graph. With
-    ``gradients=False``, ``num_probes=0`` and ``delta=None`` it is a plain no-grad
-    evaluation of whole batches.
+    On plain parameters each pure-group chunk gets one forward (logits for the counts and
+    the losses), one backward (gradient sums), and, when asked, ``num_probes`` HVPs for the
+    trace and one HVP with ``delta`` for the predicted excess loss, all in ONE pass reusing
+    the same graph; λ_max adds ``lambda_max_iterations`` passes and ``pre`` one pass at the
+    pre-round weights. With ``gradients=False``, ``num_probes=0`` and no ``delta``/``pre`` it
+    is a plain no-grad evaluation of whole batches. On FSDP2-sharded parameters: a forward-only
+    pass (the same number of batches on every process, checked), the lockstep gradient norms
+    and the curvature by central differences (frozen gates recorded once for the trace and
+    λ_max); the results equal those of the gathered model on all processes' data (the
+    curvature to finite-difference accuracy).
 
     Args:
         model: the network (eval mode during the measurement, then restored).
@@ -1345,8 +793,11 @@ def measure_groups(
         num_classes: number of classes C (None: the logits' width).
         params: parameters for the gradient/curvature work (default: all trainable).
         num_probes: Hutchinson probes (0: no Hessian trace).
-        delta: FQN -> weight change for the predicted excess loss (None: skip).
-        seed: probe seed.
+        delta: FQN -> weight change for the predicted excess loss at the current weights.
+        pre: FQN -> the weights before a pruning round: the predicted excess loss of the step
+            to the current weights, measured at ``pre`` (see `predicted_excess_loss`).
+        lambda_max_iterations: power iterations for λ_max(H_a) (0: none).
+        seed: probe and start-vector seed.
         loss_fn: per-sample loss (default cross-entropy).
         forward_fn: ``(model, inputs) -> logits``.
         reduce_fn: sums a tensor across processes (None: one process).
@@ -1357,54 +808,56 @@ def measure_groups(
             `group_hessian_trace`; the vmapped gradients apply when no probes or ``delta``
             are asked for).
         max_memory: bound on the batched probes' buffers (see `group_hessian_trace`).
+        finite_difference: options of the FSDP2 backend (see `FiniteDifference`).
 
     Returns:
         `GroupMeasurement`; missing groups are NaN (one warning per call).
 
     Example:
-        >>> import torch
         >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(3, 2)
         >>> x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
-        >>> m = measure_groups(model, [(x, y, y)], num_groups=2, num_classes=2, num_probes=2)
+        >>> m = measure_groups(model, [(x, y, y)], num_groups=2, num_classes=2, num_probes=2,
+        ...                    lambda_max_iterations=3)
         >>> m.support.sum().item(), m.grad_norms.shape, m.hessian_trace.shape
         (8.0, torch.Size([2]), torch.Size([2]))
+        >>> m.hessian_lambda_max.shape
+        torch.Size([2])
     """
-    _check_positive_int("num_groups", num_groups)
-    if num_classes is not None:
-        _check_positive_int("num_classes", num_classes)
-    _check_positive_int("num_probes", num_probes, allow_zero=True)
-    if chunk_size is not None:
-        _check_positive_int("chunk_size", chunk_size)
-    _check_iterable(batches, 1)
-    named = _resolve_params(model, params)
-    ref = named[0][1]
-    size = sum(p.numel() for _, p in named)
-    pm = None
+    check_pass_args(num_groups, chunk_size, batches, 1 + lambda_max_iterations + (pre is not None))
+    check_int(num_classes, "num_classes", 1, allow_none=True)
+    check_int(num_probes, "num_probes", 0)
+    check_int(lambda_max_iterations, "lambda_max_iterations", 0)
+    if delta is not None and pre is not None:
+        raise ValueError("Expected at most one of `delta` and `pre`, but got both")
+    named = resolve_params(model, params)
+    opts = _options(finite_difference, named, loss_fn, forward_fn, reduce_fn, chunk_size,
+                    strategy, max_memory, max(1, num_probes))  # fmt: skip
+    request = PassRequest(class_counts=True, num_classes=num_classes, grad_norms=gradients)
     if probes is not None or num_probes > 0:
-        pm = _probe_matrix(probes, num_probes, seed, 0, size, ref)
-    flat_delta = _flat_delta(delta, named) if delta is not None else None
-    with _measurement_mode(model, [p for _, p in named]):
-        sums, num_classes = _run_pass(
-            model,
-            batches,
-            num_groups,
-            named,
-            loss_fn=loss_fn,
-            forward_fn=forward_fn,
-            chunk_size=chunk_size,
-            grad_sums=gradients,
-            probes=pm,
-            delta=flat_delta,
-            num_classes=num_classes,
-            count_classes=True,
-            batched=_resolve_strategy(strategy, ref),
-            probe_batch=_probe_batch(max_memory, size, ref, max(1, num_probes)),
-        )
-    sums = _reduce_sums(sums, reduce_fn)
-    counts = sums.counts.cpu()
-    _warn_missing("measure_groups", counts)
-    support, correct = sums.support.cpu(), sums.correct.cpu()
+        request.probes = probes if probes is not None else Probes(num_probes, seed)
+    if delta is not None:
+        request.directions = local_directions(named, [delta], "delta")
+    with open_pass(model, batches, num_groups, named, opts, finite_difference) as backend:
+        sums = backend.run(request)
+        lam, _ = _power_iteration(backend, num_groups, lambda_max_iterations, seed)
+    warn_missing("measure_groups", sums.counts <= 0)
+    result = _measurement(sums, lam if lambda_max_iterations else None)
+    if pre is not None:
+        with warnings.catch_warnings():  # absent groups were reported above
+            warnings.simplefilter("ignore", UserWarning)
+            result.predicted_excess_loss = predicted_excess_loss(
+                model, batches, None, num_groups, pre=pre, params=params, loss_fn=loss_fn,
+                forward_fn=forward_fn, reduce_fn=reduce_fn, chunk_size=chunk_size,
+                finite_difference=finite_difference,
+            )  # fmt: skip
+    return result
+
+
+def _measurement(sums: Any, lambda_max: Tensor | None) -> GroupMeasurement:
+    """`GroupMeasurement` from the sums of one `measure_groups` pass."""
+    counts = sums.counts
+    support, correct = sums.class_counts()
     result = GroupMeasurement(
         support=support,
         correct=correct,
@@ -1412,18 +865,17 @@ def measure_groups(
         counts=counts,
         recall=group_recall(support, correct, warn=False),
         accuracy=_accuracy(support, correct),
-        mean_loss=_safe_div(sums.loss_sums.cpu(), counts),
-        confusion=None if sums.confusion is None else sums.confusion.cpu().round().long(),
+        mean_loss=safe_div(sums.loss_sums.cpu(), counts),
+        confusion=sums.confusion.cpu(),
+        hessian_lambda_max=lambda_max,
     )
-    if gradients:
-        norm = _row_norms(sums.grad_sums).cpu()
-        result.grad_norms = _safe_div(norm, counts)
-    if pm is not None:
-        values = _safe_div(sums.probe_sums.cpu(), counts[:, None])
+    if sums.grad_norms is not None:
+        result.grad_norms = safe_div(sums.grad_norms.cpu(), counts)
+    if sums.probe_quads is not None:
+        values = safe_div(sums.probe_quads.cpu(), counts[:, None])
         result.hessian_trace, result.hessian_trace_stderr = _trace_stats(values)
         result.num_probes = values.shape[1]
-    if flat_delta is not None:
-        result.predicted_excess_loss = _safe_div(
-            (sums.delta_lin + 0.5 * sums.delta_quad).cpu(), counts
-        )
+    if sums.dir_lin is not None:
+        pred = sums.dir_lin[:, 0] + 0.5 * sums.dir_quad[:, 0]
+        result.predicted_excess_loss = safe_div(pred.cpu(), counts)
     return result

@@ -32,10 +32,10 @@ custom autograd function or a C++ extension does internally.
 
 Memory: one bit per gated activation element (bit-packed masks) and one int32 (int64 for
 huge planes) per max-pool output element, for every forward recorded, on the activations'
-device, until the key is dropped (`FrozenGates.drop`) or cleared. The sharded curvature
-functions either hold the gates of the whole measured data set between the record pass and
-the last replay, or, above their ``gate_memory`` budget, record and drop one chunk's gates
-at a time (see `lightning_fairprune.diagnostics.sharded`).
+device, until the key is dropped (`FrozenGates.drop`) or cleared. The FSDP2 backend of the
+curvature diagnostics either holds the gates of the whole measured data set between the record
+pass and the last replay, or, above its ``gate_memory`` budget, records and drops one chunk's
+gates at a time (see `lightning_fairprune.diagnostics.sharded_pass`).
 """
 
 from __future__ import annotations

@@ -37,9 +37,7 @@ groups are still included in the summaries (as fairlearn does); the flag is for 
 **Intensification guard.** `guarded_intensification_ratio` returns NaN ("undefined") instead of
 a huge I = B̃_t / B̃ when the dense balance B̃ is within noise of 0 (see its docstring).
 
-**Groups.** `normalize_group_names`, `combine_groups` (intersectional product groups with
-readable names such as ``"race=black & sex=F"``), `split_groups` (the inverse) and
-`group_slugs` (names safe for logger keys).
+Group names and intersectional groups live in `lightning_fairprune.diagnostics.groups`.
 
 **Any torchmetrics metric per group.** `PerGroupMetric` keeps one clone of a metric per group
 and updates each clone only with its own group's samples, so a batch that lacks a group leaves
@@ -53,39 +51,32 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_fairprune.diagnostics.counts import check_confusion
+from lightning_fairprune.diagnostics.groups import group_slugs, normalize_group_names
 from lightning_fairprune.diagnostics.recall import (
     _check_count,
     _check_labels,
     intensification_ratio,
 )
+from lightning_fairprune.distributed import all_reduce
 
 __all__ = [
     "INTENSIFICATION_MIN_ABS_REF",
     "SMALL_GROUP_SIZE",
-    "CombinedGroups",
-    "GroupConfusion",
     "GroupMetrics",
     "PerGroupMetric",
     "Rate",
-    "combine_groups",
-    "confusion_to_counts",
-    "group_confusion",
     "group_metrics",
-    "group_slugs",
     "guarded_intensification_ratio",
-    "normalize_group_names",
-    "product_group_names",
     "rate",
-    "split_groups",
     "wilson_interval",
 ]
 
@@ -94,238 +85,6 @@ SMALL_GROUP_SIZE = 30
 
 INTENSIFICATION_MIN_ABS_REF = 0.02
 """|B̃_ref| below which an intensification ratio is undefined (recall within 2% of accuracy)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Counting
-# --------------------------------------------------------------------------------------------
-
-
-def _check_ids(name: str, t: Tensor, upper: int | None, what: str, validate: bool) -> None:
-    """`_check_labels`; without ``validate`` only type, dtype and shape (no device sync)."""
-    if validate or not isinstance(t, Tensor) or t.ndim != 1:
-        _check_labels(name, t, upper, what)
-    else:
-        _check_labels(name, t[:0], upper, what)
-
-
-def _predictions(
-    preds_or_logits: Tensor, num_classes: int | None, threshold: float, validate: bool = True
-) -> Tensor:
-    """Class ids ``[N]`` from class ids, logits ``[N, C]`` or binary scores ``[N]``/``[N, 1]``."""
-    if not isinstance(preds_or_logits, Tensor):
-        raise TypeError(
-            "Expected `preds_or_logits` to be a torch.Tensor of class ids [N], logits [N, C] or"
-            f" binary scores [N], but got {type(preds_or_logits)}"
-        )
-    x = preds_or_logits
-    if not x.is_floating_point():
-        _check_ids("preds_or_logits", x, num_classes, "predicted class ids", validate)
-        return x.long()
-    if x.ndim == 2 and x.shape[1] == 1:
-        x = x[:, 0]
-    if x.ndim == 1:
-        if num_classes not in (None, 2):
-            raise ValueError(
-                "Expected floating point `preds_or_logits` of shape [N, C] for"
-                f" `num_classes`={num_classes}, but got shape {tuple(preds_or_logits.shape)}"
-            )
-        if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
-            x = torch.sigmoid(x)  # logits, as torchmetrics treats scores outside [0, 1]
-        return (x >= threshold).long()
-    if x.ndim != 2:
-        raise ValueError(
-            "Expected floating point `preds_or_logits` to be logits [N, C] or binary scores [N],"
-            f" but got shape {tuple(preds_or_logits.shape)}"
-        )
-    if num_classes is not None and x.shape[1] != num_classes:
-        raise ValueError(
-            f"Expected logits with `num_classes`={num_classes} columns, but got shape"
-            f" {tuple(x.shape)}"
-        )
-    return x.argmax(dim=1)
-
-
-def group_confusion(
-    preds_or_logits: Tensor,
-    targets: Tensor,
-    groups: Tensor,
-    num_groups: int,
-    num_classes: int,
-    threshold: float = 0.5,
-    validate: bool = True,
-) -> Tensor:
-    """Per-group confusion counts ``confusion[g, t, p]`` of one batch.
-
-    Args:
-        preds_or_logits: predicted class ids ``[N]`` (integer), logits/scores ``[N, C]``
-            (argmax over dim 1), or for ``num_classes == 2`` binary scores ``[N]`` or ``[N, 1]``:
-            probabilities in [0, 1], else logits (passed through a sigmoid), predicted positive
-            (class 1) when ``>= threshold``.
-        targets: true class ids ``[N]`` in ``[0, num_classes)``.
-        groups: group id of every sample ``[N]`` in ``[0, num_groups)``.
-        num_groups: number of groups G.
-        num_classes: number of classes C.
-        threshold: decision threshold on probabilities for binary scores.
-        validate: check that ids are in range (one device sync per tensor). Pass False in a
-            hot loop once the data were validated (e.g. at fit start): out-of-range ids then
-            give wrong counts or an index error (a device-side assert on CUDA). Binary scores
-            ``[N]`` always sync once (probability or logit is decided from their range).
-
-    Returns:
-        int64 ``[G, C, C]`` on the input device (target x prediction per group). Counting is a
-        ``scatter_add_`` into a fixed-size tensor, so no device sync happens when
-        ``validate=False`` and the predictions are ids or ``[N, C]`` logits.
-
-    Raises:
-        ValueError: on ids that are not integer, negative or out of range, on shapes, or on
-            lengths that do not match.
-
-    Example:
-        >>> import torch
-        >>> c = group_confusion(torch.tensor([1, 0, 1]), torch.tensor([1, 1, 0]),
-        ...                     torch.tensor([0, 0, 1]), num_groups=2, num_classes=2)
-        >>> c[0].tolist(), c[1].tolist()
-        ([[0, 0], [1, 1]], [[0, 1], [0, 0]])
-    """
-    _check_count("num_groups", num_groups)
-    _check_count("num_classes", num_classes)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"Expected `threshold` to be a float in [0, 1], but got {threshold!r}")
-    if not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"Expected `threshold` to be a float in [0, 1], but got {threshold!r}")
-    preds = _predictions(preds_or_logits, num_classes, float(threshold), validate)
-    _check_ids("targets", targets, num_classes, "class labels", validate)
-    _check_ids("groups", groups, num_groups, "group ids", validate)
-    n = targets.shape[0]
-    if preds.shape[0] != n or groups.shape[0] != n:
-        raise ValueError(
-            "Expected `preds_or_logits`, `targets` and `groups` to have the same length, but got"
-            f" {preds.shape[0]}, {n} and {groups.shape[0]}"
-        )
-    cell = (groups.long() * num_classes + targets.long()) * num_classes + preds
-    counts = torch.zeros(num_groups * num_classes**2, dtype=torch.int64, device=cell.device)
-    counts.scatter_add_(0, cell, torch.ones_like(cell))
-    return counts.view(num_groups, num_classes, num_classes)
-
-
-def confusion_to_counts(confusion: Tensor) -> tuple[Tensor, Tensor]:
-    """``(support, correct)`` float64 ``[G, C]`` as `group_counts` returns them.
-
-    With these, the recall-distortion functions of `recall` (`group_recall`, `accuracy`, ...)
-    run on the same counts.
-
-    Args:
-        confusion: ``[G, C, C]`` counts from `group_confusion` / `GroupConfusion`.
-
-    Returns:
-        ``support[g, c]`` (samples of class c in group g) and ``correct[g, c]``.
-
-    Example:
-        >>> import torch
-        >>> conf = torch.tensor([[[3, 1], [0, 2]]])
-        >>> support, correct = confusion_to_counts(conf)
-        >>> support.tolist(), correct.tolist()
-        ([[4.0, 2.0]], [[3.0, 2.0]])
-    """
-    _check_confusion(confusion)
-    c = confusion.to(torch.float64)
-    return c.sum(-1), torch.diagonal(c, dim1=-2, dim2=-1)
-
-
-def _check_confusion(confusion: Tensor) -> None:
-    if not isinstance(confusion, Tensor):
-        raise TypeError(
-            f"Expected `confusion` to be a torch.Tensor [G, C, C], but got {type(confusion)}"
-        )
-    if confusion.ndim != 3 or confusion.shape[1] != confusion.shape[2]:
-        raise ValueError(
-            f"Expected `confusion` of shape [G, C, C], but got {tuple(confusion.shape)}"
-        )
-    if confusion.numel() and bool((confusion < 0).any()):
-        raise ValueError("Expected `confusion` to hold non-negative counts, but got a negative")
-
-
-class GroupConfusion:
-    """Streaming per-group confusion counts: ``update`` per batch, ``compute`` at the end.
-
-    The state is one int64 tensor ``[G, C, C]``; `sync` all-reduces it with ``sum`` (exact).
-    Call `sync` on every process (it is a collective) before `compute`, or all-reduce
-    ``self.confusion`` yourself.
-
-    Args:
-        num_groups: number of groups G.
-        num_classes: number of classes C.
-        threshold: decision threshold for binary scores (see `group_confusion`).
-        validate: range-check ids on every update (see `group_confusion`).
-
-    Example:
-        >>> import torch
-        >>> m = GroupConfusion(num_groups=2, num_classes=2)
-        >>> m.update(torch.tensor([1, 0]), torch.tensor([1, 1]), torch.tensor([0, 0]))
-        >>> m.update(torch.tensor([1]), torch.tensor([0]), torch.tensor([1]))
-        >>> m.compute().sum(dim=(1, 2)).tolist()
-        [2, 1]
-    """
-
-    def __init__(
-        self, num_groups: int, num_classes: int, threshold: float = 0.5, validate: bool = True
-    ) -> None:
-        _check_count("num_groups", num_groups)
-        _check_count("num_classes", num_classes)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise TypeError(f"Expected `threshold` to be a float in [0, 1], but got {threshold!r}")
-        if not 0.0 <= float(threshold) <= 1.0:
-            raise ValueError(f"Expected `threshold` to be a float in [0, 1], but got {threshold!r}")
-        self.num_groups = num_groups
-        self.num_classes = num_classes
-        self.threshold = float(threshold)
-        self.validate = bool(validate)
-        self.confusion = torch.zeros(num_groups, num_classes, num_classes, dtype=torch.int64)
-
-    def reset(self) -> None:
-        """Zero the counts (keeps the device)."""
-        self.confusion = torch.zeros_like(self.confusion)
-
-    def update(self, preds_or_logits: Tensor, targets: Tensor, groups: Tensor) -> None:
-        """Add one batch (arguments as in `group_confusion`)."""
-        batch = group_confusion(
-            preds_or_logits,
-            targets,
-            groups,
-            self.num_groups,
-            self.num_classes,
-            self.threshold,
-            self.validate,
-        )
-        if self.confusion.device != batch.device:
-            self.confusion = self.confusion.to(batch.device)
-        self.confusion += batch
-
-    def sync(self, group: Any = None) -> None:
-        """All-reduce (sum) the counts over processes; a no-op without torch.distributed."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(
-                self.confusion, op=torch.distributed.ReduceOp.SUM, group=group
-            )
-
-    def compute(self) -> Tensor:
-        """A copy of the counts ``[G, C, C]`` (int64)."""
-        return self.confusion.clone()
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain values (loads with ``torch.load(weights_only=True)``)."""
-        return {"confusion": self.confusion.cpu().clone()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore counts saved by `state_dict`."""
-        conf = state["confusion"]
-        if tuple(conf.shape) != tuple(self.confusion.shape):
-            raise ValueError(
-                f"Expected `state['confusion']` of shape {tuple(self.confusion.shape)}, but got"
-                f" {tuple(conf.shape)}"
-            )
-        self.confusion = conf.to(self.confusion.device, torch.int64).clone()
 
 
 # --------------------------------------------------------------------------------------------
@@ -607,6 +366,7 @@ def group_metrics(
 
     Example:
         >>> import torch
+        >>> from lightning_fairprune.diagnostics.counts import group_confusion
         >>> conf = group_confusion(torch.tensor([1, 1, 0, 0, 1]), torch.tensor([1, 0, 1, 0, 1]),
         ...                        torch.tensor([0, 0, 1, 1, 1]), num_groups=3, num_classes=2)
         >>> m = group_metrics(conf)
@@ -615,7 +375,7 @@ def group_metrics(
         >>> m.summary["equalized_odds_difference"], m.summary["demographic_parity_difference"]
         (1.0, 0.6666666666666667)
     """
-    _check_confusion(confusion)
+    check_confusion(confusion)
     _check_confidence(confidence)
     _check_count("min_group_size", min_group_size)
     if isinstance(zero_division, bool) or not isinstance(zero_division, (int, float)):
@@ -760,241 +520,6 @@ def guarded_intensification_ratio(
 
 
 # --------------------------------------------------------------------------------------------
-# Group names, intersections, slugs
-# --------------------------------------------------------------------------------------------
-
-
-def normalize_group_names(
-    group_names: Sequence[str] | Mapping[int, str] | None, num_groups: int
-) -> list[str]:
-    """A list of ``num_groups`` unique names from a list, a mapping id -> name, or None.
-
-    None gives ``g0, g1, ...``; a mapping may name only some ids (the others get ``g<id>``).
-
-    Args:
-        group_names: the names.
-        num_groups: number of groups G.
-
-    Returns:
-        ``list[str]`` of length G.
-
-    Raises:
-        ValueError: wrong length, ids outside ``[0, G)``, empty or duplicate names.
-        TypeError: names that are not strings, or ids that are not ints.
-
-    Example:
-        >>> normalize_group_names({1: "black"}, 3)
-        ['g0', 'black', 'g2']
-        >>> normalize_group_names(["a", "b"], 2)
-        ['a', 'b']
-    """
-    _check_count("num_groups", num_groups)
-    if group_names is None:
-        return [f"g{i}" for i in range(num_groups)]
-    if isinstance(group_names, Mapping):
-        names = [f"g{i}" for i in range(num_groups)]
-        for key, name in group_names.items():
-            if isinstance(key, bool) or not isinstance(key, int):
-                raise TypeError(f"Expected `group_names` keys to be int group ids, but got {key!r}")
-            if not 0 <= key < num_groups:
-                raise ValueError(
-                    f"Expected `group_names` keys in [0, {num_groups}), but got {key!r}"
-                )
-            names[key] = name
-    elif isinstance(group_names, Sequence) and not isinstance(group_names, (str, bytes)):
-        names = list(group_names)
-        if len(names) != num_groups:
-            raise ValueError(
-                f"Expected `group_names` to have {num_groups} names (one per group), but got"
-                f" {len(names)}: {names!r}"
-            )
-    else:
-        raise TypeError(
-            "Expected `group_names` to be a list of names or a mapping id -> name, but got"
-            f" {group_names!r}"
-        )
-    for name in names:
-        if not isinstance(name, str):
-            raise TypeError(f"Expected `group_names` to hold strings, but got {name!r}")
-        if not name.strip():
-            raise ValueError(f"Expected `group_names` to hold non-empty names, but got {name!r}")
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"Expected `group_names` to be unique, but got duplicates {dupes}")
-    return names
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
-
-
-def group_slugs(group_names: Sequence[str]) -> list[str]:
-    """Logger-key-safe, unique slugs of group names (letters, digits, ``_``, ``.``, ``-``).
-
-    ``=`` becomes ``-``, every other run of unsafe characters (spaces, ``&``, ``/``) becomes
-    ``_``; a slug that collides with an earlier one gets ``_<index>`` appended.
-
-    Args:
-        group_names: names, e.g. from `normalize_group_names`.
-
-    Returns:
-        ``list[str]`` of the same length.
-
-    Example:
-        >>> group_slugs(["race=black & sex=F", "a/b", "a b"])
-        ['race-black_sex-F', 'a_b', 'a_b_2']
-    """
-    slugs: list[str] = []
-    seen: set[str] = set()
-    for i, name in enumerate(group_names):
-        if not isinstance(name, str):
-            raise TypeError(f"Expected `group_names` to hold strings, but got {name!r}")
-        slug = _UNSAFE.sub("_", name.replace("=", "-")).strip("_") or f"g{i}"
-        if slug in seen:
-            slug = f"{slug}_{i}"
-        seen.add(slug)
-        slugs.append(slug)
-    return slugs
-
-
-def _check_sizes(sizes: Sequence[int]) -> list[int]:
-    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes:
-        raise ValueError(f"Expected `sizes` to be a non-empty list of ints, but got {sizes!r}")
-    for s in sizes:
-        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-            raise ValueError(f"Expected `sizes` to hold positive ints, but got {sizes!r}")
-    return list(sizes)
-
-
-def product_group_names(
-    sizes: Sequence[int],
-    names: Sequence[str] | None = None,
-    value_names: Sequence[Sequence[str] | Mapping[int, str] | None] | None = None,
-) -> list[str]:
-    """Readable names of the product groups of several attributes, in product-id order.
-
-    The id of values ``(v_0, ..., v_{k-1})`` is mixed radix with the first attribute most
-    significant: ``((v_0·s_1) + v_1)·s_2 + ...``. A name reads ``"race=black & sex=F"``.
-
-    Args:
-        sizes: number of values of each attribute.
-        names: attribute names (default ``a0, a1, ...``).
-        value_names: per attribute, value names as for `normalize_group_names` (None:
-            the value ids ``0, 1, ...``).
-
-    Returns:
-        ``prod(sizes)`` names.
-
-    Example:
-        >>> product_group_names([2, 2], ["race", "sex"], [["white", "black"], ["M", "F"]])
-        ['race=white & sex=M', 'race=white & sex=F', 'race=black & sex=M', 'race=black & sex=F']
-    """
-    sizes = _check_sizes(sizes)
-    k = len(sizes)
-    if names is None:
-        names = [f"a{i}" for i in range(k)]
-    if isinstance(names, (str, bytes)) or len(names) != k:
-        raise ValueError(f"Expected `names` to have {k} attribute names, but got {names!r}")
-    if value_names is None:
-        value_names = [None] * k
-    if len(value_names) != k:
-        raise ValueError(
-            f"Expected `value_names` to have {k} entries (one per attribute), but got"
-            f" {value_names!r}"
-        )
-    values = []
-    for s, vn in zip(sizes, value_names, strict=True):
-        values.append([str(i) for i in range(s)] if vn is None else normalize_group_names(vn, s))
-    out = [""]
-    for attr, vals in zip(names, values, strict=True):
-        out = [
-            f"{prefix} & {attr}={v}" if prefix else f"{attr}={v}" for prefix in out for v in vals
-        ]
-    return out
-
-
-class CombinedGroups(NamedTuple):
-    """Product group ids and names returned by `combine_groups`."""
-
-    ids: Tensor
-    names: list[str]
-    num_groups: int
-
-
-def combine_groups(
-    attributes: Sequence[Tensor],
-    sizes: Sequence[int],
-    names: Sequence[str] | None = None,
-    value_names: Sequence[Sequence[str] | Mapping[int, str] | None] | None = None,
-) -> CombinedGroups:
-    """Intersectional groups: one product id per sample from several attribute id tensors.
-
-    Args:
-        attributes: one integer tensor ``[N]`` per attribute, values in ``[0, sizes[i])``.
-        sizes: number of values of each attribute.
-        names: attribute names (see `product_group_names`).
-        value_names: value names per attribute (see `product_group_names`).
-
-    Returns:
-        ``CombinedGroups(ids, names, num_groups)``: int64 ids ``[N]`` (mixed radix, first
-        attribute most significant), all ``prod(sizes)`` names, and their number.
-
-    Example:
-        >>> import torch
-        >>> c = combine_groups([torch.tensor([0, 1, 1]), torch.tensor([1, 0, 1])], [2, 2],
-        ...                    ["race", "sex"], [["white", "black"], ["M", "F"]])
-        >>> c.ids.tolist(), [c.names[i] for i in c.ids.tolist()]
-        ([1, 2, 3], ['race=white & sex=F', 'race=black & sex=M', 'race=black & sex=F'])
-    """
-    sizes = _check_sizes(sizes)
-    if isinstance(attributes, Tensor) or not isinstance(attributes, Sequence):
-        raise TypeError(
-            f"Expected `attributes` to be a list of 1-D tensors, but got {type(attributes)}"
-        )
-    if len(attributes) != len(sizes):
-        raise ValueError(
-            f"Expected `attributes` to have {len(sizes)} tensors (one per size), but got"
-            f" {len(attributes)}"
-        )
-    ids: Tensor | None = None
-    for i, (a, s) in enumerate(zip(attributes, sizes, strict=True)):
-        _check_labels(f"attributes[{i}]", a, s, "attribute values")
-        if ids is not None and a.shape != ids.shape:
-            raise ValueError(
-                f"Expected `attributes` of the same length, but got {tuple(a.shape)} at index"
-                f" {i} and {tuple(ids.shape)} before"
-            )
-        ids = a.long() if ids is None else ids * s + a.long()
-    assert ids is not None  # sizes is non-empty
-    group_names = product_group_names(sizes, names, value_names)
-    return CombinedGroups(ids, group_names, len(group_names))
-
-
-def split_groups(ids: Tensor, sizes: Sequence[int]) -> tuple[Tensor, ...]:
-    """Inverse of `combine_groups`: attribute value ids from product group ids.
-
-    Args:
-        ids: product ids ``[N]`` in ``[0, prod(sizes))``.
-        sizes: number of values of each attribute.
-
-    Returns:
-        One int64 tensor ``[N]`` per attribute.
-
-    Example:
-        >>> import torch
-        >>> [t.tolist() for t in split_groups(torch.tensor([1, 2, 3]), [2, 2])]
-        [[0, 1, 1], [1, 0, 1]]
-    """
-    sizes = _check_sizes(sizes)
-    _check_labels("ids", ids, math.prod(sizes), "product group ids")
-    rest = ids.long()
-    out = []
-    for s in reversed(sizes):
-        out.append(rest % s)
-        rest = rest // s
-    return tuple(reversed(out))
-
-
-# --------------------------------------------------------------------------------------------
 # Any metric per group
 # --------------------------------------------------------------------------------------------
 
@@ -1073,9 +598,7 @@ class PerGroupMetric(nn.Module):
         clones (torchmetrics' sync is collective); clones of groups absent everywhere are not
         computed (some metrics raise on an empty state).
         """
-        counts = self.counts.clone()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
+        counts = all_reduce(self.counts.clone())
         out: list[Any] = []
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")

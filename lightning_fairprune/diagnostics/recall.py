@@ -26,17 +26,12 @@ __all__ = [
     "accuracy",
     "disparity",
     "excessive_loss",
-    "group_counts",
     "group_recall",
     "intensification_alpha",
     "intensification_ratio",
     "normalized_recall_balance",
     "recall_balance",
 ]
-
-
-def _is_integer_dtype(t: Tensor) -> bool:
-    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
 
 
 def _check_labels(name: str, t: Tensor, upper: int | None, what: str) -> None:
@@ -48,102 +43,8 @@ def _check_count(name: str, value: int | None) -> None:
     check_int(value, name, 1, allow_none=True)
 
 
-def group_counts(
-    preds_or_logits: Tensor,
-    targets: Tensor,
-    groups: Tensor | None = None,
-    num_groups: int | None = None,
-    num_classes: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Count samples and correct predictions per (group, class).
-
-    Args:
-        preds_or_logits: predicted class ids ``[N]`` (integer) or scores/logits ``[N, C]``
-            (floating point; the prediction is the argmax over dim 1).
-        targets: true class ids ``[N]``, integers in ``[0, num_classes)``.
-        groups: group id of every sample ``[N]``, integers in ``[0, num_groups)``; ``None``
-            means groups are the classes (``groups = targets``).
-        num_groups: number of groups G. Defaults to ``num_classes`` when ``groups`` is None,
-            else to ``groups.max() + 1`` (pass it explicitly when streaming, so that every
-            batch gives tensors of the same shape).
-        num_classes: number of classes C. Defaults to ``logits.shape[1]``, else to the
-            largest label or prediction + 1 (again: pass it when streaming).
-
-    Returns:
-        ``(support, correct)``, two float64 tensors of shape ``[G, C]`` on the input device:
-        sums that can be added over batches and all-reduced over processes.
-
-    Raises:
-        ValueError: on labels or groups that are not integer, are negative or out of range,
-            or on mismatching lengths.
-
-    Example:
-        >>> import torch
-        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
-        >>> support, correct = group_counts(logits, torch.tensor([0, 1, 1]))
-        >>> support
-        tensor([[1., 0.],
-                [0., 2.]], dtype=torch.float64)
-        >>> correct
-        tensor([[1., 0.],
-                [0., 1.]], dtype=torch.float64)
-    """
-    _check_count("num_groups", num_groups)
-    _check_count("num_classes", num_classes)
-    if not isinstance(preds_or_logits, Tensor):
-        raise TypeError(
-            "Expected `preds_or_logits` to be a torch.Tensor of class ids [N] or logits [N, C],"
-            f" but got {type(preds_or_logits)}"
-        )
-    if preds_or_logits.is_floating_point():
-        if preds_or_logits.ndim != 2:
-            raise ValueError(
-                "Expected floating point `preds_or_logits` to be logits of shape [N, C], but"
-                f" got shape {tuple(preds_or_logits.shape)}"
-            )
-        if num_classes is None:
-            num_classes = preds_or_logits.shape[1]
-        elif preds_or_logits.shape[1] != num_classes:
-            raise ValueError(
-                f"Expected logits with `num_classes`={num_classes} columns, but got shape"
-                f" {tuple(preds_or_logits.shape)}"
-            )
-        preds = preds_or_logits.argmax(dim=1)
-    else:
-        preds = preds_or_logits
-        _check_labels("preds_or_logits", preds, num_classes, "predicted class ids")
-    _check_labels("targets", targets, num_classes, "class labels")
-    if preds.shape[0] != targets.shape[0]:
-        raise ValueError(
-            f"Expected `preds_or_logits` and `targets` to have the same length, but got"
-            f" {preds.shape[0]} and {targets.shape[0]}"
-        )
-    if num_classes is None:
-        hi = max(
-            int(targets.max()) if targets.numel() else 0, int(preds.max()) if preds.numel() else 0
-        )
-        num_classes = hi + 1
-    if groups is None:
-        groups = targets
-        if num_groups is None:
-            num_groups = num_classes
-    _check_labels("groups", groups, num_groups, "group ids")
-    if groups.shape[0] != targets.shape[0]:
-        raise ValueError(
-            f"Expected `groups` to have the same length as `targets` ({targets.shape[0]}), but"
-            f" got {groups.shape[0]}"
-        )
-    if num_groups is None:
-        num_groups = int(groups.max()) + 1 if groups.numel() else 1
-    cell = groups.long() * num_classes + targets.long()
-    size = num_groups * num_classes
-    support = torch.bincount(cell, minlength=size).to(torch.float64)
-    hit = preds.long() == targets.long()
-    correct = torch.bincount(cell[hit], minlength=size).to(torch.float64)
-    return support.view(num_groups, num_classes), correct.view(num_groups, num_classes)
-
-
-def _warn_missing(kind: str, missing: Tensor) -> None:
+def warn_missing(kind: str, missing: Tensor) -> None:
+    """One warning from ``kind`` naming the groups marked ``missing`` (reported as NaN)."""
     ids = missing.nonzero().flatten().tolist()
     if ids:
         warnings.warn(
@@ -190,7 +91,7 @@ def group_recall(support: Tensor, correct: Tensor, warn: bool = True) -> Tensor:
         s, c = s.sum(1), c.sum(1)
     missing = s <= 0
     if warn:
-        _warn_missing("group_recall", missing)
+        warn_missing("group_recall", missing)
     recall = c / torch.where(missing, torch.ones_like(s), s)
     return torch.where(missing, torch.full_like(recall, math.nan), recall)
 

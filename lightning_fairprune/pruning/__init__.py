@@ -13,13 +13,11 @@ from lightning_fairprune.pruning.criteria import (
 )
 from lightning_fairprune.pruning.fair_criteria import (
     FAIR_CRITERIA,
-    GroupStatistics,
     MinimaxResult,
     fair_masks,
     fairgrape_masks,
     fairprune_masks,
     forecast_group_damage,
-    group_statistics,
     worst_group_masks,
 )
 from lightning_fairprune.pruning.masks import (
@@ -61,7 +59,6 @@ __all__ = [
     "CRITERIA",
     "FAIR_CRITERIA",
     "NEEDS_GRADIENTS",
-    "GroupStatistics",
     "MaskEnforcer",
     "MinimaxResult",
     "ShardSpec",
@@ -78,7 +75,6 @@ __all__ = [
     "gather_full_tensors",
     "global_masks",
     "gradient_scores",
-    "group_statistics",
     "is_sharded",
     "layerwise_masks",
     "load_masks",

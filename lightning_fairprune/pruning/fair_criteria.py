@@ -21,20 +21,15 @@ worst_group    ours: per-group forecasts ``Δ_{a,i} = max(0, −ḡ_{a,i}θ_i + 
 ``ḡ_a`` is the gradient of group a's *mean* loss, ``h_a`` a diagonal curvature of that loss
 (the per-group empirical Fisher diagonal, or the Hutchinson estimate of the Hessian diagonal).
 
-**Statistics are sums.** `group_statistics` returns per-group sums (gradients, curvature,
-losses, counts) over the samples it saw; `GroupStatistics.reduce` sums them across processes
-(pass an all-reduce). With all-reduced statistics, identical weights and identical current
-masks, every criterion is a deterministic function of its inputs, so every process computes
-the same masks (no broadcast needed). Masks are built by
+**Statistics are sums.** `~lightning_fairprune.diagnostics.group_statistics` (the diagnostics'
+pass engine) returns per-group sums (gradients, curvature, losses, counts) over the samples it
+saw; `GroupStatistics.reduce` sums them across processes (pass an all-reduce). With
+all-reduced statistics, identical weights and identical current masks, every criterion is a
+deterministic function of its inputs, so every process computes the same masks (no broadcast
+needed). Masks are built by
 :func:`~lightning_fairprune.pruning.masks.global_masks` /
 :func:`~lightning_fairprune.pruning.masks.layerwise_masks`: exactly ``round(s · N)`` pruned
 weights (globally or per layer), already-pruned weights stay pruned, ties by flat index.
-
-**Measurement without disturbing training.** `group_statistics` runs inside
-`measuring`, a small local context (eval mode, gradients enabled outside inference mode,
-selected parameters requiring grad, and afterwards the modules' modes, buffers,
-``requires_grad`` flags, ``.grad`` and the torch RNG state restored). It is kept isolated so
-that a shared measurement context can replace it.
 
 Differences from the authors' code:
 
@@ -52,6 +47,7 @@ Differences from the authors' code:
   groups' saliencies; with G = 2 both reduce to the paper's ``S_0 − β S_1``.
 
 Example:
+    >>> from lightning_fairprune.diagnostics import group_statistics
     >>> _ = torch.manual_seed(0)
     >>> model = torch.nn.Linear(4, 3)
     >>> x, y = torch.randn(30, 4), torch.arange(30) % 3
@@ -64,25 +60,20 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_fairprune.diagnostics._batching import check_groups, split_batch
-from lightning_fairprune.diagnostics.curvature import _resolve_params as resolve_params
-from lightning_fairprune.measure import isolated
+from lightning_fairprune.diagnostics.statistics import GroupStatistics
 from lightning_fairprune.pruning.masks import global_masks, layerwise_masks, num_to_prune
 
 __all__ = [
-    "CURVATURES",
     "FAIR_CRITERIA",
     "FAIR_CRITERION_OPTIONS",
     "SCOPES",
-    "GroupStatistics",
     "MinimaxResult",
     "check_fair_options",
     "fair_masks",
@@ -91,8 +82,6 @@ __all__ = [
     "fairprune_masks",
     "fairprune_saliency",
     "forecast_group_damage",
-    "group_statistics",
-    "measuring",
     "worst_group_forecasts",
     "worst_group_masks",
 ]
@@ -105,319 +94,8 @@ FAIR_CRITERION_OPTIONS: dict[str, frozenset[str]] = {
     "worst_group": frozenset({"iterations", "eta", "clip", "swaps"}),
 }
 """The keyword options each fairness-aware criterion accepts (`fair_masks`' ``**options``)."""
-CURVATURES: tuple[str, ...] = ("fisher", "hutchinson", "none")
-"""Per-group diagonal curvatures `group_statistics` can measure."""
 SCOPES: tuple[str, ...] = ("global", "layerwise")
 """Mask scopes."""
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
-ReduceFn = Callable[[Tensor], Tensor]
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-@dataclass
-class GroupStatistics:
-    """Per-group sums measured by `group_statistics` (all additive over samples/processes).
-
-    Attributes:
-        grad_sums: FQN -> ``[G, *shape]`` sums of per-sample loss gradients of each group.
-        loss_sums: ``[G]`` sums of per-sample losses.
-        counts: ``[G]`` samples per group.
-        curvature_sums: FQN -> ``[G, *shape]`` sums of the per-sample diagonal curvature
-            (Fisher: squared per-sample gradients; Hutchinson: mean over probes of
-            ``v ⊙ H_i v``), or None.
-        curvature: ``"fisher"``, ``"hutchinson"`` or ``"none"``.
-        num_probes: Hutchinson probes used (0 otherwise).
-    """
-
-    grad_sums: dict[str, Tensor]
-    loss_sums: Tensor
-    counts: Tensor
-    curvature_sums: dict[str, Tensor] | None = None
-    curvature: str = "none"
-    num_probes: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_groups(self) -> int:
-        """Number of groups G."""
-        return int(self.counts.shape[0])
-
-    @property
-    def mean_loss(self) -> Tensor:
-        """``[G]`` mean loss per group (NaN for groups without samples)."""
-        return self.loss_sums / _nan_counts(self.counts)
-
-    def grad_means(self) -> dict[str, Tensor]:
-        """FQN -> ``[G, *shape]`` gradients of each group's mean loss (0 for absent groups)."""
-        return {n: _per_group_div(s, self.counts) for n, s in self.grad_sums.items()}
-
-    def curvature_means(self) -> dict[str, Tensor]:
-        """FQN -> ``[G, *shape]`` diagonal curvature of each group's mean loss.
-
-        Raises:
-            ValueError: if no curvature was measured.
-        """
-        if self.curvature_sums is None:
-            raise ValueError(
-                "Expected statistics with a curvature (curvature='fisher' or 'hutchinson' in "
-                "`group_statistics`), but got curvature='none'"
-            )
-        return {n: _per_group_div(s, self.counts) for n, s in self.curvature_sums.items()}
-
-    def reduce(self, reduce_fn: ReduceFn | None) -> GroupStatistics:
-        """Sum every statistic across processes with ``reduce_fn`` (e.g. an all-reduce).
-
-        All tensors are concatenated into one flat buffer, so one collective call suffices.
-
-        Example:
-            >>> s = GroupStatistics({"w": torch.ones(2, 3)}, torch.ones(2), torch.ones(2))
-            >>> s.reduce(lambda t: 2 * t).counts  # as if two processes held the same sums
-            tensor([2., 2.])
-        """
-        if reduce_fn is None:
-            return self
-        parts: list[Tensor] = [self.loss_sums, self.counts]
-        parts += list(self.grad_sums.values())
-        if self.curvature_sums is not None:
-            parts += list(self.curvature_sums.values())
-        flat = torch.cat([p.reshape(-1) for p in parts])
-        out = reduce_fn(flat.clone())
-        if not isinstance(out, Tensor) or out.shape != flat.shape:
-            raise ValueError(
-                f"Expected `reduce_fn` to return a tensor of shape {tuple(flat.shape)}, but got "
-                f"{getattr(out, 'shape', type(out).__name__)}"
-            )
-        pieces = iter(torch.split(out, [p.numel() for p in parts]))
-
-        def take(t: Tensor) -> Tensor:
-            return next(pieces).reshape(t.shape)
-
-        loss_sums, counts = take(self.loss_sums), take(self.counts)
-        grads = {n: take(t) for n, t in self.grad_sums.items()}
-        curv = (
-            None
-            if self.curvature_sums is None
-            else {n: take(t) for n, t in self.curvature_sums.items()}
-        )
-        return GroupStatistics(
-            grads, loss_sums, counts, curv, self.curvature, self.num_probes, dict(self.extra)
-        )
-
-
-def _nan_counts(counts: Tensor) -> Tensor:
-    return torch.where(counts > 0, counts, torch.full_like(counts, float("nan")))
-
-
-def _per_group_div(sums: Tensor, counts: Tensor) -> Tensor:
-    c = counts.to(sums.dtype).clamp_min(1.0).reshape(-1, *([1] * (sums.dim() - 1)))
-    return sums / c
-
-
-def measuring(model: nn.Module, params: Sequence[Tensor]) -> Any:
-    """Measure without disturbing training: `lightning_fairprune.measure.isolated` in eval mode.
-
-    Inside: eval mode, gradients enabled (also inside ``torch.inference_mode``), the given
-    parameters require grad. Afterwards: every module's training flag, every buffer's value,
-    each parameter's ``requires_grad`` and ``.grad``, and the RNG states are restored.
-
-    Args:
-        model: the network.
-        params: the parameters that must require grad during the measurement.
-
-    Example:
-        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)).train()
-        >>> with measuring(net, list(net.parameters())):
-        ...     net.training
-        False
-        >>> net.training
-        True
-    """
-    return isolated(model, mode="eval", grad_params=params)
-
-
-def _resolve(
-    model: nn.Module, params: Mapping[str, Tensor] | Sequence[str] | None
-) -> list[tuple[str, Tensor]]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model)}")
-    return resolve_params(model, params)
-
-
-def _default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(outputs, targets, reduction="none")
-
-
-def group_statistics(
-    model: nn.Module,
-    batches: Iterable[Any],
-    num_groups: int,
-    *,
-    params: Mapping[str, Tensor] | Sequence[str] | None = None,
-    curvature: str = "fisher",
-    num_probes: int = 4,
-    seed: int = 0,
-    loss_fn: LossFn | None = None,
-    reduce_fn: ReduceFn | None = None,
-    chunk_size: int = 64,
-    dtype: torch.dtype = torch.float64,
-) -> GroupStatistics:
-    """Per-group gradient sums and diagonal curvature sums at the model's current weights.
-
-    Per-sample gradients come from ``torch.func.vmap(grad(...))`` over chunks of
-    ``chunk_size`` samples (one forward/backward per chunk, whatever the number of groups),
-    then are summed per group with ``index_add``. Curvature:
-
-    * ``"fisher"``: per-group empirical Fisher diagonal, the sums of squared per-sample
-      gradients (free once the per-sample gradients exist);
-    * ``"hutchinson"``: per-group Hessian diagonal by Hutchinson, ``v ⊙ H_a v`` averaged over
-      ``num_probes`` Rademacher probes ``v`` (seeded; the same probes for every group, batch and
-      process), one double-backward per group present in a batch and probe;
-    * ``"none"``: gradients only.
-
-    Args:
-        model: the network (eval mode during the measurement, restored afterwards, see
-            `measuring`). Must be `torch.func`-compatible (no train-mode batch norm).
-        batches: iterable of ``(inputs, targets, groups)`` or ``(inputs, targets)``.
-        num_groups: number of groups G (ids in ``[0, G)``).
-        params: FQN -> parameter, a sequence of FQNs, or None (every trainable parameter).
-        curvature: one of `CURVATURES`.
-        num_probes: Hutchinson probes (>= 1) for ``curvature="hutchinson"``.
-        seed: probe seed.
-        loss_fn: ``(outputs, targets) -> Tensor[N]`` per-sample losses (default cross-entropy).
-        reduce_fn: sums a tensor across processes (None: one process).
-        chunk_size: samples per vmapped chunk (memory: ``chunk_size × #params`` floats).
-        dtype: accumulation dtype.
-
-    Returns:
-        `GroupStatistics` (sums; on the parameters' device).
-
-    Raises:
-        ValueError: bad arguments, group ids or an empty iterable.
-
-    Example:
-        >>> _ = torch.manual_seed(0)
-        >>> net = torch.nn.Linear(3, 2)
-        >>> x, y = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 0, 1])
-        >>> s = group_statistics(net, [(x, y)], num_groups=2)
-        >>> s.counts.tolist(), s.grad_sums["weight"].shape
-        ([3.0, 3.0], torch.Size([2, 2, 3]))
-    """
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
-        raise ValueError(f"Expected `num_groups` to be an int >= 1, but got {num_groups!r}")
-    if curvature not in CURVATURES:
-        raise ValueError(f"Expected `curvature` to be one of {CURVATURES}, but got {curvature!r}")
-    for name, value in (("num_probes", num_probes), ("chunk_size", chunk_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"Expected `{name}` to be an int >= 1, but got {value!r}")
-    named = _resolve(model, params)
-    names = [n for n, _ in named]
-    tensors = [p for _, p in named]
-    device = tensors[0].device
-    loss_fn = loss_fn or _default_loss
-    g = num_groups
-    grad_sums = {n: torch.zeros((g, *p.shape), dtype=dtype, device=device) for n, p in named}
-    curv_sums = (
-        None
-        if curvature == "none"
-        else {n: torch.zeros((g, *p.shape), dtype=dtype, device=device) for n, p in named}
-    )
-    loss_sums = torch.zeros(g, dtype=dtype, device=device)
-    counts = torch.zeros(g, dtype=dtype, device=device)
-    probes: list[list[Tensor]] = []
-    if curvature == "hutchinson":
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        for _ in range(num_probes):
-            probes.append(
-                [
-                    (torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.device, p.dtype)
-                    for p in tensors
-                ]
-            )
-    others = {n: p for n, p in model.named_parameters() if n not in set(names)} | dict(
-        model.named_buffers()
-    )
-
-    def sample_loss(pvals: tuple[Tensor, ...], x: Tensor, y: Tensor) -> Tensor:
-        state = dict(zip(names, pvals, strict=True)) | others
-        out = torch.func.functional_call(model, state, (x.unsqueeze(0),))
-        return loss_fn(out, y.unsqueeze(0)).sum()
-
-    per_sample = torch.func.vmap(
-        torch.func.grad_and_value(sample_loss), in_dims=(None, 0, 0), randomness="different"
-    )
-    seen = False
-    with measuring(model, tensors):
-        for batch in batches:
-            seen = True
-            inputs, targets, groups = split_batch(batch)
-            if not isinstance(inputs, Tensor):
-                raise TypeError(
-                    f"Expected tensor inputs for `group_statistics`, but got {type(inputs)}"
-                )
-            n = int(targets.shape[0])
-            check_groups(groups, g, n)
-            groups = groups.to(device).long()
-            for start in range(0, n, chunk_size):
-                sl = slice(start, start + chunk_size)
-                xb, yb, gb = inputs[sl].to(device), targets[sl].to(device), groups[sl]
-                pvals = tuple(p.detach() for p in tensors)
-                grads, losses = per_sample(pvals, xb, yb)
-                loss_sums.index_add_(0, gb, losses.detach().to(dtype))
-                counts.index_add_(0, gb, torch.ones_like(gb, dtype=dtype))
-                for name, gr in zip(names, grads, strict=True):
-                    gr = gr.detach().to(dtype)
-                    grad_sums[name].index_add_(0, gb, gr)
-                    if curvature == "fisher":
-                        assert curv_sums is not None
-                        curv_sums[name].index_add_(0, gb, gr * gr)
-            if curvature == "hutchinson":
-                assert curv_sums is not None
-                _hutchinson_diag(
-                    model,
-                    loss_fn,
-                    (inputs.to(device), targets.to(device), groups),
-                    names,
-                    tensors,
-                    probes,
-                    curv_sums,
-                )
-    if not seen:
-        raise ValueError("Expected `batches` to yield at least one batch, but it was empty")
-    stats = GroupStatistics(
-        grad_sums,
-        loss_sums,
-        counts,
-        curv_sums,
-        curvature,
-        num_probes if curvature == "hutchinson" else 0,
-    )
-    return stats.reduce(reduce_fn)
-
-
-def _hutchinson_diag(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batch: tuple[Tensor, Tensor, Tensor],
-    names: list[str],
-    tensors: list[Tensor],
-    probes: list[list[Tensor]],
-    curv_sums: dict[str, Tensor],
-) -> None:
-    inputs, targets, groups = batch
-    for a in torch.unique(groups).tolist():
-        idx = (groups == a).nonzero().flatten()
-        out = model(inputs[idx])
-        loss = loss_fn(out, targets[idx]).sum()
-        grads = torch.autograd.grad(loss, tensors, create_graph=True)
-        for k, v in enumerate(probes):
-            dot = sum((gr * vi).sum() for gr, vi in zip(grads, v, strict=True))
-            hv = torch.autograd.grad(dot, tensors, retain_graph=k < len(probes) - 1)
-            for name, vi, hvi in zip(names, v, hv, strict=True):
-                curv_sums[name][a] += (vi * hvi).detach().to(curv_sums[name].dtype) / len(probes)
-
 
 # --------------------------------------------------------------------------- helpers
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_fairprune.checks import check_sparsity
-from lightning_fairprune.dtensor import local_tensor
+from lightning_fairprune.distributed import local_tensor
 
 __all__ = [
     "MaskEnforcer",

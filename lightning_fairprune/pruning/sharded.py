@@ -48,14 +48,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_fairprune.dtensor import (
+from lightning_fairprune.distributed import (
     ShardSpec,
     _dtensor_type,
-    _group_of,
     _rows_split,
-    _world,
+    all_reduce,
     is_sharded,
+    process_group,
     shard_spec,
+    world,
 )
 from lightning_fairprune.pruning.masks import (
     _BITS,
@@ -90,13 +91,6 @@ __all__ = [
 ]
 
 
-def _all_reduce(t: Tensor, group: Any) -> Tensor:
-    _, world = _world(group)
-    if world > 1:
-        torch.distributed.all_reduce(t, group=group)
-    return t
-
-
 _MAX_STORED_TIES = 1 << 22
 """Global number of threshold ties up to which the mask pass keeps their positions (int64:
 at most 32 MiB); above it a separate counting pass precedes the mask pass."""
@@ -126,14 +120,14 @@ def _tie_prefix(segs: list[_Segment], local_ties: list[int], group: Any) -> list
     first holder only) to a ``[world, 2 * segments]`` table; a segment is preceded by all
     ties of earlier tensors and by the ties of the same tensor held at lower offsets.
     """
-    r, world = _world(group)
+    r, size = world(group)
     dev0 = segs[0].flat.device
-    table = torch.zeros(world, 2 * len(segs), dtype=torch.int64, device=dev0)
+    table = torch.zeros(size, 2 * len(segs), dtype=torch.int64, device=dev0)
     for j, seg in enumerate(segs):
         if seg.spec.owner:
             table[r, 2 * j] = local_ties[j]
             table[r, 2 * j + 1] = seg.spec.offset
-    table = _all_reduce(table, group).cpu()
+    table = all_reduce(table, group).cpu()
     counts, offsets = table[:, 0::2], table[:, 1::2]
     totals = counts.sum(0)
     return [
@@ -205,7 +199,7 @@ def _select_sharded(
                     key = key[seg.current[a:b]]
                 if key.numel() and int(key.max()) > inf_key:
                     nan = 1
-        if int(_all_reduce(torch.tensor([nan], dtype=torch.int64, device=dev0), group)[0]):
+        if int(all_reduce(torch.tensor([nan], dtype=torch.int64, device=dev0), group)[0]):
             raise ValueError(
                 "Expected scores without NaN, but a score of a weight that is not pruned is "
                 "NaN (on some process; check the gradients and weights)"
@@ -218,7 +212,7 @@ def _select_sharded(
             if seg.current is not None and seg.spec.owner:
                 pruned += seg.current.numel() - int(torch.count_nonzero(seg.current))
         counted = torch.tensor([pruned], dtype=torch.int64, device=dev0)
-        already = int(_all_reduce(counted, group)[0])
+        already = int(all_reduce(counted, group)[0])
     rank = k - already
     if rank < 0:
         warnings.warn(
@@ -254,7 +248,7 @@ def _select_sharded(
         bits,
         # on the same device everywhere (a process without local keys, e.g. with empty
         # shards, makes its zero histogram on the CPU)
-        reduce_fn=lambda h: _all_reduce(h.to(dev0), group),
+        reduce_fn=lambda h: all_reduce(h.to(dev0), group),
         sync_free=sync_free,
     )
     # NaN keys lie above +inf: the (global) top histogram tells every process alike
@@ -355,7 +349,7 @@ def sharded_global_masks(
         ([True, False, True], [[False, False]])
     """
     s = _check_sparsity(sparsity)
-    group = _group_of(scores, group)
+    group = process_group(scores, group)
     segs = _segments(scores, current_masks, group)
     dtype = _common_dtype({sg.name: sg.flat for sg in segs})
     total = sum(sg.spec.numel for sg in segs)
@@ -392,7 +386,7 @@ def sharded_layerwise_masks(
         >>> masks["a"].tolist(), masks["b"].tolist()
         ([True, False, True, False], [True, False])
     """
-    group = _group_of(scores, group)
+    group = process_group(scores, group)
     segs = _segments(scores, current_masks, group)
     if isinstance(sparsity, Mapping):
         missing = [n for n in scores if n not in sparsity]
@@ -432,7 +426,7 @@ def sharded_counts(
         {'w': (2, 4)}
     """
     ref = params if params is not None else masks
-    group = _group_of(ref, group)
+    group = process_group(ref, group)
     names = list(masks)
     pruned = torch.zeros(len(names), dtype=torch.int64)
     totals = []
@@ -442,7 +436,7 @@ def sharded_counts(
         if spec.owner:
             local = local_tensor(masks[name])
             pruned[i] = local.numel() - int(torch.count_nonzero(local))
-    pruned = _all_reduce(pruned, group)
+    pruned = all_reduce(pruned, group)
     return {n: (int(pruned[i]), totals[i]) for i, n in enumerate(names)}
 
 
@@ -495,18 +489,18 @@ def gather_full_masks(
         >>> gather_full_masks({"w": torch.tensor([True, False])}, {"w": torch.zeros(2)})
         {'w': tensor([ True, False])}
     """
-    group = _group_of(params, group)
-    _, world = _world(group)
+    group = process_group(params, group)
+    _, size = world(group)
     out: dict[str, Tensor] = {}
     for name, param in params.items():
         spec = shard_spec(param, group)
         local = local_tensor(masks[name]).detach().to("cpu").reshape(-1)
         # decided from the layout alone, the same on every process: a process holding the
         # whole of a sharded tensor (the others an empty shard) still joins the gather
-        if world == 1 or not _rows_split(param):
+        if size == 1 or not _rows_split(param):
             out[name] = local.clone().view(spec.shape)
             continue
-        pieces: list[Any] = [None] * world
+        pieces: list[Any] = [None] * size
         torch.distributed.all_gather_object(
             pieces, (spec.offset, local.numel(), pack_mask(local)), group=group
         )
@@ -587,7 +581,7 @@ def shard_full_tensors(
         >>> shard_full_tensors({"w": torch.arange(3.0)}, {"w": torch.zeros(3)})
         {'w': tensor([0., 1., 2.])}
     """
-    group = _group_of(params, group)
+    group = process_group(params, group)
     missing = [n for n in params if n not in full]
     if missing:
         raise ValueError(f"Expected a full tensor for every parameter, but {missing} are missing")
@@ -623,7 +617,7 @@ def shard_full_masks(
         >>> shard_full_masks({"w": torch.tensor([True, False])}, {"w": torch.zeros(2)})
         {'w': tensor([ True, False])}
     """
-    group = _group_of(params, group)
+    group = process_group(params, group)
     out: dict[str, Tensor] = {}
     for name, param in params.items():
         spec = shard_spec(param, group)
@@ -670,7 +664,7 @@ def sharded_mask_state(
         >>> state["w"]
         tensor([[128]], dtype=torch.uint8)
     """
-    group = _group_of(params, group)
+    group = process_group(params, group)
     dtensor = _dtensor_type()
     out: dict[str, Tensor] = {}
     for name, param in params.items():
@@ -717,7 +711,7 @@ def load_sharded_mask_state(
         >>> load_sharded_mask_state(state, params)["w"]
         tensor([[ True, False]])
     """
-    group = _group_of(params, group)
+    group = process_group(params, group)
     dtensor = _dtensor_type()
     out: dict[str, Tensor] = {}
     for name, param in params.items():

@@ -1,21 +1,33 @@
-"""DTensor helpers shared by the pruning and diagnostics cores (FSDP2-sharded parameters).
+"""Distribution helpers shared by the pruning and diagnostics cores (DTensors, collectives).
 
 `local_tensor` gives a DTensor's local shard (sharing storage; plain tensors pass through),
-`is_sharded` tells whether parameters are sharded, `shard_spec` where a local shard sits in
-the unsharded parameter's flat order. Only ``Shard(0)`` on a 1-D mesh and ``Replicate`` are
-supported; other placements are refused with a clear error. No Lightning import.
+`is_sharded` tells whether parameters are sharded (the one predicate every core uses to pick
+its FSDP2 backend), `shard_spec` where a local shard sits in the unsharded parameter's flat
+order, `process_group` the group of a set of DTensors, `world` the rank and size of a group and
+`all_reduce` the one collective helper (a no-op on one process). Only ``Shard(0)`` on a 1-D
+mesh and ``Replicate`` are supported; other placements are refused with a clear error. No
+Lightning import.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["ShardSpec", "is_sharded", "local_tensor", "shard_spec"]
+__all__ = [
+    "ShardSpec",
+    "all_reduce",
+    "is_sharded",
+    "local_tensor",
+    "process_group",
+    "reshard",
+    "shard_spec",
+    "world",
+]
 
 
 def _dtensor_type() -> Any:
@@ -26,11 +38,37 @@ def _dtensor_type() -> Any:
     return DTensor
 
 
-def _world(group: Any) -> tuple[int, int]:
+def world(group: Any = None) -> tuple[int, int]:
+    """``(rank, size)`` of ``group`` (default group); ``(0, 1)`` without torch.distributed.
+
+    Example:
+        >>> world()
+        (0, 1)
+    """
     dist = torch.distributed
-    if group is None and not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+    return int(dist.get_rank(group)), int(dist.get_world_size(group))
+
+
+def all_reduce(t: Tensor, group: Any = None, op: str = "sum") -> Tensor:
+    """All-reduce ``t`` in place over ``group`` (``op``: ``"sum"`` or ``"max"``) and return it.
+
+    A no-op on one process (or without an initialized process group), so that every core runs
+    the same code on 1 or N processes. It is a collective: every process of ``group`` must
+    call it with a tensor of the same shape.
+
+    Example:
+        >>> all_reduce(torch.tensor([1.0, 2.0])).tolist()
+        [1.0, 2.0]
+    """
+    if op not in ("sum", "max"):
+        raise ValueError(f"Expected `op` to be one of ('sum', 'max'), but got {op!r}")
+    if world(group)[1] > 1:
+        dist = torch.distributed
+        reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+        dist.all_reduce(t, op=reduce_op, group=group)
+    return t
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -56,25 +94,26 @@ def local_tensor(t: Tensor) -> Tensor:
     return t
 
 
-def is_sharded(tensors: Mapping[str, Tensor] | Tensor) -> bool:
-    """Whether a tensor (or any tensor of a mapping) is a DTensor.
+def is_sharded(tensors: Tensor | Mapping[str, Tensor] | Iterable[Tensor]) -> bool:
+    """Whether a tensor (or any tensor of a mapping or iterable) is a DTensor.
 
     Args:
-        tensors: a tensor, or FQN -> tensor.
+        tensors: a tensor, FQN -> tensor, or an iterable of tensors (e.g. ``parameters()``).
 
     Returns:
         ``True`` if a DTensor is among them.
 
     Example:
-        >>> is_sharded({"w": torch.zeros(2)})
-        False
+        >>> is_sharded({"w": torch.zeros(2)}), is_sharded(torch.nn.Linear(2, 2).parameters())
+        (False, False)
     """
     dtensor = _dtensor_type()
     if dtensor is None:
         return False
     if isinstance(tensors, Tensor):
         return isinstance(tensors, dtensor)
-    return any(isinstance(t, dtensor) for t in tensors.values())
+    values = tensors.values() if isinstance(tensors, Mapping) else tensors
+    return any(isinstance(t, dtensor) for t in values)
 
 
 class ShardSpec(NamedTuple):
@@ -122,7 +161,7 @@ def shard_spec(t: Tensor, group: Any = None) -> ShardSpec:
     shape = tuple(int(s) for s in t.shape)
     numel = math.prod(shape)
     if dtensor is None or not isinstance(t, dtensor):
-        rank, _ = _world(group)
+        rank, _ = world(group)
         return ShardSpec(shape, numel, 0, numel, rank == 0)
     from torch.distributed.tensor import Replicate, Shard
 
@@ -172,12 +211,40 @@ def _rows_split(t: Tensor) -> bool:
     return any(isinstance(p, Shard) for p in t.placements)
 
 
-def _group_of(tensors: Mapping[str, Tensor], group: Any) -> Any:
-    """The process group: given, else the DTensors' (one mesh for all), else the default."""
+def reshard(model: torch.nn.Module) -> None:
+    """Free every FSDP2 unsharded parameter, so the next forward all-gathers the local shards.
+
+    FSDP2 keeps the root module's parameters unsharded after a forward pass (they are
+    resharded after the backward); after a forward without backward (no grad) and an in-place
+    change of the local shards, the next forward would use the stale unsharded values.
+    Parameters resolved after it are the DTensors. A no-op on models without FSDP2 modules.
+
+    Example:
+        >>> reshard(torch.nn.Linear(2, 2))
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def process_group(tensors: Mapping[str, Tensor] | Iterable[Tensor], group: Any = None) -> Any:
+    """The process group: ``group`` if given, else the DTensors' (one mesh for all), else None.
+
+    None stands for the default group (or one process).
+
+    Example:
+        >>> process_group({"w": torch.zeros(2)}) is None
+        True
+    """
     if group is not None:
         return group
     dtensor = _dtensor_type()
-    meshes = [t.device_mesh for t in tensors.values() if dtensor and isinstance(t, dtensor)]
+    values = tensors.values() if isinstance(tensors, Mapping) else tensors
+    meshes = [t.device_mesh for t in values if dtensor and isinstance(t, dtensor)]
     if meshes:
         first = meshes[0]
         for mesh in meshes[1:]:
