@@ -159,7 +159,7 @@ def train_run(label: str, recipe: Recipe, seed: int, args: argparse.Namespace) -
         num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=data)
-    return Path(monitor.history_file).parent
+    return run_dir  # the history is under it (fairprune/version_0/ with logger=False)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -27,7 +27,7 @@ def test_compare_recipes_example_fast(tmp_path, capsys):
         assert len(run_dirs[label]) == 2  # two paired seeds
         for seed, run_dir in enumerate(run_dirs[label]):
             assert run_dir == tmp_path / label / f"seed_{seed}"
-            (history,) = run_dir.glob("fairprune_history*.jsonl")
+            (history,) = run_dir.rglob("fairprune_history*.jsonl")  # one history per run
             records = read_history(history)
             assert records[-1]["moment"] == "end"
             assert records[-1]["sparsity"] == pytest.approx(0.95, abs=1e-3)

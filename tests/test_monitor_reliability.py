@@ -28,6 +28,21 @@ PRUNED = ["features.0.weight", "features.2.weight", "fc.weight"]
 PRUNER_KEYS = ("fairprune/sparsity", "fairprune/target_sparsity", "fairprune/round")
 
 
+@pytest.fixture
+def lightning_caplog(caplog):
+    """`caplog` that also sees Lightning's `rank_zero_info` (its logger may not propagate to the
+    root logger, depending on what configured logging earlier in the session)."""
+    logger = logging.getLogger("lightning.pytorch")
+    propagate = logger.propagate
+    logger.addHandler(caplog.handler)
+    logger.propagate = False  # each record reaches caplog once
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.propagate = propagate
+
+
 class CaptureLogger(Logger):
     """A Lightning logger that keeps every `log_metrics` call."""
 
@@ -340,7 +355,10 @@ def test_model_checkpoint_on_the_at_target_key_keeps_a_model_at_the_target_spars
 
 
 # ------------------------------------------------------------------ 14: parity for classes
-def test_parity_gaps_are_not_reported_for_class_groups_and_why_is_said_once(tmp_path, caplog):
+def test_parity_gaps_are_not_reported_for_class_groups_and_why_is_said_once(
+    tmp_path, lightning_caplog
+):
+    caplog = lightning_caplog
     x, y, g = _binary_with_groups()
     g = torch.where(g == 2, 1, g)  # two protected groups: even and odd digits
     train = DataLoader(TensorDataset(x[:160], y[:160], g[:160]), batch_size=40)
@@ -372,8 +390,9 @@ def test_parity_gaps_are_not_reported_for_class_groups_and_why_is_said_once(tmp_
 
 # ------------------------------------------------------------------ 16: keys from the start
 def test_model_checkpoint_works_with_the_default_monitor_from_the_first_validation(
-    tmp_path, caplog
+    tmp_path, lightning_caplog
 ):
+    caplog = lightning_caplog
     pl.seed_everything(0)
     monitor = FairnessMonitor(num_probes=0, gradient_norms=False)  # every_n_epochs="auto"
     checkpoint = ModelCheckpoint(
