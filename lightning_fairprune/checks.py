@@ -722,7 +722,6 @@ def check_sample(values: Sequence[Any], name: str, minimum: int = 2) -> Sequence
         ValueError: Expected `values` to hold at least 2 values, but got 1
     """
     if len(values) < minimum:
-        raise ValueError(
-            f"Expected `{name}` to hold at least {minimum} values, but got {len(values)}"
-        )
+        what = f"{minimum} value{'s' if minimum != 1 else ''}"
+        raise ValueError(f"Expected `{name}` to hold at least {what}, but got {len(values)}")
     return values

@@ -71,6 +71,7 @@ from lightning_fairprune.checks import (
     check_nonempty_str,
     check_paired,
     check_real,
+    check_sample,
 )
 from lightning_fairprune.history import dense_record, group_list, latest_per_sparsity, number
 from lightning_fairprune.paired import PairedTest, t_interval
@@ -447,12 +448,8 @@ def _common_levels(
         common = [min(max(s, low), high) for s in common]
         listed = ", ".join(f"{s:.4f}" for s in common)
         return common, f"the sparsity levels recorded in every run (within 0.001): {listed}"
-    levels = [level] if not isinstance(level, Sequence) else list(level)
-    if not levels:
-        raise ValueError("Expected `level` to hold at least one level, but got []")
-    for value in levels:
-        check_real(value, "level")
-    out = [float(v) for v in levels]
+    levels = check_sample([level] if not isinstance(level, Sequence) else list(level), "level", 1)
+    out = [check_real(value, "level") for value in levels]
     for value in out:
         missing = [
             names[label][i] for (label, i), (lo, hi) in ranges.items() if not lo <= value <= hi

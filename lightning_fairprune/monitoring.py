@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from torch import Tensor, nn
@@ -89,7 +89,7 @@ class MeasureOptions:
     pos_label: int | None = 1
     confidence: float = 0.95
     min_group_size: int = SMALL_GROUP_SIZE
-    metrics: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] | None = None
     metrics_input: str = "preds"
 
     def __post_init__(self) -> None:
@@ -119,7 +119,7 @@ class MeasureOptions:
     def settings(self) -> dict[str, Any]:
         """The options as plain JSON values (callables by qualified name, metrics by name)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values["metrics"] = sorted(self.metrics)
+        values["metrics"] = sorted(self.metrics or {})
         return to_plain(values)
 
     def parameter_names(self, model: nn.Module, pruned: Sequence[str] | None = None) -> list[str]:

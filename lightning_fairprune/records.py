@@ -257,11 +257,13 @@ def _table_columns(name: str) -> list[str]:
     return [name]
 
 
+def _group_table_columns() -> list[str]:
+    """The group's name, then the columns of the table fields in declaration order."""
+    return ["group", *(c for name in _declared("table", True) for c in _table_columns(name))]
+
+
 #: Columns of the per-group table (W&B table, report): the group's name, then the table fields.
-GROUP_TABLE_COLUMNS: list[str] = [
-    "group",
-    *(column for name in _declared("table", True) for column in _table_columns(name)),
-]
+GROUP_TABLE_COLUMNS: list[str] = _group_table_columns()
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,7 +449,7 @@ def with_reference(record: Record, dense: Mapping[str, Any] | None) -> Record:
     Raises:
         ValueError: if the reference has another number of groups than the record.
     """
-    record = replace(record, **dict.fromkeys(RELATIVE_KEYS))
+    record = replace(record, **dict.fromkeys(_declared("relative", True)))
     if dense is None:
         return record
     reference = list(dense.get("recall") or dense.get("group_accuracy") or [])
@@ -848,7 +850,7 @@ def group_table(
         ['g0', 10, 1.0, 0.9]
     """
     values = record_values(record)
-    columns = list(GROUP_TABLE_COLUMNS)
+    columns = _group_table_columns()
     per_column = _table_values(values, history)
     names = group_list(values, "group_names")
     num_groups = values.get("num_groups")

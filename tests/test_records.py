@@ -238,3 +238,40 @@ def test_records_of_earlier_versions_stay_readable(tmp_path):
     scalars = record_scalars(history[1])
     assert scalars["fairprune/worst_group_accuracy"] == 0.55
     assert not any(math.isnan(v) for v in scalars.values())
+
+
+def test_a_new_field_is_one_declaration(tmp_path, monkeypatch):
+    # declare two fields the way a new one is declared: a cost read from the pruning event
+    # and a per-group table column; nothing else changes, and both reach every view
+    from dataclasses import dataclass, field
+
+    from lightning_fairprune import records
+
+    @dataclass(kw_only=True)
+    class Extended(records.Record):
+        flops: int | None = field(
+            default=None,
+            metadata=records.view(scalar="value", from_event=lambda e, m: e.flops_at(m)),
+        )
+        margin: list | None = field(
+            default=None, metadata=records.view(scalar="per_group", table=True)
+        )
+
+    monkeypatch.setattr(records, "Record", Extended)
+    event = SimpleNamespace(flops_at=lambda moment: {"dense": 80, "after_round": 40}[moment])
+    m = SimpleNamespace(accuracy=0.75, mean_loss=torch.tensor([0.1, 0.9]))
+    dense = make_record(m, _metrics([4, 2], [4, 4]), RecordContext("dense", event=event))
+    assert dense.flops == 80
+    after = restamp(dense, RecordContext("after_round", event=event))
+    assert after.flops == 40
+    assert restamp(dense, RecordContext("end")).flops is None  # no event at this moment
+    after.margin = [0.5, -0.25]
+    file = HistoryFile(tmp_path / "h.jsonl")
+    file.write([after.to_dict()])
+    (line,) = read_history(file.path)
+    assert Extended.from_dict(line) == after
+    scalars = record_scalars(line)
+    assert scalars["fairprune/flops"] == 40
+    assert (scalars["fairprune/margin/g0"], scalars["fairprune/margin/g1"]) == (0.5, -0.25)
+    columns, rows = group_table(line)
+    assert [row[columns.index("margin")] for row in rows] == [0.5, -0.25]

@@ -214,7 +214,7 @@ class FairnessMonitor(Callback):
             pos_label=pos_label,
             confidence=confidence,
             min_group_size=min_group_size,
-            metrics=metrics or {},
+            metrics=metrics,
             metrics_input=metrics_input,
         )
         self._init_output(every_n_epochs, measure_end, history_path, log, name)
