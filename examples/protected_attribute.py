@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     callbacks: list[pl.Callback] = [pruning, monitor, checkpoint]
     if args.equalize:
-        callbacks.append(GroupEqualizer(dual_lr=0.01, start_after_pruning=True,
-                                        group_names=monitor.resolved_group_names()))  # fmt: skip
+        names = monitor.data.names_for(monitor.data.num_groups)  # the monitor's group names
+        callbacks.append(GroupEqualizer(dual_lr=0.01, start_after_pruning=True, group_names=names))
     loggers: list[Any] = [CSVLogger(str(out), name="csv")]
     if args.wandb:
         os.environ.setdefault("WANDB_MODE", "offline")

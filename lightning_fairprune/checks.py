@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -30,7 +30,7 @@ __all__ = [
     "check_callable",
     "check_choice",
     "check_disjoint",
-    "check_each",
+    "check_instance",
     "check_int",
     "check_labels",
     "check_logits",
@@ -236,8 +236,24 @@ def check_callable(value: T, name: str, *, allow_none: bool = True) -> T:
     return value
 
 
-def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
-    """Return ``value`` if it is one of ``choices``.
+def check_instance(value: T, name: str, types: type | tuple[type, ...], what: str) -> T:
+    """Return ``value`` if it is ``None`` or an instance of ``types`` (``what`` names them).
+
+    Example:
+        >>> check_instance(3, "name", str, "a str or None")
+        Traceback (most recent call last):
+        ...
+        TypeError: Expected `name` to be a str or None, but got int
+    """
+    if value is not None and not isinstance(value, types):
+        raise TypeError(f"Expected `{name}` to be {what}, but got {type(value).__name__}")
+    return value
+
+
+def check_choice(
+    value: object, name: str, choices: Sequence[str], *, allow_none: bool = False
+) -> Any:
+    """Return ``value`` if it is one of ``choices`` (or ``None`` when allowed).
 
     Example:
         >>> check_choice("epoch", "interval", ("epoch", "step"))
@@ -247,8 +263,11 @@ def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
         ...
         ValueError: Expected `interval` to be one of ('epoch', 'step'), but got 'batch'
     """
+    if value is None and allow_none:
+        return None
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"Expected `{name}` to be one of {tuple(choices)}, but got {value!r}")
+        what = f"one of {tuple(choices)}" + (" or None" if allow_none else "")
+        raise ValueError(f"Expected `{name}` to be {what}, but got {value!r}")
     return value
 
 
@@ -483,14 +502,226 @@ def check_disjoint(sets: Mapping[str, Iterable[str]], what: str, *, hint: str = 
                 )
 
 
-def check_each(values: Sequence[tuple[str, object]], check: Callable[[object, str], Any]) -> None:
-    """Apply ``check(value, name)`` to each ``(name, value)`` pair (a loop helper).
+def check_mapping(value: Any, name: str, what: str = "a mapping") -> Mapping[Any, Any]:
+    """Return ``value`` if it is a mapping (``what`` says which).
 
     Example:
-        >>> check_each([("a", True), ("b", 1)], check_bool)
+        >>> check_mapping([1], "settings", "a mapping of setting -> value")
         Traceback (most recent call last):
         ...
-        TypeError: Expected `b` to be a bool, but got 1
+        TypeError: Expected `settings` to be a mapping of setting -> value, but got list
     """
-    for name, value in values:
-        check(value, name)
+    if not isinstance(value, Mapping):
+        raise TypeError(f"Expected `{name}` to be {what}, but got {type(value).__name__}")
+    return value
+
+
+def check_nonempty_str(value: object, name: str) -> str:
+    """Return ``value`` if it is a non-empty string.
+
+    Example:
+        >>> check_nonempty_str("", "name")
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `name` to be a non-empty string, but got ''
+    """
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"Expected `{name}` to be a non-empty string, but got {value!r}")
+    return value
+
+
+def check_iterable(value: T, name: str, what: str) -> T:
+    """Return ``value`` if it is ``None`` or iterable (``what`` names what it should yield).
+
+    Example:
+        >>> check_iterable(3, "dataloader", "an iterable of batches (a DataLoader) or None")
+        Traceback (most recent call last):
+        ...
+        TypeError: Expected `dataloader` to be an iterable of batches (a DataLoader) or None, but got int
+    """  # noqa: E501
+    if value is not None and not isinstance(value, Iterable):
+        raise TypeError(f"Expected `{name}` to be {what}, but got {type(value).__name__}")
+    return value
+
+
+def check_keys(
+    value: object, name: str, *, allow_list: bool = False, allow_none: bool = False
+) -> Any:
+    """Return a key (a ``str``), a non-empty list of keys (``allow_list``), or ``None``.
+
+    Example:
+        >>> check_keys(("race", "sex"), "group_key", allow_list=True)
+        ['race', 'sex']
+        >>> check_keys(3, "input_key")
+        Traceback (most recent call last):
+        ...
+        TypeError: Expected `input_key` to be a str, but got 3
+    """
+    if isinstance(value, str) or (value is None and allow_none):
+        return value
+    many = isinstance(value, Sequence) and value and all(isinstance(k, str) for k in value)
+    if allow_list and many:
+        return list(value)  # type: ignore[call-overload]
+    what = "a str" + (", a list of str" if allow_list else "") + (" or None" if allow_none else "")
+    raise TypeError(f"Expected `{name}` to be {what}, but got {value!r}")
+
+
+def check_group_sizes(value: object, name: str = "num_groups") -> list[int] | None:
+    """One size per attribute: ``None``, an int >= 1 (one attribute) or a list of them.
+
+    Returns:
+        The sizes as a list (``None`` stays).
+
+    Example:
+        >>> check_group_sizes(4), check_group_sizes((5, 2)), check_group_sizes(None)
+        ([4], [5, 2], None)
+        >>> check_group_sizes([])
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `num_groups` to hold at least one size, but got []
+    """
+    if value is None:
+        return None
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if not value:
+            raise ValueError(f"Expected `{name}` to hold at least one size, but got []")
+        return [check_int(n, name, 1) for n in value]
+    return [check_int(value, name, 1)]
+
+
+def check_group_names(value: Any, name: str = "group_names") -> Any:
+    """Return group names: ``None``, a list of names, or a mapping.
+
+    A mapping is id -> name, or attribute -> value names for intersectional groups; the count
+    of names is checked once the number of groups is known.
+
+    Example:
+        >>> check_group_names("abc")
+        Traceback (most recent call last):
+        ...
+        TypeError: Expected `group_names` to be a list of names, a mapping id -> name, or (for intersectional groups) a mapping attribute -> value names, but got 'abc'
+    """  # noqa: E501
+    if value is None or (isinstance(value, (Sequence, Mapping)) and not isinstance(value, str)):
+        return value
+    raise TypeError(
+        f"Expected `{name}` to be a list of names, a mapping id -> name, or (for "
+        f"intersectional groups) a mapping attribute -> value names, but got {value!r}"
+    )
+
+
+def check_pos_label(value: object, name: str = "pos_label") -> int | None:
+    """Return the positive class of a binary task: 0, 1 or ``None`` (treat as multiclass).
+
+    Example:
+        >>> check_pos_label(2)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `pos_label` to be 0, 1 or None, but got 2
+    """
+    if value is not None and (not is_int(value) or value not in (0, 1)):
+        raise ValueError(f"Expected `{name}` to be 0, 1 or None, but got {value!r}")
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
+def check_metric_map(value: Any, name: str = "metrics") -> dict[str, Any]:
+    """Return ``{name: metric}`` of torchmetrics-like metrics (``update`` and ``compute``).
+
+    ``None`` gives ``{}``. Metrics are duck-typed (torchmetrics is not imported).
+
+    Example:
+        >>> check_metric_map({"f1": object()})
+        Traceback (most recent call last):
+        ...
+        TypeError: Expected `metrics['f1']` to be a torchmetrics Metric (with update and compute), but got object
+    """  # noqa: E501
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise TypeError(
+            f"Expected `{name}` to be a mapping name -> torchmetrics Metric, but got "
+            f"{type(value).__name__}"
+        )
+    for key, metric in value.items():
+        if not (callable(getattr(metric, "update", None)) and callable(metric.compute)):
+            raise TypeError(
+                f"Expected `{name}[{key!r}]` to be a torchmetrics Metric (with update and "
+                f"compute), but got {type(metric).__name__}"
+            )
+    return dict(value)
+
+
+def check_param_patterns(value: object, name: str = "params") -> str | list[str] | None:
+    """Return ``None``, ``"all"`` or a non-empty list of fnmatch patterns on parameter names.
+
+    Example:
+        >>> check_param_patterns(("fc.*",)), check_param_patterns("all")
+        (['fc.*'], 'all')
+        >>> check_param_patterns("weights")
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `params` to be None, 'all' or a sequence of parameter name patterns, but got 'weights'
+    """  # noqa: E501
+    what = "None, 'all' or a sequence of parameter name patterns"
+    if value is None or value == "all":
+        return value  # type: ignore[return-value]
+    if isinstance(value, str):
+        raise ValueError(f"Expected `{name}` to be {what}, but got {value!r}")
+    if not isinstance(value, Sequence) or not all(isinstance(p, str) for p in value):
+        raise TypeError(f"Expected `{name}` to be {what} (str), but got {value!r}")
+    if not value:
+        raise ValueError(f"Expected `{name}` to hold at least one pattern, but got []")
+    return list(value)
+
+
+def check_paired(recipes: Any, name: str = "histories") -> int:
+    """Check ``{label: [run, ...]}``: at least 2 recipes, equal run counts (>= 2); return it.
+
+    Runs are paired by position: run ``i`` of every recipe is seed ``i``.
+
+    Example:
+        >>> check_paired({"a": [1, 2], "b": [3]}, "recipes")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected every recipe to have the same number of runs ... {'a': 2, 'b': 1}
+    """
+    if not isinstance(recipes, Mapping) or len(recipes) < 2:
+        raise ValueError(
+            f"Expected `{name}` to be a dict {{recipe label: [run, ...]}} with at least 2 "
+            f"recipes, but got {recipes!r:.200}"
+        )
+    counts = {}
+    for label, runs in recipes.items():
+        if not isinstance(label, str) or not label:
+            raise ValueError(
+                f"Expected every recipe label to be a non-empty str, but got {label!r}"
+            )
+        if isinstance(runs, (str, bytes, Mapping)) or not isinstance(runs, Sequence):
+            raise ValueError(
+                f"Expected the runs of recipe {label!r} to be a list (one per seed), but got "
+                f"{type(runs).__name__}"
+            )
+        counts[label] = len(runs)
+    if len(set(counts.values())) != 1:
+        raise ValueError(
+            "Expected every recipe to have the same number of runs (runs are paired by position: "
+            f"run i of every recipe is seed i), but got {counts}"
+        )
+    n = next(iter(counts.values()))
+    if n < 2:
+        raise ValueError(f"Expected at least 2 runs (seeds) per recipe, but got {n}")
+    return n
+
+
+def check_sample(values: Sequence[Any], name: str, minimum: int = 2) -> Sequence[Any]:
+    """Return ``values`` if it holds at least ``minimum`` values (a statistic's sample).
+
+    Example:
+        >>> check_sample([1.0], "values")
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `values` to hold at least 2 values, but got 1
+    """
+    if len(values) < minimum:
+        what = f"{minimum} value{'s' if minimum != 1 else ''}"
+        raise ValueError(f"Expected `{name}` to hold at least {what}, but got {len(values)}")
+    return values

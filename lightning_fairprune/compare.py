@@ -1,8 +1,8 @@
 """Compare training recipes over paired seeds: a metric at matched accuracy or equal sparsity.
 
-The statistics core of `lightning_fairprune.report.compare_recipes` (which reads the run
-directories); this module works on records in memory, imports no Lightning, no matplotlib and
-no SciPy.
+The core of `lightning_fairprune.report.compare_recipes` (which reads the run directories):
+this module works on records in memory (curves, matching, the table), the statistics are
+`lightning_fairprune.paired`; no Lightning, no matplotlib, no SciPy.
 
 **Which records.** A run's *curve* is its trained model at each sparsity level: the records
 taken at the moments ``"dense"``, ``"before_round"``, ``"periodic"`` and ``"end"``
@@ -12,7 +12,7 @@ fine-tuning at that level: `lightning_fairprune.history.latest_per_sparsity`). P
 ordered by sparsity.
 
 **Metrics.** ``metric`` names any scalar of a record: a top-level number (``"accuracy"``,
-``"alpha"``) or a key of `lightning_fairprune.history.record_scalars` without its
+``"alpha"``) or a key of `lightning_fairprune.records.record_scalars` without its
 ``fairprune/`` prefix (``"worst_group_accuracy"``, ``"worst_group_recall"``,
 ``"demographic_parity_difference"``, ``"equalized_odds_difference"``, ``"recall/<group>"``...),
 or ``"max_excess_accuracy_gap"`` (`max_excess_accuracy_gap`), the metric of Hashemizadeh et
@@ -37,8 +37,9 @@ recipe and level, the paired differences ``d_i = m(recipe, i) − m(baseline, i)
 ``delta`` = mean(d), a confidence interval of the mean difference (``ci="t"``: Student's t
 interval, the default; ``ci="bootstrap"``: percentile interval of ``n_resamples`` paired
 bootstrap means drawn with a seeded generator) and a two-sided Wilcoxon signed-rank p-value
-(`wilcoxon_signed_rank`: zero differences dropped, exact null distribution up to 50 nonzero
-pairs, ties included; normal approximation with tie correction above). With
+(`lightning_fairprune.paired.wilcoxon_signed_rank`: zero differences dropped, exact null
+distribution up to 50 nonzero pairs, ties included; normal approximation with tie correction
+above). With
 ``correction="bonferroni"`` (the default) the m = (recipes − 1) × levels comparisons are
 corrected together: ``p_value = min(1, m · p_raw)`` and the intervals are at level
 ``1 − (1 − confidence) / m`` (simultaneous coverage).
@@ -61,40 +62,31 @@ Example:
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from lightning_fairprune.checks import check_choice, check_int, check_real
-from lightning_fairprune.history import (
-    dense_record,
-    group_list,
-    latest_per_sparsity,
-    number,
-    record_scalars,
+from lightning_fairprune.checks import (
+    check_choice,
+    check_nonempty_str,
+    check_paired,
+    check_real,
+    check_sample,
 )
+from lightning_fairprune.history import dense_record, group_list, latest_per_sparsity, number
+from lightning_fairprune.paired import PairedTest, t_interval
+from lightning_fairprune.records import record_scalars
 
 __all__ = [
     "CURVE_MOMENTS",
     "Comparison",
     "RunCurve",
-    "bootstrap_interval",
-    "check_paired",
     "compare_histories",
     "curve_at",
     "curve_band",
     "max_excess_accuracy_gap",
     "metric_value",
-    "paired_difference",
     "run_curve",
-    "student_t_cdf",
-    "student_t_ppf",
-    "t_interval",
-    "wilcoxon_signed_rank",
 ]
 
 #: Record moments that make a run's curve: the trained model (not ``"after_round"``).
@@ -102,8 +94,6 @@ CURVE_MOMENTS: tuple[str, ...] = ("dense", "before_round", "periodic", "end")
 
 #: Statistic computed from a record and the run's dense record.
 MAX_EXCESS_GAP = "max_excess_accuracy_gap"
-
-_EXACT_LIMIT = 50  # the Wilcoxon exact null distribution up to this many nonzero pairs
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,7 +148,7 @@ def metric_value(
     Args:
         record: a history record.
         metric: a top-level number of the record (``"accuracy"``), a key of
-            `lightning_fairprune.history.record_scalars` with or without its ``fairprune/``
+            `lightning_fairprune.records.record_scalars` with or without its ``fairprune/``
             prefix (``"worst_group_accuracy"``, ``"equalized_odds_difference"``...), or
             ``"max_excess_accuracy_gap"``.
         dense: the run's dense record (for ``"max_excess_accuracy_gap"``).
@@ -287,232 +277,6 @@ def curve_band(
 
 
 # --------------------------------------------------------------------------------------------
-# distributions (no SciPy)
-# --------------------------------------------------------------------------------------------
-def _normal_sf(z: float) -> float:
-    return 0.5 * math.erfc(z / math.sqrt(2.0))
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b) (continued fraction, Numerical Recipes 6.4)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
-    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast on this side only
-        return 1.0 - _betainc(b, a, 1.0 - x)
-    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    result = d
-    for m in range(1, 500):
-        for numerator in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            result *= c * d
-        if abs(c * d - 1.0) < 1e-15:
-            break
-    return math.exp(log_front) * result / a
-
-
-def student_t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with ``df`` degrees of freedom.
-
-    Example:
-        >>> round(student_t_cdf(2.0, 5), 6)  # scipy.stats.t.cdf(2, 5)
-        0.94903
-    """
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
-
-
-@functools.lru_cache(maxsize=256)
-def student_t_ppf(q: float, df: float) -> float:
-    """The ``q`` quantile of Student's t with ``df`` degrees of freedom (bisection on the CDF).
-
-    Example:
-        >>> round(student_t_ppf(0.975, 4), 6)  # scipy.stats.t.ppf(0.975, 4)
-        2.776445
-    """
-    if not 0.0 < q < 1.0:
-        raise ValueError(f"Expected `q` to be a float in (0, 1), but got {q!r}")
-    if q < 0.5:
-        return -student_t_ppf(1.0 - q, df)
-    lo, hi = 0.0, 1.0
-    while student_t_cdf(hi, df) < q:
-        lo, hi = hi, 2.0 * hi
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if student_t_cdf(mid, df) < q:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-13 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
-
-
-def wilcoxon_signed_rank(differences: Sequence[float]) -> float:
-    """Two-sided p-value of the Wilcoxon signed-rank test of ``differences`` (no SciPy).
-
-    Zero differences are dropped (Wilcoxon's method); the ranks of tied absolute differences
-    are their mean ranks. With at most 50 nonzero differences the p-value is exact: the
-    statistic ``R+`` (sum of the ranks of the positive differences) against its distribution
-    over the ``2**n`` sign assignments of these ranks, ``p = min(1, 2 min(P(R+ <= r),
-    P(R+ >= r)))``. Above 50, the normal approximation with the tie correction of the
-    variance and no continuity correction. This equals ``scipy.stats.wilcoxon(d).pvalue``
-    without ties or zeros (and with them up to 13 pairs, where SciPy permutes exactly; from 14
-    to 50 pairs with ties SciPy uses the normal approximation, this test stays exact).
-
-    Args:
-        differences: the paired differences.
-
-    Returns:
-        The p-value (1.0 when every difference is zero).
-
-    Example:
-        >>> wilcoxon_signed_rank([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])  # all 6 positive: 2 / 2**6
-        0.03125
-    """
-    d = [float(x) for x in differences if float(x) != 0.0]
-    n = len(d)
-    if n == 0:
-        return 1.0
-    order = sorted(range(n), key=lambda i: abs(d[i]))
-    doubled = [0] * n  # twice the mean ranks: integers
-    ties: list[int] = []
-    start = 0
-    while start < n:
-        end = start
-        while end + 1 < n and abs(d[order[end + 1]]) == abs(d[order[start]]):
-            end += 1
-        for j in range(start, end + 1):
-            doubled[order[j]] = start + end + 2  # 2 × mean of ranks start+1 .. end+1
-        ties.append(end - start + 1)
-        start = end + 1
-    r_plus2 = sum(r for r, x in zip(doubled, d, strict=True) if x > 0)
-    if n <= _EXACT_LIMIT:
-        counts = [0] * (sum(doubled) + 1)
-        counts[0] = 1
-        top = 0
-        for r in doubled:
-            for s in range(top, -1, -1):
-                if counts[s]:
-                    counts[s + r] += counts[s]
-            top += r
-        total = 2**n
-        below = sum(counts[: r_plus2 + 1]) / total
-        above = sum(counts[r_plus2:]) / total
-        return min(1.0, 2.0 * min(below, above))
-    mean = n * (n + 1) / 4.0
-    var = (n * (n + 1) * (2 * n + 1) - sum(t**3 - t for t in ties) / 2.0) / 24.0
-    z = (r_plus2 / 2.0 - mean) / math.sqrt(var)
-    return min(1.0, 2.0 * _normal_sf(abs(z)))
-
-
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Student's t confidence interval of the mean of ``values`` (at least 2).
-
-    Example:
-        >>> [round(v, 4) for v in t_interval([1.0, 2.0, 3.0])]  # 2 ± t(0.975, 2) · 1/√3
-        [-0.4841, 4.4841]
-    """
-    n = len(values)
-    if n < 2:
-        raise ValueError(f"Expected at least 2 values for a t interval, but got {n}")
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = student_t_ppf(0.5 + confidence / 2.0, n - 1) * sd / math.sqrt(n)
-    return mean - half, mean + half
-
-
-def bootstrap_interval(
-    values: Sequence[float], confidence: float = 0.95, n_resamples: int = 10_000, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (``n_resamples`` seeded resamples).
-
-    Resampling the paired differences resamples the pairs. The quantiles interpolate linearly
-    (NumPy's default).
-
-    Example:
-        >>> lo, hi = bootstrap_interval([0.1, 0.2, 0.3, 0.4], seed=0)
-        >>> 0.1 <= lo < 0.25 < hi <= 0.4
-        True
-    """
-    n = len(values)
-    if n < 2:
-        raise ValueError(f"Expected at least 2 values for a bootstrap interval, but got {n}")
-    generator = torch.Generator().manual_seed(int(seed))
-    data = torch.tensor(list(values), dtype=torch.float64)
-    index = torch.randint(0, n, (int(n_resamples), n), generator=generator)
-    means = data[index].mean(dim=1)
-    alpha = 1.0 - confidence
-    bounds = torch.quantile(means, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64))
-    return float(bounds[0]), float(bounds[1])
-
-
-def paired_difference(
-    recipe: Sequence[float],
-    baseline: Sequence[float],
-    *,
-    ci: str = "t",
-    confidence: float = 0.95,
-    comparisons: int = 1,
-    n_resamples: int = 10_000,
-    seed: int = 0,
-) -> dict[str, float | int]:
-    """Mean paired difference ``recipe − baseline``, its interval and the Wilcoxon p-value.
-
-    Args:
-        recipe: the recipe's values, one per seed.
-        baseline: the baseline's values, same seeds in the same order.
-        ci: ``"t"`` (Student's t interval) or ``"bootstrap"`` (percentile, paired).
-        confidence: nominal level of one interval.
-        comparisons: number of comparisons m for Bonferroni: the interval is at level
-            ``1 − (1 − confidence) / m`` and ``p_value = min(1, m · p_raw)`` (1: uncorrected).
-        n_resamples: bootstrap resamples.
-        seed: bootstrap seed.
-
-    Returns:
-        ``delta``, ``ci_low``, ``ci_high``, ``p_value``, ``p_raw``, ``wins`` (seeds where the
-        recipe is higher), ``losses`` (lower).
-
-    Example:
-        >>> out = paired_difference([0.8, 0.9, 0.85], [0.7, 0.75, 0.7])
-        >>> round(out["delta"], 4), out["wins"], out["p_raw"]
-        (0.1333, 3, 0.25)
-    """
-    if len(recipe) != len(baseline):
-        raise ValueError(
-            f"Expected paired values (as many recipe values as baseline values), but got "
-            f"{len(recipe)} and {len(baseline)}"
-        )
-    d = [float(a) - float(b) for a, b in zip(recipe, baseline, strict=True)]
-    level = 1.0 - (1.0 - confidence) / comparisons
-    if ci == "t":
-        low, high = t_interval(d, level)
-    else:
-        low, high = bootstrap_interval(d, level, n_resamples, seed)
-    p_raw = wilcoxon_signed_rank(d)
-    return {
-        "delta": sum(d) / len(d),
-        "ci_low": low,
-        "ci_high": high,
-        "p_value": min(1.0, comparisons * p_raw),
-        "p_raw": p_raw,
-        "wins": sum(x > 0 for x in d),
-        "losses": sum(x < 0 for x in d),
-    }
-
-
-# --------------------------------------------------------------------------------------------
 # the comparison
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -577,43 +341,6 @@ class Comparison:
             for cells in [header, ["-" * w for w in widths], *body]
         ]
         return "\n".join([*lines, "", *self.notes])
-
-
-def check_paired(recipes: Any, name: str = "histories") -> int:
-    """Check ``{label: [run, ...]}``: at least 2 recipes, equal run counts (>= 2); return it.
-
-    Example:
-        >>> check_paired({"a": [1, 2], "b": [3]}, "recipes")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        ValueError: Expected every recipe to have the same number of runs ... {'a': 2, 'b': 1}
-    """
-    if not isinstance(recipes, Mapping) or len(recipes) < 2:
-        raise ValueError(
-            f"Expected `{name}` to be a dict {{recipe label: [run, ...]}} with at least 2 "
-            f"recipes, but got {recipes!r:.200}"
-        )
-    counts = {}
-    for label, runs in recipes.items():
-        if not isinstance(label, str) or not label:
-            raise ValueError(
-                f"Expected every recipe label to be a non-empty str, but got {label!r}"
-            )
-        if isinstance(runs, (str, bytes, Mapping)) or not isinstance(runs, Sequence):
-            raise ValueError(
-                f"Expected the runs of recipe {label!r} to be a list (one per seed), but got "
-                f"{type(runs).__name__}"
-            )
-        counts[label] = len(runs)
-    if len(set(counts.values())) != 1:
-        raise ValueError(
-            "Expected every recipe to have the same number of runs (runs are paired by position: "
-            f"run i of every recipe is seed i), but got {counts}"
-        )
-    n = next(iter(counts.values()))
-    if n < 2:
-        raise ValueError(f"Expected at least 2 runs (seeds) per recipe, but got {n}")
-    return n
 
 
 def _run_names(histories: Mapping[str, Sequence[Any]], names: Any) -> dict[str, list[str]]:
@@ -721,12 +448,8 @@ def _common_levels(
         common = [min(max(s, low), high) for s in common]
         listed = ", ".join(f"{s:.4f}" for s in common)
         return common, f"the sparsity levels recorded in every run (within 0.001): {listed}"
-    levels = [level] if not isinstance(level, Sequence) else list(level)
-    if not levels:
-        raise ValueError("Expected `level` to hold at least one level, but got []")
-    for value in levels:
-        check_real(value, "level")
-    out = [float(v) for v in levels]
+    levels = check_sample([level] if not isinstance(level, Sequence) else list(level), "level", 1)
+    out = [check_real(value, "level") for value in levels]
     for value in out:
         missing = [
             names[label][i] for (label, i), (lo, hi) in ranges.items() if not lo <= value <= hi
@@ -783,76 +506,39 @@ def compare_histories(
     run_names = _run_names(histories, names)
     labels = list(histories)
     baseline = labels[0] if baseline is None else baseline
-    _check_options(labels, metric, baseline, at, ci, confidence, correction, n_resamples)
+    _check_target(labels, metric, baseline, at)
+    test = PairedTest(ci, confidence, correction, n_resamples, seed)
     curves = {
         label: [_run_curve(records, metric, run_names[label][i]) for i, records in enumerate(runs)]
         for label, runs in histories.items()
     }
     seed_levels, how = _levels(curves, run_names, at, level)
-    levels = [
-        per_seed[0] if len(set(per_seed)) == 1 else sum(per_seed) / len(per_seed)
-        for per_seed in seed_levels
+    matched = {label: _match(curves[label], at, seed_levels) for label in labels}
+    order = [baseline, *(label for label in labels if label != baseline)]
+    m = test.comparisons((len(labels) - 1) * len(seed_levels))
+    levels = [_mean(per_seed) for per_seed in seed_levels]
+    rows = [
+        _row(label, level, matched[label][j], matched[baseline][j], test, m)
+        for j, level in enumerate(levels)
+        for label in order
     ]
-    others = [label for label in labels if label != baseline]
-    m = len(others) * len(levels) if correction == "bonferroni" else 1
-    matched = {
-        label: [
-            [curve_at(c, at, x) for c, x in zip(curves[label], per_seed, strict=True)]
-            for per_seed in seed_levels
-        ]
-        for label in labels
-    }
-    values = {
-        label: [[p["value"] for p in points] for points in matched[label]]  # type: ignore[index]
-        for label in labels
-    }
-    rows: list[dict[str, Any]] = []
-    for j, lvl in enumerate(levels):
-        for label in [baseline, *others]:
-            points: list[dict[str, float]] = matched[label][j]  # type: ignore[assignment]
-            n = len(points)
-            row: dict[str, Any] = {
-                "recipe": label,
-                "level": lvl,
-                "n": n,
-                "mean": sum(values[label][j]) / n,
-                "sparsity": sum(p["sparsity"] for p in points) / n,
-                "accuracy": sum(p["accuracy"] for p in points) / n,
-            }
-            if label == baseline:
-                row.update(dict.fromkeys(_TEST_KEYS))
-            else:
-                row.update(
-                    paired_difference(
-                        values[label][j],
-                        values[baseline][j],
-                        ci=ci,
-                        confidence=confidence,
-                        comparisons=m,
-                        n_resamples=n_resamples,
-                        seed=seed,
-                    )
-                )
-            rows.append(row)
-    notes = _notes(
-        metric,
-        baseline,
-        len(histories[baseline]),
-        how,
-        ci,
-        confidence,
-        correction,
-        m,
-        n_resamples,
-        seed,
-    )
+    n = len(histories[baseline])
+    notes = [
+        f"{metric} of each recipe minus {baseline!r}, paired by seed (n = {n}), at {how}.",
+        test.describe(m),
+        f"Curves: the latest record at each sparsity among moments {', '.join(CURVE_MOMENTS)}.",
+    ]
+    if metric == MAX_EXCESS_GAP:
+        notes.append(
+            "max_excess_accuracy_gap: lower is better (a negative delta is an improvement)"
+        )
     return Comparison(
         metric=metric,
         at=at,
         baseline=baseline,
         levels=levels,
         rows=rows,
-        values=values,
+        values={label: [[p["value"] for p in pts] for pts in matched[label]] for label in labels},
         seed_levels=seed_levels,
         curves=curves,
         names=run_names,
@@ -867,33 +553,57 @@ def compare_histories(
 _TEST_KEYS = ("delta", "ci_low", "ci_high", "p_value", "p_raw", "wins", "losses")
 
 
-def _check_options(
-    labels: list[str],
-    metric: Any,
-    baseline: Any,
-    at: Any,
-    ci: Any,
-    confidence: Any,
-    correction: Any,
-    n_resamples: Any,
-) -> None:
-    if baseline not in labels:
-        raise ValueError(f"Expected `baseline` to be one of {labels}, but got {baseline!r}")
-    if not isinstance(metric, str) or not metric:
-        raise ValueError(f"Expected `metric` to be the name of a record scalar, but got {metric!r}")
+def _mean(values: Sequence[float]) -> float:
+    """The mean (exactly the value when all are equal)."""
+    return values[0] if len(set(values)) == 1 else sum(values) / len(values)
+
+
+def _match(
+    curves: Sequence[RunCurve], at: str, seed_levels: Sequence[Sequence[float]]
+) -> list[list[dict[str, float]]]:
+    """Per level, each seed's curve read at that seed's level (`curve_at`)."""
+    return [
+        [curve_at(c, at, x) for c, x in zip(curves, per_seed, strict=True)]  # type: ignore[misc]
+        for per_seed in seed_levels
+    ]
+
+
+def _row(
+    label: str,
+    level: float,
+    points: Sequence[dict[str, float]],
+    baseline: Sequence[dict[str, float]],
+    test: PairedTest,
+    comparisons: int,
+) -> dict[str, Any]:
+    """One table row: a recipe's means at a level, and its test against the baseline's."""
+    values = [p["value"] for p in points]
+    n = len(points)
+    row: dict[str, Any] = {
+        "recipe": label,
+        "level": level,
+        "n": n,
+        "mean": sum(values) / n,
+        "sparsity": sum(p["sparsity"] for p in points) / n,
+        "accuracy": sum(p["accuracy"] for p in points) / n,
+    }
+    if points is baseline:  # the baseline itself: no test
+        row.update(dict.fromkeys(_TEST_KEYS))
+    else:
+        row.update(test.run(values, [p["value"] for p in baseline], comparisons))
+    return row
+
+
+def _check_target(labels: list[str], metric: Any, baseline: Any, at: Any) -> None:
+    """The compared metric, baseline and matched axis."""
+    check_choice(baseline, "baseline", labels)
+    check_nonempty_str(metric, "metric")
     check_choice(at, "at", ("accuracy", "sparsity"))
     if at == "accuracy" and metric.removeprefix("fairprune/") == "accuracy":
         raise ValueError(
             "Expected `metric` to differ from the matched quantity, but got metric='accuracy' "
             "with at='accuracy' (every difference would be 0)"
         )
-    check_choice(ci, "ci", ("t", "bootstrap"))
-    check_real(confidence, "confidence", low=0.0, high=1.0, low_open=True, high_open=True)
-    if correction not in ("bonferroni", None):
-        raise ValueError(
-            f"Expected `correction` to be 'bonferroni' or None, but got {correction!r}"
-        )
-    check_int(n_resamples, "n_resamples", 100)
 
 
 def _run_curve(records: Sequence[Mapping[str, Any]], metric: str, name: str) -> RunCurve:
@@ -905,40 +615,3 @@ def _run_curve(records: Sequence[Mapping[str, Any]], metric: str, name: str) -> 
             "'max_excess_accuracy_gap' also needs the dense record)"
         )
     return curve
-
-
-def _notes(
-    metric: str,
-    baseline: str,
-    n: int,
-    how: str,
-    ci: str,
-    confidence: float,
-    correction: str | None,
-    m: int,
-    n_resamples: int,
-    seed: int,
-) -> list[str]:
-    """What the comparison did, in words (printed under the table)."""
-    interval = (
-        "Student t interval of the mean paired difference"
-        if ci == "t"
-        else f"percentile bootstrap interval of the mean paired difference ({n_resamples} "
-        f"resamples of the seeds, seed {seed})"
-    )
-    corrected = (
-        f"Bonferroni over m = {m} comparisons: p = min(1, {m} p_raw), intervals at "
-        f"{1 - (1 - confidence) / m:.4g}"
-        if correction == "bonferroni"
-        else "no multiple-comparison correction"
-    )
-    notes = [
-        f"{metric} of each recipe minus {baseline!r}, paired by seed (n = {n}), at {how}.",
-        f"CI: {interval}, nominal {confidence:g}; p: two-sided Wilcoxon signed-rank; {corrected}.",
-        f"Curves: the latest record at each sparsity among moments {', '.join(CURVE_MOMENTS)}.",
-    ]
-    if metric == MAX_EXCESS_GAP:
-        notes.append(
-            "max_excess_accuracy_gap: lower is better (a negative delta is an improvement)"
-        )
-    return notes

@@ -15,6 +15,8 @@ their per-group statistics on. It
   and caps every pass at ``max_batches``;
 * converts batches like training batches (precision plugin, device) through
   :func:`lightning_fairprune.measure.prepare_batch`;
+* names the groups and resolves their number and the number of classes for a model
+  (`FairnessData.resolve_groups` -> `GroupSpec`);
 * scans the whole data once before training (`FairnessData.scan`: every batch's targets and
   group ids, non-finite inputs, samples per group), forward-free, with the same verdict on
   every process.
@@ -28,15 +30,30 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from lightning_fairprune.checks import check_callable, check_int, check_labels, check_logits
-from lightning_fairprune.measure import prepare_batch, rng_restored
+from lightning_fairprune.checks import (
+    check_callable,
+    check_group_names,
+    check_group_sizes,
+    check_int,
+    check_iterable,
+    check_keys,
+    check_labels,
+    check_logits,
+)
+from lightning_fairprune.diagnostics.groups import (
+    combine_groups,
+    normalize_group_names,
+    product_group_names,
+)
+from lightning_fairprune.history import qualified_name, to_plain
+from lightning_fairprune.measure import isolated, precision_context, prepare_batch, rng_restored
 
-__all__ = ["DataScan", "FairnessBatches", "FairnessData", "agree"]
+__all__ = ["DataScan", "FairnessBatches", "FairnessData", "GroupSpec", "agree"]
 
 GroupFn = Callable[[Any], "tuple[Any, Tensor, Tensor]"]
 
@@ -59,6 +76,10 @@ class FairnessData:
         target_key: key of the class targets in a dict batch.
         group_key: key of the group ids in a dict batch (a sequence of keys for
             intersectional groups); ``None``: groups = classes.
+        group_names: names of the groups: a list of G names, a mapping id -> name, or for
+            intersectional groups a mapping attribute key -> list of value names (product
+            names then read ``"race=black & sex=F"``); default ``g0, g1, ...`` (or
+            ``key=value`` products). See `names_for`.
 
     Example:
         >>> x, y, g = torch.randn(6, 2), torch.tensor([0, 1] * 3), torch.tensor([0, 0, 1] * 2)
@@ -82,43 +103,30 @@ class FairnessData:
         input_key: str = "x",
         target_key: str = "y",
         group_key: str | Sequence[str] | None = "group",
+        group_names: Sequence[str] | Mapping[Any, Any] | None = None,
     ) -> None:
-        if dataloader is not None and not isinstance(dataloader, Iterable):
-            raise TypeError(
-                f"Expected `dataloader` to be an iterable of batches (a DataLoader) or None, "
-                f"but got {type(dataloader).__name__}"
-            )
-        self.dataloader = dataloader
-        self.attribute_sizes: list[int] | None = None
-        if isinstance(num_groups, Sequence) and not isinstance(num_groups, str):
-            sizes = [check_int(n, "num_groups", 1) for n in num_groups]
-            if not sizes:
-                raise ValueError("Expected `num_groups` to hold at least one size, but got []")
-            self.attribute_sizes = sizes
-            num_groups = math.prod(sizes)
-        self.num_groups = check_int(num_groups, "num_groups", 1, allow_none=True)
+        what = "an iterable of batches (a DataLoader) or None"
+        self.dataloader = check_iterable(dataloader, "dataloader", what)
+        sizes = check_group_sizes(num_groups)
+        self.attribute_sizes = sizes if isinstance(num_groups, Sequence) else None
+        self.num_groups: int | None = None if sizes is None else math.prod(sizes)
         self.max_batches = check_int(max_batches, "max_batches", 1, allow_none=True)
         self.group_fn = check_callable(group_fn, "group_fn")
-        for arg, value in (("input_key", input_key), ("target_key", target_key)):
-            if not isinstance(value, str):
-                raise TypeError(f"Expected `{arg}` to be a str, but got {value!r}")
-        if isinstance(group_key, Sequence) and not isinstance(group_key, str):
-            group_key = list(group_key)
-            if not group_key or not all(isinstance(k, str) for k in group_key):
-                raise TypeError(
-                    "Expected `group_key` to be a str, a list of str or None, but got "
-                    f"{group_key!r}"
-                )
-            if self.attribute_sizes is None or len(self.attribute_sizes) != len(group_key):
-                raise ValueError(
-                    f"Expected `num_groups` to give one size per attribute of `group_key` "
-                    f"{group_key} (intersectional groups), but got {num_groups!r}"
-                )
-        elif group_key is not None and not isinstance(group_key, str):
-            raise TypeError(f"Expected `group_key` to be a str or None, but got {group_key!r}")
-        self.input_key = input_key
-        self.target_key = target_key
-        self.group_key = group_key
+        self.input_key = check_keys(input_key, "input_key")
+        self.target_key = check_keys(target_key, "target_key")
+        self.group_key = check_keys(group_key, "group_key", allow_list=True, allow_none=True)
+        if isinstance(self.group_key, list) and len(self.group_key) != len(
+            self.attribute_sizes or ()
+        ):
+            raise ValueError(
+                f"Expected `num_groups` to give one size per attribute of `group_key` "
+                f"{self.group_key} (intersectional groups), but got {num_groups!r}"
+            )
+        self.group_names = check_group_names(group_names)
+        if self.num_groups is not None:
+            self.names_for(self.num_groups)  # wrong names fail now, not at the first pass
+        elif isinstance(group_names, Sequence):
+            normalize_group_names(group_names, len(group_names))
         self._loader: Iterable[Any] | None = None
         self._stride = False
 
@@ -237,8 +245,6 @@ class FairnessData:
 
     def _combine(self, g: Any, n: int) -> Tensor:
         """Product ids of a ``[N, k]`` tensor of attribute ids (intersectional groups)."""
-        from lightning_fairprune.diagnostics.groups import combine_groups
-
         sizes = self.attribute_sizes or []
         if not isinstance(g, Tensor) or g.ndim != 2 or g.shape != (n, len(sizes)):
             raise ValueError(
@@ -277,23 +283,137 @@ class FairnessData:
             "`group_key`, or pass `group_fn`; or leave `num_groups` unset to measure the classes."
         )
 
-    def resolve_groups(self, model: Any, batches: FairnessBatches, owner: str) -> tuple[int, int]:
-        """``(number of groups, number of classes)`` from the logits of the first batch.
+    def names_for(self, num_groups: int) -> list[str]:
+        """The names of ``num_groups`` groups (the ``group_names`` argument, normalized).
+
+        Intersectional groups are named by their product (``"race=black & sex=F"``) from a
+        mapping attribute -> value names, or ``key=value`` by default.
+
+        Example:
+            >>> FairnessData(num_groups=[2, 2], group_key=["r", "s"]).names_for(4)
+            ['r=0 & s=0', 'r=0 & s=1', 'r=1 & s=0', 'r=1 & s=1']
+            >>> FairnessData(group_names={1: "b"}).names_for(3)
+            ['g0', 'b', 'g2']
+        """
+        names, sizes = self.group_names, self.attribute_sizes
+        if sizes is not None and len(sizes) > 1:
+            keys = self.attribute_names
+            if names is None:
+                return product_group_names(sizes, keys)
+            if isinstance(names, Mapping) and all(k in names for k in keys):
+                return product_group_names(sizes, keys, [names[k] for k in keys])
+            num_groups = math.prod(sizes)
+        return normalize_group_names(names, num_groups)
+
+    def resolve_groups(
+        self,
+        model: Any,
+        batches: FairnessBatches,
+        owner: str = "FairnessData",
+        *,
+        forward_fn: Callable[[Any, Any], Any] | None = None,
+        classes: bool = True,
+    ) -> GroupSpec:
+        """The groups of this data for ``model``: their number, the classes and the names.
+
+        One forward pass on the first batch (without gradients) reads the number of classes
+        from the logits; with ``classes=False`` and ``num_groups`` given there is none (the
+        class count stays ``None``: a measurement pass reads it).
 
         Args:
-            model: the classifier (called once, without gradients).
+            model: the classifier.
             batches: this data's batches (`batches`).
             owner: what needs the groups, for the messages (e.g. ``"criterion='fairprune'"``).
+            forward_fn: ``fn(model, inputs) -> logits``; default ``model(inputs)``.
+            classes: whether the number of classes is needed.
 
         Raises:
             ValueError: outputs that are not class logits ``(N, C)`` with ``C >= 2``, targets
                 outside ``[0, C)``, or `check_group_column`.
+
+        Example:
+            >>> x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+            >>> data = FairnessData([(x, y)], group_names=["a", "b", "c"])
+            >>> data.resolve_groups(torch.nn.Linear(3, 3), data.batches(None))
+            GroupSpec(num_groups=3, num_classes=3, names=('a', 'b', 'c'))
         """
+        if not classes and self.num_groups is not None:
+            return GroupSpec(self.num_groups, None, tuple(self.names_for(self.num_groups)))
         x, y, _ = batches.first()
         with torch.no_grad():
-            classes = check_logits(model(x), y, owner)
-        self.check_group_column(batches.groups_from_batch, classes)
-        return (self.num_groups or classes), classes
+            num_classes = check_logits(
+                model(x) if forward_fn is None else forward_fn(model, x), y, owner
+            )
+        self.check_group_column(batches.groups_from_batch, num_classes)
+        num_groups = self.num_groups or num_classes
+        return GroupSpec(num_groups, num_classes, tuple(self.names_for(num_groups)))
+
+    def check(
+        self,
+        trainer: Any | None,
+        model: Any,
+        owner: str = "FairnessData",
+        *,
+        forward_fn: Callable[[Any, Any], Any] | None = None,
+        num_groups: int | None = None,
+    ) -> GroupSpec:
+        """Validate the whole data for ``model`` before any training; every process agrees.
+
+        Resolves the groups from the first batch (`resolve_groups`, one forward in eval mode,
+        isolated: the loader exists and is not empty on any process, ``num_groups`` is given
+        when the batches carry groups and matches them), then checks every batch of this
+        process's share (`scan`: ids, ranges, non-finite inputs, empty groups). The loader is
+        resolved again at the next pass.
+
+        Args:
+            trainer: the Trainer (duck-typed) or ``None``.
+            model: the classifier.
+            owner: the callback the data belongs to, for the messages.
+            forward_fn: ``fn(model, inputs) -> logits``; default ``model(inputs)``.
+            num_groups: the number of groups resolved so far (a resumed run's), or ``None``.
+
+        Returns:
+            The `GroupSpec`.
+
+        Raises:
+            ValueError: naming what is wrong, on every process.
+
+        Example:
+            >>> x, y = torch.randn(6, 2), torch.tensor([0, 1, 1, 0, 1, 0])
+            >>> FairnessData([(x, y)]).check(None, torch.nn.Linear(2, 2)).num_classes
+            2
+        """
+        error: ValueError | None = None
+        spec: GroupSpec | None = None
+        try:
+            with isolated(model, mode="eval"), precision_context(trainer):
+                batches = self.batches(trainer, model, num_groups=num_groups)
+                spec = self.resolve_groups(model, batches, owner, forward_fn=forward_fn)
+        except ValueError as err:
+            error = err
+        agree(trainer, model, error, owner)  # every process raises, or none
+        spec = cast(GroupSpec, spec)  # resolved: `agree` raised otherwise
+        self.scan(trainer, model, num_groups=spec.num_groups, owner=owner)
+        self.reset()
+        return spec
+
+    def settings(self) -> dict[str, Any]:
+        """The arguments as plain JSON values (callables by qualified name).
+
+        Example:
+            >>> FairnessData(num_groups=[5, 2], group_key=["race", "sex"]).settings()["group_key"]
+            ['race', 'sex']
+        """
+        return {
+            "dataloader": qualified_name(self.dataloader),
+            "num_groups": self.num_groups,
+            "max_batches": self.max_batches,
+            "group_fn": qualified_name(self.group_fn),
+            "input_key": self.input_key,
+            "target_key": self.target_key,
+            "group_key": to_plain(self.group_key),
+            "group_names": to_plain(self.group_names),
+        }
 
     # ---------------------------------------------------------------- the loader
     def resolve(self, trainer: Any | None, model: Any | None = None) -> Iterable[Any]:
@@ -572,6 +692,21 @@ class DataScan:
     def empty_groups(self) -> list[int]:
         """Ids of the groups with no sample."""
         return [g for g, c in enumerate(self.counts) if c == 0]
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """The groups of fairness data for a model (`FairnessData.resolve_groups`).
+
+    Attributes:
+        num_groups: number of groups G.
+        num_classes: number of classes C (``None`` until a pass over the data read it).
+        names: the G group names.
+    """
+
+    num_groups: int
+    num_classes: int | None
+    names: tuple[str, ...]
 
 
 def agree(

@@ -32,15 +32,10 @@ import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from lightning_fairprune.compare import Comparison, curve_band, t_interval
-from lightning_fairprune.history import (
-    dense_record,
-    disparity_stat,
-    group_list,
-    latest_per_sparsity,
-    number,
-    worst_group,
-)
+from lightning_fairprune.compare import Comparison, curve_band
+from lightning_fairprune.history import dense_record, group_list, latest_per_sparsity, number
+from lightning_fairprune.paired import t_interval
+from lightning_fairprune.records import disparity_stat, worst_group
 
 __all__ = [
     "MAX_NAMED_GROUPS",

@@ -3,7 +3,7 @@
 This is the only module besides `callbacks/` that knows about Lightning loggers.
 
 * `log_scalars`: scalars to every attached logger (TensorBoard, CSV, W&B, ...).
-* `log_round`: one `FairnessMonitor` history record: its scalars (`history.logged_scalars`:
+* `log_round`: one `FairnessMonitor` history record: its scalars (`records.logged_scalars`:
   dense and after-round records under their own prefix, so no key is logged twice at one
   step) to every logger and, when a `WandbLogger` is attached, a per-group table, a bar chart
   of group accuracy dense vs now, per-group accuracy against sparsity (a line series that
@@ -12,8 +12,9 @@ This is the only module besides `callbacks/` that knows about Lightning loggers.
 * `log_summary`: final sparsity, accuracy, worst-group accuracy, α, fairness summaries and
   disparities into the W&B run summary; `log_config`: a callback's settings into every
   logger's hyperparameters (the W&B run config included).
-* `callback_scalars`: what a monitor puts into ``trainer.callback_metrics`` for
-  `ModelCheckpoint`, `EarlyStopping` and LR schedulers; `monitored_keys`: the keys they read.
+* `monitored_keys`: the ``trainer.callback_metrics`` keys that `ModelCheckpoint`,
+  `EarlyStopping` and LR schedulers read (what a monitor puts there is
+  `lightning_fairprune.records.callback_scalars`); `measure_at_validation`.
 * `run_directory`: where a run keeps its history files (never the directory of another run).
 
 A named monitor's keys (scalars, W&B tables and charts, summary) start with
@@ -27,7 +28,6 @@ measurement in their local history, which nothing here modifies.
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 import weakref
@@ -37,28 +37,18 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_fairprune.history import (
-    GROUP_TABLE_COLUMNS,
-    MOMENT_CODES,
-    check_record,
+from lightning_fairprune.checks import check_mapping, check_nonempty_str
+from lightning_fairprune.history import metric_prefix, number, recall_curves, to_plain
+from lightning_fairprune.records import (
+    AT_TARGET,
     group_table,
-    headline_scalars,
     logged_scalars,
-    metric_prefix,
-    number,
-    recall_curves,
-    record_scalars,
+    record_values,
     summary_values,
-    to_plain,
 )
 
 __all__ = [
-    "AT_TARGET",
-    "GROUP_TABLE_COLUMNS",
-    "MOMENT_CODES",
-    "callback_scalars",
     "find_wandb_logger",
-    "group_table",
     "is_global_zero",
     "log_config",
     "log_round",
@@ -66,15 +56,8 @@ __all__ = [
     "log_summary",
     "measure_at_validation",
     "monitored_keys",
-    "recall_curves",
-    "record_scalars",
     "run_directory",
-    "summary_values",
 ]
-
-#: Key segment of the headline numbers that exist only at the pruner's target sparsity
-#: (``fairprune/at_target/...``, NaN before it; see `callback_scalars`).
-AT_TARGET = "at_target"
 
 _warned: set[int] = set()
 _warned_kinds: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
@@ -259,9 +242,9 @@ def log_round(
 ) -> None:
     """Log one `FairnessMonitor` record: scalars everywhere, tables and charts to W&B.
 
-    Every logger of ``trainer`` gets `record_scalars` of the record at
+    Every logger of ``trainer`` gets `records.logged_scalars` of the record at
     ``trainer.global_step``. When a `WandbLogger` is attached, the same W&B history row also
-    holds a per-group table (``fairprune/groups``, columns `GROUP_TABLE_COLUMNS`), a bar
+    holds a per-group table (``fairprune/groups``, columns `records.GROUP_TABLE_COLUMNS`), a bar
     chart of recall dense vs now (``fairprune/recall_dense_vs_now``), per-group recall vs
     sparsity over ``history`` (``fairprune/recall_vs_sparsity``) and a scatter of B̃ now vs
     B̃ dense titled with α (``fairprune/norm_balance_scatter``). Only global rank 0 logs.
@@ -285,7 +268,7 @@ def log_round(
         >>> step, metrics["fairprune/recall/g0"], metrics["fairprune/worst_group_recall"]
         (7, 0.5, 0.5)
     """
-    check_record(record)
+    record = record_values(record)
     if not is_global_zero(trainer):
         return
     step = int(getattr(trainer, "global_step", 0))
@@ -380,13 +363,8 @@ def log_config(trainer: Any, name: str, settings: Mapping[str, Any]) -> None:
         >>> log_config(_Trainer(), "pruning", {"final_sparsity": 0.9, "schedule": "cubic"})
         {'fairprune/pruning/final_sparsity': 0.9, 'fairprune/pruning/schedule': 'cubic'}
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"Expected `name` to be a non-empty string, but got {name!r}")
-    if not isinstance(settings, Mapping):
-        raise TypeError(
-            f"Expected `settings` to be a mapping of setting -> value, but got "
-            f"{type(settings).__name__}"
-        )
+    check_nonempty_str(name, "name")
+    check_mapping(settings, "settings", "a mapping of setting -> value")
     if not is_global_zero(trainer):
         return
     plain = to_plain(settings)
@@ -424,34 +402,6 @@ def log_config(trainer: Any, name: str, settings: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------------------
 # Where a run writes, and what other callbacks read
 # --------------------------------------------------------------------------------------
-
-
-def callback_scalars(record: Mapping[str, Any], *, at_target: bool) -> dict[str, float]:
-    """What a monitor puts into ``trainer.callback_metrics`` for one record.
-
-    Every scalar of `history.record_scalars` and `history.logged_scalars` (undefined values as
-    NaN, so that every key exists from the first measurement on and never holds a stale
-    value), and the headline numbers (`history.headline_scalars`) under
-    ``<prefix>at_target/`` (`AT_TARGET`): equal to the plain key once the pruner has reached
-    its target sparsity (``at_target``), NaN before. `ModelCheckpoint` ranks NaN last in
-    either mode, so ``ModelCheckpoint(monitor="fairprune/at_target/...")`` keeps a model at
-    the target sparsity (`EarlyStopping(check_finite=True)` would stop on the NaN: early-stop
-    on the plain keys).
-
-    Example:
-        >>> rec = {"moment": "periodic", "accuracy": 0.9, "recall": [0.9, 0.7]}
-        >>> before = callback_scalars(rec, at_target=False)
-        >>> before["fairprune/worst_group_accuracy"], before["fairprune/at_target/accuracy"]
-        (0.7, nan)
-        >>> callback_scalars(rec, at_target=True)["fairprune/at_target/worst_group_accuracy"]
-        0.7
-    """
-    out = record_scalars(record, undefined=math.nan)
-    out.update(logged_scalars(record, undefined=math.nan))
-    prefix = metric_prefix(record.get("monitor"))
-    for name, value in headline_scalars(out, prefix).items():
-        out[f"{prefix}{AT_TARGET}/{name}"] = value if at_target else math.nan
-    return out
 
 
 def _next_version(root: Path) -> str:

@@ -57,17 +57,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_fairprune.compare import Comparison, check_paired, compare_histories
+from lightning_fairprune.checks import check_paired
+from lightning_fairprune.compare import Comparison, compare_histories
 from lightning_fairprune.history import (
     HISTORY_FILENAME,
     HISTORY_GLOB,
     dense_record,
-    disparity_stat,
     group_list,
     number,
     read_history,
-    worst_group,
 )
+from lightning_fairprune.records import disparity_stat, worst_group
 
 __all__ = [
     "HISTORY_FILENAME",

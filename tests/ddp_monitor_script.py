@@ -45,7 +45,7 @@ class ShardedMonitor(FairnessMonitor):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self.dataloader = fairness_loader(trainer.global_rank, trainer.world_size)
+        self.data.dataloader = fairness_loader(trainer.global_rank, trainer.world_size)
 
 
 class _RankStream(torch.utils.data.IterableDataset):
@@ -66,7 +66,7 @@ class EmptyOnRankOneMonitor(FairnessMonitor):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self.dataloader = DataLoader(_RankStream(trainer.global_rank), batch_size=8)
+        self.data.dataloader = DataLoader(_RankStream(trainer.global_rank), batch_size=8)
 
 
 def run(out_dir: str, devices: int, mode: str = "") -> dict[str, Any]:
@@ -103,7 +103,7 @@ def run(out_dir: str, devices: int, mode: str = "") -> dict[str, Any]:
         "world_size": trainer.world_size,
         "history": monitor.history,
         "default_history": default.history,
-        "param_names": monitor._param_names,
+        "param_names": monitor.param_names,
     }
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))

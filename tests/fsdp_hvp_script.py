@@ -299,7 +299,7 @@ def run_fit(out_dir: Path, mode: str) -> None:
             first = start + half * trainer.global_rank
             rows += range(first, first + half)
         train_x, train_y = train_x[rows], train_y[rows]
-    monitor.dataloader = DataLoader(TensorDataset(x, y), batch_size=64)
+    monitor.data.dataloader = DataLoader(TensorDataset(x, y), batch_size=64)
     train = DataLoader(TensorDataset(train_x, train_y), batch_size=batch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -12,16 +12,18 @@ from matplotlib.collections import PolyCollection
 from scipy import stats
 
 from lightning_fairprune.compare import (
-    bootstrap_interval,
     compare_histories,
     curve_at,
     max_excess_accuracy_gap,
     run_curve,
+)
+from lightning_fairprune.history import HISTORY_FILENAME
+from lightning_fairprune.paired import (
+    bootstrap_interval,
     student_t_cdf,
     student_t_ppf,
     wilcoxon_signed_rank,
 )
-from lightning_fairprune.history import HISTORY_FILENAME
 from lightning_fairprune.report import compare_recipes, main
 
 SPARSITIES = [0.0, 0.5, 0.7, 0.8, 0.9]

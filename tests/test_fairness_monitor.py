@@ -21,8 +21,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fairprune.callbacks.monitor import HISTORY_FILENAME, FairnessMonitor
+from lightning_fairprune.callbacks.monitor import FairnessMonitor
 from lightning_fairprune.callbacks.pruning import IterativePruning
+from lightning_fairprune.history import HISTORY_FILENAME
 
 SCHEMA_KEYS = {
     "moment",
@@ -61,6 +62,7 @@ SCHEMA_KEYS = {
     "selection_rate_ci",
     "fairness",
     "group_accuracy_dense",
+    "norm_balance_dense",
     "metrics",
 }
 PRUNED = ["features.0.weight", "features.2.weight", "fc.weight"]
@@ -228,7 +230,7 @@ def test_fit_records_dense_and_every_round(fitted):
         nrb, ref = np.array(record["norm_balance"]), np.array(dense["norm_balance"])
         assert record["alpha"] == pytest.approx(float(nrb @ ref / (ref @ ref)))
     # the curvature parameters are those the pruner prunes
-    assert fitted["monitor"]._param_names == PRUNED == list(pruning.masks)
+    assert fitted["monitor"].param_names == PRUNED == list(pruning.masks)
 
 
 def test_dense_recall_matches_sklearn(fitted):
@@ -697,7 +699,7 @@ def test_config_and_summary_logged_once_on_rank_zero_only(
 
 def test_lambda_max_option_records_logs_and_matches_the_core(tmp_path):
     from lightning_fairprune.diagnostics import group_hessian_lambda_max
-    from lightning_fairprune.logging import GROUP_TABLE_COLUMNS, record_scalars
+    from lightning_fairprune.records import GROUP_TABLE_COLUMNS, record_scalars
 
     x, y = digits_tensors(n=300)
     loader = DataLoader(TensorDataset(x, y), batch_size=64)

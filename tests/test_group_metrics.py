@@ -381,22 +381,33 @@ def test_metric_intervals_and_small_flags():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_scalars_and_rows_use_names_and_skip_absent_groups():
+def test_record_scalars_and_table_of_group_metrics_use_names_and_skip_absent_groups():
+    # one flattening: the metrics reach the logger keys through the record
+    from types import SimpleNamespace
+
+    from lightning_fairprune.records import RecordContext, group_table, make_record, record_scalars
+
     y, pred, groups = _data(0, num_classes=2)
     names = ["white", "black", "east asian", "south/asian", "other", "indigenous"]
     m = group_metrics(_conf(y, pred, groups, 2))
-    d = m.to_scalars(names)
-    assert all(re.fullmatch(r"fairprune/[a-z_]+(/[A-Za-z0-9_.\-]+)?", k) for k in d)
+    measurement = SimpleNamespace(accuracy=float((y == pred).mean()), mean_loss=torch.zeros(G))
+    context = RecordContext("end", group_names=names, groups_are_classes=False)
+    record = make_record(measurement, m, context).to_dict()
+    d = record_scalars(record)
+    assert all(re.fullmatch(r"fairprune/[a-z_]+(/[A-Za-z0-9_.\-]+){0,2}", k) for k in d)
     assert d["fairprune/tpr/east_asian"] == pytest.approx(
         recall_score(y[groups == 2], pred[groups == 2])
     )
-    assert d["fairprune/count/south_asian"] == float((groups == 3).sum())
-    assert not any(k.endswith("/other") for k in d)  # absent group 4
+    assert d["fairprune/tpr_lower/black"] == float(m.tpr.lower[1])
+    assert not any(k.endswith("/other") for k in d)  # absent group 4: no value is logged
     assert d["fairprune/equalized_odds_difference"] == m.summary["equalized_odds_difference"]
-    rows = m.rows(names)
-    assert [r["group"] for r in rows] == names
-    assert rows[4]["present"] is False
-    assert rows[5]["small"] is True
+    columns, rows = group_table(record)
+    assert [r[0] for r in rows] == names
+    support = columns.index("support")
+    assert rows[3][support] == int((groups == 3).sum())
+    assert rows[4][support] == 0
+    counts = [int((groups == g).sum()) for g in range(G)]
+    assert record["small_groups"] == [g for g, n in enumerate(counts) if 0 < n < 30]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Unit tests of the homes of the architecture issue, without `Trainer.fit`.
 
 checks (argument validation), schedules.RoundPlan (the round plan), measure (isolation),
-fairness_data (the fairness-data path), history (the record) and callbacks.events (the
-pruner protocol).
+fairness_data (the fairness-data path), history (the file) and callbacks.events (the
+pruner protocol). The record itself: tests/test_records.py.
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ from lightning_fairprune.history import (
     dense_record,
     history_filename,
     latest_per_sparsity,
-    make_record,
     read_history,
-    record_scalars,
     to_plain,
 )
 from lightning_fairprune.measure import isolated, loader_generators, prepare_batch
+from lightning_fairprune.records import record_scalars
 from lightning_fairprune.schedules import RoundPlan, schedule_values
 
 
@@ -275,59 +274,6 @@ def test_fairness_data_dict_batches_and_group_fn():
 
 
 # ------------------------------------------------------------------ history
-class _Measurement:
-    def __init__(self, recall, accuracy, support, loss):
-        self.recall = torch.tensor(recall, dtype=torch.float64)
-        self.accuracy = accuracy
-        self.support = torch.tensor(support)
-        self.mean_loss = torch.tensor(loss, dtype=torch.float64)
-
-
-def test_make_record_fills_relative_fields_against_the_dense_reference():
-    dense = make_record(
-        _Measurement([1.0, 0.5], 0.75, [4, 4], [0.1, 0.9]),
-        moment="dense",
-        round_index=0,
-        epoch=0,
-        global_step=0,
-        sparsity=0.0,
-        num_groups=2,
-    )
-    assert dense["alpha"] == 1.0
-    assert dense["excess_loss"] == [0.0, 0.0]
-    pruned = make_record(
-        _Measurement([1.0, 0.25], 0.625, [4, 4], [0.2, 1.5]),
-        moment="end",
-        round_index=1,
-        epoch=1,
-        global_step=9,
-        sparsity=0.5,
-        num_groups=2,
-        dense={k: dense[k] for k in ("recall", "norm_balance", "loss", "accuracy")},
-        monitor="m",
-    )
-    # B̃ = (recall - acc) / acc; I = B̃ / B̃_dense per group (hand computation)
-    nb = [(1.0 - 0.625) / 0.625, (0.25 - 0.625) / 0.625]
-    nb_dense = [(1.0 - 0.75) / 0.75, (0.5 - 0.75) / 0.75]
-    assert pruned["norm_balance"] == pytest.approx(nb)
-    assert pruned["intensification"] == pytest.approx(
-        [a / b for a, b in zip(nb, nb_dense, strict=False)]
-    )
-    assert pruned["excess_loss"] == pytest.approx([0.1, 0.6])
-    assert pruned["monitor"] == "m"
-    assert pruned["recall_dense"] == [1.0, 0.5]
-    with pytest.raises(ValueError, match="`moment`"):
-        make_record(
-            _Measurement([1.0], 1.0, [1], [0.0]),
-            moment="later",
-            round_index=0,
-            epoch=0,
-            global_step=0,
-            sparsity=0.0,
-            num_groups=1,
-        )
-
-
 def test_history_file_rewrites_once_then_appends_and_reads_past_corruption(tmp_path):
     path = tmp_path / history_filename("a/b")
     assert path.name == "fairprune_history-a_b.jsonl"

@@ -198,7 +198,7 @@ def test_intersectional_named_groups_from_dict_batches(tmp_path):
         if sel.any():
             acc = accuracy_score(y.numpy()[sel], pred[sel])
             assert record["group_accuracy"][gid] == pytest.approx(acc, abs=1e-12)
-    from lightning_fairprune.history import record_scalars
+    from lightning_fairprune.records import record_scalars
 
     scalars = record_scalars(record)
     assert "fairprune/group_accuracy/ink-thick_reg-r2" in scalars
@@ -308,7 +308,7 @@ def test_torchmetrics_per_group_and_small_group_warning(tmp_path):
         sel = (groups == g).numpy()
         expected = f1_score(y.numpy()[sel], pred[sel], zero_division=0.0)
         assert record["metrics"]["f1"][g] == pytest.approx(expected, abs=1e-6)
-    from lightning_fairprune.history import record_scalars
+    from lightning_fairprune.records import record_scalars
 
     scalars = record_scalars(record)
     assert scalars["fairprune/f1/g3"] == pytest.approx(record["metrics"]["f1"][3])
@@ -366,5 +366,5 @@ def test_the_number_of_classes_comes_from_the_measurement_pass(tmp_path):
     monitor = FairnessMonitor(batches, num_groups=2, num_probes=0, gradient_norms=False, log=False)
     record = monitor.measure(pl.Trainer(**quiet_trainer_kwargs(tmp_path)), model, "dense")
     assert calls == [60, 60]  # one pass over the data, no extra forward for the class count
-    assert monitor._num_classes == 2
+    assert monitor.groups.num_classes == 2
     assert record["tpr"] is not None  # binary rates: the class count was known in time

@@ -22,7 +22,8 @@ from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fairprune import FairnessMonitor, IterativePruning
-from lightning_fairprune.history import HISTORY_FILENAME, PARITY_SUMMARIES, read_history
+from lightning_fairprune.history import HISTORY_FILENAME, read_history
+from lightning_fairprune.records import PARITY_SUMMARIES
 
 PRUNED = ["features.0.weight", "features.2.weight", "fc.weight"]
 PRUNER_KEYS = ("fairprune/sparsity", "fairprune/target_sparsity", "fairprune/round")
@@ -363,10 +364,11 @@ def test_parity_gaps_are_not_reported_for_class_groups_and_why_is_said_once(
     g = torch.where(g == 2, 1, g)  # two protected groups: even and odd digits
     train = DataLoader(TensorDataset(x[:160], y[:160], g[:160]), batch_size=40)
     val = DataLoader(TensorDataset(x[160:], y[160:], g[160:]), batch_size=40)
-    classes = FairnessMonitor(group_key=None, group_fn=lambda b: (b[0], b[1], None), name="cls")
-    attr = FairnessMonitor(num_groups=2, name="attr")
-    for monitor in (classes, attr):
-        monitor.num_probes, monitor.every_n_epochs = 0, 1
+    quick = {"num_probes": 0, "every_n_epochs": 1}
+    classes = FairnessMonitor(
+        group_key=None, group_fn=lambda b: (b[0], b[1], None), name="cls", **quick
+    )
+    attr = FairnessMonitor(num_groups=2, name="attr", **quick)
     logger = CaptureLogger(str(tmp_path))
     pruning = IterativePruning(0.5, start=1)
     with caplog.at_level(logging.INFO):

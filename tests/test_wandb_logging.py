@@ -12,14 +12,12 @@ from _models import DigitsDataModule, SmallCNN, quiet_trainer_kwargs
 from _wandb_reader import read_wandb_run
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from lightning_fairprune.history import logged_scalars
-from lightning_fairprune.logging import (
+from lightning_fairprune.history import recall_curves
+from lightning_fairprune.logging import log_config, log_round, log_summary
+from lightning_fairprune.records import (
     GROUP_TABLE_COLUMNS,
     group_table,
-    log_config,
-    log_round,
-    log_summary,
-    recall_curves,
+    logged_scalars,
     summary_values,
 )
 

@@ -5,9 +5,9 @@ The monitor reacts to the pruning-round protocol of `IterativePruning`
 recall and accuracy, the recall-distortion quantities of [GOOD] (B, B̃, I, α against the dense
 reference) and the disparate-impact factors of [TRAN] (per-group loss and excessive loss,
 gradient norm, Hutchinson Hessian trace, and the second-order *predicted* excessive loss of the
-round's pruning step). The numbers come from the plain-torch core in
-`lightning_fairprune.diagnostics`; this module only decides *when* to measure, *on what*, and
-keeps the history.
+round's pruning step). What a measurement is lives in the plain-torch cores
+(`lightning_fairprune.monitoring`, `lightning_fairprune.records`); this module decides *when*
+to measure and keeps the history.
 
 Moments (the ``"moment"`` field of every record):
 
@@ -25,25 +25,20 @@ Moments (the ``"moment"`` field of every record):
 The same weights are never measured twice: a moment that comes at the same global step as the
 previous measurement, with no pruning round in between (the end-of-epoch ``"periodic"`` and the
 next epoch's ``"dense"``/``"before_round"``, or ``"end"``), is recorded from that measurement
-(`lightning_fairprune.history.restamp`) and logged once per key and step.
+(`lightning_fairprune.records.restamp`) and logged once per key and step.
 
 ``excess_loss`` is R(a) against the *dense* reference; the realized loss change of one round
 (comparable to ``predicted_excess_loss``) is the ``loss`` of its ``after_round`` record minus the
 ``loss`` of the ``dense``/``before_round`` record of the same round, both in the history.
-
-Every measurement runs with gradients enabled and outside inference mode, with the model in
-eval mode, and restores the train/eval mode of every module, the parameters' ``.grad`` and the
-RNG states (torch CPU and CUDA, Python, NumPy), so training is bit-for-bit unaffected.
+Measurements are isolated (`lightning_fairprune.measure.isolated`): training is bit-for-bit
+unaffected.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fnmatch
-import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,67 +51,38 @@ from typing_extensions import override
 
 from lightning_fairprune import logging as fp_logging
 from lightning_fairprune.callbacks.events import PruningEvent, find_pruner, schedule_complete
-from lightning_fairprune.checks import check_bool, check_callable, check_int, check_real
-from lightning_fairprune.diagnostics.curvature import measure_groups
-from lightning_fairprune.diagnostics.sharded_pass import GATE_MEMORY, FiniteDifference
-from lightning_fairprune.fairness_data import FairnessBatches, FairnessData, agree
+from lightning_fairprune.checks import check_bool, check_choice, check_instance, check_int
+from lightning_fairprune.diagnostics.sharded_pass import GATE_MEMORY
+from lightning_fairprune.distributed import local_tensor
+from lightning_fairprune.fairness_data import FairnessBatches, FairnessData, GroupSpec
 from lightning_fairprune.history import (
-    HISTORY_FILENAME,
-    MOMENTS,
-    PARITY_NOTE,
-    PREFIXED_MOMENTS,
     HistoryFile,
     check_distinct_prefixes,
-    dense_reference,
     history_filename,
-    make_record,
     metric_prefix,
-    qualified_name,
-    restamp,
     to_plain,
 )
 from lightning_fairprune.measure import isolated, precision_context
-from lightning_fairprune.progress import progress_enabled, track
+from lightning_fairprune.monitoring import (
+    MeasureOptions,
+    default_weight_names,
+    sum_across_processes,
+)
+from lightning_fairprune.progress import progress_enabled
+from lightning_fairprune.records import (
+    MOMENTS,
+    PARITY_NOTE,
+    PREFIXED_MOMENTS,
+    Record,
+    RecordContext,
+    callback_scalars,
+    dense_reference,
+    restamp,
+)
 
-__all__ = ["HISTORY_FILENAME", "MOMENTS", "FairnessMonitor", "preserve_training_state"]
-
-BatchSplitter = Callable[[Any], "tuple[Any, Tensor, Tensor]"]
-
-
-def _default_weight_names(model: nn.Module) -> list[str]:
-    """Weights of Conv/Linear modules (the pruning default), else every trainable parameter."""
-    from lightning_fairprune.pruning.selection import select_parameters
-
-    try:
-        names = list(select_parameters(model))
-    except ValueError:  # nothing matched (e.g. a model whose only layer is its classifier)
-        names = []
-    return names or [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-@contextlib.contextmanager
-def preserve_training_state(model: nn.Module) -> Iterator[None]:
-    """Run a measurement without disturbing training (`lightning_fairprune.measure.isolated`).
-
-    Kept for compatibility: the isolation context of every measurement is
-    :func:`lightning_fairprune.measure.isolated` (eval mode inside; module modes, buffers,
-    ``.grad``, ``requires_grad`` and RNG states restored on exit).
-
-    Example:
-        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train()
-        >>> with torch.inference_mode(), preserve_training_state(net):
-        ...     print(torch.is_grad_enabled(), net.training)
-        True False
-        >>> net.training
-        True
-    """
-    with isolated(model, mode="eval"):
-        yield
+__all__ = ["FairnessMonitor"]
 
 
-# --------------------------------------------------------------------------------------------
-# the callback
-# --------------------------------------------------------------------------------------------
 class FairnessMonitor(Callback):
     """Measure per-group fairness and its factors around every pruning round.
 
@@ -124,72 +90,42 @@ class FairnessMonitor(Callback):
     pruning-round protocol works). See the module docstring for the moments, and the README's
     `FairnessMonitor` section for the fields of each record in `history`.
 
-    Data: ``dataloader`` if given, used as is on every process (under DDP give each process its
-    own shard: the per-process sums are all-reduced), else the trainer's validation dataloader
-    (under DDP already sharded by Lightning's `DistributedSampler`, which may repeat up to
-    ``world_size - 1`` samples to even the shards); when the trainer has none set up, the
-    datamodule's or module's ``val_dataloader()``, sharded by batch index across processes. The
-    loader is resolved once, at the first measurement, so every record sees the same data.
-
-    Groups: a batch ``(x, y)`` means groups = classes; ``(x, y, g)`` or a dict with
-    ``input_key``/``target_key``/``group_key`` carries a protected attribute ``g``; or
-    ``group_fn(batch) -> (x, y, g)``. ``num_groups`` is required when the groups are not the
-    classes; give one size per attribute (and a list of ``group_key`` s, or a ``[N, k]`` group
-    column) for intersectional groups such as race × sex. The number of classes is read from
-    the logits. At fit start, before any training, the monitor peeks at one fairness batch and
-    checks the groups (presence, dtype, range, ``num_groups``).
-
-    Metrics: per group, the accuracy within the group (the recall of a class when the groups
-    are the classes) and, for binary tasks, TPR, FPR and selection rate, each with a Wilson
-    interval; the fairness summaries (worst-group accuracy, accuracy difference, demographic
-    parity difference and ratio, equal-opportunity and equalized-odds differences), as
-    fairlearn defines them; the recall-distortion and disparate-impact quantities of the
-    papers; and any torchmetrics metric per group (``metrics=``). Every scalar of the latest
-    measurement is in ``trainer.callback_metrics`` (so ``ModelCheckpoint(monitor=...)`` and
-    ``EarlyStopping`` can use e.g. ``"fairprune/worst_group_accuracy"``), and the headline
-    numbers also under ``"fairprune/at_target/..."``, NaN until the pruner's last scheduled
-    round (`lightning_fairprune.history.callback_scalars`). A named monitor's keys start with
-    ``"fairprune-<name>/"``.
+    The fairness data is `data` (a `FairnessData`: the given ``dataloader``, else the
+    trainer's validation dataloader; batches ``(x, y)`` mean groups = classes, ``(x, y, g)``
+    carry a protected attribute). At fit start, before any training, the monitor checks every
+    batch and resolves `groups` (a `GroupSpec`). What it measures is `options` (a
+    `MeasureOptions`): per group the accuracy and, for binary tasks, TPR, FPR and selection
+    rate with Wilson intervals, the fairness summaries as fairlearn defines them, the papers'
+    recall-distortion and disparate-impact quantities, and ``metrics=``. The scalars of the
+    latest measurement are in ``trainer.callback_metrics`` (`records.callback_scalars`: for
+    ``ModelCheckpoint`` and ``EarlyStopping``; ``fairprune-<name>/`` for a named monitor).
 
     Args:
         dataloader: fairness dataloader; ``None`` uses the validation dataloader.
-        num_groups: number of groups G (ids in [0, G)); default: number of classes when the
-            groups are the classes; required for protected attributes.
+        num_groups: number of groups G (one size per attribute for intersectional groups);
+            default: the number of classes when the groups are the classes.
         max_batches: at most this many batches per measurement (per process); ``None``: all.
         group_fn: ``fn(batch) -> (inputs, targets, groups)``; overrides the batch parsing.
         input_key: key of the inputs in a dict batch.
         target_key: key of the class targets in a dict batch.
-        group_key: key of the group ids in a dict batch (a list of keys for intersectional
-            groups); ``None``: groups = classes.
-        group_names: names of the groups, used in logger keys (as slugs), tables, plots and
-            the history: a list of G names, a mapping id -> name, or for intersectional groups
-            a mapping attribute key -> list of value names (product names then read
-            ``"race=black & sex=F"``). Default: ``g0, g1, ...`` (or ``key=value`` products).
-        pos_label: the positive class of a binary task (TPR, FPR, selection rate); ``None``
-            treats two classes as multiclass.
+        group_key: key(s) of the group ids in a dict batch; ``None``: groups = classes.
+        group_names: names of the groups (logger keys, tables, plots; `FairnessData`).
+        pos_label: positive class of a binary task; ``None`` treats two classes as multiclass.
         confidence: level of the Wilson intervals of every rate.
-        min_group_size: groups with fewer samples than this (default 30: one sample moves a
-            rate by 3.3 points there) are flagged in ``small_groups`` and warned about once.
-        metrics: torchmetrics metrics computed per group, ``{name: Metric}``: each is cloned
-            per group and updated with ``(logits, targets)`` of that group's samples only (a
-            batch without a group leaves that group's clone untouched); results in the
-            record's ``metrics`` and logged as ``fairprune/<name>/<group>``. One more forward
-            pass over the fairness data per measurement, and one at fit start, where a metric
-            that raises on some group's samples is an error naming the metric and the group.
-        metrics_input: what the ``metrics`` get with the targets: ``"preds"`` (the predicted
-            class ids, for accuracy/F1/precision... of binary and multiclass metrics) or
-            ``"probs"`` (softmax probabilities; for two classes and a ``pos_label``, the
-            probability of the positive class, as binary AUROC expects).
-        params: parameters used for gradient norms, Hessian traces and the predicted excessive
-            loss: ``None`` (the parameters the pruner prunes, else the Conv/Linear weights),
-            ``"all"`` (every trainable parameter), or a sequence of fnmatch patterns on the
-            parameter FQNs.
+        min_group_size: smaller groups (default 30: one sample moves a rate by 3.3 points)
+            are flagged in ``small_groups`` and warned about once.
+        metrics: torchmetrics metrics computed per group, ``{name: Metric}``: a clone per group
+            updated with that group's samples only; one more forward pass per measurement, and
+            one at fit start, where a metric that raises on a group's samples is an error.
+        metrics_input: what the ``metrics`` get with the targets: ``"preds"`` (class ids) or
+            ``"probs"`` (probabilities; of the positive class for two classes and a
+            ``pos_label``, as binary AUROC expects).
+        params: parameters of the gradient norms, Hessian traces and predicted excessive loss:
+            ``None`` (the pruner's, else the Conv/Linear weights), ``"all"``, or fnmatch
+            patterns on the parameter FQNs.
         num_probes: Rademacher probes of the Hutchinson Hessian trace; ``0`` disables it.
-        lambda_max_iterations: power iterations for the top Hessian eigenvalue λ_max of each
-            group (record key ``hessian_lambda_max``); each is one more pass over the fairness
-            data with one Hessian-vector product per chunk (under FSDP2: two lockstep
-            backward sets per group, finite differences with frozen gates); ``0`` (default)
-            disables it.
+        lambda_max_iterations: power iterations for each group's top Hessian eigenvalue
+            (``hessian_lambda_max``; one more pass each); ``0`` (default) disables it.
         gradient_norms: measure the per-group gradient norms.
         predict_excess_loss: compute the predicted excessive loss at every ``after_round``.
         seed: seed of the Hutchinson probes (the same probes at every measurement).
@@ -200,23 +136,18 @@ class FairnessMonitor(Callback):
             With a monitored key, the first validation end always has a measurement.
         measure_end: measure at the end of training (moment ``"end"``).
         history_path: JSON-lines file of the history; default: in the run's own directory
-            (`lightning_fairprune.logging.run_directory`: the logger's ``version_N``, or
-            ``<default_root_dir>/fairprune/version_N`` without a logger; a resumed run
-            continues its checkpoint's file). Written by global rank 0 only.
+            (`lightning_fairprune.logging.run_directory`; a resumed run continues its
+            checkpoint's file). Written by global rank 0 only.
         loss_fn: per-sample loss ``fn(logits, targets) -> Tensor[N]``; default cross-entropy.
         forward_fn: ``fn(model, inputs) -> logits``; default ``model(inputs)``.
-        log: send the scalars of each record to the trainer's loggers; also, on global rank
-            0, put `settings` into the W&B run config (``fairprune/monitor``) in ``setup`` and
-            the final numbers of `history` into the W&B run summary at the end of training.
-        name: distinguishes several monitors in one trainer (checkpoint state key, metric
-            keys ``fairprune-<name>/...``, history file ``fairprune_history-<name>.jsonl``,
-            ``"monitor"`` field of the records); two monitors of one trainer need distinct
-            names.
+        log: send the scalars of each record to the trainer's loggers; on global rank 0 also
+            `settings` to the run config in ``setup`` and the final numbers to the W&B summary.
+        name: distinguishes several monitors in one trainer (state key, metric keys
+            ``fairprune-<name>/...``, history file ``fairprune_history-<name>.jsonl``, the
+            records' ``"monitor"``); two monitors of one trainer need distinct names.
         gate_memory: FSDP2-sharded models only: bytes the frozen activation gates of the
-            finite-difference curvature (trace, λ_max, predicted excess loss) may take when
-            stored for the whole fairness data (default 1 GiB, the diagnostics'
-            ``GATE_MEMORY``); above it they are recomputed per chunk (the same numbers, one
-            more no-grad forward per chunk); ``None``: no limit.
+            finite-difference curvature may take (default 1 GiB); above it they are recomputed
+            per chunk (the same numbers); ``None``: no limit.
 
     Example:
         >>> monitor = FairnessMonitor(num_probes=0, max_batches=2)
@@ -260,8 +191,7 @@ class FairnessMonitor(Callback):
         gate_memory: int | None = GATE_MEMORY,
     ) -> None:
         super().__init__()
-        # the fairness-data path validates dataloader, num_groups, max_batches, group_fn, keys
-        self.data = FairnessData(
+        self.data = FairnessData(  # validates the data arguments and the group names
             dataloader,
             num_groups=num_groups,
             max_batches=max_batches,
@@ -269,79 +199,50 @@ class FairnessMonitor(Callback):
             input_key=input_key,
             target_key=target_key,
             group_key=group_key,
+            group_names=group_names,
         )
-        if type(self).split_batch is not FairnessMonitor.split_batch and group_fn is None:
-            self.data.group_fn = self._split_with_override  # a subclass parses batches itself
-        check_int(num_probes, "num_probes", 0)
-        check_int(lambda_max_iterations, "lambda_max_iterations", 0)
-        check_int(gate_memory, "gate_memory", 0, allow_none=True)
-        check_int(seed, "seed", 0)
+        self.options = MeasureOptions(  # what a measurement measures, validated
+            params=params,
+            num_probes=num_probes,
+            lambda_max_iterations=lambda_max_iterations,
+            gradient_norms=gradient_norms,
+            predict_excess_loss=predict_excess_loss,
+            seed=seed,
+            loss_fn=loss_fn,
+            forward_fn=forward_fn,
+            gate_memory=gate_memory,
+            pos_label=pos_label,
+            confidence=confidence,
+            min_group_size=min_group_size,
+            metrics=metrics,
+            metrics_input=metrics_input,
+        )
+        self._init_output(every_n_epochs, measure_end, history_path, log, name)
+        self._init_state()
+
+    def _init_output(
+        self,
+        every_n_epochs: int | str | None,
+        measure_end: bool,
+        history_path: str | os.PathLike[str] | None,
+        log: bool,
+        name: str | None,
+    ) -> None:
         if every_n_epochs != "auto":
             check_int(every_n_epochs, "every_n_epochs", 1, allow_none=True)
-        check_callable(loss_fn, "loss_fn")
-        check_callable(forward_fn, "forward_fn")
-        if pos_label is not None and pos_label not in (0, 1):
-            raise ValueError(f"Expected `pos_label` to be 0, 1 or None, but got {pos_label!r}")
-        self.pos_label = pos_label
-        self.confidence = check_real(
-            confidence, "confidence", low=0.0, high=1.0, low_open=True, high_open=True
-        )
-        self.min_group_size = check_int(min_group_size, "min_group_size", 1)
-        self.group_names = group_names
-        self._names = self._check_group_names(group_names)
-        self.metrics = self._check_metrics(metrics)
-        if metrics_input not in ("preds", "probs"):
-            raise ValueError(
-                f"Expected `metrics_input` to be 'preds' or 'probs', but got {metrics_input!r}"
-            )
-        self.metrics_input = metrics_input
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"Expected `name` to be a str or None, but got {name!r}")
-        if isinstance(params, str):
-            if params != "all":
-                raise ValueError(
-                    "Expected `params` to be None, 'all' or a sequence of parameter name "
-                    f"patterns, but got {params!r}"
-                )
-        elif params is not None:
-            if not isinstance(params, Sequence) or not all(isinstance(p, str) for p in params):
-                raise TypeError(
-                    "Expected `params` to be None, 'all' or a sequence of parameter name "
-                    f"patterns (str), but got {params!r}"
-                )
-            if len(params) == 0:
-                raise ValueError("Expected `params` to hold at least one pattern, but got []")
-        for arg, flag in (
-            ("gradient_norms", gradient_norms),
-            ("predict_excess_loss", predict_excess_loss),
-            ("measure_end", measure_end),
-            ("log", log),
-        ):
-            check_bool(flag, arg)
-
-        self.params = params if params is None or isinstance(params, str) else list(params)
-        self.num_probes = num_probes
-        self.lambda_max_iterations = lambda_max_iterations
-        self.gate_memory = gate_memory
-        self.gradient_norms = gradient_norms
-        self.predict_excess_loss = predict_excess_loss
-        self.seed = seed
         self.every_n_epochs = every_n_epochs
-        self.measure_end = measure_end
+        self.measure_end = check_bool(measure_end, "measure_end")
         self.history_path = None if history_path is None else Path(history_path)
-        self.loss_fn = loss_fn
-        self.forward_fn = forward_fn
         # Lightning replaces `callback.log` with the module's `log` method at fit start
         # (`_attach_model_logging_functions`): the flag lives in `_log_enabled`
-        self.log = log
-        self._log_enabled = log
-        self.name = name
+        self.log = self._log_enabled = check_bool(log, "log")
+        self.name = check_instance(name, "name", str, "a str or None")
 
+    def _init_state(self) -> None:
         self.history: list[dict[str, Any]] = []
+        self.groups: GroupSpec | None = None
+        self.param_names: list[str] | None = None
         self._dense: dict[str, Any] | None = None
-        self._num_classes: int | None = None
-        self._num_groups: int | None = self.data.num_groups
-        self._param_names: list[str] | None = None
         self._pre_round: dict[str, Tensor] | None = None
         self._file: HistoryFile | None = None
         self._warned_small = False
@@ -349,7 +250,7 @@ class FairnessMonitor(Callback):
 
     def _reset_fit_state(self) -> None:
         """Forget what belongs to one fit (the measurement cache, what was logged, said...)."""
-        self._cache: tuple[tuple[int, ...], dict[str, Any]] | None = None
+        self._cache: tuple[tuple[int, ...], Record] | None = None
         self._rounds_heard = 0  # pruning rounds announced: the weights changed
         self._logged: tuple[int, set[str]] = (-1, set())
         self._monitored: list[str] = []  # this monitor's keys that others read
@@ -359,128 +260,15 @@ class FairnessMonitor(Callback):
         self._fitting = False
         self._periodic_epoch: int | None = None
 
-    # ---------------------------------------------------------------- the data's arguments
     @property
-    def dataloader(self) -> Iterable[Any] | None:
-        """The ``dataloader`` argument."""
-        return self.data.dataloader
-
-    @dataloader.setter
-    def dataloader(self, value: Iterable[Any] | None) -> None:
-        if value is not None and not isinstance(value, Iterable):
-            raise TypeError(
-                f"Expected `dataloader` to be an iterable of batches (a DataLoader) or None, "
-                f"but got {type(value).__name__}"
-            )
-        self.data.dataloader = value
-        self.data.reset()
-
-    @property
-    def num_groups(self) -> int | None:
-        """The ``num_groups`` argument."""
-        return self.data.num_groups
-
-    @num_groups.setter
-    def num_groups(self, value: int | None) -> None:
-        self.data.num_groups = check_int(value, "num_groups", 1, allow_none=True)
-        self._num_groups = self.data.num_groups
-
-    @property
-    def max_batches(self) -> int | None:
-        """The ``max_batches`` argument."""
-        return self.data.max_batches
-
-    @max_batches.setter
-    def max_batches(self, value: int | None) -> None:
-        self.data.max_batches = check_int(value, "max_batches", 1, allow_none=True)
-
-    @property
-    def group_fn(self) -> BatchSplitter | None:
-        """The ``group_fn`` argument."""
-        fn = self.data.group_fn
-        return None if fn == self._split_with_override else fn
-
-    @property
-    def input_key(self) -> str:
-        """The ``input_key`` argument."""
-        return self.data.input_key
-
-    @property
-    def target_key(self) -> str:
-        """The ``target_key`` argument."""
-        return self.data.target_key
-
-    @property
-    def group_key(self) -> str | None:
-        """The ``group_key`` argument."""
-        return self.data.group_key
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
 
     @property
     def history_file(self) -> Path | None:
         """Where the history is written (known from ``setup`` on)."""
         return None if self._file is None else self._file.path
-
-    # ---------------------------------------------------------------- groups and metrics
-    def _check_group_names(self, names: Any) -> list[str] | None:
-        """Names known at construction (``None``: resolved when G is known)."""
-        from lightning_fairprune.diagnostics.groups import (
-            normalize_group_names,
-            product_group_names,
-        )
-
-        sizes = self.data.attribute_sizes
-        if sizes is not None and len(sizes) > 1:
-            keys = self.data.attribute_names
-            if names is None:
-                return product_group_names(sizes, keys)
-            if isinstance(names, Mapping) and all(k in names for k in keys):
-                return product_group_names(sizes, keys, [names[k] for k in keys])
-            return normalize_group_names(names, math.prod(sizes))
-        if names is None:
-            return None
-        if isinstance(names, str) or not isinstance(names, (Sequence, Mapping)):
-            raise TypeError(
-                "Expected `group_names` to be a list of names, a mapping id -> name, or (for "
-                f"intersectional groups) a mapping attribute -> value names, but got {names!r}"
-            )
-        count = self.data.num_groups
-        if count is None and isinstance(names, Sequence):
-            count = len(names)
-        if count is not None:
-            return normalize_group_names(names, count)
-        return None  # a mapping without `num_groups`: checked once G is known
-
-    def _check_metrics(self, metrics: Any) -> dict[str, Any]:
-        if metrics is None:
-            return {}
-        if not isinstance(metrics, Mapping) or not all(isinstance(k, str) for k in metrics):
-            raise TypeError(
-                "Expected `metrics` to be a mapping name -> torchmetrics Metric, but got "
-                f"{type(metrics).__name__}"
-            )
-        for name, metric in metrics.items():
-            if not (callable(getattr(metric, "update", None)) and callable(metric.compute)):
-                raise TypeError(
-                    f"Expected `metrics[{name!r}]` to be a torchmetrics Metric (with update and "
-                    f"compute), but got {type(metric).__name__}"
-                )
-        return dict(metrics)
-
-    def resolved_group_names(self) -> list[str] | None:
-        """The group names in use (known once the number of groups is)."""
-        from lightning_fairprune.diagnostics.groups import normalize_group_names
-
-        if self._num_groups is None:
-            return self._names
-        if self._names is None or len(self._names) != self._num_groups:
-            self._names = normalize_group_names(self.group_names, self._num_groups)
-        return self._names
-
-    # ---------------------------------------------------------------- state
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
 
     @property
     def dense_reference(self) -> dict[str, Any] | None:
@@ -489,12 +277,13 @@ class FairnessMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        groups = self.groups
         return {
             "history": to_plain(self.history),
             "dense": to_plain(self._dense),
-            "num_classes": self._num_classes,
-            "num_groups": self._num_groups,
-            "param_names": None if self._param_names is None else list(self._param_names),
+            "num_classes": None if groups is None else groups.num_classes,
+            "num_groups": self.data.num_groups if groups is None else groups.num_groups,
+            "param_names": None if self.param_names is None else list(self.param_names),
             "history_file": None if self._file is None else str(self._file.path),
         }
 
@@ -506,24 +295,25 @@ class FairnessMonitor(Callback):
                 f"{type(state_dict).__name__} with keys "
                 f"{sorted(state_dict) if isinstance(state_dict, Mapping) else None}"
             )
-        saved_groups = state_dict.get("num_groups")
-        if self.num_groups is not None and saved_groups not in (None, self.num_groups):
+        given, saved = self.data.num_groups, state_dict.get("num_groups")
+        if given is not None and saved not in (None, given):
             raise ValueError(
-                f"Expected the checkpoint's FairnessMonitor `num_groups` to equal "
-                f"{self.num_groups}, but got {saved_groups}"
+                f"Expected the checkpoint's FairnessMonitor `num_groups` to equal {given}, but "
+                f"got {saved}"
             )
         self.history = [dict(r) for r in state_dict["history"]]
         dense = state_dict.get("dense")
         self._dense = None if dense is None else dict(dense)
-        self._num_classes = state_dict.get("num_classes")
-        self._num_groups = saved_groups if saved_groups is not None else self.num_groups
-        names = state_dict.get("param_names")
-        self._param_names = None if names is None else list(names)
+        count = saved if saved is not None else given
+        classes = state_dict.get("num_classes")
+        names = None if count is None else tuple(self.data.names_for(count))
+        self.groups = None if count is None else GroupSpec(count, classes, names)
+        params = state_dict.get("param_names")
+        self.param_names = None if params is None else list(params)
         if self._file is not None:
             self._file.synced = False
             self._file.continue_file(state_dict.get("history_file"))  # the same run goes on
 
-    # ---------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_distinct_prefixes(
@@ -537,11 +327,9 @@ class FairnessMonitor(Callback):
         self.data.reset()
         self._warned_small = False
         self._reset_fit_state()
-        if self._log_enabled and bool(getattr(trainer, "is_global_zero", True)):
-            fp_logging.log_config(trainer, self._config_name(), self.settings())
-
-    def _config_name(self) -> str:
-        return "monitor" if self.name is None else f"monitor-{self.name}"
+        if self._log_enabled and fp_logging.is_global_zero(trainer):
+            section = "monitor" if self.name is None else f"monitor-{self.name}"
+            fp_logging.log_config(trainer, section, self.settings())
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -555,8 +343,7 @@ class FairnessMonitor(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fitting = False
-        self._cache = None
+        self._fitting, self._cache = False, None
 
     def check_metrics(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> None:
         """Run the ``metrics=`` once over the fairness data, before any training.
@@ -564,44 +351,27 @@ class FairnessMonitor(Callback):
         Raises:
             ValueError: naming the metric and the group whose samples it raised on.
         """
-        if not self.metrics:
+        if not self.options.metrics:
             return
         with isolated(pl_module, mode="eval"), precision_context(trainer):
             batches = self._batches(trainer, pl_module)  # type: ignore[arg-type]
-            _, num_groups = self._resolve_sizes(pl_module, batches, classes=False)
-            self._user_metrics(trainer, pl_module, batches, num_groups)
+            groups = self._groups(pl_module, batches)
+            self.options.user_metrics(pl_module, batches, groups, sum_across_processes(trainer))
         self.data.reset()
 
     def check_data(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> None:
-        """Validate the whole fairness data before any training.
+        """Validate the whole fairness data before any training and resolve `groups`.
 
-        Checks that the loader exists and is not empty on any process, that ``num_groups`` is
-        given when the batches carry groups, and that batches *without* a group column are not
-        silently measured as class groups when ``num_groups`` (a protected attribute) was
-        given with a count other than the number of classes; learns the number of classes from
-        the logits of the first batch. Then `FairnessData.scan` checks every batch (at most
-        ``max_batches``, this process's share): targets and groups are integer ids of one per
-        sample within the number of groups, inputs are finite (errors name the batch index, the
-        offending ids or the groups of the non-finite samples), and groups with no sample are
-        reported; every process reaches the same verdict.
+        See `FairnessData.check`.
 
         Raises:
-            ValueError: naming what is wrong.
+            ValueError: naming what is wrong, on every process.
         """
-        error: ValueError | None = None
-        try:  # the first batch (one forward): sizes, and groups present when num_groups given
-            with isolated(pl_module, mode="eval"), precision_context(trainer):
-                batches = self._batches(trainer, pl_module)  # type: ignore[arg-type]
-                self._num_classes = None
-                self._resolve_sizes(pl_module, batches)
-            self.data.check_group_column(batches.groups_from_batch, self._num_classes)
-        except ValueError as err:
-            error = err
-        agree(trainer, pl_module, error, "FairnessMonitor")  # every process raises, or none
-        # every batch, not only the first: ids, non-finite inputs, empty groups (forward-free)
-        self.data.scan(trainer, pl_module, num_groups=self._num_groups, owner="FairnessMonitor")
-        self.resolved_group_names()
-        self.data.reset()  # the loader is resolved again at the first measurement
+        count = None if self.groups is None else self.groups.num_groups
+        forward_fn = self.options.forward_fn
+        self.groups = self.data.check(
+            trainer, pl_module, "FairnessMonitor", forward_fn=forward_fn, num_groups=count
+        )
 
     def settings(self) -> dict[str, Any]:
         """The constructor settings as plain JSON values (callables by qualified name).
@@ -612,31 +382,11 @@ class FairnessMonitor(Callback):
             (2, ['fc.*'], None, None)
         """
         return {
-            "dataloader": qualified_name(self.dataloader),
-            "num_groups": self.num_groups,
-            "max_batches": self.max_batches,
-            "group_fn": qualified_name(self.group_fn),
-            "input_key": self.input_key,
-            "target_key": self.target_key,
-            "group_key": self.group_key,
-            "params": to_plain(self.params),
-            "num_probes": self.num_probes,
-            "lambda_max_iterations": self.lambda_max_iterations,
-            "gate_memory": self.gate_memory,
-            "gradient_norms": self.gradient_norms,
-            "predict_excess_loss": self.predict_excess_loss,
-            "seed": self.seed,
+            **self.data.settings(),
+            **self.options.settings(),
             "every_n_epochs": self.every_n_epochs,
             "measure_end": self.measure_end,
-            "group_names": to_plain(self.group_names),
-            "pos_label": self.pos_label,
-            "confidence": self.confidence,
-            "min_group_size": self.min_group_size,
-            "metrics": sorted(self.metrics),
-            "metrics_input": self.metrics_input,
             "history_path": None if self.history_path is None else str(self.history_path),
-            "loss_fn": qualified_name(self.loss_fn),
-            "forward_fn": qualified_name(self.forward_fn),
             "log": self._log_enabled,
             "name": self.name,
         }
@@ -679,12 +429,8 @@ class FairnessMonitor(Callback):
             self._pre_round = None
 
     def _periodic_due(self, trainer: pl.Trainer) -> bool:
-        every = self.every_n_epochs
-        return (
-            isinstance(every, int)
-            and (trainer.current_epoch + 1) % every == 0
-            and self._periodic_epoch != trainer.current_epoch
-        )
+        epoch, every = trainer.current_epoch, self.every_n_epochs
+        return isinstance(every, int) and (epoch + 1) % every == 0 and self._periodic_epoch != epoch
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -715,10 +461,9 @@ class FairnessMonitor(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.measure_end:
             self.measure(trainer, pl_module, "end")
-        if self._log_enabled and bool(getattr(trainer, "is_global_zero", True)):
+        if self._log_enabled and fp_logging.is_global_zero(trainer):
             fp_logging.log_summary(trainer, self.history)
 
-    # ---------------------------------------------------------------- measurement
     def measure(
         self,
         trainer: pl.Trainer,
@@ -734,11 +479,11 @@ class FairnessMonitor(Callback):
         Args:
             trainer: the running trainer.
             pl_module: the module being trained.
-            moment: one of `MOMENTS`.
+            moment: one of `lightning_fairprune.records.MOMENTS`.
             event: the pruning event of the round, for the pruning moments.
 
         Returns:
-            The new history record.
+            The new history record (`lightning_fairprune.records.Record.to_dict`).
 
         Example:
             >>> _ = torch.manual_seed(0)
@@ -751,32 +496,31 @@ class FairnessMonitor(Callback):
             >>> len(record["hessian_trace"]), record["excess_loss"]
             (3, [0.0, 0.0, 0.0])
         """
-        if moment not in MOMENTS:
-            raise ValueError(f"Expected `moment` to be one of {MOMENTS}, but got {moment!r}")
+        check_choice(moment, "moment", MOMENTS)
         key = self._weights_key(trainer, pl_module)
         if key is not None and self._cache is not None and self._cache[0] == key:
-            record = restamp(  # the same weights at the same step: not measured again
-                self._cache[1],
-                moment=moment,
-                round_index=self._round(trainer, moment, event),
-                epoch=int(trainer.current_epoch),
-                sparsity=self._sparsity(trainer, pl_module, moment, event),
-                dense=self._dense,
-            )
+            # the same weights at the same step: not measured again
+            record = restamp(self._cache[1], self._context(trainer, pl_module, moment, event))
         else:
             with isolated(pl_module, mode="eval"), precision_context(trainer):
                 record = self._measure(trainer, pl_module, moment, event)
         self._cache = None if key is None else (key, record)
-        self.history.append(record)
+        values = record.to_dict()
+        self.history.append(values)
         if moment == "dense":
             self._dense = dense_reference(record)
         self._write(trainer)
-        self._warn_small_groups(record)
-        self._say_parity(record)
-        self._publish(trainer, record)
+        note = self.options.small_groups_note(values)
+        if note is not None and not self._warned_small:
+            self._warned_small = True
+            warnings.warn(note, UserWarning, stacklevel=2)
+        if values["groups_are_classes"] and values["fairness"] and not self._said_parity:
+            self._said_parity = True
+            rank_zero_info(PARITY_NOTE)
+        self._publish(trainer, values)
         if self._log_enabled:
-            self._log(trainer, record)
-        return record
+            self._log(trainer, values)
+        return values
 
     def _weights_key(self, trainer: pl.Trainer, model: nn.Module) -> tuple[int, ...] | None:
         """What identifies the measured weights within a fit (``None`` outside a fit)."""
@@ -786,43 +530,27 @@ class FairnessMonitor(Callback):
         batches = getattr(getattr(getattr(loop, "batch_progress", None), "total", None), "ready", 0)
         return (id(model), int(trainer.global_step), int(batches), self._rounds_heard)
 
-    def _say_parity(self, record: Mapping[str, Any]) -> None:
-        if record.get("groups_are_classes") and record.get("fairness") and not self._said_parity:
-            self._said_parity = True
-            rank_zero_info(PARITY_NOTE)
-
-    def _warn_small_groups(self, record: Mapping[str, Any]) -> None:
-        small = record.get("small_groups") or []
-        if small and not self._warned_small:
-            self._warned_small = True
-            names = record.get("group_names") or []
-            shown = [names[g] if g < len(names) else g for g in small]
-            sizes = [record["support"][g] for g in small]
-            warnings.warn(
-                f"FairnessMonitor: group(s) {shown} have fewer than {self.min_group_size} "
-                f"samples ({sizes}) in the fairness data; one sample moves their rates by "
-                f"more than {100 / self.min_group_size:.1f} points. Read their numbers with "
-                "their Wilson intervals (`<rate>_ci` in the records, `_lower`/`_upper` keys).",
-                UserWarning,
-                stacklevel=3,
-            )
-
     def _publish(self, trainer: pl.Trainer, record: Mapping[str, Any]) -> None:
-        """Put the record's `callback_scalars` into ``trainer.callback_metrics``.
+        """Put the record's `records.callback_scalars` into ``trainer.callback_metrics``.
 
-        ``ModelCheckpoint(monitor=...)`` and ``EarlyStopping`` read them from there. Every
-        record updates the plain keys (``fairprune/worst_group_accuracy``...), so they always
-        describe the latest measured model (NaN where it has no value); the same values are
-        also kept under ``fairprune/<moment>/...`` for the dense and after-round records, and
-        the headline ones under ``fairprune/at_target/...`` (NaN before the target sparsity).
+        ``ModelCheckpoint(monitor=...)`` and ``EarlyStopping`` read them there (NaN where the
+        latest measured model has no value; ``fairprune/at_target/...`` NaN before the target).
         """
         metrics = getattr(trainer, "callback_metrics", None)
         if not isinstance(metrics, dict):
             return
         at_target = schedule_complete(trainer)
-        for key, value in fp_logging.callback_scalars(record, at_target=at_target).items():
+        for key, value in callback_scalars(record, at_target=at_target).items():
             metrics[key] = torch.tensor(value, dtype=torch.float32)
         self._published = True
+
+    def _groups(self, model: nn.Module, batches: FairnessBatches) -> GroupSpec:
+        """The groups: resolved at fit start, else now (no forward when G is known)."""
+        if self.groups is not None:
+            return self.groups
+        return self.data.resolve_groups(
+            model, batches, "FairnessMonitor", forward_fn=self.options.forward_fn, classes=False
+        )
 
     def _measure(
         self,
@@ -830,87 +558,43 @@ class FairnessMonitor(Callback):
         model: pl.LightningModule,
         moment: str,
         event: PruningEvent | None,
-    ) -> dict[str, Any]:
+    ) -> Record:
         batches = self._batches(trainer, model)
-        num_classes, num_groups = self._resolve_sizes(model, batches, classes=False)
-        names = self._resolve_param_names(trainer, model)
-        named = dict(model.named_parameters())
-        pre = self._pre_round if moment == "after_round" and self.predict_excess_loss else None
-        label = "FairnessMonitor" if self.name is None else f"FairnessMonitor[{self.name}]"
-        with track(batches, desc=f"{label}: {moment}", enabled=progress_enabled(trainer)) as it:
-            measurement = measure_groups(  # plain or FSDP2-sharded parameters alike
-                model,
-                it,
-                num_groups,
-                num_classes,
-                params={n: named[n] for n in names},
-                num_probes=self.num_probes,
-                lambda_max_iterations=self.lambda_max_iterations,
-                pre=pre,
-                seed=self.seed,
-                loss_fn=self.loss_fn,
-                forward_fn=self.forward_fn,
-                reduce_fn=self._reduce_fn(trainer),
-                gradients=self.gradient_norms,
-                finite_difference=FiniteDifference(gate_memory=self.gate_memory),
-            )
-            metrics = self._user_metrics(trainer, model, it, num_groups) if self.metrics else None
-        predicted = measurement.predicted_excess_loss
-        self._num_classes = int(measurement.support.shape[1])  # from the measurement's logits
-        record = make_record(
-            measurement,
+        record, self.groups = self.options.measure(
+            model,
+            batches,
+            self._groups(model, batches),
+            self._context(trainer, model, moment, event),
+            params=self._parameter_names(trainer, model),
+            pre=self._pre_round if moment == "after_round" else None,
+            reduce_fn=sum_across_processes(trainer),
+            progress=progress_enabled(trainer),
+        )
+        return record
+
+    def _context(
+        self, trainer: pl.Trainer, model: nn.Module, moment: str, event: PruningEvent | None
+    ) -> RecordContext:
+        """Where a measurement belongs (moment, round, step, sparsity, dense reference)."""
+        return RecordContext(
             moment=moment,
             round_index=self._round(trainer, moment, event),
             epoch=int(trainer.current_epoch),
             global_step=int(trainer.global_step),
             sparsity=self._sparsity(trainer, model, moment, event),
-            num_groups=num_groups,
-            predicted=predicted,
             dense=self._dense,
             monitor=self.name,
-            group_names=self.resolved_group_names(),
-            groups_are_classes=not batches.groups_from_batch,
-            pos_label=self.pos_label,
-            confidence=self.confidence,
-            min_group_size=self.min_group_size,
+            event=event,
         )
-        record["metrics"] = metrics
-        return record
-
-    def _user_metrics(
-        self,
-        trainer: pl.Trainer | None,
-        model: nn.Module,
-        batches: FairnessBatches,
-        num_groups: int,
-    ) -> dict[str, list[Any]]:
-        """The ``metrics=`` per group (`diagnostics.user_metrics.user_metric_values`)."""
-        from lightning_fairprune.diagnostics.user_metrics import user_metric_values
-
-        values = user_metric_values(
-            model,
-            batches,
-            self.metrics,
-            num_groups,
-            forward_fn=self.forward_fn,
-            metrics_input=self.metrics_input,
-            pos_label=self.pos_label,
-            group_names=self.resolved_group_names(),
-            reduce_fn=self._reduce_fn(trainer),  # type: ignore[arg-type]
-        )
-        return {name: to_plain(value) for name, value in values.items()}
 
     def _snapshot(self, model: nn.Module) -> None:
         """Keep θ_pre of the measured parameters for the predicted excessive loss."""
-        if not self.predict_excess_loss or self._param_names is None:
+        if not self.options.predict_excess_loss or self.param_names is None:
             self._pre_round = None
             return
-        from lightning_fairprune.distributed import local_tensor
-
         named = dict(model.named_parameters())  # FSDP2: the local shards
-        self._pre_round = {n: local_tensor(named[n]).detach().clone() for n in self._param_names}
+        self._pre_round = {n: local_tensor(named[n]).detach().clone() for n in self.param_names}
 
-    # ---------------------------------------------------------------- record
     def _round(self, trainer: pl.Trainer, moment: str, event: PruningEvent | None) -> int:
         if event is not None:
             return int(event.round_index) + (1 if moment == "after_round" else 0)
@@ -922,116 +606,32 @@ class FairnessMonitor(Callback):
     def _sparsity(
         self, trainer: pl.Trainer, model: nn.Module, moment: str, event: PruningEvent | None
     ) -> float:
-        if event is not None:
-            if moment == "after_round" and event.realized_sparsity is not None:
-                return float(event.realized_sparsity)
-            if moment in ("dense", "before_round"):
-                return float(event.previous_sparsity)
+        before = moment in ("dense", "before_round")
+        if event is not None and (before or event.realized_sparsity is not None):
+            return float(event.previous_sparsity if before else event.realized_sparsity)
         pruner = find_pruner(trainer)
         if pruner is not None:
             return float(pruner.current_sparsity)
-        names = self._param_names or _default_weight_names(model)
         named = dict(model.named_parameters())
-        zeros = sum(int((named[n] == 0).sum()) for n in names if n in named)
-        total = sum(named[n].numel() for n in names if n in named)
-        return zeros / total if total else 0.0
-
-    # ---------------------------------------------------------------- data
-    def split_batch(self, batch: Any) -> tuple[Any, Tensor, Tensor | None]:
-        """Return ``(inputs, targets, groups)`` of a batch; ``groups`` None means the classes.
-
-        Override this (or pass ``group_fn``) for other batch structures.
-
-        Args:
-            batch: one batch of the fairness dataloader.
-
-        Example:
-            >>> m = FairnessMonitor(num_groups=2)
-            >>> x, y, g = m.split_batch({"x": torch.zeros(2, 3), "y": torch.tensor([0, 1]),
-            ...                          "group": torch.tensor([1, 1])})
-            >>> g.tolist()
-            [1, 1]
-            >>> m.split_batch((torch.zeros(2, 3), torch.tensor([0, 1])))[2] is None
-            True
-        """
-        return self.data.split_batch(
-            batch, use_group_fn=self.data.group_fn != self._split_with_override
-        )
-
-    def _split_with_override(self, batch: Any) -> tuple[Any, Tensor, Tensor | None]:
-        return self.split_batch(batch)
+        kept = [named[n] for n in self.param_names or default_weight_names(model) if n in named]
+        total = sum(p.numel() for p in kept)
+        return sum(int((p == 0).sum()) for p in kept) / total if total else 0.0
 
     def _batches(self, trainer: pl.Trainer, model: pl.LightningModule) -> FairnessBatches:
-        return self.data.batches(trainer, model, num_groups=self._num_groups)
+        return self.data.batches(
+            trainer, model, num_groups=getattr(self.groups, "num_groups", None)
+        )
 
-    def _resolve_sizes(
-        self, model: nn.Module, batches: FairnessBatches, *, classes: bool = True
-    ) -> tuple[int | None, int]:
-        """(number of classes, number of groups); a forward pass only when it must.
-
-        With ``num_groups`` known and ``classes=False`` the number of classes stays ``None``:
-        the measurement pass reads it from the logits. Otherwise (groups = classes, G not
-        known yet) one batch's logits give it, once per fit (at fit start, `check_data`).
-        """
-        if self._num_groups is not None and (self._num_classes is not None or not classes):
-            return self._num_classes, self._num_groups
-        x, _, _ = batches.first()
-        with torch.no_grad():
-            logits = model(x) if self.forward_fn is None else self.forward_fn(model, x)
-        if not isinstance(logits, Tensor) or logits.ndim != 2:
-            raise ValueError(
-                "Expected the model (or `forward_fn`) to return logits of shape (N, C), but got "
-                f"{getattr(logits, 'shape', type(logits).__name__)}"
-            )
-        self._num_classes = int(logits.shape[1])
-        if self._num_groups is None:
-            if batches.groups_from_batch:
-                raise ValueError(
-                    "Expected `num_groups` to be given when the batches carry group ids "
-                    "(a protected attribute), but got None"
-                )
-            self._num_groups = self._num_classes
-        return self._num_classes, self._num_groups
-
-    def _resolve_param_names(self, trainer: pl.Trainer, model: nn.Module) -> list[str]:
-        if self._param_names is not None:
-            return self._param_names
-        named = dict(model.named_parameters())
-        if self.params == "all":
-            names = [n for n, p in named.items() if p.requires_grad]
-        elif self.params is not None:
-            names = [
-                n
-                for n, p in named.items()
-                if p.requires_grad and any(fnmatch.fnmatchcase(n, pat) for pat in self.params)
-            ]
-        else:
+    def _parameter_names(self, trainer: pl.Trainer, model: nn.Module) -> list[str]:
+        """The measured parameters, resolved once (by default the pruner's, else Conv/Linear)."""
+        if self.param_names is None:
             pruner = find_pruner(trainer)
-            found = list(pruner.parameter_names) if pruner is not None else None
-            names = found or _default_weight_names(model)
-            names = [n for n in names if n in named and named[n].requires_grad]
-        if not names:
-            raise ValueError(
-                f"Expected `params` {self.params!r} to select at least one trainable parameter "
-                f"of {type(model).__name__}, but it selected none"
-            )
-        self._param_names = names
-        return names
+            pruned = None if pruner is None else list(pruner.parameter_names)
+            self.param_names = self.options.parameter_names(model, pruned)
+        return self.param_names
 
-    @staticmethod
-    def _reduce_fn(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
-        if int(getattr(trainer, "world_size", 1)) <= 1:
-            return None
-        strategy = trainer.strategy
-
-        def reduce_sum(tensor: Tensor) -> Tensor:
-            return strategy.reduce(tensor, reduce_op="sum")
-
-        return reduce_sum
-
-    # ---------------------------------------------------------------- output
     def _write(self, trainer: pl.Trainer) -> None:
-        if bool(getattr(trainer, "is_global_zero", True)) and self._file is not None:
+        if fp_logging.is_global_zero(trainer) and self._file is not None:
             self._file.write(self.history)
 
     def _log(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:

@@ -1011,7 +1011,7 @@ class IterativePruning(Callback):
             num_groups = data.num_groups
             if num_groups is None or dry_run:  # the classes: from the logits of one batch
                 owner = f"criterion={self._criterion_name!r}"
-                num_groups, _ = data.resolve_groups(pl_module, batches, owner)
+                num_groups = data.resolve_groups(pl_module, batches, owner).num_groups
             if dry_run:
                 batches = [batches.first()]
             stats = group_statistics(

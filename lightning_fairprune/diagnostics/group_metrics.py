@@ -52,15 +52,15 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_fairprune.checks import check_pos_label, check_real
 from lightning_fairprune.diagnostics.counts import check_confusion
-from lightning_fairprune.diagnostics.groups import group_slugs, normalize_group_names
 from lightning_fairprune.diagnostics.recall import (
     _check_count,
     _check_labels,
@@ -93,12 +93,7 @@ INTENSIFICATION_MIN_ABS_REF = 0.02
 
 
 def _check_confidence(confidence: float) -> None:
-    if (
-        isinstance(confidence, bool)
-        or not isinstance(confidence, (int, float))
-        or not 0.0 < float(confidence) < 1.0
-    ):
-        raise ValueError(f"Expected `confidence` to be a float in (0, 1), but got {confidence!r}")
+    check_real(confidence, "confidence", low=0.0, high=1.0, low_open=True, high_open=True)
 
 
 def wilson_interval(
@@ -278,70 +273,6 @@ class GroupMetrics:
                 out[name] = r
         return out
 
-    def to_scalars(
-        self,
-        group_names: Sequence[str] | Mapping[int, str] | None = None,
-        prefix: str = "fairprune",
-        intervals: bool = True,
-        include_absent: bool = False,
-    ) -> dict[str, float]:
-        """Flat ``{key: float}`` for ``log_dict``: ``<prefix>/<metric>/<group slug>`` and summaries.
-
-        Keys: ``<prefix>/<summary name>`` for every summary; per group,
-        ``<prefix>/<rate>/<slug>`` with ``<prefix>/<rate>_lower/<slug>`` and
-        ``<prefix>/<rate>_upper/<slug>`` (when ``intervals``) for accuracy (and tpr, fpr,
-        selection_rate when binary), and ``<prefix>/count/<slug>``. Absent groups are left out
-        unless ``include_absent`` (their values are NaN).
-
-        Args:
-            group_names: names (see `normalize_group_names`); default ``g0, g1, ...``.
-            prefix: key prefix ("" for none).
-            intervals: include the Wilson bounds.
-            include_absent: include absent groups (NaN values).
-
-        Returns:
-            The flat dict of Python floats.
-        """
-        names = normalize_group_names(group_names, self.count.numel())
-        slugs = group_slugs(names)
-        pre = f"{prefix}/" if prefix else ""
-        out = {f"{pre}{k}": float(v) for k, v in self.summary.items()}
-        for g, slug in enumerate(slugs):
-            if not include_absent and not bool(self.present[g]):
-                continue
-            out[f"{pre}count/{slug}"] = float(self.count[g])
-            for name, r in self.rates().items():
-                out[f"{pre}{name}/{slug}"] = float(r.value[g])
-                if intervals:
-                    out[f"{pre}{name}_lower/{slug}"] = float(r.lower[g])
-                    out[f"{pre}{name}_upper/{slug}"] = float(r.upper[g])
-        return out
-
-    def rows(
-        self, group_names: Sequence[str] | Mapping[int, str] | None = None
-    ) -> list[dict[str, Any]]:
-        """One plain-value row per group for tables, plots and the history.
-
-        Each row: ``group`` (name), ``group_id``, ``count``, ``present``, ``small``, and for
-        each rate ``<rate>``, ``<rate>_lower``, ``<rate>_upper``.
-        """
-        names = normalize_group_names(group_names, self.count.numel())
-        rows = []
-        for g, name in enumerate(names):
-            row: dict[str, Any] = {
-                "group": name,
-                "group_id": g,
-                "count": int(self.count[g]),
-                "present": bool(self.present[g]),
-                "small": bool(self.small[g]),
-            }
-            for rname, r in self.rates().items():
-                row[rname] = float(r.value[g])
-                row[f"{rname}_lower"] = float(r.lower[g])
-                row[f"{rname}_upper"] = float(r.upper[g])
-            rows.append(row)
-        return rows
-
 
 def group_metrics(
     confusion: Tensor,
@@ -383,8 +314,8 @@ def group_metrics(
     conf = confusion.to(torch.int64)
     _, num_classes, _ = conf.shape
     binary = num_classes == 2 and pos_label is not None
-    if binary and pos_label not in (0, 1):
-        raise ValueError(f"Expected `pos_label` to be 0, 1 or None, but got {pos_label!r}")
+    if binary:
+        check_pos_label(pos_label)
     zd = float(zero_division)
 
     count = conf.sum(dim=(1, 2))

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_fairprune.diagnostics.group_metrics import PerGroupMetric, normalize_group_names
+from lightning_fairprune.diagnostics.group_metrics import PerGroupMetric
+from lightning_fairprune.diagnostics.groups import normalize_group_names
 
 __all__ = ["metric_inputs", "user_metric_values"]
 
