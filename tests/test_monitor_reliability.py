@@ -31,17 +31,19 @@ PRUNER_KEYS = ("fairprune/sparsity", "fairprune/target_sparsity", "fairprune/rou
 
 @pytest.fixture
 def lightning_caplog(caplog):
-    """`caplog` that also sees Lightning's `rank_zero_info` (its logger may not propagate to the
-    root logger, depending on what configured logging earlier in the session)."""
+    """`caplog` that sees Lightning's `rank_zero_info` whatever configured logging earlier in the
+    session (Lightning's logger may not propagate; an in-process example sets it to WARNING)."""
     logger = logging.getLogger("lightning.pytorch")
-    propagate = logger.propagate
+    propagate, level = logger.propagate, logger.level
     logger.addHandler(caplog.handler)
     logger.propagate = False  # each record reaches caplog once
+    logger.setLevel(logging.INFO)  # an in-process example may have quietened it
     try:
         yield caplog
     finally:
         logger.removeHandler(caplog.handler)
         logger.propagate = propagate
+        logger.setLevel(level)
 
 
 class CaptureLogger(Logger):
