@@ -29,9 +29,11 @@ measured before round 0, held-out statistics with ``heldout=True``).
   start, then the same total number of steps; losses `ONESHOT` only);
 * timing ``throughout`` (README: the loss on every step of the fit; adaptive multipliers start
   at step 0; a loss that needs a reference starts once it has one) or ``final`` (the issue-11
-  benchmark: plain cross-entropy through the rounds, the loss from the last round on, as
-  ``GroupEqualizer(start_after_pruning=True, warmup_steps=9 * 50)``; the Balancing Act paper's
-  ``apply_mitigation_while_pruning=False``); ``oneshot`` is run ``throughout`` only;
+  benchmark: plain cross-entropy through the rounds, the loss and its dual steps from the last
+  round on; the Balancing Act paper's ``apply_mitigation_while_pruning=False``;
+  ``GroupEqualizer(start_after_pruning=True, warmup_steps=9 * 50)`` does the same plus one dual
+  step on the last pre-round batch, tests/test_compare_fair_criteria.py checks both timings
+  against `Trainer.fit`); ``oneshot`` is run ``throughout`` only;
 * loss (`LOSSES`; hyper-parameters fixed before the first run, not tuned): ``plain``
   cross-entropy; ``weighted`` `GroupWeightedLoss` (inverse-frequency group weights of the
   training split: README's recommendation before this study); ``gel01`` / ``gel10``
@@ -535,6 +537,37 @@ def train_dense(model: nn.Module, data: dict, epochs: int, gen: torch.Generator)
     model.eval()
 
 
+def heldout_batches(data: dict) -> dict:
+    """The data a `Driver` reads: the whole training split, or the held-out split."""
+    return {
+        "train": [(data["x_tr"], data["y_tr"], data["g_tr"])],
+        "heldout": [(data["x_va"], data["y_va"], data["g_va"])],
+    }
+
+
+def fit_throughout(dense, data, spec, plan, until, seed, hook=None):
+    """README's recipe: a fit of the dense model with the loss on every step; (state, loss)."""
+    model = copy.deepcopy(dense)
+    gen = torch.Generator().manual_seed(seed * 7919 + 1)
+    st = FitState(model, adam(model), None, gen, torch.randperm(len(data["y_tr"]), generator=gen),
+                  0, 0)  # fmt: skip
+    loss = make_loss(spec, data)
+    driver = None if loss is None else Driver(loss, spec, 0, heldout_batches(data))
+    run_steps(st, data, until, plan, loss, driver, hook)
+    return st, loss
+
+
+def fit_final(trunk: Trunk, dense, data, spec, until):
+    """The issue-11 timing: the plain trunk's state at its last round, then the loss."""
+    st = restore(trunk.state, dense)
+    loss = make_loss(spec, data)
+    driver = Driver(loss, spec, st.step, heldout_batches(data))
+    driver.reference(st.model, trunk.ref["heldout" if spec.heldout else "train"])
+    driver.update(st.step)
+    run_steps(st, data, until, [], loss, driver)
+    return st, loss
+
+
 def run_seed(dataset: str, seed: int, cfg: dict) -> dict:
     """Every arm of one dataset and seed (one dense model, paired data order)."""
     torch.manual_seed(seed)
@@ -545,10 +578,7 @@ def run_seed(dataset: str, seed: int, cfg: dict) -> dict:
     dense_record = {"accuracy": dense_eval["acc"], "group_accuracy": dense_eval["group_acc"]}
     n_tr = len(data["y_tr"])
     spe = math.ceil(n_tr / BATCH)
-    batches = {
-        "train": [(data["x_tr"], data["y_tr"], data["g_tr"])],
-        "heldout": [(data["x_va"], data["y_va"], data["g_va"])],
-    }
+    batches = heldout_batches(data)
     chance = float(torch.bincount(data["y_te"]).max()) / len(data["y_te"])
     out = {
         "dataset": dataset,
@@ -563,12 +593,6 @@ def run_seed(dataset: str, seed: int, cfg: dict) -> dict:
         "records": [],
     }
     losses = cfg["losses"]
-
-    def start_state() -> FitState:
-        model = copy.deepcopy(dense)
-        opt = adam(model)
-        gen = torch.Generator().manual_seed(seed * 7919 + 1)
-        return FitState(model, opt, None, gen, torch.randperm(n_tr, generator=gen), 0, 0)
 
     def record(st: FitState, sched: str, timing: str, name: str, s: float, loss) -> None:
         ev = evaluate(st.model, data)
@@ -590,20 +614,13 @@ def run_seed(dataset: str, seed: int, cfg: dict) -> dict:
                 if sched == "oneshot" and name not in cfg["oneshot_losses"]:
                     continue
                 spec = LOSSES[name]
-                loss = make_loss(spec, data)
                 if timing == "throughout":
-                    st = start_state()
-                    driver = None if loss is None else Driver(loss, spec, 0, batches)
                     hook = trunk if name == "plain" and sched == "rounds" else None
-                    run_steps(st, data, until, plan, loss, driver, hook)
+                    st, loss = fit_throughout(dense, data, spec, plan, until, seed, hook)
                 elif name == "plain":  # final/plain is throughout/plain
                     continue
                 else:  # final: branch off the plain trunk at its last round
-                    st = restore(trunk.state, dense)
-                    driver = Driver(loss, spec, last, batches)
-                    driver.reference(st.model, trunk.ref["heldout" if spec.heldout else "train"])
-                    driver.update(st.step)
-                    run_steps(st, data, until, [], loss, driver)
+                    st, loss = fit_final(trunk, dense, data, spec, until)
                 record(st, sched, timing, name, s, loss)
     return out
 
