@@ -69,19 +69,24 @@ gap of Hashemizadeh et al. (ICLR 2024), ``max_a [(A_dense_a − A_a) − (A_dens
 the seed's dense model (`lightning_fairprune.compare.max_excess_accuracy_gap`; lower is
 better).
 
-**Analysis.** Per dataset, accuracy levels = the median over seeds of the accuracy of
-``rounds/throughout/plain`` at s = 0.9 and 0.95. A run's curve = its (sparsity, accuracy,
-metric) points, up to its first collapsed point (accuracy below chance + 25 % of the dense
-model's margin over chance); the metric at a level is read with
-`lightning_fairprune.compare.curve_at` (linear between the sparsest adjacent pair that brackets
-it); seeds whose curve does not reach the level are not covered (coverage reported). Paired
-comparisons (`lightning_fairprune.compare.paired_difference`: mean difference, 95 % Student t
-interval, two-sided Wilcoxon signed-rank p) over the seeds both arms cover: every arm against
-``rounds/throughout/plain`` and against README's recipe ``rounds/throughout/weighted``; every
-loss ``final`` against ``throughout``; ``cgap_ho`` against ``cgap``. Bonferroni within each
-(dataset, metric) family: p_Bonf = min(1, m p). The matched sparsity of both arms is reported
-beside each difference (an arm that reaches the accuracy only by pruning less is a different
-trade-off, not a win).
+**Analysis.** Every comparison is paired by seed, at the level sparsities s = 0.9 and 0.95,
+two ways: *matched accuracy*, per seed the candidate's metric where its curve reaches the
+accuracy the baseline has at s (`lightning_fairprune.compare.curve_at` on the candidate's
+(sparsity, accuracy, metric) points up to its first collapsed one: linear between the
+sparsest adjacent pair that brackets the level; a seed whose curve does not reach it is not
+covered, coverage reported; a collapsed baseline sets no level); and *equal sparsity*, both
+models at s (collapsed ones included), with the paired accuracy difference. Collapsed =
+accuracy below chance + 25 % of the dense model's margin over chance. Per-seed levels because
+seeds differ in accuracy more than the recipes do (MNIST: the plain arm's accuracy moves
+about one point from s = 0.8 to 0.95, the seeds' dense accuracies span three). Statistics:
+`lightning_fairprune.compare.paired_difference` (mean difference, 95 % Student t interval,
+two-sided Wilcoxon signed-rank p). Comparisons: every arm against ``rounds/throughout/plain``
+and against README's recipe ``rounds/throughout/weighted``; every loss ``final`` against
+``throughout``; ``cgap_ho`` against ``cgap``. Bonferroni within each (dataset, metric,
+matching) family: p_Bonf = min(1, m p). A candidate is *better* on a dataset when, at some
+level, p_Bonf < 0.01 in the metric's direction on at least half the seeds, and not by pruning
+less: at matched accuracy its matched sparsity is at most one point below s; at equal
+sparsity its accuracy is not significantly lower (95 % t-CI).
 
     python benchmarks/compare_fair_criteria.py --out runs/fair21 --workers 2 \\
         --fig-prefix docs/images/fair_remedies
@@ -628,6 +633,11 @@ def run_seed(dataset: str, seed: int, cfg: dict) -> dict:
 # --------------------------------------------------------------------------- analysis
 
 
+def _floor(run: dict) -> float:
+    """Below this accuracy a model has collapsed: chance + 25 % of the dense margin over it."""
+    return run["chance"] + 0.25 * (run["dense"]["acc"] - run["chance"])
+
+
 def _curve(records: list[dict], arm: str, metric: str, floor: float) -> RunCurve:
     """The arm's points by sparsity, up to (not including) its first collapsed point."""
     pts = sorted((r for r in records if r["arm"] == arm), key=lambda r: r["sparsity"])
@@ -641,14 +651,18 @@ def _curve(records: list[dict], arm: str, metric: str, floor: float) -> RunCurve
     return c
 
 
-def matched(runs: list[dict], arm: str, metric: str, level: float) -> dict[int, dict | None]:
-    """Per seed: ``{"value", "sparsity", "accuracy"}`` at the accuracy ``level``, or None."""
-    out = {}
-    for run in runs:
-        floor = run["chance"] + 0.25 * (run["dense"]["acc"] - run["chance"])
-        c = _curve(run["records"], arm, metric, floor)
-        out[run["seed"]] = curve_at(c, "accuracy", level) if c.accuracy else None
-    return out
+def point(run: dict, arm: str, metric: str, sparsity: float) -> dict | None:
+    """The arm's trained model at ``sparsity``: ``{"value", "sparsity", "accuracy"}``."""
+    for r in run["records"]:
+        if r["arm"] == arm and abs(r["sparsity"] - sparsity) < 1e-9:
+            return {"value": r[metric], "sparsity": r["sparsity"], "accuracy": r["acc"]}
+    return None
+
+
+def at_accuracy(run: dict, arm: str, metric: str, level: float) -> dict | None:
+    """The arm's metric and sparsity where its (uncollapsed) curve reaches ``level``."""
+    c = _curve(run["records"], arm, metric, _floor(run))
+    return curve_at(c, "accuracy", level) if c.accuracy else None
 
 
 def comparisons(arm_list: list[str]) -> list[tuple[str, str, str]]:
@@ -667,63 +681,69 @@ def comparisons(arm_list: list[str]) -> list[tuple[str, str, str]]:
     return out
 
 
+def pair(runs: list[dict], cand: str, base: str, metric: str, s: float, match: str) -> dict:
+    """Per seed: the baseline's model at sparsity ``s`` against the candidate's model at the
+    same sparsity (``match="sparsity"``) or at the baseline's accuracy there ("accuracy")."""
+    out: dict = {"seeds": [], "cand": [], "base": []}
+    for run in runs:
+        b = point(run, base, metric, s)
+        if b is None:
+            continue
+        if match == "sparsity":
+            a = point(run, cand, metric, s)
+        elif b["accuracy"] < _floor(run):  # a collapsed baseline sets no level
+            a = None
+        else:
+            a = at_accuracy(run, cand, metric, b["accuracy"])
+        if a is not None:
+            out["seeds"].append(run["seed"])
+            out["cand"].append(a)
+            out["base"].append(b)
+    return out
+
+
+def test_row(row: dict, runs: list[dict]) -> dict:
+    """One paired comparison (`pair`): means, the difference with its t-CI and Wilcoxon p."""
+    p = pair(runs, row["candidate"], row["baseline"], row["metric"], row["level_sparsity"],
+             row["match"])  # fmt: skip
+    row.update(seeds=p["seeds"], n=len(p["seeds"]), of=len(runs))
+    for side in ("cand", "base") if p["seeds"] else ():
+        for key in ("value", "sparsity", "accuracy"):
+            row[f"{side}_{key}"] = float(np.mean([x[key] for x in p[side]]))
+    if len(p["seeds"]) >= 2:
+        values = [[x["value"] for x in p[side]] for side in ("cand", "base")]
+        row.update(paired_difference(*values))
+        if row["match"] == "sparsity":
+            acc = paired_difference(
+                *[[x["accuracy"] for x in p[side]] for side in ("cand", "base")]
+            )
+            row["acc_delta"] = acc["delta"]
+            row["acc_ci"] = [acc["ci_low"], acc["ci_high"]]
+    return row
+
+
 def analyse(runs: list[dict], cfg: dict) -> dict:
+    """Paired comparisons at matched accuracy and at equal sparsity (see the module)."""
     arm_list = arms(cfg["losses"], cfg["oneshot_losses"])
-    levels, tests, coverage, summary = {}, [], {}, {}
+    tests, summary, collapsed = [], {}, {}
     for d in cfg["datasets"]:
         druns = sorted((r for r in runs if r["dataset"] == d), key=lambda r: r["seed"])
         if not druns:
             continue
-        levels[d] = {}
-        for s in cfg["level_sparsities"]:
-            accs = [r["acc"] for run in druns for r in run["records"]
-                    if r["arm"] == PLAIN and abs(r["sparsity"] - s) < 1e-9]  # fmt: skip
-            levels[d][str(s)] = float(np.median(accs))
-        at = {
-            (arm, metric, s): matched(druns, arm, metric, lv)
-            for arm in arm_list
-            for metric in METRICS
-            for s, lv in levels[d].items()
-        }
-        for (arm, metric, s), per_seed in at.items():
-            if metric == "worst":
-                ok = sum(v is not None for v in per_seed.values())
-                coverage.setdefault(d, {}).setdefault(arm, {})[s] = ok / len(per_seed)
-        for metric in METRICS:
-            family = []
-            for kind, cand, base in comparisons(arm_list):
-                for s in levels[d]:
-                    a, b = at[(cand, metric, s)], at[(base, metric, s)]
-                    both = [k for k in a if a[k] is not None and b[k] is not None]
-                    row = {
-                        "dataset": d,
-                        "metric": metric,
-                        "kind": kind,
-                        "candidate": cand,
-                        "baseline": base,
-                        "level_sparsity": s,
-                        "level": levels[d][s],
-                        "seeds": both,
-                        "n": len(both),
-                    }
-                    if both:
-                        row["cand_mean"] = float(np.mean([a[k]["value"] for k in both]))
-                        row["base_mean"] = float(np.mean([b[k]["value"] for k in both]))
-                        row["cand_sparsity"] = float(np.mean([a[k]["sparsity"] for k in both]))
-                        row["base_sparsity"] = float(np.mean([b[k]["sparsity"] for k in both]))
-                    if len(both) >= 2:
-                        row.update(
-                            paired_difference(
-                                [a[k]["value"] for k in both], [b[k]["value"] for k in both]
-                            )
-                        )
-                    family.append(row)
-            m = sum("p_raw" in r for r in family)
-            for r in family:
-                r["m"] = m
-                if "p_raw" in r:
-                    r["p_bonf"] = min(1.0, m * r["p_raw"])
-            tests += family
+        for match in ("accuracy", "sparsity"):
+            for metric in METRICS:
+                family = []
+                for kind, cand, base in comparisons(arm_list):
+                    for s in cfg["level_sparsities"]:
+                        row = {"dataset": d, "match": match, "metric": metric}
+                        row.update(kind=kind, candidate=cand, baseline=base, level_sparsity=s)
+                        family.append(test_row(row, druns))
+                m = sum("p_raw" in r for r in family)
+                for r in family:
+                    r["m"] = m
+                    if "p_raw" in r:
+                        r["p_bonf"] = min(1.0, m * r["p_raw"])
+                tests += family
         for arm in arm_list:
             for s in cfg["sparsities"]:
                 vals = [r for run in druns for r in run["records"]
@@ -731,13 +751,13 @@ def analyse(runs: list[dict], cfg: dict) -> dict:
                 summary[f"{d}|{arm}|{s}"] = {
                     k: mean_ci([r[k] for r in vals]) for k in ("acc", "worst", "gap")
                 }
-    return {
-        "levels": levels,
-        "tests": tests,
-        "coverage": coverage,
-        "summary": summary,
-        "claims": claims(tests),
-    }
+                collapsed[f"{d}|{arm}|{s}"] = sum(
+                    r["acc"] < _floor(run)
+                    for run in druns
+                    for r in run["records"]
+                    if r["arm"] == arm and abs(r["sparsity"] - s) < 1e-9
+                )
+    return {"tests": tests, "summary": summary, "collapsed": collapsed, "claims": claims(tests)}
 
 
 def mean_ci(values: list[float]) -> list[float]:
@@ -750,25 +770,34 @@ def mean_ci(values: list[float]) -> list[float]:
 
 
 def better(t: dict) -> bool:
-    """Significantly better (p_Bonf < 0.01) in the metric's direction, at no lower sparsity."""
-    if t.get("p_bonf") is None or t["p_bonf"] >= 0.01:
+    """Significantly better (p_Bonf < 0.01) in the metric's direction, covering at least half
+    the seeds, and not by pruning less (matched accuracy: matched sparsity at most 1 point
+    below; equal sparsity: accuracy not significantly lower, 95 % t-CI of the difference)."""
+    if t.get("p_bonf") is None or t["p_bonf"] >= 0.01 or 2 * t["n"] < t["of"]:
         return False
     sign = 1.0 if t["metric"] == "worst" else -1.0
-    return sign * t["delta"] > 0 and t["cand_sparsity"] >= t["base_sparsity"] - 0.01
+    if sign * t["delta"] <= 0:
+        return False
+    if t["match"] == "accuracy":
+        return t["cand_sparsity"] >= t["base_sparsity"] - 0.01
+    return t["acc_ci"][1] >= 0.0
 
 
 def worse(t: dict) -> bool:
-    if t.get("p_bonf") is None or t["p_bonf"] >= 0.01:
+    """Significantly worse (p_Bonf < 0.01) in the metric's direction, on at least half the
+    seeds."""
+    if t.get("p_bonf") is None or t["p_bonf"] >= 0.01 or 2 * t["n"] < t["of"]:
         return False
     sign = 1.0 if t["metric"] == "worst" else -1.0
     return sign * t["delta"] < 0
 
 
 def claims(tests: list[dict]) -> dict:
-    """Per comparison kind and metric: the datasets where the candidate is better / worse."""
+    """Per matching, comparison kind, metric and arm: the datasets where it is better / worse
+    (at some level)."""
     out: dict = {}
     for t in tests:
-        key = f"{t['kind']}|{t['metric']}|{t['candidate']}"
+        key = f"{t['match']}|{t['kind']}|{t['metric']}|{t['candidate']}"
         entry = out.setdefault(key, {"better": [], "worse": []})
         for verdict, ok in (("better", better(t)), ("worse", worse(t))):
             if ok and t["dataset"] not in entry[verdict]:
@@ -779,69 +808,114 @@ def claims(tests: list[dict]) -> dict:
 # --------------------------------------------------------------------------- output
 
 
-def _fmt(t: dict | None, key: str = "delta") -> str:
+def _fmt(t: dict | None, p: bool = False) -> str:
     if t is None or "ci_low" not in t:
         return "–" if t is None else f"n={t['n']}"
-    return f"{t[key]:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}]"
-
-
-def _p(t: dict | None) -> str:
-    return "–" if t is None or t.get("p_bonf") is None else f"{t['p_bonf']:.2g}"
+    out = f"{t['delta']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}]"
+    if p:
+        out += f" p={t['p_bonf']:.2g}"
+    if 2 * t["n"] < t["of"] or t["n"] < t["of"]:
+        out += f" n={t['n']}"
+    return out
 
 
 def docs_markdown(res: dict) -> str:
-    """The tables pasted into docs/results.md (one per dataset and level)."""
+    """The tables pasted into docs/results.md (per dataset and sparsity level)."""
     a, cfg = res["analysis"], res["config"]
     lines = []
     index = {
-        (t["dataset"], t["metric"], t["kind"], t["candidate"], t["level_sparsity"]): t
+        (t["dataset"], t["match"], t["metric"], t["kind"], t["candidate"], t["level_sparsity"]): t
         for t in a["tests"]
     }
+    arm_list = arms(cfg["losses"], cfg["oneshot_losses"])
     for d in cfg["datasets"]:
-        if d not in a["levels"]:
+        if not any(t["dataset"] == d for t in a["tests"]):
             continue
-        for s, level in a["levels"][d].items():
+        for s in cfg["level_sparsities"]:
             lines += [
                 "",
-                f"**{d}, accuracy level {level:.3f}** (median accuracy of plain rounds at "
-                f"s = {s}). Δ = arm − baseline at matched accuracy, mean [95 % t-CI] over the "
-                "seeds both cover; p = Wilcoxon, Bonferroni within the dataset and metric; "
-                "worst = worst-group accuracy (higher is better), gap = max excess accuracy gap "
-                "(lower is better); sparsity = mean matched sparsity (arm / README's recipe).",
+                f"**{d}, s = {s}, matched accuracy** (each seed at the accuracy the baseline has "
+                f"at s = {s}): Δ = arm − baseline, mean [95 % t-CI]; p = Wilcoxon, Bonferroni "
+                "within the dataset, metric and matching; n shown when not every seed is "
+                "covered; matched sparsity = the arm's mean sparsity at README's accuracy.",
                 "",
-                "| arm | n | worst-group: Δ vs plain | Δ vs README (p) | gap: Δ vs plain | "
-                "Δ vs README (p) | sparsity |",
-                "|---|---|---|---|---|---|---|",
+                "| arm | Δ worst vs plain | Δ worst vs README | Δ gap vs plain | Δ gap vs README "
+                "| matched sparsity |",
+                "|---|---|---|---|---|---|",
             ]
-            for arm in arms(cfg["losses"], cfg["oneshot_losses"]):
-                wp = index.get((d, "worst", "vs_plain", arm, s))
-                wr = index.get((d, "worst", "vs_readme", arm, s))
-                gp = index.get((d, "gap", "vs_plain", arm, s))
-                gr = index.get((d, "gap", "vs_readme", arm, s))
-                ref = wr or wp
-                n = "–" if ref is None else str(ref["n"])
+            for arm in arm_list:
+                get = {
+                    (metric, kind): index.get((d, "accuracy", metric, kind, arm, s))
+                    for metric in METRICS
+                    for kind in ("vs_plain", "vs_readme")
+                }
+                ref = get["worst", "vs_readme"]
                 sp = (
                     "–"
                     if ref is None or "cand_sparsity" not in ref
-                    else f"{ref['cand_sparsity']:.3f} / {ref['base_sparsity']:.3f}"
+                    else f"{ref['cand_sparsity']:.3f}"
+                )
+                label = arm + (" (README)" if arm == README else "")
+                cells = [_fmt(get[metric, kind], True) for metric in METRICS
+                         for kind in ("vs_plain", "vs_readme")]  # fmt: skip
+                lines.append(f"| {label} | " + " | ".join(cells) + f" | {sp} |")
+            lines += [
+                "",
+                f"**{d}, s = {s}, equal sparsity**: mean over seeds [95 % t-CI] of each arm's "
+                "test accuracy, worst-group accuracy and max excess gap at this sparsity "
+                f"(collapsed models included; collapsed = accuracy below chance + 25 % of the "
+                "dense margin), and the paired differences to README's recipe.",
+                "",
+                "| arm | accuracy | worst-group | gap | collapsed | Δ acc vs README | "
+                "Δ worst vs README | Δ gap vs README |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for arm in arm_list:
+                cell = a["summary"][f"{d}|{arm}|{s}"]
+                w = index.get((d, "sparsity", "worst", "vs_readme", arm, s))
+                g = index.get((d, "sparsity", "gap", "vs_readme", arm, s))
+                acc = (
+                    "–"
+                    if w is None or "acc_ci" not in w
+                    else f"{w['acc_delta']:+.3f} [{w['acc_ci'][0]:+.3f}, {w['acc_ci'][1]:+.3f}]"
                 )
                 label = arm + (" (README)" if arm == README else "")
                 lines.append(
-                    f"| {label} | {n} | {_fmt(wp)} | {_fmt(wr)} ({_p(wr)}) | {_fmt(gp)} | "
-                    f"{_fmt(gr)} ({_p(gr)}) | {sp} |"
+                    f"| {label} | {_mean_ci(cell['acc'])} | {_mean_ci(cell['worst'])} | "
+                    f"{_mean_ci(cell['gap'])} | {a['collapsed'][f'{d}|{arm}|{s}']} | {acc} | "
+                    f"{_fmt(w, True)} | {_fmt(g, True)} |"
                 )
-    lines += ["", "**Timing (final − throughout) and held-out multipliers (cgap_ho − cgap)**", ""]
-    lines += ["| dataset | level s | comparison | n | Δ worst (p) | Δ gap (p) |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "**Timing (final − throughout) and held-out multipliers (cgap_ho − cgap)**, "
+        "Δ [95 % t-CI] p_Bonf:",
+        "",
+        "| dataset | s | comparison | Δ worst, matched acc. | Δ gap, matched acc. | "
+        "Δ worst, equal s | Δ gap, equal s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for t in a["tests"]:
-        if t["metric"] != "worst" or t["kind"] not in ("timing", "heldout"):
+        if t["match"] != "accuracy" or t["metric"] != "worst":
             continue
-        g = index.get((t["dataset"], "gap", t["kind"], t["candidate"], t["level_sparsity"]))
+        if t["kind"] not in ("timing", "heldout"):
+            continue
+        key = (t["dataset"], t["kind"], t["candidate"], t["level_sparsity"])
+        cells = [
+            _fmt(index.get((key[0], match, metric, key[1], key[2], key[3])), True)
+            for match in ("accuracy", "sparsity")
+            for metric in METRICS
+        ]
         lines.append(
             f"| {t['dataset']} | {t['level_sparsity']} | {t['candidate']} − {t['baseline']} | "
-            f"{t['n']} | {_fmt(t)} ({_p(t)}) | {_fmt(g)} ({_p(g)}) |"
+            + " | ".join(cells)
+            + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _mean_ci(cell: list[float]) -> str:
+    m, lo, hi = cell
+    return "–" if math.isnan(m) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 ARM_STYLE = {
@@ -865,7 +939,7 @@ def pareto_plots(res: dict, prefix: str) -> list[str]:
     a, cfg = res["analysis"], res["config"]
     paths = []
     for d in cfg["datasets"]:
-        if d not in a["levels"]:
+        if not any(k.startswith(d + "|") for k in a["summary"]):
             continue
         fig, axes = plt.subplots(2, len(SCHEDULES), figsize=(5 * len(SCHEDULES), 8.5),
                                  sharex=True, sharey="row")  # fmt: skip
@@ -891,8 +965,6 @@ def pareto_plots(res: dict, prefix: str) -> list[str]:
                     ye = [max(0.0, c[metric][0] - c[metric][1]) for c in cells]
                     ax.errorbar(xs, ys, xerr=xe, yerr=ye, color=color, marker=marker, ms=4,
                                 lw=0.9, capsize=2, alpha=0.85, label=name)  # fmt: skip
-                for lv in a["levels"][d].values():
-                    ax.axvline(lv, color="gray", ls=":", lw=0.8)
                 ax.grid(alpha=0.3)
                 if row == 0:
                     ax.set_title(f"{d}: {sched}, loss {timing}")
@@ -902,7 +974,7 @@ def pareto_plots(res: dict, prefix: str) -> list[str]:
                     ax.set_ylabel(label)
         axes[0][-1].legend(fontsize=7, loc="lower right")
         fig.suptitle(
-            f"{d}: sparsities {cfg['sparsities']} (right to left), dotted = matched levels",
+            f"{d}: mean [95 % t-CI] over seeds at sparsities {cfg['sparsities']} (right to left)",
             fontsize=9,
         )
         fig.tight_layout()

@@ -230,7 +230,7 @@ def test_records_metrics_and_sparsity(result):
             assert r["gap"] == pytest.approx(max(excess), abs=1e-12)
             if r["arm"].endswith(("gel01", "gel10", "cgap", "cgap_ho")):
                 assert len(r["multipliers"]) == len(r["group_acc"])
-    assert (out / "docs.md").read_text().count("(README)") == 1  # one table per dataset, level
+    assert (out / "docs.md").read_text().count("(README)") == 2  # two tables per dataset, level
     for path in result[0]["figures"]:
         assert Path(path).stat().st_size > 0
 
@@ -240,48 +240,47 @@ def test_matching_and_paired_tests_recomputed(result):
     a, runs = saved["analysis"], saved["runs"]
     families: dict = {}
     for t in a["tests"]:
-        families.setdefault((t["dataset"], t["metric"]), []).append(t)
-    assert len(families) == 2
-    for (d, metric), family in families.items():
-        druns = [r for r in runs if r["dataset"] == d]
-        s = "0.9"
-        plain = [
-            r["acc"]
-            for run in druns
-            for r in run["records"]
-            if r["arm"] == study.PLAIN and r["sparsity"] == 0.9
-        ]
-        assert a["levels"][d][s] == pytest.approx(float(np.median(plain)))
-        level = a["levels"][d][s]
-        values = {}
-        for run in druns:
-            floor = run["chance"] + 0.25 * (run["dense"]["acc"] - run["chance"])
-            for arm in {t["candidate"] for t in family} | {t["baseline"] for t in family}:
-                pts = sorted(
-                    (r["sparsity"], r["acc"], r[metric]) for r in run["records"] if r["arm"] == arm
-                )
-                kept = list(itertools.takewhile(lambda p, f=floor: p[1] >= f, pts))
-                values[arm, run["seed"]] = _interp(kept, level)
+        families.setdefault((t["dataset"], t["match"], t["metric"]), []).append(t)
+    assert len(families) == 4  # digits x (matched accuracy, equal sparsity) x 2 metrics
+    for (_, match, metric), family in families.items():
         m = sum("p_raw" in t for t in family)
         assert m > 0
         for t in family:
-            seeds = [
-                r["seed"]
-                for r in druns
-                if values[t["candidate"], r["seed"]] is not None
-                and values[t["baseline"], r["seed"]] is not None
-            ]
+            s, seeds, cand, base = t["level_sparsity"], [], [], []
+            for run in runs:
+                floor = run["chance"] + 0.25 * (run["dense"]["acc"] - run["chance"])
+                recs = {(r["arm"], r["sparsity"]): r for r in run["records"]}
+                b = recs[t["baseline"], s]
+                if match == "sparsity":
+                    c = recs[t["candidate"], s]
+                    found = (c[metric], c["acc"])
+                elif b["acc"] < floor:
+                    found = None
+                else:
+                    pts = sorted(
+                        (r["sparsity"], r["acc"], r[metric])
+                        for r in run["records"]
+                        if r["arm"] == t["candidate"]
+                    )
+                    kept = list(itertools.takewhile(lambda p, f=floor: p[1] >= f, pts))
+                    found = _interp(kept, b["acc"])
+                if found is not None:
+                    seeds.append(run["seed"])
+                    cand.append(found)
+                    base.append((b[metric], b["acc"]))
             assert t["seeds"] == seeds
+            assert t["n"] == len(seeds)
             if len(seeds) < 2:
                 assert "p_raw" not in t
                 continue
-            x = np.array([values[t["candidate"], k][0] for k in seeds])
-            b = np.array([values[t["baseline"], k][0] for k in seeds])
-            diff = x - b
+            diff = np.array([c[0] for c in cand]) - np.array([b[0] for b in base])
             assert t["delta"] == pytest.approx(diff.mean(), abs=1e-12)
-            assert t["cand_sparsity"] == pytest.approx(
-                np.mean([values[t["candidate"], k][1] for k in seeds])
-            )
+            if match == "accuracy":
+                assert t["cand_sparsity"] == pytest.approx(np.mean([c[1] for c in cand]))
+                assert t["base_sparsity"] == pytest.approx(s)
+            else:
+                acc = np.array([c[1] for c in cand]) - np.array([b[1] for b in base])
+                assert t["acc_delta"] == pytest.approx(acc.mean(), abs=1e-12)
             if diff.std() > 0:
                 lo, hi = stats.t.interval(
                     0.95, len(diff) - 1, loc=diff.mean(), scale=stats.sem(diff)
@@ -300,14 +299,16 @@ def test_claims_follow_the_tests(result):
     _, saved, _ = result
     expected: dict = {}
     for t in saved["analysis"]["tests"]:
-        entry = expected.setdefault(
-            f"{t['kind']}|{t['metric']}|{t['candidate']}", {"better": [], "worse": []}
-        )
-        if t.get("p_bonf") is None or t["p_bonf"] >= 0.01:
+        key = f"{t['match']}|{t['kind']}|{t['metric']}|{t['candidate']}"
+        entry = expected.setdefault(key, {"better": [], "worse": []})
+        if t.get("p_bonf") is None or t["p_bonf"] >= 0.01 or t["n"] < t["of"] / 2:
             continue
         up = t["delta"] > 0 if t["metric"] == "worst" else t["delta"] < 0
-        no_sparser = t["cand_sparsity"] >= t["base_sparsity"] - 0.01
-        verdict = "better" if up and no_sparser else ("worse" if not up else None)
+        if t["match"] == "accuracy":
+            fair = t["cand_sparsity"] >= t["level_sparsity"] - 0.01
+        else:
+            fair = t["acc_ci"][1] >= 0
+        verdict = "better" if up and fair else ("worse" if not up else None)
         if verdict and t["dataset"] not in entry[verdict]:
             entry[verdict].append(t["dataset"])
     assert saved["analysis"]["claims"] == expected
