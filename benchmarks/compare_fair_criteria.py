@@ -972,7 +972,7 @@ def pareto_plots(res: dict, prefix: str) -> list[str]:
                     ax.set_xlabel("test accuracy (mean, 95 % CI over seeds)")
                 if col == 0:
                     ax.set_ylabel(label)
-        axes[0][-1].legend(fontsize=7, loc="lower right")
+        axes[0][0].legend(fontsize=7, loc="upper left")
         fig.suptitle(
             f"{d}: mean [95 % t-CI] over seeds at sparsities {cfg['sparsities']} (right to left)",
             fontsize=9,
