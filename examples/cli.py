@@ -3,6 +3,7 @@
     python examples/cli.py fit --config examples/configs/cubic_equalized.yaml
     python examples/cli.py fit --config examples/configs/one_shot_undecayed.yaml \
         --pruning.final_sparsity=0.8 --trainer.max_epochs=6
+    python examples/compare_recipes.py --seeds 5     # every recipe config, N seeds, compared
     fairprune-report runs/* --out runs/report      # compare the runs afterwards
 
 Besides the usual ``model``/``data``/``trainer`` sections, the CLI has one section per
@@ -82,10 +83,16 @@ class FairPruneCLI(LightningCLI):
             log_config(self.trainer, name, settings)
 
 
-def main(args: Sequence[str] | None = None, run: bool = True) -> FairPruneCLI:
-    """Build (and by default run) the CLI; ``args=None`` reads ``sys.argv``."""
+def main(
+    args: Sequence[str] | None = None, run: bool = True, model_class: type | None = LeNet
+) -> FairPruneCLI:
+    """Build (and by default run) the CLI; ``args=None`` reads ``sys.argv``.
+
+    ``model_class=None``: any LightningModule, named by ``model.class_path`` in the config
+    (the recipe configs of ``examples/configs/recipes/`` do this).
+    """
     return FairPruneCLI(
-        LeNet,
+        model_class,
         LightningDataModule,
         subclass_mode_data=True,
         args=None if args is None else list(args),

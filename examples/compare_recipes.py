@@ -1,30 +1,34 @@
-"""Which remedy protects the worst group on *your* data? Train the recipes over N seeds, compare.
+"""Which remedy protects the worst group on *your* data? Train every recipe over N seeds, compare.
 
-One command trains every recipe of `RECIPES` (plain fine-tuning, static inverse-frequency group
-weights, the group-equalized Lagrangian: all with magnitude pruning in rounds) for N seeds on
-real digits with two minority classes, then compares them with
-`lightning_fairprune.report.compare_recipes`: worst-group accuracy at matched accuracy, paired
-by seed, against the plain recipe, with confidence intervals and Bonferroni-corrected Wilcoxon
-p-values, and the Pareto curves with CI bands over seeds::
+One command runs every recipe config of ``examples/configs/recipes/`` (``base.yaml`` + one
+``<recipe>.yaml`` each: plain cross-entropy, `GroupWeightedLoss` with inverse-frequency
+weights, `GroupEqualizedLoss`, `ConstrainedGapLoss` with multipliers from the training batches
+and from the validation split; all with README's pruning recipe) through the LightningCLI of
+``examples/cli.py``, for seeds 0..N-1, then compares them with
+`lightning_fairprune.report.compare_recipes`: worst-group accuracy and the max excess accuracy
+gap at matched accuracy, paired by seed, against ``plain``, with confidence intervals and
+Bonferroni-corrected Wilcoxon p-values, and the Pareto curves with CI bands over seeds::
 
-    python examples/compare_recipes.py --seeds 5 --out examples/out/compare   # minutes (2 cores)
-    python examples/compare_recipes.py --fast                                 # seconds (smoke)
-    python examples/compare_recipes.py --data mnist --seeds 10                # 5,000 MNIST digits
+    python examples/compare_recipes.py --seeds 5 --out runs/compare     # minutes (2 cores)
+    python examples/compare_recipes.py --fast                           # seconds (smoke)
+    python examples/compare_recipes.py --recipes plain constrained_gap --seeds 10 \\
+        --trainer.max_epochs=40             # any LightningCLI override goes to every run
 
-The same comparison from the command line, on the run directories this writes::
+**Your own model and data.** Edit ``base.yaml``: ``model.class_path`` names any
+LightningModule that takes ``criterion`` (a group loss from the recipe, or ``None``) and calls
+``self.criterion(logits, targets, groups)`` in ``training_step`` (see
+``fairprune_examples.MLP``); ``data.class_path`` your LightningDataModule (batches
+``(x, y)``, groups = classes, or ``(x, y, g)`` with the losses' ``num_groups``). A recipe is
+one more YAML in the folder (the file name is its label); ``plain`` is the baseline.
 
-    fairprune-report compare --recipe plain OUT/plain/seed_* --recipe weighted \\
-        OUT/weighted/seed_* --recipe equalized OUT/equalized/seed_* --baseline plain \\
-        --metric worst_group_accuracy --at accuracy --out OUT/compare
+Run ``i`` of every recipe uses seed ``i`` (``seed_everything`` and ``--seed-arg``, the
+datamodule's split seed), so the runs are paired. Each writes its `FairnessMonitor` history and
+its resolved ``config.yaml`` to ``OUT/<recipe>/seed_<i>/``; the same comparison from the
+shell::
 
-**Your own model and data.** Replace `make_data` (a LightningDataModule whose batches are
-``(x, y)``: the groups are the classes, or ``(x, y, g)`` with a protected attribute and
-``num_groups``) and `make_network` (any ``nn.Module`` returning logits); `RecipeModule` wraps
-them with the recipe's loss. A recipe is a loss factory (from the training group counts) and
-the callbacks it needs; add one by adding an entry to `RECIPES`.
-
-Every run writes its `FairnessMonitor` history to ``OUT/<recipe>/seed_<i>/`` (run ``i`` of
-every recipe uses seed ``i``: same data split, same initialization, so the runs are paired).
+    fairprune-report compare --recipe plain OUT/plain/seed_* \\
+        --recipe constrained_gap OUT/constrained_gap/seed_* --baseline plain \\
+        --metric max_excess_accuracy_gap --at accuracy --out OUT/compare
 """
 
 from __future__ import annotations
@@ -33,176 +37,114 @@ import argparse
 import logging
 import shutil
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import lightning.pytorch as pl
 import torch
-from fairprune_examples import DEMO_MINORITY, MNISTDigitsDataModule, SklearnDigitsDataModule
-from torch import Tensor, nn
+from cli import main as cli_main
 
-from lightning_fairprune import (
-    FairnessMonitor,
-    GroupEqualizedLoss,
-    GroupEqualizer,
-    GroupWeightedLoss,
-    IterativePruning,
-    inverse_frequency_weights,
-)
 from lightning_fairprune.report import compare_recipes, write_comparison
 
-
-@dataclass
-class Recipe:
-    """A training recipe: its loss (built from the training group counts) and its callbacks.
-
-    ``loss(counts)`` returns the criterion ``fn(logits, targets, groups)`` (a group loss
-    module), or ``None`` for plain cross-entropy; ``callbacks()`` the extra callbacks (e.g. the
-    `GroupEqualizer` that drives a group loss).
-    """
-
-    loss: Callable[[Tensor], nn.Module | None]
-    callbacks: Callable[[], list[pl.Callback]] = field(default=list)
-    about: str = ""
-
-
-#: The candidates, compared with the first one ("plain"). Each runs magnitude pruning in rounds;
-#: the group losses start with the first round (`GroupEqualizer(start_after_pruning=True)`), so
-#: seed i of every recipe prunes the same dense model and the recipes differ only in how they
-#: fine-tune (drop ``start_after_pruning`` to apply a loss throughout the fit).
-RECIPES: dict[str, Recipe] = {
-    "plain": Recipe(lambda counts: None, about="cross-entropy"),
-    "weighted": Recipe(
-        lambda counts: GroupWeightedLoss(inverse_frequency_weights(counts)),
-        lambda: [GroupEqualizer(start_after_pruning=True)],
-        about="GroupWeightedLoss(inverse_frequency_weights) from the first round on",
-    ),
-    "equalized": Recipe(
-        lambda counts: GroupEqualizedLoss(len(counts), constraint="signed"),
-        lambda: [GroupEqualizer(dual_lr=0.01, start_after_pruning=True)],
-        about="GroupEqualizedLoss(signed), dual step 0.01, from the first round on",
-    ),
-    # Add more recipes here, e.g. the constrained excess-accuracy-gap loss (Hashemizadeh et al.,
-    # ICLR 2024; issue 21 item 1) once it lands:
-    # "constrained_gap": Recipe(lambda counts: <its loss>(num_groups=len(counts), ...),
-    #                           lambda: [GroupEqualizer(...)], about="constrained gaps"),
-}
+CONFIGS = Path(__file__).resolve().parent / "configs" / "recipes"
+BASELINE = "plain"
+METRICS = ("worst_group_accuracy", "max_excess_accuracy_gap")
+#: Seconds-long runs for a smoke test (10 epochs, 2 rounds, 40 images per class).
+FAST = [
+    "--trainer.max_epochs=10",
+    "--pruning.start=20",
+    "--pruning.num_rounds=2",
+    "--pruning.frequency=10",
+    "--data.init_args.max_per_class=40",
+    "--data.init_args.batch_size=32",
+    "--model.init_args.lr=0.1",
+]
 
 
-class RecipeModule(pl.LightningModule):
-    """Any classifier ``network`` trained with a recipe's ``criterion`` (None: cross-entropy)."""
-
-    def __init__(self, network: nn.Module, criterion: nn.Module | None, lr: float) -> None:
-        super().__init__()
-        self.network = network
-        self.criterion = criterion  # a submodule: its multipliers are checkpointed
-        self.lr = lr
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.network(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch[0], batch[1]
-        groups = batch[2] if len(batch) > 2 else y
-        logits = self(x)
-        if self.criterion is None:
-            return nn.functional.cross_entropy(logits, y)
-        return self.criterion(logits, y, groups)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.log("val_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
+def recipes(configs: Path = CONFIGS) -> dict[str, Path]:
+    """``{label: config}`` for every YAML of ``configs`` but ``base.yaml``, ``plain`` first."""
+    found = {p.stem: p for p in sorted(configs.glob("*.yaml")) if p.stem != "base"}
+    if BASELINE not in found:
+        raise ValueError(f"Expected {configs / (BASELINE + '.yaml')} (the baseline recipe)")
+    return {BASELINE: found.pop(BASELINE), **found}
 
 
-def make_data(name: str, seed: int, batch_size: int) -> pl.LightningDataModule:
-    """Digits with minority classes 3 and 8 (15 % of their training images kept)."""
-    module = MNISTDigitsDataModule if name == "mnist" else SklearnDigitsDataModule
-    return module(minority=DEMO_MINORITY, seed=seed, batch_size=batch_size)
-
-
-def make_network(name: str) -> nn.Module:
-    """A small MLP over the flattened image (8x8 digits or 28x28 MNIST)."""
-    side = 28 if name == "mnist" else 8
-    return nn.Sequential(nn.Flatten(), nn.Linear(side * side, 128), nn.ReLU(),
-                         nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))  # fmt: skip
-
-
-def train_run(label: str, recipe: Recipe, seed: int, args: argparse.Namespace) -> Path:
-    """Train one recipe with one seed; return its run directory (holding its history)."""
+def train_run(label: str, config: Path, seed: int, args: argparse.Namespace, extra: list[str]):
+    """One recipe, one seed, through the LightningCLI; returns (run directory, the CLI)."""
     run_dir = Path(args.out) / label / f"seed_{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # one history per run directory
     run_dir.mkdir(parents=True)
-    pl.seed_everything(seed, workers=True, verbose=False)
-    data = make_data(args.data, seed, args.batch_size)
-    data.setup("fit")
-    counts = torch.bincount(data.train_set.tensors[1], minlength=10).double()
-    model = RecipeModule(make_network(args.data), recipe.loss(counts), lr=args.lr)
-    pruning = IterativePruning(args.sparsity, num_rounds=args.rounds, start=args.dense_epochs)
-    monitor = FairnessMonitor(every_n_epochs=1, num_probes=0, gradient_norms=False,
-                              predict_excess_loss=False, log=False)  # fmt: skip
-    trainer = pl.Trainer(
-        max_epochs=args.dense_epochs + args.rounds + args.finetune_epochs,
-        callbacks=[pruning, monitor, *recipe.callbacks()],
-        default_root_dir=str(run_dir),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        deterministic=True,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(model, datamodule=data)
-    return run_dir  # the history is under it (fairprune/version_0/ with logger=False)
+    cli_args = ["fit", "--config", str(args.configs / "base.yaml"), "--config", str(config),
+                f"--seed_everything={seed}", f"--trainer.default_root_dir={run_dir}"]  # fmt: skip
+    if args.seed_arg:
+        cli_args.append(f"--{args.seed_arg}={seed}")
+    cli_args += (FAST if args.fast else []) + extra
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads `args`, not our own flags
+    try:
+        cli = cli_main(cli_args, model_class=None)
+    finally:
+        sys.argv = argv
+    return run_dir, cli  # the history is under it (fairprune/<version>/)
+
+
+def compare(run_dirs: dict[str, list[Path]], metric: str):
+    """`compare_recipes` at one accuracy level for all runs, else per seed, else equal sparsity."""
+    for at, level in (("accuracy", None), ("accuracy", "per_seed"), ("sparsity", None)):
+        try:
+            return compare_recipes(run_dirs, metric, BASELINE, at, level)
+        except ValueError as err:
+            print(f"\n{metric}: not compared at {at} (level={level!r}): {err}")
+    raise RuntimeError(f"no comparison of {metric} was possible")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Train every recipe for every seed, compare them, write the table and the figures."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="examples/out/compare", help="output directory")
-    parser.add_argument("--data", choices=("digits", "mnist"), default="digits")
+    """Train every recipe for every seed, compare them, write the tables and the figures."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Other arguments (--trainer.max_epochs=40, ...) go to every LightningCLI run.",
+    )
+    parser.add_argument("--out", default="runs/compare", help="output directory")
     parser.add_argument("--seeds", type=int, default=5, help="seeds per recipe (paired)")
-    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
-    parser.add_argument("--sparsity", type=float, default=0.95)
-    parser.add_argument("--rounds", type=int, default=4, help="pruning rounds, one per epoch")
-    parser.add_argument("--dense-epochs", type=int, default=15)
-    parser.add_argument("--finetune-epochs", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--fast", action="store_true", help="tiny: 2 seeds, a few epochs")
-    args = parser.parse_args(argv)
+    parser.add_argument("--recipes", nargs="+", default=None, help="labels (default: all)")
+    parser.add_argument("--configs", type=Path, default=CONFIGS, help="the recipe folder")
+    parser.add_argument(
+        "--seed-arg",
+        default="data.init_args.seed",
+        help="config key set to the seed besides seed_everything ('' for none)",
+    )
+    parser.add_argument("--fast", action="store_true", help="tiny: 2 seeds, 10 epochs")
+    args, extra = parser.parse_known_args(argv)
+    found = recipes(args.configs)
+    labels = args.recipes or list(found)
+    for label in labels:
+        if label not in found:
+            parser.error(f"Expected recipes from {list(found)}, but got {label!r}")
+    if BASELINE not in labels:
+        labels = [BASELINE, *labels]
     if args.fast:
-        args.seeds, args.rounds, args.dense_epochs, args.finetune_epochs = 2, 2, 4, 1
-        args.batch_size, args.lr = 128, 0.2
+        args.seeds = 2
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-fit banner
 
-    run_dirs: dict[str, list[Path]] = {label: [] for label in args.recipes}
-    for label in args.recipes:
-        print(f"{label}: {RECIPES[label].about}, {args.seeds} seeds", flush=True)
+    run_dirs: dict[str, list[Path]] = {label: [] for label in labels}
+    models: dict[str, list[Any]] = {label: [] for label in labels}
+    for label in labels:
+        print(f"{label}: {found[label].name}, {args.seeds} seeds", flush=True)
         for seed in range(args.seeds):
-            run_dirs[label].append(train_run(label, RECIPES[label], seed, args))
+            run_dir, cli = train_run(label, found[label], seed, args, extra)
+            run_dirs[label].append(run_dir)
+            models[label].append((cli.model, cli.trainer))
 
-    baseline = args.recipes[0]
-    comparison = None
-    for at, level in (("accuracy", None), ("accuracy", "per_seed"), ("sparsity", None)):
-        try:  # one accuracy level for all runs, else one per seed, else equal sparsity
-            comparison = compare_recipes(run_dirs, "worst_group_accuracy", baseline, at, level)
-            break
-        except ValueError as err:
-            print(f"\nNot compared at {at} (level={level!r}): {err}")
-    assert comparison is not None
-    written = write_comparison(comparison, Path(args.out) / "compare")
-    print()
-    print(comparison.table())
-    print(f"\nTable and figures: {', '.join(str(p) for p in written)}")
-    return {"comparison": comparison, "run_dirs": run_dirs, "written": written}
+    comparisons, written = {}, []
+    for metric in METRICS:
+        comparisons[metric] = result = compare(run_dirs, metric)
+        written += write_comparison(result, Path(args.out) / "compare" / metric)
+        print(f"\n{metric} ({'higher' if metric != METRICS[1] else 'lower'} is better)")
+        print(result.table())
+    print(f"\nTables and figures: {Path(args.out) / 'compare'}")
+    return {"comparisons": comparisons, "run_dirs": run_dirs, "written": written,
+            "models": models}  # fmt: skip
 
 
 if __name__ == "__main__":
