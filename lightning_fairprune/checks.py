@@ -31,6 +31,7 @@ __all__ = [
     "check_choice",
     "check_disjoint",
     "check_each",
+    "check_instance",
     "check_int",
     "check_labels",
     "check_logits",
@@ -233,6 +234,20 @@ def check_callable(value: T, name: str, *, allow_none: bool = True) -> T:
     if not callable(value):
         what = "callable or None" if allow_none else "callable"
         raise TypeError(f"Expected `{name}` to be {what}, but got {value!r}")
+    return value
+
+
+def check_instance(value: T, name: str, types: type | tuple[type, ...], what: str) -> T:
+    """Return ``value`` if it is ``None`` or an instance of ``types`` (``what`` names them).
+
+    Example:
+        >>> check_instance(3, "name", str, "a str or None")
+        Traceback (most recent call last):
+        ...
+        TypeError: Expected `name` to be a str or None, but got int
+    """
+    if value is not None and not isinstance(value, types):
+        raise TypeError(f"Expected `{name}` to be {what}, but got {type(value).__name__}")
     return value
 
 

@@ -18,7 +18,7 @@ from lightning_fairprune.pruning.fair_criteria import (
     measuring,
     worst_group_masks,
 )
-from lightning_fairprune.pruning.masks import num_to_prune
+from lightning_fairprune.pruning.select import num_to_prune
 
 
 def tiny_net() -> nn.Module:

@@ -1,6 +1,6 @@
 """Unit tests of the homes of the architecture issue, without `Trainer.fit`.
 
-checks (argument validation), schedules.RoundPlan (the round plan), measure (isolation),
+checks (argument validation), plan.RoundPlan (the round plan), measure (isolation),
 fairness_data (the fairness-data path), history (the record) and callbacks.events (the
 pruner protocol).
 """
@@ -32,7 +32,8 @@ from lightning_fairprune.history import (
     to_plain,
 )
 from lightning_fairprune.measure import isolated, loader_generators, prepare_batch
-from lightning_fairprune.schedules import RoundPlan, schedule_values
+from lightning_fairprune.plan import RoundPlan
+from lightning_fairprune.schedules import schedule_values
 
 
 # ------------------------------------------------------------------ checks
