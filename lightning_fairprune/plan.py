@@ -623,6 +623,15 @@ class RoundPlan:
             )
         return rewind
 
+    def warn_not_rewound(self, rewind: object, round_index: int) -> None:
+        """Warn that a round ran before its rewind point (its survivors are not rewound)."""
+        warnings.warn(
+            f"IterativePruning: round {round_index} ran before the rewind point {rewind!r} was "
+            "reached; its survivors are not rewound.",
+            UserWarning,
+            stacklevel=3,
+        )
+
     def due(self, now: int) -> bool:
         """Whether the next round is due at event point ``now`` (catch-up rounds included)."""
         if self.complete or self.needs_horizon or self.start is None:

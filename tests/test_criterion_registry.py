@@ -66,6 +66,7 @@ class KeepStride:
     default_curvature = "none"
     curvatures = ("none",)
     supports_sharding = True
+    structures = ("weight",)
     options_type = StrideOptions
 
     def make_options(self, options: Any) -> Any:

@@ -25,6 +25,8 @@ from lightning_fairprune.callbacks.monitor import HISTORY_FILENAME, FairnessMoni
 from lightning_fairprune.callbacks.pruning import IterativePruning
 
 SCHEMA_KEYS = {
+    "params",  # the pruner's cost of the model (IterativePruning's PruningEvent), or None
+    "flops",
     "moment",
     "monitor",
     "round",

@@ -17,6 +17,7 @@ from torch import nn
 
 from lightning_fairprune.callbacks.events import PruningEvent
 from lightning_fairprune.callbacks.pruning import IterativePruning
+from lightning_fairprune.callbacks.training import weight_decays
 from lightning_fairprune.pruning import masks_to_state
 
 PRUNABLE = ["features.0.weight", "features.2.weight", "fc.weight"]
@@ -260,7 +261,7 @@ def test_undecayed_weight_decay_per_parameter_and_warning(tmp_path):
 
     class Decays(Callback):
         def on_pruning_round(self, trainer, pl_module, event):
-            self.decays = pruning._weight_decays(trainer, _prunable(pl_module))
+            self.decays = weight_decays(trainer, _prunable(pl_module), None, "undecayed")
 
     pruning = IterativePruning(0.3, criterion="undecayed", start=1)
     spy = Decays()

@@ -56,6 +56,11 @@ class PruningEvent:
             round (always ``False`` in ``on_before_pruning_round``).
         scheduled: whether the round is one of the schedule's (``False`` for an extra
             ``prune_now(sparsity=...)`` round).
+        structure: what the round prunes: ``"weight"``, ``"channel"`` or ``"n:m"``.
+        cost: ``{"params", "flops"}`` of one forward pass of the pruned model after the round
+            (channels: of its compact copy; `lightning_fairprune.cost.pruned_cost`), or
+            ``None`` when not measured (no example input).
+        previous_cost: the same before the round.
 
     Example:
         >>> event = PruningEvent(round_index=0, num_rounds=3, target_sparsity=0.5,
@@ -77,6 +82,9 @@ class PruningEvent:
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     rewound: bool = False
     scheduled: bool = True
+    structure: str = "weight"
+    cost: dict[str, int] | None = None
+    previous_cost: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the event as a dict of plain Python values."""
@@ -98,8 +106,38 @@ class PruningEvent:
             "fairprune/target_sparsity": float(self.target_sparsity),
             "fairprune/round": float(self.round_index + 1),
         }
+        out.update({f"fairprune/{k}": float(v) for k, v in self.cost_at("after_round").items()})
         out.update({f"fairprune/sparsity/{k}": float(v) for k, v in self.layer_sparsity.items()})
         return out
+
+    def cost_at(self, moment: str) -> dict[str, int]:
+        """``{"params", "flops"}`` of the model at a monitor moment (empty if not measured).
+
+        ``"after_round"``: the pruned model; ``"dense"``/``"before_round"``: the model before.
+
+        Example:
+            >>> event = PruningEvent(0, 1, 0.5, 0.0, 1, 10, "magnitude",
+            ...                      cost={"params": 10, "flops": 40},
+            ...                      previous_cost={"params": 20, "flops": 80})
+            >>> event.cost_at("dense"), event.cost_at("after_round")
+            ({'params': 20, 'flops': 80}, {'params': 10, 'flops': 40})
+        """
+        cost = self.cost if moment == "after_round" else self.previous_cost
+        return {k: int(v) for k, v in (cost or {}).items()}
+
+    def summary(self, interval: str) -> str:
+        """One line describing the round (``verbose`` output).
+
+        Example:
+            >>> PruningEvent(0, 1, 0.5, 0.0, 1, 10, "magnitude", realized_sparsity=0.5).summary(
+            ...     "epoch")
+            'IterativePruning: round 1 at epoch 1: sparsity 0.5000 (target 0.5000)'
+        """
+        at = self.epoch if interval == "epoch" else self.global_step
+        return (
+            f"IterativePruning: round {self.round_index + 1} at {interval} {at}: sparsity "
+            f"{self.realized_sparsity or 0.0:.4f} (target {self.target_sparsity:.4f})"
+        )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> PruningEvent:

@@ -804,6 +804,8 @@ class FairnessMonitor(Callback):
             confidence=self.confidence,
             min_group_size=self.min_group_size,
         )
+        cost = {} if event is None else event.cost_at(moment)  # the pruner's, when it measured
+        record.update(params=cost.get("params"), flops=cost.get("flops"))  # plot vs FLOPs
         if self.metrics:
             record["metrics"] = self._user_metrics(trainer, model, batches, num_groups)
         return record

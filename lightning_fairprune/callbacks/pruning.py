@@ -1,27 +1,19 @@
 """`IterativePruning`: a Lightning callback that prunes on a schedule, with exact sparsity.
 
-The callback is glue: *when* comes from the round plan (:mod:`lightning_fairprune.plan`),
-*what* from a criterion object of the registry (:mod:`lightning_fairprune.pruning.criteria`),
-*which* parameters from :mod:`lightning_fairprune.pruning.selection`, and the masks live in a
-`MaskState` (:mod:`lightning_fairprune.pruning.state`) that hides FSDP2 sharding. The callback
-owns the timing (epochs or optimizer steps), the inputs criteria ask for (gradients of
-training batches, weight decays, per-group statistics), distributed agreement, logging and
-the announcement of every round to other callbacks.
-
-Differences from Lightning's ``ModelPruning``: the target is the *cumulative* fraction of
-prunable weights that are zero and the realized sparsity equals it exactly; rounds run at the
-start of an epoch or at an optimizer step; pruned weights are kept at exactly zero by one
-in-place operation after every optimizer step (no second copy of the weights, no forward
-pre-hook); masks, schedule position and rewind weights are part of the checkpoint; sparsity
-goes to every attached logger, and other callbacks hear of each round
-(:mod:`lightning_fairprune.callbacks.events`).
+Glue: *when* comes from the round plan (:mod:`lightning_fairprune.plan`), *what* from a
+criterion of the registry (:mod:`lightning_fairprune.pruning.criteria`), *which* parameters
+and units from a `PruningTarget` (weights, channels, N:M), and the masks live in a `MaskState`
+that hides FSDP2 sharding; the Trainer-side inputs come from
+:mod:`lightning_fairprune.callbacks.training`. Unlike Lightning's ``ModelPruning``, targets
+are cumulative and exact, rounds run by epoch or step, pruned weights stay exactly zero with
+no second copy of the weights, and masks, plan and rewind weights are checkpointed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +25,9 @@ from typing_extensions import override
 from lightning_fairprune.callbacks.events import PruningEvent, announce, pruned_parameter_sets
 from lightning_fairprune.callbacks.training import (
     broadcast_masks,
+    check_automatic_optimization,
     check_group_data,
+    first_training_input,
     fit_plan,
     group_statistics_of,
     training_gradients,
@@ -49,22 +43,22 @@ from lightning_fairprune.checks import (
     check_real,
     is_int,
 )
+from lightning_fairprune.dtensor import is_sharded
 from lightning_fairprune.fairness_data import FairnessData
 from lightning_fairprune.logging import log_config, log_scalars
 from lightning_fairprune.plan import RoundPlan
 from lightning_fairprune.pruning.criteria import (
-    CRITERIA,
     Criterion,
     CriterionContext,
     check_curvature,
+    check_support,
     resolve_criterion,
 )
-from lightning_fairprune.pruning.selection import select_parameters
 from lightning_fairprune.pruning.state import MaskState
+from lightning_fairprune.pruning.target import PruningTarget
 
 __all__ = ["IterativePruning"]
 
-_SCOPES = ("global", "layerwise")
 _STATE_VERSION = 3
 _OVERLAP = (
     "; each pruning callback counts and enforces its own masks, so overlapping ones report a "
@@ -75,54 +69,53 @@ _OVERLAP = (
 class IterativePruning(Callback):
     """Prune a LightningModule on a schedule, by epoch or by optimizer step.
 
-    Each round scores the prunable weights, keeps the best so that exactly
-    ``round(target * N)`` of the ``N`` prunable weights are zero (pruned weights stay pruned),
-    zeroes the pruned weights and their optimizer state, and re-zeroes them after every
-    optimizer step. Round ``k`` of ``n`` runs at ``start + (k - 1) * frequency`` (epochs or
-    optimizer steps) with the cumulative target ``schedule(k / n)``: epoch rounds at the start
-    of the epoch, step rounds at the first batch after that many optimizer steps. The round
-    plan is `plan` (a `RoundPlan`: ``targets``, ``event_points``, ``num_rounds``...), the
-    masks, counts and rewind weights are `mask_state` (a `MaskState`).
+    Each round scores the prunable units (weights, channels or N:M blocks), keeps the best so
+    that exactly ``round(target * N)`` of the ``N`` units are pruned (pruned ones stay pruned),
+    zeroes them and their optimizer state, and re-zeroes them after every optimizer step.
+    Round ``k`` of ``n`` runs at ``start + (k - 1) * frequency`` (epochs: at the epoch's
+    start; steps: at the first batch after that many optimizer steps) with the cumulative
+    target ``schedule(k / n)``. The plan is `plan` (a `RoundPlan`: ``targets``,
+    ``event_points``, ...), the masks, counts and rewind weights `mask_state` (a `MaskState`).
 
     Args:
-        final_sparsity: cumulative fraction of the prunable weights that are zero after the
-            last round, in ``[0, 1)``, or give ``compression_ratio`` (params before / after).
+        final_sparsity: cumulative pruned fraction of the prunable units after the last
+            round, in ``[0, 1)``; or ``compression_ratio`` (params before / after, weights).
         compression_ratio, schedule, initial_sparsity, num_rounds, rate, interval, start,
-            pretrained, end, frequency: the round plan, `RoundPlan`'s arguments: the schedule
-            (``"one_shot"``, ``"geometric"``, ``"linear"``, ``"cubic"``, a callable of the
-            event point, or ``None``: one-shot for one round, else geometric), rounds by
-            ``"epoch"`` or optimizer ``"step"`` from ``start`` (default: after one epoch of
-            training, 0 with ``pretrained``) every ``frequency``; without ``num_rounds``,
-            ``rate`` or ``end`` a gradual schedule spreads its rounds over the run.
+            pretrained, end, frequency: `RoundPlan`'s arguments: the schedule (``"one_shot"``,
+            ``"geometric"``, ``"linear"``, ``"cubic"``, a callable of the event point, or
+            ``None``: one-shot for one round, else geometric), rounds by ``"epoch"`` or
+            optimizer ``"step"`` from ``start`` (default: after one epoch, 0 if
+            ``pretrained``) every ``frequency``; with neither ``num_rounds``, ``rate`` nor
+            ``end`` a gradual schedule spreads its rounds over the run.
         criterion: a name in `lightning_fairprune.pruning.CRITERIA` (``"magnitude"``,
-            ``"gradient"``, ``"undecayed"``, ``"random"``, the fairness-aware ``"fairgrape"``,
-            ``"fairprune"``, ``"worst_group"``, or a registered one), a `Criterion`
-            object, or a callable ``fn(params, grads) -> scores``.
-        scope: ``"global"`` (one threshold) or ``"layerwise"`` (every parameter at the target).
-        gradient_batches: training batches whose mean task-loss gradient the criteria that
-            need gradients use (train mode, current weights).
-        weight_decay: ε of the undecayed criterion (default: each parameter's optimizer
-            ``weight_decay``).
-        seed: seed of the random criterion (round ``r`` uses ``seed + r``).
-        needs_gradients: whether a callable criterion needs the gradients (default: its
-            attribute ``needs_gradients``, else ``False``).
-        include_types, exclude_types, include_names, exclude_names: what is prunable: module
-            class names and fnmatch patterns on parameter names (default Conv*/Linear).
-        prune_classifier, prune_bias, prune_norm: also prune the last Linear layer, biases,
-            normalization parameters.
-        rewind: ``None``, ``"init"`` or an event point ``<= start``: after every round the
-            survivors are reset to the weights of that point (lottery tickets).
-        make_permanent: at fit end, stop the enforcement and release masks and rewind weights.
+            ``"gradient"``, ``"undecayed"``, ``"random"``, ``"fairgrape"``, ``"fairprune"``,
+            ``"worst_group"``, registered ones), a `Criterion`, or ``fn(params, grads)``.
+        scope: ``"global"`` (one threshold) or ``"layerwise"`` (each layer at the target).
+        gradient_batches, weight_decay, seed, needs_gradients: what criteria get: training
+            batches of the mean task-loss gradient; ε of ``"undecayed"`` (default: the
+            optimizers'); the random seed (``seed + round``); whether a callable needs
+            gradients (default: its ``needs_gradients`` attribute).
+        include_types, exclude_types, include_names, exclude_names, prune_classifier,
+            prune_bias, prune_norm: what is prunable (`select_parameters`; Conv*/Linear
+            weights but the classifier by default).
+        rewind: ``None``, ``"init"`` or an event point ``<= start``: survivors reset to those
+            weights after every round (lottery tickets).
+        make_permanent: at fit end, stop enforcing and release masks and rewind weights.
         verbose: print one line per round (rank 0).
-        name: distinguishes several pruning callbacks of one trainer (checkpoint state key).
-        group_data: per-group data of the criteria that need per-group statistics: a
-            `FairnessData`; default the whole training dataloader, groups = classes. Scanned
-            entirely and dry-run on one batch at fit start.
-        curvature: per-group diagonal curvature of those criteria (``"fisher"``,
-            ``"hutchinson"``, ``"none"``; default: the criterion's).
-        criterion_options: keyword options of the criterion (its typed options: e.g.
-            fairprune's ``beta``, ``worst``, ``others``); checked at construction, group ids
-            at fit start.
+        name: distinguishes several pruning callbacks (checkpoint state key).
+        group_data, curvature, criterion_options: for criteria that need per-group
+            statistics: a `FairnessData` (default: the training loader, groups = classes;
+            scanned and dry-run at fit start) and the diagonal curvature; the criterion's
+            typed options (e.g. fairprune's ``beta``; checked at construction).
+        structure: ``"weight"``, ``"channel"`` (output channels of Conv/Linear layers with
+            everything coupled to them, by Torch-Pruning's dependency graph; the target is a
+            fraction of the prunable channels) or ``"n:m"`` (at most n of every m consecutive
+            input weights kept; target ``1 - n/m``). Masks cover all coupled parameters.
+        example_input: an input batch for the channels' graph, the cost (params, FLOPs) of
+            every round and ``compact_path``; default ``example_input_array``, else the first
+            sample of the first training batch (taken at train start, RNG restored).
+        compact_path: at fit end (rank 0), write ``compact(model).state_dict()`` here
+            (load it with `lightning_fairprune.load_compact`).
 
     Example:
         >>> pruning = IterativePruning(0.9, schedule="geometric", num_rounds=3, start=1)
@@ -170,8 +163,17 @@ class IterativePruning(Callback):
         group_data: FairnessData | None = None,
         curvature: str | None = None,
         criterion_options: Mapping[str, Any] | None = None,
+        structure: str = "weight",
+        example_input: Any = None,
+        compact_path: str | Path | None = None,
     ) -> None:
         super().__init__()
+        lists = (include_types, exclude_types, include_names, exclude_names)
+        self._init_selection(lists, (prune_classifier, prune_bias, prune_norm))
+        self.target = PruningTarget(structure, self.selection, example_input)
+        final_sparsity = self.target.final_sparsity(
+            final_sparsity, compression_ratio, callable(schedule)
+        )
         self.plan = RoundPlan(
             final_sparsity,
             compression_ratio=compression_ratio,
@@ -186,19 +188,19 @@ class IterativePruning(Callback):
             pretrained=pretrained,
         )
         self._init_criterion(criterion, needs_gradients, group_data, curvature, criterion_options)
-        self.scope = check_choice(scope, "scope", _SCOPES)
+        self.scope = check_choice(scope, "scope", ("global", "layerwise"))
         self.gradient_batches = check_int(gradient_batches, "gradient_batches", 1)
         self.weight_decay = check_real(weight_decay, "weight_decay", low=0.0, allow_none=True)
         self.seed = check_int(seed, "seed", 0)
-        lists = (include_types, exclude_types, include_names, exclude_names)
-        self._init_selection(lists, (prune_classifier, prune_bias, prune_norm))
         self.rewind = self.plan.check_rewind(rewind)
         self.make_permanent = check_bool(make_permanent, "make_permanent")
         self.verbose = check_bool(verbose, "verbose")
         self.name = check_instance(name, "name", str, "a str or None")
+        self.compact_path = check_instance(compact_path, "compact_path", (str, Path), "a path")
         self.mask_state = MaskState(owner="IterativePruning")
-        self._fqns: list[str] | None = None
         self._pl_module: nn.Module | None = None
+        self._cost: dict[str, int] | None = None  # of the model as it is now
+        self._started = False
         self._manual_rounds = 0
         self._events: list[PruningEvent] = []
 
@@ -211,16 +213,10 @@ class IterativePruning(Callback):
         options: Mapping[str, Any] | None,
     ) -> None:
         self.criterion: Criterion = resolve_criterion(criterion, needs_gradients)
+        check_support(self.criterion, self.target.structure)
         what = "a lightning_fairprune.FairnessData (a loader with `num_groups`, ...) or None"
         self.group_data = check_instance(group_data, "group_data", FairnessData, what)
-        if not self.criterion.needs_group_statistics and (group_data, curvature) != (None, None):
-            fair = [n for n, c in CRITERIA.items() if c.needs_group_statistics]
-            raise ValueError(
-                "Expected `group_data` and `curvature` only with a fairness-aware criterion "
-                f"(one that needs per-group statistics: {fair}), but got "
-                f"criterion={self.criterion.name!r}"
-            )
-        self.curvature = check_curvature(self.criterion, curvature)
+        self.curvature = check_curvature(self.criterion, curvature, group_data)
         self.criterion_options = dict(options) if isinstance(options, Mapping) else options
         self.options = self.criterion.make_options(options)  # names and values checked now
 
@@ -236,8 +232,7 @@ class IterativePruning(Callback):
     @property
     @override
     def state_key(self) -> str:
-        # what is pruned identifies the callback; the schedule and the target do not, so that
-        # a run resumed with another target finds its state
+        # what is pruned identifies it (not the schedule: a resumed run may change the target)
         return self._generate_state_key(
             name=self.name, selection={k: v for k, v in self.selection.items() if v}
         )
@@ -249,13 +244,13 @@ class IterativePruning(Callback):
 
     @property
     def parameter_names(self) -> list[str]:
-        """Names of the prunable parameters (known from ``setup`` on; empty before)."""
-        return list(self._fqns or [])
+        """Names of the masked parameters (known from ``setup`` on; empty before)."""
+        return list(self.target.names or [])
 
     @property
     def current_sparsity(self) -> float:
-        """Realized fraction of the prunable weights that are pruned (0.0 before any round)."""
-        return self.mask_state.sparsity
+        """Realized pruned fraction of the prunable weights (channels, for channels)."""
+        return self.target.sparsity(self.masks, self.mask_state.sparsity)
 
     @property
     def rounds_done(self) -> int:
@@ -291,7 +286,6 @@ class IterativePruning(Callback):
             >>> s["final_sparsity"], s["schedule"], s["num_rounds"], s["criterion"]
             (0.9, 'geometric', 3, 'magnitude')
         """
-        fair = self.criterion.needs_group_statistics
         return {
             **self.plan.settings(),
             "criterion": self.criterion.name,
@@ -302,47 +296,53 @@ class IterativePruning(Callback):
             "rewind": self.rewind,
             "make_permanent": self.make_permanent,
             "name": self.name,
-            "curvature": self.curvature if fair else None,
+            "curvature": self.curvature if self.criterion.needs_group_statistics else None,
             "criterion_options": self.criterion_options or None,
+            "structure": str(self.target.structure),
+            "compact_path": None if self.compact_path is None else str(self.compact_path),
             **self.selection,
         }
 
     # ------------------------------------------------------------------ setup
-    def _params(self, pl_module: nn.Module) -> dict[str, nn.Parameter]:
-        """Prunable parameters by name, looked up fresh (strategies replace them)."""
-        if self._fqns is None:
-            params = select_parameters(pl_module, **self.selection)
-            if not params:
-                raise ValueError(
-                    "Expected the parameter selection of `IterativePruning` to match at least "
-                    f"one parameter of {type(pl_module).__name__}, but got none with "
-                    f"{self.selection}"
-                )
-            self._fqns, self._pl_module = list(params), pl_module
+    def _params(self, pl_module: nn.Module, trainer: Any = None) -> dict[str, nn.Parameter]:
+        """Masked parameters by name, looked up fresh (strategies replace them)."""
+        first = not self.target.bound
+        example = None if trainer is None else partial(first_training_input, trainer)
+        params = self.target.params(pl_module, example)
+        if first:
+            self._pl_module = pl_module
             if self.plan.compression_ratio is not None:
                 total = sum(p.numel() for p in pl_module.parameters())
                 self.plan.resolve_compression(total, sum(p.numel() for p in params.values()))
-        named = dict(pl_module.named_parameters())
-        params = {name: named[name] for name in self._fqns}
         self.mask_state.bind(params)
         return params
+
+    def _start(self, trainer: pl.Trainer, pl_module: nn.Module, training: bool) -> None:
+        """Bind the parameters once an example input is known, then the fit-start checks."""
+        if not (training or self.target.ready(pl_module)):
+            return  # the example input comes from the first training batch (on_train_start)
+        self._params(pl_module, trainer)
+        if not self._started:
+            self._started = True
+            check_disjoint(pruned_parameter_sets(trainer), "pruned parameters", hint=_OVERLAP)
+            if self.rewind == "init" and self.mask_state.rewind_weights is None:
+                self.mask_state.capture_rewind()
+            if self.compact_path is not None:
+                self.target.require_example("`compact_path`")
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._params(pl_module)
+        if self.target.ready(pl_module):
+            self._params(pl_module)
         if bool(getattr(trainer, "is_global_zero", True)):
             section = "pruning" if self.name is None else f"pruning-{self.name}"
             log_config(trainer, section, self.settings())
         if self.plan.interval == "epoch":
             self._fit_plan(trainer)
-        if self.criterion.needs_gradients and not pl_module.automatic_optimization:
-            raise ValueError(
-                f"Expected automatic optimization with criterion={self.criterion.name!r} "
-                "(its gradients come from `training_step`), but the module uses manual "
-                "optimization; use criterion='magnitude' or 'random'"
-            )
+        if self.criterion.needs_gradients:
+            check_automatic_optimization(pl_module, f"criterion={self.criterion.name!r}")
 
     def _fit_plan(self, trainer: pl.Trainer) -> None:
         fit_plan(self.plan, trainer)
@@ -353,32 +353,19 @@ class IterativePruning(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # strategies have sharded the model (configure_model) by now: refuse what cannot run
         # on shards before the first training step, not at the first round
-        self._params(pl_module)
-        if self.mask_state.sharded and not self.criterion.supports_sharding:
-            raise ValueError(
-                f"Expected criterion={self.criterion.name!r} on unsharded parameters: it does "
-                "not support FSDP2-sharded models; use one that does, e.g. 'magnitude', "
-                "'gradient', 'undecayed' or 'random'"
-            )
-        check_disjoint(pruned_parameter_sets(trainer), "pruned parameters", hint=_OVERLAP)
-        if self.rewind == "init" and self.mask_state.rewind_weights is None:
-            self.mask_state.capture_rewind()
+        sharded = is_sharded(dict(pl_module.named_parameters()))
+        check_support(self.criterion, self.target.structure, sharded)
+        self._start(trainer, pl_module, training=False)
         self.mask_state.enforce(trainer.optimizers)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.plan.interval == "step":  # the number of optimizer steps is known from here on
             self._fit_plan(trainer)
+        self._start(trainer, pl_module, training=True)  # the training batches are known now
         if self.criterion.needs_group_statistics and not self.plan.complete:
-            check_group_data(  # the train loader is known from here on
-                trainer,
-                pl_module,
-                self._params(pl_module),
-                self.group_data,
-                self.criterion,
-                self.options,
-                self.curvature,
-            )
+            fair = (self.group_data, self.criterion, self.options, self.curvature)
+            check_group_data(trainer, pl_module, self._params(pl_module), *fair)
         self.mask_state.enforce(trainer.optimizers)
 
     @override
@@ -398,6 +385,9 @@ class IterativePruning(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             self.plan.warn_unfinished(self.current_sparsity)
+            if self.compact_path is not None and self.target.bound:
+                self.target.save_compact(pl_module, self.mask_state.full(), self.compact_path)
+        self._started = False
         self.mask_state.release()
         if self.make_permanent:
             self.make_pruning_permanent(pl_module)
@@ -424,20 +414,19 @@ class IterativePruning(Callback):
     def prune_now(
         self, trainer: pl.Trainer | None, pl_module: nn.Module, sparsity: float | None = None
     ) -> None:
-        """Run a pruning round now.
+        """Run a pruning round now: the next scheduled one, or an extra one to ``sparsity``.
 
-        Without ``sparsity`` this runs the next scheduled round (and advances the schedule);
-        with it, an extra round to that cumulative sparsity that leaves the schedule where
-        it is. ``trainer`` may be ``None`` for criteria that need no training batches.
+        An extra round leaves the schedule where it is. ``trainer`` may be ``None`` for
+        criteria that need no training batches (no logging, listeners or optimizer state).
 
         Args:
-            trainer: the `Trainer` (or ``None``: no logging, listeners or optimizer state).
+            trainer: the `Trainer` (or ``None``).
             pl_module: the model to prune.
             sparsity: cumulative target in ``[current sparsity, 1)``, or ``None``.
 
         Raises:
-            ValueError: for a sparsity outside ``[0, 1)`` or below the current sparsity, or
-                when the schedule is complete and no sparsity is given.
+            ValueError: a sparsity outside ``[0, 1)`` or below the current one, or none when
+                the schedule is complete.
 
         Example:
             >>> model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 2))
@@ -461,16 +450,19 @@ class IterativePruning(Callback):
     ) -> None:
         params = self._params(pl_module)
         state = self.mask_state
+        before = self._cost if self._cost is not None else self.target.cost(pl_module, self.masks)
         event = PruningEvent(
             round_index=self.plan.rounds_done + self._manual_rounds,
             num_rounds=self.plan.num_rounds,
             target_sparsity=float(target),
-            previous_sparsity=float(state.sparsity),
+            previous_sparsity=float(self.current_sparsity),
             epoch=int(getattr(trainer, "current_epoch", 0) or 0),
             global_step=int(getattr(trainer, "global_step", 0) or 0),
             criterion=self.criterion.name,
             parameter_names=tuple(params),
             scheduled=scheduled,
+            structure=str(self.target.structure),
+            previous_cost=before,
         )
         if getattr(trainer, "training", False):  # in a fit (not a stub or no trainer)
             self.plan.warn_untrained(event.global_step)
@@ -480,32 +472,25 @@ class IterativePruning(Callback):
         if rewound:
             state.rewind()
         elif self.rewind is not None:
-            warnings.warn(
-                f"IterativePruning: round {event.round_index} ran before the rewind point "
-                f"{self.rewind!r} was reached; its survivors are not rewound.",
-                UserWarning,
-                stacklevel=2,
-            )
+            self.plan.warn_not_rewound(self.rewind, event.round_index)
         optimizers = list(getattr(trainer, "optimizers", None) or [])
         state.zero_optimizer_state(optimizers)
         state.enforce(optimizers, force=True)
         self._manual_rounds += 0 if scheduled else 1
         self.plan.record_round(target, scheduled=scheduled)
+        self._cost = self.target.cost(pl_module, self.masks)
         done = dataclasses.replace(
             event,
-            realized_sparsity=state.sparsity,
+            realized_sparsity=self.current_sparsity,
             layer_sparsity=state.layer_sparsity(),
             rewound=rewound,
+            cost=self._cost,
         )
         self._events.append(done)
         if trainer is not None:
             log_scalars(trainer, done.metrics())
         if self.verbose and bool(getattr(trainer, "is_global_zero", True)):
-            at = done.epoch if self.plan.interval == "epoch" else done.global_step
-            print(
-                f"IterativePruning: round {done.round_index + 1} at {self.plan.interval} {at}: "
-                f"sparsity {done.realized_sparsity:.4f} (target {target:.4f})"
-            )
+            print(done.summary(self.plan.interval))
         announce(trainer, pl_module, "on_pruning_round", done, sender=self)
 
     def compute_masks(
@@ -524,12 +509,12 @@ class IterativePruning(Callback):
         Args:
             trainer: the `Trainer` (``None`` outside a fit for criteria without batches).
             pl_module: the model.
-            params: the prunable parameters by name.
+            params: the masked parameters by name.
             target: cumulative target sparsity.
             round_index: index of the round (seeds the random criterion).
 
         Returns:
-            Bool masks by parameter name, on the parameters' devices (local shards).
+            Bool masks by parameter name (local shards when sharded).
 
         Example:
             >>> import torch
@@ -552,56 +537,36 @@ class IterativePruning(Callback):
     # ------------------------------------------------------------------ what criteria ask for
     def _context(
         self,
-        trainer: pl.Trainer | None,
+        trainer: Any,
         pl_module: nn.Module,
         params: Mapping[str, Tensor],
         target: float,
-        round_index: int,
+        r: int,
     ) -> CriterionContext:
-        """The round's criterion context; its suppliers run only if the criterion asks."""
-        state, name = self.mask_state, f"criterion={self.criterion.name!r}"
+        """Round ``r``'s criterion context; its suppliers run only if the criterion asks."""
+        state, name, seed = self.mask_state, f"criterion={self.criterion.name!r}", self.seed + r
+        owner = f"IterativePruning ({name})"  # (FSDP's backward averages sharded gradients)
+        grads = partial(training_gradients, trainer, pl_module, params, self.gradient_batches)
+        stats = partial(group_statistics_of, trainer, pl_module, params, self.group_data)
         return CriterionContext(
             params,
             target,
             scope=self.scope,
             current_masks=state.masks or None,
-            seed=self.seed + round_index,
+            seed=seed,
             options=self.options,
             curvature=self.curvature,
-            gradients=lambda: training_gradients(
-                trainer,
-                pl_module,
-                params,
-                self.gradient_batches,
-                f"IterativePruning ({name})",
-                averaged=state.sharded,  # FSDP's backward averaged them over the processes
-            ),
-            weight_decays=lambda: self._weight_decays(trainer, params),
-            group_statistics=lambda: group_statistics_of(
-                trainer,
-                pl_module,
-                params,
-                self.group_data,
-                curvature=self.curvature,
-                seed=self.seed + round_index,
-                owner=name,
-            ),
+            gradients=partial(grads, owner, averaged=state.sharded),
+            weight_decays=partial(weight_decays, trainer, params, self.weight_decay, name),
+            group_statistics=partial(stats, curvature=self.curvature, seed=seed, owner=name),
+            units=self.target.units,
             distribute=state.distribute if state.sharded else None,
             owner=f"criterion {self.criterion.name!r}",
         )
 
-    def _weight_decays(
-        self, trainer: pl.Trainer | None, params: Mapping[str, Tensor]
-    ) -> dict[str, float]:
-        """ε per parameter: the ``weight_decay`` argument, else the optimizers' (warned if 0)."""
-        return weight_decays(trainer, params, self.weight_decay, self.criterion.name)
-
     # ------------------------------------------------------------------ masks in and out
     def make_pruning_permanent(self, pl_module: nn.Module | None = None) -> None:
-        """Stop enforcing the masks and release masks and rewind weights.
-
-        The pruned weights are already exactly zero and stay so until the next optimizer
-        step; nothing in the model refers to the callback afterwards.
+        """Stop enforcing the masks; release masks and rewind weights (weights stay zero).
 
         Args:
             pl_module: the model (re-applies the masks once more before releasing them).
@@ -640,9 +605,7 @@ class IterativePruning(Callback):
         self.mask_state.save(path)
 
     def import_masks(self, path: str | Path, pl_module: nn.Module | None = None) -> None:
-        """Load masks saved by `export_masks` and apply them (now, or at setup).
-
-        Imported masks are the starting point of the schedule: later rounds prune further.
+        """Apply masks saved by `export_masks` (now, or at setup); later rounds prune further.
 
         Raises:
             ValueError: if the masks do not fit the selected parameters.
@@ -659,8 +622,8 @@ class IterativePruning(Callback):
             >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
             >>> pruning = IterativePruning(0.5)
             >>> pruning.prune_now(None, model)
-            >>> pruning.sparsity_report()["sparsity"]
-            0.5
+            >>> pruning.sparsity_report()["sparsity"], pruning.sparsity_report()["layers"].keys()
+            (0.5, dict_keys(['0.weight']))
         """
         module = pl_module if pl_module is not None else self._pl_module
         if module is None:

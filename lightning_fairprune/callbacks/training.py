@@ -19,14 +19,22 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_fairprune.fairness_data import FairnessData, agree
-from lightning_fairprune.measure import isolated, precision_context, prepare_batch, task_gradients
+from lightning_fairprune.measure import (
+    isolated,
+    precision_context,
+    prepare_batch,
+    rng_restored,
+    task_gradients,
+)
 from lightning_fairprune.plan import RoundPlan
 from lightning_fairprune.pruning.criteria import Criterion, optimizer_weight_decays
 from lightning_fairprune.pruning.fair_criteria import GroupStatistics, group_statistics
 
 __all__ = [
     "broadcast_masks",
+    "check_automatic_optimization",
     "check_group_data",
+    "first_training_input",
     "fit_plan",
     "group_statistics_of",
     "training_gradients",
@@ -38,6 +46,16 @@ __all__ = [
 def world_size(trainer: Any) -> int:
     """The Trainer's number of processes (1 without a trainer)."""
     return int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+
+
+def check_automatic_optimization(pl_module: Any, owner: str) -> None:
+    """Refuse manual optimization for ``owner``, whose gradients come from ``training_step``."""
+    if not getattr(pl_module, "automatic_optimization", True):
+        raise ValueError(
+            f"Expected automatic optimization with {owner} (its gradients come from "
+            "`training_step`), but the module uses manual optimization; use "
+            "criterion='magnitude' or 'random'"
+        )
 
 
 def fit_plan(plan: RoundPlan, trainer: Any) -> None:
@@ -136,6 +154,34 @@ def weight_decays(
             stacklevel=2,
         )
     return decays
+
+
+def first_training_input(trainer: Any, required: bool = True) -> Any:
+    """The inputs of the first sample of the first training batch (``None`` without loader).
+
+    The batch is drawn with every RNG state restored (`rng_restored`), so training sees the
+    same batches; it is converted as training batches are (`prepare_batch`).
+
+    Raises:
+        ValueError: if ``required`` and the batch is neither a tensor nor an
+            ``(inputs, targets, ...)`` sequence (else ``None``).
+    """
+    loader = getattr(trainer, "train_dataloader", None)
+    if loader is None or isinstance(loader, (Mapping, list, tuple)):
+        return None
+    with rng_restored(loaders=[loader]):
+        batch = next(iter(loader))
+    batch = prepare_batch(batch, trainer)
+    inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+    if not isinstance(inputs, Tensor):
+        if not required:
+            return None
+        raise ValueError(
+            "Expected the training batches to be tensors or (inputs, targets, ...) sequences of "
+            "tensors to take an example input from, but got "
+            f"{type(inputs).__name__}; pass `example_input`"
+        )
+    return inputs[:1]
 
 
 def _data(trainer: Any, data: FairnessData | None, owner: str) -> FairnessData:

@@ -42,7 +42,8 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_fairprune.pruning.units import Units, WeightUnits
+from lightning_fairprune.pruning.structured import Structure
+from lightning_fairprune.pruning.units import UNITS, Units, WeightUnits
 
 __all__ = [
     "CRITERIA",
@@ -51,6 +52,7 @@ __all__ = [
     "CriterionFn",
     "ScoreCriterion",
     "check_curvature",
+    "check_support",
     "compute_scores",
     "gradient_scores",
     "magnitude_scores",
@@ -180,6 +182,7 @@ class Criterion(Protocol):
         default_curvature: the curvature of the statistics unless the user picks one.
         curvatures: the curvatures it accepts.
         supports_sharding: works on FSDP2-sharded parameters.
+        structures: the structures it works with (``"weight"``, ``"channel"``, ``"nm"``).
         options_type: dataclass of its typed options (``None``: it takes none).
     """
 
@@ -190,6 +193,7 @@ class Criterion(Protocol):
     default_curvature: str
     curvatures: tuple[str, ...]
     supports_sharding: bool
+    structures: tuple[str, ...]
     options_type: type | None
 
     def make_options(self, options: Mapping[str, Any] | None) -> Any:
@@ -218,6 +222,7 @@ class ScoreCriterion:
     default_curvature = "none"
     curvatures: tuple[str, ...] = ("none",)
     supports_sharding = True
+    structures: tuple[str, ...] = ("weight", "channel", "nm")
     options_type: type | None = None
     reduction = "l1"
     """How a channel's entries make its score (``"l2"`` norm, ``"l1"`` sum of abs)."""
@@ -242,13 +247,25 @@ class ScoreCriterion:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
-def check_curvature(criterion: Criterion, curvature: str | None) -> str:
+def check_curvature(criterion: Criterion, curvature: str | None, group_data: object = None) -> str:
     """The curvature of ``criterion``'s statistics: given, else its default; checked.
+
+    ``curvature`` and ``group_data`` are only for criteria that need per-group statistics.
 
     Example:
         >>> check_curvature(CRITERIA["magnitude"], None)
         'none'
+        >>> check_curvature(CRITERIA["magnitude"], "fisher")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `group_data` and `curvature` only with a fairness-aware criterion ...
     """
+    if not criterion.needs_group_statistics and (curvature, group_data) != (None, None):
+        fair = [n for n, c in CRITERIA.items() if c.needs_group_statistics]
+        raise ValueError(
+            "Expected `group_data` and `curvature` only with a fairness-aware criterion (one "
+            f"that needs per-group statistics: {fair}), but got criterion={criterion.name!r}"
+        )
     value = criterion.default_curvature if curvature is None else curvature
     if value not in criterion.curvatures:
         allowed = " or ".join(repr(c) for c in criterion.curvatures)
@@ -256,6 +273,32 @@ def check_curvature(criterion: Criterion, curvature: str | None) -> str:
             f"Expected `curvature` {allowed} with criterion={criterion.name!r}, but got {value!r}"
         )
     return value
+
+
+def check_support(criterion: Criterion, structure: Structure, sharded: bool = False) -> None:
+    """Refuse a criterion on a structure it does not work with, or on sharded parameters.
+
+    Example:
+        >>> from lightning_fairprune.pruning.structured import parse_structure
+        >>> check_support(CRITERIA["worst_group"], parse_structure("2:4"))
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected criterion='worst_group' with a structure among ('weight', 'channel'), but got structure='2:4'
+    """  # noqa: E501
+    if structure.kind not in criterion.structures:
+        raise ValueError(
+            f"Expected criterion={criterion.name!r} with a structure among "
+            f"{criterion.structures}, but got structure={str(structure)!r}"
+        )
+    refused = [] if criterion.supports_sharding else [f"criterion={criterion.name!r}"]
+    if not UNITS[structure.kind].supports_sharding:
+        refused.append(f"structure={str(structure)!r}")
+    if sharded and refused:
+        raise ValueError(
+            f"Expected {' with '.join(refused)} on unsharded parameters: it does not support "
+            "FSDP2-sharded models; use structure='weight' with e.g. 'magnitude', 'gradient', "
+            "'undecayed' or 'random'"
+        )
 
 
 def make_options(name: str, options_type: type | None, options: Mapping[str, Any] | None) -> Any:

@@ -525,6 +525,7 @@ class _FairCriterion:
     default_curvature = "fisher"
     curvatures: tuple[str, ...] = ("fisher", "hutchinson")
     supports_sharding = False
+    structures: tuple[str, ...] = ("weight", "channel")  # rules that rank units, exact counts
     options_type: type | None = None
 
     def make_options(self, options: Mapping[str, Any] | None) -> Any:

@@ -23,23 +23,37 @@ are reduced alike.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_fairprune.dtensor import local_tensor
 from lightning_fairprune.pruning.nm import nm_masks
 from lightning_fairprune.pruning.select import global_masks, layerwise_masks
+from lightning_fairprune.pruning.selection import select_parameters
 from lightning_fairprune.pruning.structured import (
     ChannelGroup,
+    Structure,
+    channel_groups,
     channel_masks,
     dead_channels,
+    group_parameter_names,
     group_scores,
+    parse_structure,
     select_channels,
 )
 
-__all__ = ["ChannelUnits", "NMUnits", "Units", "WeightUnits"]
+__all__ = [
+    "UNITS",
+    "ChannelUnits",
+    "NMUnits",
+    "Units",
+    "WeightUnits",
+    "check_structure",
+    "make_units",
+]
 
 
 @runtime_checkable
@@ -52,11 +66,19 @@ class Units(Protocol):
             that criteria that rank units themselves (the fairness-aware ones) apply.
         keep_one: whether every unit tensor keeps at least one unit in the global scope
             (channel groups: a layer cannot lose all its channels).
+        supports_sharding: whether the units work on FSDP2-sharded parameters.
+        needs_example: whether building them traces the model on an example input.
     """
 
     kind: str
     exact_counts: bool
     keep_one: bool
+    supports_sharding: bool
+    needs_example: bool
+
+    def sparsity(self, masks: Mapping[str, Tensor], weight_sparsity: float) -> float:
+        """The realized sparsity in units (``weight_sparsity``: the masked entries' one)."""
+        ...
 
     def reduce(self, values: Mapping[str, Tensor], how: str) -> dict[str, Tensor]:
         """Per-parameter values ``[*lead, *shape]`` -> per-unit values ``[*lead, *units]``."""
@@ -94,6 +116,12 @@ class WeightUnits(Units):
     kind = "weight"
     exact_counts = True
     keep_one = False
+    supports_sharding = True
+    needs_example = False
+
+    @override
+    def sparsity(self, masks: Mapping[str, Tensor], weight_sparsity: float) -> float:
+        return weight_sparsity
 
     @override
     def reduce(self, values: Mapping[str, Tensor], how: str) -> dict[str, Tensor]:
@@ -142,6 +170,8 @@ class ChannelUnits(Units):
     kind = "channel"
     exact_counts = True
     keep_one = True
+    supports_sharding = False
+    needs_example = True
 
     def __init__(self, groups: Sequence[ChannelGroup], params: Mapping[str, Tensor]) -> None:
         self.groups = list(groups)
@@ -172,6 +202,14 @@ class ChannelUnits(Units):
             return None
         dead = dead_channels(self.groups, masks)
         return {root: ~d for root, d in zip(self._roots, dead, strict=True)}
+
+    @override
+    def sparsity(self, masks: Mapping[str, Tensor], weight_sparsity: float) -> float:
+        """Pruned fraction of the channels (the unit of ``final_sparsity``)."""
+        if not masks:
+            return 0.0
+        dead = dead_channels(self.groups, masks)
+        return sum(int(d.sum()) for d in dead) / sum(g.num_channels for g in self.groups)
 
     @override
     def select(
@@ -210,6 +248,8 @@ class NMUnits(Units):
     kind = "nm"
     exact_counts = False
     keep_one = False
+    supports_sharding = True  # blocks lie within rows: every shard holds whole blocks
+    needs_example = False
 
     def __init__(self, n: int, m: int) -> None:
         self.n, self.m = n, m
@@ -223,6 +263,10 @@ class NMUnits(Units):
         return None if not masks else dict(masks)
 
     @override
+    def sparsity(self, masks: Mapping[str, Tensor], weight_sparsity: float) -> float:
+        return weight_sparsity
+
+    @override
     def select(
         self,
         scores: Mapping[str, Tensor],
@@ -230,6 +274,9 @@ class NMUnits(Units):
         scope: str,
         current: Mapping[str, Tensor] | None,
     ) -> dict[str, Tensor]:
+        scores = {n: local_tensor(s) for n, s in scores.items()}  # whole rows on every shard
+        if current is not None:
+            current = {n: local_tensor(c) for n, c in current.items()}
         keep = max(self.n, self.m - int(target * self.m + 0.5))
         if keep >= self.m:
             ones = {
@@ -244,3 +291,118 @@ class NMUnits(Units):
     @override
     def expand(self, keep: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return dict(keep)
+
+
+UNITS: dict[str, type[Units]] = {"weight": WeightUnits, "channel": ChannelUnits, "nm": NMUnits}
+"""The units class of every structure kind (its declared attributes, before it is built)."""
+
+
+def make_units(
+    structure: str | Structure,
+    module: nn.Module,
+    selection: Mapping[str, Any],
+    example_inputs: Any = None,
+) -> tuple[Units, dict[str, Tensor]]:
+    """The units of ``structure`` on ``module``, and the parameters their masks cover.
+
+    Args:
+        structure: ``"weight"``, ``"channel"`` or ``"n:m"`` (`parse_structure`).
+        module: the model.
+        selection: keyword arguments of
+            :func:`~lightning_fairprune.pruning.selection.select_parameters` (which modules'
+            output channels may be pruned, for channels).
+        example_inputs: one input batch of ``module`` (channels: traced for the dependency
+            graph).
+
+    Returns:
+        ``(units, params)`` with ``params`` FQN -> parameter: the selected weights, or every
+        parameter coupled to the channel groups.
+
+    Raises:
+        ValueError: channels without ``example_inputs``; ``"n:m"`` on tensors of fewer than
+            two dimensions; a selection that matches nothing.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+        >>> units, params = make_units("channel", net, {}, torch.randn(2, 4))
+        >>> units.kind, list(params)
+        ('channel', ['0.weight', '0.bias', '2.weight'])
+    """
+    parsed = parse_structure(structure)
+    named = dict(module.named_parameters())
+    if parsed.kind == "channel":
+        if example_inputs is None:
+            raise ValueError(
+                "Expected an example input with structure='channel' (`example_input`, the "
+                "module's `example_input_array`, or a training batch), but got none"
+            )
+        keys = ("include_types", "exclude_types", "include_names", "exclude_names")
+        groups = channel_groups(module, example_inputs, **{k: selection.get(k) for k in keys})
+        params = {n: named[n] for n in group_parameter_names(groups)}
+        return ChannelUnits(groups, params), params
+    params = select_parameters(module, **selection)
+    if not params:
+        raise ValueError(
+            f"Expected the parameter selection to match at least one parameter of "
+            f"{type(module).__name__}, but got none with {dict(selection)}"
+        )
+    if parsed.kind == "nm":
+        flat = [n for n, p in params.items() if p.dim() < 2]
+        if flat:
+            raise ValueError(
+                f"Expected only Linear/Conv weights with structure={str(parsed)!r} (blocks "
+                f"along their input dimension), but the selection holds {flat}"
+            )
+        return NMUnits(parsed.n, parsed.m), params
+    return WeightUnits(), params
+
+
+def check_structure(
+    structure: Structure,
+    selection: Mapping[str, Any],
+    final_sparsity: float | None,
+    compression_ratio: float | None,
+    callable_schedule: bool = False,
+) -> float | None:
+    """Check a structure against the other pruning arguments; its final sparsity.
+
+    Channels and N:M blocks take ``final_sparsity`` (a fraction of the channels, of the
+    weights), not a compression ratio; channels mask biases, norms and the next layers'
+    inputs with their channel (no ``prune_bias``/``prune_norm``/``prune_classifier``); N:M
+    blocks are for weights (no ``prune_bias``/``prune_norm``) and fix the final sparsity to
+    ``1 - n/m`` (its default).
+
+    Returns:
+        The final sparsity (``1 - n/m`` for ``"n:m"`` when not given).
+
+    Example:
+        >>> from lightning_fairprune.pruning.structured import parse_structure
+        >>> check_structure(parse_structure("2:4"), {}, None, None)
+        0.5
+    """
+    if structure.kind == "weight":
+        return final_sparsity
+    if compression_ratio is not None:
+        raise ValueError(
+            f"Expected `final_sparsity` with structure={str(structure)!r}, but got "
+            f"compression_ratio={compression_ratio!r}"
+        )
+    flags = ["prune_bias", "prune_norm"] + (
+        ["prune_classifier"] if structure.kind == "channel" else []
+    )
+    for flag in flags:
+        if selection.get(flag):
+            raise ValueError(
+                f"Expected `{flag}` False with structure={str(structure)!r} (channels mask their "
+                "biases, norms and the next layers' inputs; N:M blocks are for weights), but "
+                "got True"
+            )
+    if structure.kind != "nm" or callable_schedule:
+        return final_sparsity
+    pattern = 1.0 - structure.n / structure.m
+    if final_sparsity is not None and abs(final_sparsity - pattern) > 1e-9:
+        raise ValueError(
+            f"Expected `final_sparsity` None or {pattern:g} (the {structure} pattern) with "
+            f"structure={str(structure)!r}, but got {final_sparsity!r}"
+        )
+    return pattern
