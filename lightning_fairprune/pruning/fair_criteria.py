@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_fairprune.checks import check_bool, check_choice, check_int, check_real
 from lightning_fairprune.diagnostics._batching import check_groups, split_batch
 from lightning_fairprune.diagnostics.curvature import _resolve_params as resolve_params
 from lightning_fairprune.measure import isolated
@@ -428,8 +429,7 @@ def _check_inputs(
         raise ValueError(f"Expected `params` to be a non-empty dict of tensors, but got {params!r}")
     if not isinstance(stats, GroupStatistics):
         raise TypeError(f"Expected `stats` to be GroupStatistics, but got {type(stats).__name__}")
-    if scope not in SCOPES:
-        raise ValueError(f"Expected `scope` to be one of {SCOPES}, but got {scope!r}")
+    check_choice(scope, "scope", SCOPES)
     missing = [n for n in params if n not in stats.grad_sums]
     if missing:
         raise ValueError(f"Expected `stats` to hold statistics for {missing}, but they are missing")
@@ -459,24 +459,6 @@ def _rank_scores(keys: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out[name] = ranks[start : start + k.numel()].reshape(k.shape)
         start += k.numel()
     return out
-
-
-def _check_float(name: str, value: object, lo: float | None = None) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or (lo is not None and value < lo)
-    ):
-        bound = "" if lo is None else f" >= {lo}"
-        raise ValueError(f"Expected `{name}` to be a finite float{bound}, but got {value!r}")
-    return float(value)
-
-
-def _check_count(name: str, value: object, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"Expected `{name}` to be an int >= {lo}, but got {value!r}")
-    return value
 
 
 @dataclass
@@ -536,11 +518,13 @@ class _FairCriterion:
         """Nothing to check against the number of groups by default."""
         return None
 
+    value_fn: Callable[[Mapping[str, Tensor], GroupStatistics], dict[str, Tensor]]
+
     def values(
         self, params: Mapping[str, Tensor], stats: GroupStatistics, options: Any
     ) -> dict[str, Tensor]:
-        """Per-group values of every weight, FQN -> ``[G, *shape]``."""
-        raise NotImplementedError
+        """Per-group values of every weight, FQN -> ``[G, *shape]`` (``value_fn``)."""
+        return type(self).value_fn(params, stats)
 
     def choose(
         self, values: dict[str, Tensor], stats: GroupStatistics, rnd: _Round, options: Any
@@ -605,7 +589,7 @@ class FairGRAPEOptions:
     batch: int = 1
 
     def __post_init__(self) -> None:
-        _check_count("batch", self.batch, 1)
+        check_int(self.batch, "batch", 1)
 
 
 def fairgrape_importance(params: Mapping[str, Tensor], stats: GroupStatistics) -> dict[str, Tensor]:
@@ -675,12 +659,7 @@ class FairGRAPE(_FairCriterion):
     default_curvature = "none"
     curvatures = ("fisher", "hutchinson", "none")
     options_type = FairGRAPEOptions
-
-    @override
-    def values(
-        self, params: Mapping[str, Tensor], stats: GroupStatistics, options: Any
-    ) -> dict[str, Tensor]:
-        return fairgrape_importance(params, stats)
+    value_fn = fairgrape_importance
 
     @override
     def choose(
@@ -765,17 +744,9 @@ class FairPruneOptions:
     others: str = "mean"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "beta", _check_float("beta", self.beta, 0.0))
-        if self.worst is not None and not _is_id(self.worst):
-            raise ValueError(
-                f"Expected `worst` to be a group id (an int >= 0) or None, but got {self.worst!r}"
-            )
-        if self.others not in ("mean", "max"):
-            raise ValueError(f"Expected `others` to be 'mean' or 'max', but got {self.others!r}")
-
-
-def _is_id(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        object.__setattr__(self, "beta", check_real(self.beta, "beta", low=0.0))
+        check_int(self.worst, "worst", 0, allow_none=True)
+        check_choice(self.others, "others", ("mean", "max"))
 
 
 def _worst_group(stats: GroupStatistics, worst: int | None) -> int:
@@ -814,6 +785,7 @@ class FairPrune(_FairCriterion):
 
     name = "fairprune"
     options_type = FairPruneOptions
+    value_fn = fairprune_saliency
 
     @override
     def check_options(self, options: Any, num_groups: int) -> None:
@@ -821,12 +793,6 @@ class FairPrune(_FairCriterion):
             raise ValueError(
                 f"Expected `worst` to be a group id in [0, {num_groups}), but got {options.worst!r}"
             )
-
-    @override
-    def values(
-        self, params: Mapping[str, Tensor], stats: GroupStatistics, options: Any
-    ) -> dict[str, Tensor]:
-        return fairprune_saliency(params, stats)
 
     @override
     def choose(
@@ -911,12 +877,10 @@ class WorstGroupOptions:
     swaps: int = 10
 
     def __post_init__(self) -> None:
-        _check_count("iterations", self.iterations, 1)
-        if self.eta is not None:
-            object.__setattr__(self, "eta", _check_float("eta", self.eta, 0.0))
-        if not isinstance(self.clip, bool):
-            raise ValueError(f"Expected `clip` to be a bool, but got {self.clip!r}")
-        _check_count("swaps", self.swaps, 0)
+        check_int(self.iterations, "iterations", 1)
+        object.__setattr__(self, "eta", check_real(self.eta, "eta", low=0.0, allow_none=True))
+        check_bool(self.clip, "clip")
+        check_int(self.swaps, "swaps", 0)
 
 
 def worst_group_forecasts(

@@ -129,13 +129,7 @@ def check_masks_fit(masks: Mapping[str, Tensor], params: Mapping[str, Tensor]) -
         raise TypeError(
             f"Expected `masks` to be a dict of bool tensors, but got {type(masks).__name__}"
         )
-    missing = [n for n in params if n not in masks]
-    unexpected = [n for n in masks if n not in params]
-    if missing or unexpected:
-        raise ValueError(
-            "Expected the masks to cover exactly the pruned parameters, but "
-            f"missing={missing}, unexpected={unexpected}"
-        )
+    _check_cover(masks, params, "the masks", "the pruned parameters")
     for name, param in params.items():
         mask = masks[name]
         if not isinstance(mask, Tensor):
@@ -149,6 +143,15 @@ def check_masks_fit(masks: Mapping[str, Tensor], params: Mapping[str, Tensor]) -
             raise ValueError(
                 f"Expected the mask of {name!r} to have dtype torch.bool, but got {mask.dtype}"
             )
+
+
+def _check_cover(given: Mapping[str, Any], names: Mapping[str, Any], what: str, of: str) -> None:
+    missing = [n for n in names if n not in given]
+    unexpected = [n for n in given if n not in names]
+    if missing or unexpected:
+        raise ValueError(
+            f"Expected {what} to cover exactly {of}, but missing={missing}, unexpected={unexpected}"
+        )
 
 
 def full_masks(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -506,13 +509,7 @@ def _segments(
     if not isinstance(scores, Mapping) or not scores:
         raise ValueError(f"Expected `scores` to be a non-empty dict of tensors, but got {scores!r}")
     if current_masks is not None:
-        missing = [n for n in scores if n not in current_masks]
-        unexpected = [n for n in current_masks if n not in scores]
-        if missing or unexpected:
-            raise ValueError(
-                "Expected `current_masks` to cover exactly the scored parameters, but "
-                f"missing={missing}, unexpected={unexpected}"
-            )
+        _check_cover(current_masks, scores, "`current_masks`", "the scored parameters")
     out = []
     for name, score in scores.items():
         local = local_tensor(score).detach()

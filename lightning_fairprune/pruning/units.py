@@ -232,11 +232,12 @@ class ChannelUnits(Units):
         return channel_masks(self.groups, self.params, [keep[r] for r in self._roots])
 
 
-class NMUnits(Units):
+class NMUnits(WeightUnits):
     """N:M blocks along the input dimension (at most ``n`` kept weights in every ``m``).
 
-    A round with target ``t`` keeps ``max(n, m - round(t · m))`` weights per block, so the
-    last round of a schedule to ``1 - n/m`` reaches the ``n:m`` pattern exactly.
+    The units are weights (masks, counts), selected block by block: a round with target
+    ``t`` keeps ``max(n, m - round(t · m))`` weights per block, so the last round of a
+    schedule to ``1 - n/m`` reaches the ``n:m`` pattern exactly.
 
     Example:
         >>> units = NMUnits(2, 4)
@@ -253,18 +254,6 @@ class NMUnits(Units):
 
     def __init__(self, n: int, m: int) -> None:
         self.n, self.m = n, m
-
-    @override
-    def reduce(self, values: Mapping[str, Tensor], how: str) -> dict[str, Tensor]:
-        return dict(values)
-
-    @override
-    def current(self, masks: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
-        return None if not masks else dict(masks)
-
-    @override
-    def sparsity(self, masks: Mapping[str, Tensor], weight_sparsity: float) -> float:
-        return weight_sparsity
 
     @override
     def select(
@@ -287,10 +276,6 @@ class NMUnits(Units):
         if current is not None:
             masks = {n: m & current[n].to(m.device) for n, m in masks.items()}
         return masks
-
-    @override
-    def expand(self, keep: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return dict(keep)
 
 
 UNITS: dict[str, type[Units]] = {"weight": WeightUnits, "channel": ChannelUnits, "nm": NMUnits}
