@@ -12,7 +12,6 @@ from lightning_fairprune.pruning import (
     MaskEnforcer,
     apply_masks,
     check_masks_fit,
-    full_masks,
     global_masks,
     layerwise_masks,
     load_masks,
@@ -24,6 +23,7 @@ from lightning_fairprune.pruning import (
     sparsity_report,
     zero_pruned_optimizer_state,
 )
+from lightning_fairprune.pruning.select import full_masks
 
 
 def reference_masks(scores, sparsity, current=None):

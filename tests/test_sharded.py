@@ -19,10 +19,9 @@ from lightning_fairprune.pruning import (
     global_masks,
     layerwise_masks,
     masks_from_state,
-    pack_mask,
     shard_full_masks,
-    unpack_mask,
 )
+from lightning_fairprune.pruning.mask_io import pack_mask, unpack_mask
 from lightning_fairprune.pruning.select import radix_select
 
 HERE = Path(__file__).parent

@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from lightning_fairprune import FairnessMonitor, IterativePruning, compact, load_compact, model_cost
-from lightning_fairprune.pruning import CRITERIA, ChannelUnits, CriterionContext, GroupStatistics
+from lightning_fairprune.pruning import CRITERIA, CriterionContext, GroupStatistics
 from lightning_fairprune.pruning.criteria import check_support
 from lightning_fairprune.pruning.structured import (
     channel_groups,
@@ -32,6 +32,7 @@ from lightning_fairprune.pruning.structured import (
     parse_structure,
     select_channels,
 )
+from lightning_fairprune.pruning.units import ChannelUnits
 
 HERE = Path(__file__).parent
 X = DigitsDataModule(n=64)
@@ -246,9 +247,21 @@ def test_structure_arguments_are_checked_at_construction_and_fit_start(tmp_path)
         IterativePruning(0.5, structure="channel", prune_bias=True)
     with pytest.raises(ValueError, match="criterion='worst_group' with a structure among"):
         IterativePruning(structure="2:4", criterion="worst_group")
-    with pytest.raises(ValueError, match=r"structure='channel' on unsharded parameters"):
-        check_support(CRITERIA["magnitude"], parse_structure("channel"), sharded=True)
-    check_support(CRITERIA["magnitude"], parse_structure("2:4"), sharded=True)  # N:M: rows
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:  # FSDP2-sharded parameters (DTensors on a 1-D mesh)
+        sharded = {
+            "w": distribute_tensor(torch.zeros(4, 2), init_device_mesh("cpu", (1,)), [Shard(0)])
+        }
+        with pytest.raises(ValueError, match=r"structure='channel' on unsharded parameters"):
+            check_support(CRITERIA["magnitude"], parse_structure("channel"), sharded)
+        check_support(CRITERIA["magnitude"], parse_structure("2:4"), sharded)  # N:M: whole rows
+    finally:
+        dist.destroy_process_group()
+    check_support(CRITERIA["magnitude"], parse_structure("channel"), {"w": torch.zeros(2)})
 
     class WithEmbedding(pl.LightningModule):  # an unsupported layer coupled to channels
         def __init__(self):

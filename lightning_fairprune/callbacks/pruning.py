@@ -43,7 +43,6 @@ from lightning_fairprune.checks import (
     check_real,
     is_int,
 )
-from lightning_fairprune.dtensor import is_sharded
 from lightning_fairprune.fairness_data import FairnessData
 from lightning_fairprune.logging import log_config, log_scalars
 from lightning_fairprune.plan import RoundPlan
@@ -353,8 +352,7 @@ class IterativePruning(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # strategies have sharded the model (configure_model) by now: refuse what cannot run
         # on shards before the first training step, not at the first round
-        sharded = is_sharded(dict(pl_module.named_parameters()))
-        check_support(self.criterion, self.target.structure, sharded)
+        check_support(self.criterion, self.target.structure, dict(pl_module.named_parameters()))
         self._start(trainer, pl_module, training=False)
         self.mask_state.enforce(trainer.optimizers)
 
@@ -530,8 +528,6 @@ class IterativePruning(Callback):
         ctx = self._context(trainer, pl_module, params, target, round_index)
         masks = self.criterion.masks(ctx)
         del ctx
-        if self.mask_state.sharded:  # every process selected its shard of the same masks
-            return masks
         return broadcast_masks(trainer, masks, params)
 
     # ------------------------------------------------------------------ what criteria ask for
@@ -545,7 +541,7 @@ class IterativePruning(Callback):
     ) -> CriterionContext:
         """Round ``r``'s criterion context; its suppliers run only if the criterion asks."""
         state, name, seed = self.mask_state, f"criterion={self.criterion.name!r}", self.seed + r
-        owner = f"IterativePruning ({name})"  # (FSDP's backward averages sharded gradients)
+        owner = f"IterativePruning ({name})"
         grads = partial(training_gradients, trainer, pl_module, params, self.gradient_batches)
         stats = partial(group_statistics_of, trainer, pl_module, params, self.group_data)
         return CriterionContext(
@@ -556,11 +552,11 @@ class IterativePruning(Callback):
             seed=seed,
             options=self.options,
             curvature=self.curvature,
-            gradients=partial(grads, owner, averaged=state.sharded),
+            gradients=partial(grads, owner),
             weight_decays=partial(weight_decays, trainer, params, self.weight_decay, name),
             group_statistics=partial(stats, curvature=self.curvature, seed=seed, owner=name),
             units=self.target.units,
-            distribute=state.distribute if state.sharded else None,
+            distribute=state.distribute,
             owner=f"criterion {self.criterion.name!r}",
         )
 

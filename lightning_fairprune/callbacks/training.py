@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_fairprune.dtensor import is_sharded
 from lightning_fairprune.fairness_data import FairnessData, agree
 from lightning_fairprune.measure import (
     isolated,
@@ -76,8 +77,12 @@ def fit_plan(plan: RoundPlan, trainer: Any) -> None:
 def broadcast_masks(
     trainer: Any, masks: dict[str, Tensor], params: Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
-    """Rank 0's masks on every process (identical masks whatever the local data)."""
-    if world_size(trainer) <= 1:
+    """Rank 0's masks on every process (identical masks whatever the local data).
+
+    Sharded (FSDP2) parameters keep their masks: every process selected its own shard of the
+    same global masks.
+    """
+    if world_size(trainer) <= 1 or is_sharded(params):
         return masks
     cpu_masks = {k: v.detach().cpu() for k, v in masks.items()}
     cpu_masks = trainer.strategy.broadcast(cpu_masks, src=0)
@@ -90,14 +95,13 @@ def training_gradients(
     params: Mapping[str, Tensor],
     num_batches: int,
     owner: str,
-    averaged: bool = False,
 ) -> dict[str, Tensor]:
     """Mean task-loss gradient of ``params`` over ``num_batches`` training batches.
 
     ``training_step`` runs in the modes the modules train in, on batches converted as in
     training (precision plugin, device), inside `lightning_fairprune.measure.isolated`
     (modes, buffers, ``.grad``, ``requires_grad`` and RNG states restored). Data-parallel
-    gradients are averaged over the processes, unless ``averaged`` (FSDP's backward did).
+    gradients are averaged over the processes (sharded ones: FSDP's backward did).
 
     Raises:
         RuntimeError: without a training dataloader (and the errors of `task_gradients`).
@@ -130,7 +134,7 @@ def training_gradients(
         no_sync=no_sync if callable(no_sync) else None,
         owner=owner,
     )
-    if world_size(trainer) > 1 and not averaged:
+    if world_size(trainer) > 1 and not is_sharded(params):
         grads = {k: strategy.reduce(v, reduce_op="mean") for k, v in grads.items()}
     return grads
 

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_fairprune.dtensor import is_sharded
 from lightning_fairprune.pruning.structured import Structure
 from lightning_fairprune.pruning.units import UNITS, Units, WeightUnits
 
@@ -275,8 +276,10 @@ def check_curvature(criterion: Criterion, curvature: str | None, group_data: obj
     return value
 
 
-def check_support(criterion: Criterion, structure: Structure, sharded: bool = False) -> None:
-    """Refuse a criterion on a structure it does not work with, or on sharded parameters.
+def check_support(
+    criterion: Criterion, structure: Structure, params: Mapping[str, Tensor] | None = None
+) -> None:
+    """Refuse a criterion on a structure it does not work with, or on sharded ``params``.
 
     Example:
         >>> from lightning_fairprune.pruning.structured import parse_structure
@@ -293,7 +296,7 @@ def check_support(criterion: Criterion, structure: Structure, sharded: bool = Fa
     refused = [] if criterion.supports_sharding else [f"criterion={criterion.name!r}"]
     if not UNITS[structure.kind].supports_sharding:
         refused.append(f"structure={str(structure)!r}")
-    if sharded and refused:
+    if refused and params is not None and is_sharded(params):
         raise ValueError(
             f"Expected {' with '.join(refused)} on unsharded parameters: it does not support "
             "FSDP2-sharded models; use structure='weight' with e.g. 'magnitude', 'gradient', "

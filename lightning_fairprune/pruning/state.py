@@ -298,7 +298,10 @@ class MaskState:
         return shard_full_masks(full, self.params)
 
     def distribute(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Scores laid out like the parameters (full-shape scores of shards become DTensors)."""
+        """Scores laid out like the parameters (full-shape scores of shards become DTensors).
+
+        Plain parameters: the scores as they are.
+        """
         return distribute_like(scores, self.params)
 
     # ------------------------------------------------------------------ optimizers
