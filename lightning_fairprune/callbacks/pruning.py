@@ -111,8 +111,8 @@ class IterativePruning(Callback):
             fraction of the prunable channels) or ``"n:m"`` (at most n of every m consecutive
             input weights kept; target ``1 - n/m``). Masks cover all coupled parameters.
         example_input: an input batch for the channels' graph, the cost (params, FLOPs) of
-            every round and ``compact_path``; default ``example_input_array``, else the first
-            sample of the first training batch (taken at train start, RNG restored).
+            every round and ``compact_path``; default ``example_input_array``, else (channels,
+            ``compact_path``) the first sample of the first training batch (RNG restored).
         compact_path: at fit end (rank 0), write ``compact(model).state_dict()`` here
             (load it with `lightning_fairprune.load_compact`).
 
@@ -306,7 +306,8 @@ class IterativePruning(Callback):
     def _params(self, pl_module: nn.Module, trainer: Any = None) -> dict[str, nn.Parameter]:
         """Masked parameters by name, looked up fresh (strategies replace them)."""
         first = not self.target.bound
-        example = None if trainer is None else partial(first_training_input, trainer)
+        wanted = self.target.needs_example or self.compact_path is not None
+        example = partial(first_training_input, trainer) if wanted and trainer is not None else None
         params = self.target.params(pl_module, example)
         if first:
             self._pl_module = pl_module
@@ -320,14 +321,14 @@ class IterativePruning(Callback):
         """Bind the parameters once an example input is known, then the fit-start checks."""
         if not (training or self.target.ready(pl_module)):
             return  # the example input comes from the first training batch (on_train_start)
-        self._params(pl_module, trainer)
+        params = self._params(pl_module, trainer)
         if not self._started:
             self._started = True
             check_disjoint(pruned_parameter_sets(trainer), "pruned parameters", hint=_OVERLAP)
             if self.rewind == "init" and self.mask_state.rewind_weights is None:
                 self.mask_state.capture_rewind()
             if self.compact_path is not None:
-                self.target.require_example("`compact_path`")
+                self.target.check_compact(params)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -75,10 +75,14 @@ class PruningTarget:
             return self.example_input
         return getattr(module, "example_input_array", None)
 
+    @property
+    def needs_example(self) -> bool:
+        """Whether building the units needs an example input (channel groups)."""
+        return UNITS[self.structure.kind].needs_example
+
     def ready(self, module: nn.Module) -> bool:
         """Whether :meth:`params` can build the units without an example from elsewhere."""
-        needs = UNITS[self.structure.kind].needs_example
-        return self.bound or not needs or self.example_of(module) is not None
+        return self.bound or not self.needs_example or self.example_of(module) is not None
 
     def params(
         self, module: nn.Module, example: Callable[[bool], Any] | None = None
@@ -93,19 +97,24 @@ class PruningTarget:
         if self.example is None:
             self.example = self.example_of(module)
             if self.example is None and example is not None:
-                self.example = example(UNITS[self.structure.kind].needs_example)
+                self.example = example(self.needs_example)
         if self.names is None:
             self.units, params = make_units(self.structure, module, self.selection, self.example)
             self.names = list(params)
         named = dict(module.named_parameters())
         return {name: named[name] for name in self.names}
 
-    def require_example(self, what: str) -> None:
-        """Raise unless an example input is known (for ``what``)."""
+    def check_compact(self, params: Mapping[str, Tensor]) -> None:
+        """Raise unless the model can be compacted: an example input, unsharded parameters."""
         if self.example is None:
             raise ValueError(
-                f"Expected `example_input` (or the module's `example_input_array`) with {what}, "
-                "but got none, and the training batches give none"
+                "Expected `example_input` (or the module's `example_input_array`) with "
+                "`compact_path`, but got none, and the training batches give none"
+            )
+        if is_sharded(params):
+            raise ValueError(
+                "Expected `compact_path` None with FSDP2-sharded parameters (`compact` needs "
+                "the whole model on one process), but got a path"
             )
 
     def sparsity(self, masks: Mapping[str, Tensor], weight_sparsity: float) -> float:
