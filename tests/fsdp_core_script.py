@@ -29,6 +29,8 @@ from lightning_fairprune.pruning import (
     realized_sparsity,
     zero_pruned_optimizer_state,
 )
+from lightning_fairprune.pruning.criteria import random_scores
+from lightning_fairprune.pruning.mask_io import distribute_like
 
 WORLD = 2
 
@@ -113,6 +115,11 @@ def run(rank: int, out_dir: str) -> None:
         "scores": {n: local_tensor(s).reshape(-1).tolist() for n, s in gscores.items()},
         "masks": _local(m_d),
     }
+
+    # (d') random criterion: full-shape seeded scores on every process, laid out like the
+    # DTensor parameters (each process selects on its part of them)
+    rscores = distribute_like(random_scores(params, seed=5), params)
+    result["random"] = _local(global_masks(rscores, 0.5))
 
     # (e) memory: the largest tensor the selection creates, on a layer bigger than the bins
     big = nn.Linear(600, 512)

@@ -78,6 +78,13 @@ def test_sharded_selection_equals_unsharded(core_run: tuple[list[dict], Path]) -
     total = sum(s.numel() for s in scores.values())
     for r in ranks:
         assert r["sparsity_b"] == math.floor(0.7 * total + 0.5) / total
+    # the random criterion's full-shape scores, distributed like the parameters
+    from lightning_fairprune.pruning.criteria import random_scores
+
+    ref = global_masks(random_scores(scores, seed=5), 0.5)
+    got = _assemble(ranks, lambda r: r["random"], shapes)
+    for n in NAMES:
+        assert torch.equal(got[n].bool(), ref[n]), n
 
 
 def test_sharded_gradient_scores_select_like_unsharded(core_run: tuple[list[dict], Path]) -> None:

@@ -300,9 +300,9 @@ class MaskState:
     def distribute(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Scores laid out like the parameters (full-shape scores of shards become DTensors).
 
-        Plain parameters: the scores as they are.
+        Plain (or not yet bound) parameters: the scores as they are.
         """
-        return distribute_like(scores, self.params)
+        return dict(scores) if self._params is None else distribute_like(scores, self._params)
 
     # ------------------------------------------------------------------ optimizers
     def zero_optimizer_state(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
