@@ -41,7 +41,7 @@ from lightning_fairprune.diagnostics.curvature import (
     group_gradient_norms,
     group_hessian_trace,
 )
-from lightning_fairprune.pruning.masks import (
+from lightning_fairprune.pruning import (
     MaskEnforcer,
     apply_masks,
     global_masks,

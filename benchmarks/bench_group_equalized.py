@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_fairprune.losses import GroupEqualizedLoss
+from lightning_fairprune.pruning import MaskEnforcer, apply_masks, global_masks
 from lightning_fairprune.pruning.criteria import magnitude_scores
-from lightning_fairprune.pruning.masks import MaskEnforcer, apply_masks, global_masks
 from lightning_fairprune.pruning.selection import select_parameters
 
 

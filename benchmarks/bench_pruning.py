@@ -51,8 +51,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lightning_fairprune.callbacks import pruning as fairprune_pruning
 from lightning_fairprune.callbacks.pruning import IterativePruning
+from lightning_fairprune.pruning.enforce import MaskEnforcer
 
 SPARSITY = 0.9
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -167,7 +167,9 @@ class MemoryProbe(Callback):
         tensors = list(_module_tensors(pl_module))
         if isinstance(self.pruner, IterativePruning):
             tensors += list(self.pruner.masks.values())
-            tensors += list((self.pruner._rewind_weights or {}).values())
+            tensors += list((self.pruner.mask_state.rewind_weights or {}).values())
+            if isinstance(self.pruner.target.example, torch.Tensor):  # the example input
+                tensors.append(self.pruner.target.example)
             pruned = sum(int((~m).sum()) for m in self.pruner.masks.values())
         else:
             for ref in (self.pruner._original_layers or {}).values():
@@ -220,7 +222,7 @@ def run(kind: str, seed: int, epochs: int, rewind: bool, data) -> dict:
     loader = DataLoader(
         train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed)
     )
-    enforcer_cls = fairprune_pruning.MaskEnforcer
+    enforcer_cls = MaskEnforcer
     original_enforce = enforcer_cls.enforce
     enforce_cpu: list[float] = []
 

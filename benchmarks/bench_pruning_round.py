@@ -1,6 +1,6 @@
 """One global magnitude-pruning round (and a second round on top) on >= 20M weights.
 
-Compares `lightning_fairprune.pruning.masks.global_masks` + `apply_masks` with
+Compares `lightning_fairprune.pruning.global_masks` + `apply_masks` with
 `torch.nn.utils.prune.global_unstructured(..., pruning_method=prune.L1Unstructured)`:
 
 * round 1: dense -> 50 % sparsity of the prunable weights;
@@ -88,7 +88,7 @@ def _worker(method: str, num_weights: int, threads: int) -> dict:
     import torch
     from torch.nn.utils import prune
 
-    from lightning_fairprune.pruning.masks import apply_masks, global_masks
+    from lightning_fairprune.pruning import apply_masks, global_masks
     from lightning_fairprune.schedules import fraction_of_remaining
 
     if threads > 0:
@@ -159,7 +159,7 @@ def masks_agree(num_weights: int = 300_000) -> bool:
     import torch
     from torch.nn.utils import prune
 
-    from lightning_fairprune.pruning.masks import apply_masks, global_masks
+    from lightning_fairprune.pruning import apply_masks, global_masks
     from lightning_fairprune.schedules import fraction_of_remaining
 
     ours = build_layers(num_weights, seed=1, width=256)

@@ -3,7 +3,7 @@
 One run measures both on the same total weights, interleaved repeat by repeat inside the
 same two processes: first rank 0 alone runs a one-process round (magnitude scores,
 `global_masks`, `apply_masks` on full, unsharded tensors) while rank 1 waits, then both
-ranks run the 2-process round (the same on the local shards with `sharded_global_masks`,
+ranks run the 2-process round (the same on the local shards with `global_masks` on the DTensors,
 gloo). Interleaving puts both measurements under the same machine conditions (a separate
 one-process phase before the 2-process phase drifted by up to 40 % between runs). Each
 process uses one thread, so the 2-process round uses two cores where the one-process round
@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_fairprune.pruning.masks import apply_masks, global_masks, local_tensor
-from lightning_fairprune.pruning.sharded import sharded_global_masks
+from lightning_fairprune.distributed import local_tensor
+from lightning_fairprune.pruning import apply_masks, global_masks
 
 
 def _model(layers: int, width: int) -> nn.Module:
@@ -39,10 +39,8 @@ def _model(layers: int, width: int) -> nn.Module:
 def _round(params: dict, sparsity: float, sharded: bool) -> None:
     with torch.no_grad():
         scores = {n: p.detach() for n, p in params.items()}  # magnitude (abs inside)
-        if sharded:
-            masks = sharded_global_masks(scores, sparsity)
-        else:
-            masks = global_masks(scores, sparsity)
+        # one selection for both: DTensor scores select across the shards
+        masks = global_masks(scores, sparsity)
         apply_masks(params, masks)
 
 

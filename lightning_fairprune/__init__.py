@@ -39,8 +39,9 @@ from lightning_fairprune.losses import (
     GroupWeightedLoss,
     inverse_frequency_weights,
 )
-from lightning_fairprune.pruning.masks import load_masks, save_masks, sparsity_report
+from lightning_fairprune.pruning.mask_io import load_masks, save_masks
 from lightning_fairprune.pruning.selection import select_parameters
+from lightning_fairprune.pruning.state import sparsity_report
 from lightning_fairprune.report import write_report
 from lightning_fairprune.schedules import SCHEDULES, schedule_values
 

@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_leaves
 
 from lightning_fairprune.checks import check_bool, check_real
 from lightning_fairprune.measure import isolated
-from lightning_fairprune.pruning.masks import apply_masks
+from lightning_fairprune.pruning.enforce import apply_masks
 from lightning_fairprune.pruning.structured import (
     ChannelGroup,
     channel_groups,

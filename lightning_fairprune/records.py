@@ -21,10 +21,12 @@ field is declared once, with metadata saying how it is *viewed*:
 * ``from_event``: a getter ``(event, moment) -> value`` that reads the field from the round's
   `PruningEvent` (``None`` at moments without one).
 
-So a new record field is one declaration here, e.g. a cost the pruner measured::
+So a new record field is one declaration here, e.g. the model's FLOPs, which the pruner
+measures and announces in its `PruningEvent` (``params`` and ``flops`` are declared so)::
 
     flops: int | None = field(
-        default=None, metadata=view(scalar="value", from_event=lambda e, m: e.flops_at(m))
+        default=None,
+        metadata=view(scalar="value", from_event=lambda e, m: e.cost_at(m).get("flops")),
     )
 
 and the JSON history (`Record.to_dict`), the scalars, the W&B table and the report pick it up.
@@ -178,6 +180,14 @@ class Record:
     global_step: int | None = None
     sparsity: float | None = None
     accuracy: float | None = field(default=None, metadata=view(scalar="value"))
+    params: int | None = field(
+        default=None,
+        metadata=view(scalar="value", from_event=lambda e, m: e.cost_at(m).get("params")),
+    )
+    flops: int | None = field(
+        default=None,
+        metadata=view(scalar="value", from_event=lambda e, m: e.cost_at(m).get("flops")),
+    )
     num_groups: int | None = None
     group_names: Values = None
     groups_are_classes: bool | None = None

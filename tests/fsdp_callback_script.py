@@ -75,7 +75,7 @@ class Recorder(pl.Callback):
                 full = p.full_tensor() if hasattr(p, "full_tensor") else p
                 after[name] = full.detach().reshape(-1).tolist()
         self.rounds[-1]["after"] = after
-        full = self.pruning._full_masks()  # a collective when sharded: every rank is here
+        full = self.pruning.mask_state.full()  # a collective when sharded: every rank is here
         self.rounds[-1]["masks"] = {k: v.reshape(-1).int().tolist() for k, v in full.items()}
         self.rounds[-1]["sparsity"] = event.realized_sparsity
         self.rounds[-1]["layers"] = event.layer_sparsity
@@ -122,28 +122,24 @@ def main(out_dir: Path, mode: str) -> None:
             pruned_nonzero += int((local[~pruning.masks[name]] != 0).sum())
     # restore the checkpointed state into a fresh callback on this (sharded) model
     restored = IterativePruning(0.8, num_rounds=2, start=0, prune_classifier=True, rewind="init")
-    restored._setup_module(model)
+    restored.pruned_parameters(model)  # binds this model's (sharded) parameters
     restored.load_state_dict(state)
     same = all(torch.equal(restored.masks[k], pruning.masks[k]) for k in pruning.masks)
-    assert restored._rewind_weights is not None
-    assert pruning._rewind_weights is not None
-    rewind_same = all(
-        torch.equal(restored._rewind_weights[k], pruning._rewind_weights[k])
-        for k in pruning._rewind_weights
-    )
+    mine, theirs = pruning.mask_state.rewind_weights, restored.mask_state.rewind_weights
+    assert mine is not None
+    assert theirs is not None
+    rewind_same = all(torch.equal(theirs[k], mine[k]) for k in mine)
     result = {
         "rank": trainer.global_rank,
         "rounds": recorder.rounds,
         "sparsity": pruning.current_sparsity,
         "pruned_nonzero": pruned_nonzero,
         "state_keys": sorted(k for k in state if "masks" in k),
-        "packed_bytes": sum(
-            int(v["bits"].numel()) for v in (state.get("packed_masks") or {}).values()
-        ),
+        "packed_bytes": sum(int(v["bits"].numel()) for v in state["masks"].values()),
         "restored_equal": same,
         "restored_rewind_equal": rewind_same,
         "rewind_state": {k: v.reshape(-1).tolist() for k, v in state["rewind_weights"].items()},
-        "rewind_local_shapes": {k: list(v.shape) for k, v in pruning._rewind_weights.items()},
+        "rewind_local_shapes": {k: list(v.shape) for k, v in mine.items()},
         "restored_sparsity": restored.current_sparsity,
     }
     if shard:  # a fairness-aware criterion is refused at fit start, before any step

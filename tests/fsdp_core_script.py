@@ -2,7 +2,7 @@
 
 Usage: ``python fsdp_core_script.py OUT_DIR``. Every rank writes ``rank{N}.json`` with its
 local scores, masks and shard offsets, so the test can put the shards together and compare
-them with the unsharded cores on the full tensors (see tests/test_sharded.py).
+them with the same cores on the full tensors of one process (see tests/test_sharded.py).
 """
 
 from __future__ import annotations
@@ -18,20 +18,19 @@ from _ddp import finish_distributed
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import lightning_fairprune.pruning.sharded as sharded_module
-from lightning_fairprune.pruning.masks import (
+import lightning_fairprune.pruning.select as select_module
+from lightning_fairprune.distributed import local_tensor, shard_spec
+from lightning_fairprune.pruning import (
     MaskEnforcer,
-    local_tensor,
+    gather_full_masks,
+    global_masks,
+    layerwise_masks,
+    masks_to_state,
+    realized_sparsity,
     zero_pruned_optimizer_state,
 )
-from lightning_fairprune.pruning.sharded import (
-    gather_full_masks,
-    shard_spec,
-    sharded_global_masks,
-    sharded_layerwise_masks,
-    sharded_mask_state,
-    sharded_realized_sparsity,
-)
+from lightning_fairprune.pruning.criteria import random_scores
+from lightning_fairprune.pruning.mask_io import distribute_like
 
 WORLD = 2
 
@@ -90,45 +89,50 @@ def run(rank: int, out_dir: str) -> None:
 
     # (a)-(c) magnitude: global, global on top of current masks, layerwise
     scores = {n: p.detach().abs() for n, p in params.items()}
-    m_a = sharded_global_masks(scores, 0.5)
-    m_b = sharded_global_masks(scores, 0.7, current_masks=m_a)
-    m_c = sharded_layerwise_masks(scores, 0.6, current_masks=m_a)
+    m_a = global_masks(scores, 0.5)
+    m_b = global_masks(scores, 0.7, current_masks=m_a)
+    m_c = layerwise_masks(scores, 0.6, current_masks=m_a)
     result["magnitude"] = {"a": _local(m_a), "b": _local(m_b), "c": _local(m_c)}
     # the same with the ties counted in a pass of their own (the path for very many ties)
-    saved_limit = sharded_module._MAX_STORED_TIES
-    sharded_module._MAX_STORED_TIES = 0
+    saved_limit = select_module._MAX_STORED_TIES
+    select_module._MAX_STORED_TIES = 0
     try:
-        c_a = sharded_global_masks(scores, 0.5)
-        c_b = sharded_global_masks(scores, 0.7, current_masks=c_a)
-        c_c = sharded_layerwise_masks(scores, 0.6, current_masks=c_a)
+        c_a = global_masks(scores, 0.5)
+        c_b = global_masks(scores, 0.7, current_masks=c_a)
+        c_c = layerwise_masks(scores, 0.6, current_masks=c_a)
     finally:
-        sharded_module._MAX_STORED_TIES = saved_limit
+        select_module._MAX_STORED_TIES = saved_limit
     result["magnitude_counted"] = {"a": _local(c_a), "b": _local(c_b), "c": _local(c_c)}
-    result["sparsity_b"] = sharded_realized_sparsity(m_b, params)
+    result["sparsity_b"] = realized_sparsity(m_b, params)
 
     # (d) gradient scores from the sharded gradients of an FSDP backward
     x, y = data()
     xs, ys = x[rank * 8 : (rank + 1) * 8], y[rank * 8 : (rank + 1) * 8]
     nn.functional.cross_entropy(model(xs), ys).backward()
     gscores = {n: (p.detach() * p.grad).abs() for n, p in params.items()}
-    m_d = sharded_global_masks(gscores, 0.4)
+    m_d = global_masks(gscores, 0.4)
     result["gradient"] = {
         "scores": {n: local_tensor(s).reshape(-1).tolist() for n, s in gscores.items()},
         "masks": _local(m_d),
     }
 
+    # (d') random criterion: full-shape seeded scores on every process, laid out like the
+    # DTensor parameters (each process selects on its part of them)
+    rscores = distribute_like(random_scores(params, seed=5), params)
+    result["random"] = _local(global_masks(rscores, 0.5))
+
     # (e) memory: the largest tensor the selection creates, on a layer bigger than the bins
     big = nn.Linear(600, 512)
     fully_shard(big, mesh=mesh)
     big_scores = {"weight": big.weight.detach().abs()}
-    big_masks = sharded_global_masks(big_scores, 0.3)  # warm-up (lazy imports, caches)
+    big_masks = global_masks(big_scores, 0.3)  # warm-up (lazy imports, caches)
     with MaxAlloc() as rec:
-        big_masks = sharded_global_masks(big_scores, 0.5, current_masks=big_masks)
+        big_masks = global_masks(big_scores, 0.5, current_masks=big_masks)
     result["memory"] = {
         "max_numel": rec.max_numel,
         "local_numel": local_tensor(big.weight).numel(),
         "full_numel": big.weight.numel(),
-        "sparsity": sharded_realized_sparsity(big_masks, {"weight": big.weight}),
+        "sparsity": realized_sparsity(big_masks, {"weight": big.weight}),
     }
 
     # (f) enforcement on the local shards after optimizer steps (SGD, momentum, decay)
@@ -159,15 +163,13 @@ def run(rank: int, out_dir: str) -> None:
         "momentum_pruned_nonzero": momentum_nonzero,
     }
 
-    # (g) checkpoints: sharded (DCP, packed) and full form
-    import torch.distributed.checkpoint as dcp
-
-    state = sharded_mask_state(m_b, params)
-    dcp.save({"masks": state}, checkpoint_id=os.path.join(out_dir, "dcp"))
-    result["packed_local_bytes"] = {n: int(local_tensor(t).numel()) for n, t in state.items()}
+    # (g) checkpoints: the full masks, and their one checkpoint form (packed, 1 bit per weight)
     full = gather_full_masks(m_b, params)
+    state = masks_to_state(full)
+    result["packed_bytes"] = {n: int(v["bits"].numel()) for n, v in state.items()}
     if rank == 0:
         torch.save({n: m.clone() for n, m in full.items()}, os.path.join(out_dir, "full.pt"))
+        torch.save(state, os.path.join(out_dir, "state.pt"))
     result["full_hash"] = {n: m.reshape(-1).int().tolist() for n, m in full.items()}
 
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))

@@ -72,7 +72,7 @@ def _fit(out: Path, form: str, ckpt_path: str | None) -> tuple[pl.Trainer, Itera
 def _summary(pruning: IterativePruning, model: MLP) -> dict:
     state = pruning.state_dict()  # full masks (packed) and rewind weights, on every rank
     return {
-        "masks": {k: v.reshape(-1).int().tolist() for k, v in pruning._full_masks().items()},
+        "masks": {k: v.reshape(-1).int().tolist() for k, v in pruning.mask_state.full().items()},
         "rewind": {k: v.reshape(-1).tolist() for k, v in state["rewind_weights"].items()},
         "weights": {n: _full(p) for n, p in model.named_parameters()},
         "rounds_done": pruning.rounds_done,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -25,14 +24,15 @@ from torch import nn
 from lightning_fairprune import IterativePruning
 from lightning_fairprune.diagnostics import group_gradient_norms
 from lightning_fairprune.distributed import local_tensor
-from lightning_fairprune.pruning.sharded import (
+from lightning_fairprune.pruning import (
     gather_full_masks,
-    gather_full_tensors,
-    load_sharded_mask_state,
-    sharded_counts,
-    sharded_layerwise_masks,
-    sharded_mask_state,
+    layerwise_masks,
+    mask_counts,
+    masks_from_state,
+    masks_to_state,
+    shard_full_masks,
 )
+from lightning_fairprune.pruning.mask_io import gather_full_tensors
 
 WORLD = 2
 TIMEOUT_S = 60  # a skipped collective fails within this time instead of hanging
@@ -67,10 +67,7 @@ def _local(masks: dict) -> dict:
 
 
 def _unpacked(state: dict) -> dict:
-    from lightning_fairprune.pruning.masks import unpack_mask
-
-    packed = state["packed_masks"]
-    return _full({k: unpack_mask(v["bits"], math.prod(v["shape"])) for k, v in packed.items()})
+    return _full(masks_from_state(state["masks"]))
 
 
 def run(rank: int, out_dir: str) -> None:
@@ -128,23 +125,16 @@ def run(rank: int, out_dir: str) -> None:
     result["sparsity_75"] = pruning.current_sparsity
     pruning.export_masks(out / "masks_75.pt")
 
-    # the cores: a layerwise selection on current masks, counts, the sharded checkpoint form
+    # the cores: a layerwise selection on current masks, counts, the checkpoint form
     params = dict(model.named_parameters())
     scores = {n: p.detach().abs() for n, p in params.items()}
-    first = sharded_layerwise_masks(scores, 0.5)
-    second = sharded_layerwise_masks(scores, 0.6, current_masks=first)
+    first = layerwise_masks(scores, 0.5)
+    second = layerwise_masks(scores, 0.6, current_masks=first)
     result["layerwise"] = _full(gather_full_masks(second, params))
-    result["counts"] = {k: list(v) for k, v in sharded_counts(second, params).items()}
-    import torch.distributed.checkpoint as dcp
-
-    state = sharded_mask_state(second, params)
-    dcp.save({"masks": state}, checkpoint_id=str(out / "dcp"))
-    targets = sharded_mask_state(
-        {n: torch.ones_like(local_tensor(p), dtype=torch.bool) for n, p in params.items()}, params
-    )
-    dcp.load({"masks": targets}, checkpoint_id=str(out / "dcp"))
-    restored = load_sharded_mask_state(targets, params)
-    result["dcp_equal"] = all(torch.equal(restored[n], second[n]) for n in params)
+    result["counts"] = {k: list(v) for k, v in mask_counts(second, params).items()}
+    state = masks_to_state(gather_full_masks(second, params))
+    restored = shard_full_masks(masks_from_state(state), params)
+    result["state_equal"] = all(torch.equal(restored[n], second[n]) for n in params)
     # full weights from local shards (the rewind weights' checkpoint form)
     weights = gather_full_tensors({n: local_tensor(p) for n, p in params.items()}, params)
     result["weights"] = {n: w.reshape(-1).tolist() for n, w in weights.items()}

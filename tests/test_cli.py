@@ -108,8 +108,8 @@ def test_every_config_parses_and_instantiates(config, tmp_path):
     raw = yaml.safe_load(config.read_text())
     pruning = next(cb for cb in cli.trainer.callbacks if isinstance(cb, IterativePruning))
     if "pruning" in raw:
-        assert pruning.targets[-1] == pytest.approx(raw["pruning"]["final_sparsity"])
-        assert pruning.num_rounds == raw["pruning"].get("num_rounds", 1)
+        assert pruning.plan.targets[-1] == pytest.approx(raw["pruning"]["final_sparsity"])
+        assert pruning.plan.num_rounds == raw["pruning"].get("num_rounds", 1)
     if config.stem == "wandb":
         assert [type(lg).__name__ for lg in cli.trainer.loggers] == ["CSVLogger", "WandbLogger"]
 
@@ -176,8 +176,8 @@ def test_sweep_config_is_valid_and_its_commands_parse(tmp_path, monkeypatch):
         cli = main(argv, run=False)  # no subcommand with run=False
         pruning = next(cb for cb in cli.trainer.callbacks if isinstance(cb, IterativePruning))
         equalizer = next(cb for cb in cli.trainer.callbacks if isinstance(cb, GroupEqualizer))
-        assert pruning.targets[-1] == pytest.approx(params["pruning.final_sparsity"])
-        assert pruning.num_rounds == params["pruning.num_rounds"]
+        assert pruning.plan.targets[-1] == pytest.approx(params["pruning.final_sparsity"])
+        assert pruning.plan.num_rounds == params["pruning.num_rounds"]
         assert cli.config["pruning"]["schedule"] == params["pruning.schedule"]
         assert cli.config["pruning"]["criterion"] == params["pruning.criterion"]
         assert equalizer.dual_lr == pytest.approx(params["equalizer.init_args.dual_lr"])

@@ -5,14 +5,13 @@ import torch
 
 from lightning_fairprune.pruning.criteria import (
     CRITERIA,
-    NEEDS_GRADIENTS,
     compute_scores,
     gradient_scores,
     magnitude_scores,
     random_scores,
     undecayed_scores,
 )
-from lightning_fairprune.pruning.masks import global_masks
+from lightning_fairprune.pruning.select import global_masks
 
 W = {
     "a": torch.tensor([[1.0, -2.0], [0.5, -0.25]]),
@@ -86,8 +85,12 @@ def test_random_seeded_reproducible_and_distinct():
 
 
 def test_compute_scores_registry_and_callable():
-    assert set(CRITERIA) == {"magnitude", "gradient", "undecayed", "random"}
-    assert {"gradient", "undecayed"} == NEEDS_GRADIENTS
+    builtin = {"magnitude", "gradient", "undecayed", "random"}
+    fair = {"fairgrape", "fairprune", "worst_group"}
+    assert builtin | fair <= set(CRITERIA)
+    assert {n for n in builtin if CRITERIA[n].needs_gradients} == {"gradient", "undecayed"}
+    assert {n for n in builtin | fair if CRITERIA[n].needs_group_statistics} == fair
+    assert not any(CRITERIA[n].supports_sharding for n in fair)
     assert torch.equal(compute_scores("magnitude", W)["a"], W["a"].abs())
     assert torch.equal(compute_scores("gradient", W, G)["b"], gradient_scores(W, G)["b"])
     assert torch.equal(

@@ -15,8 +15,8 @@ from torch import nn
 
 from lightning_fairprune import IterativePruning
 from lightning_fairprune.diagnostics import group_gradient_norms, group_hessian_trace
-from lightning_fairprune.pruning import MaskEnforcer, compute_scores, global_masks
-from lightning_fairprune.pruning.masks import layerwise_masks, radix_select
+from lightning_fairprune.pruning import MaskEnforcer, compute_scores, global_masks, layerwise_masks
+from lightning_fairprune.pruning.select import radix_select
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -17,7 +17,7 @@ from lightning_fairprune.pruning.fair_criteria import (
     forecast_group_damage,
     worst_group_masks,
 )
-from lightning_fairprune.pruning.masks import num_to_prune
+from lightning_fairprune.pruning.select import num_to_prune
 
 
 def tiny_net() -> nn.Module:

@@ -76,7 +76,11 @@ def test_fair_criteria_in_a_fit_equal_the_core_on_the_same_batches(tmp_path, cri
         pre0, list(loader), 2, params={n: named0[n] for n in NAMES}, curvature=curvature, seed=0
     )
     first_masks = fair_masks(
-        criterion, {n: named0[n] for n in NAMES}, stats0, pruning.history[0]["target"], **options
+        criterion,
+        {n: named0[n] for n in NAMES},
+        stats0,
+        pruning.history[0]["target_sparsity"],
+        **options,
     )
     expected = fair_masks(criterion, params, stats, 0.7, current_masks=first_masks, **options)
     for name in NAMES:

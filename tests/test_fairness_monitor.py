@@ -26,6 +26,8 @@ from lightning_fairprune.callbacks.pruning import IterativePruning
 from lightning_fairprune.history import HISTORY_FILENAME
 
 SCHEMA_KEYS = {
+    "params",  # the pruner's cost of the model (IterativePruning's PruningEvent), or None
+    "flops",
     "moment",
     "monitor",
     "round",
@@ -204,7 +206,7 @@ def test_fit_records_dense_and_every_round(fitted):
         assert len(record["recall"]) == len(record["hessian_trace"]) == 10
         assert record["recall_dense"] == history[0]["recall"]
     # sparsity labels: realized sparsity of each round, unchanged by fine-tuning
-    realized = [h["sparsity"] for h in pruning.history]
+    realized = [h["realized_sparsity"] for h in pruning.history]
     assert [r["sparsity"] for r in history] == [0.0, *np.repeat(realized, 2).tolist()]
     assert realized == pytest.approx([0.2, 0.4, 0.6], abs=1e-3)
     # the zeros in the weights agree with the recorded final sparsity

@@ -25,14 +25,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_fairprune.pruning.masks import (
-    MaskEnforcer,
-    abs_keys,
-    global_masks,
-    layerwise_masks,
-    num_to_prune,
-    radix_select,
-)
+from lightning_fairprune.pruning import MaskEnforcer, global_masks, layerwise_masks, num_to_prune
+from lightning_fairprune.pruning.select import abs_keys, radix_select
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +94,7 @@ def test_global_masks_match_full_sort_every_dtype_and_path(dtype, sync_free):
 
 
 def test_sync_free_equals_default_path_with_mixed_dtypes_and_small_chunks(monkeypatch):
-    import lightning_fairprune.pruning.masks as masks_mod
+    import lightning_fairprune.pruning.select as masks_mod
 
     monkeypatch.setattr(masks_mod, "_CHUNK", 128)  # many chunks: ties straddle chunk borders
     scores = _random_scores(torch.float32)
@@ -259,7 +253,7 @@ def test_enforcer_bitwise_zeroes_nan_and_refuses_what_it_cannot_view():
 
 
 def test_enforcer_auto_takes_bitwise_for_large_cpu_tensors(monkeypatch):
-    import lightning_fairprune.pruning.masks as masks_module
+    import lightning_fairprune.pruning.enforce as masks_module
 
     monkeypatch.setattr(masks_module, "_BITWISE_MIN", 10)
     big, small = nn.Parameter(torch.randn(12)), nn.Parameter(torch.randn(9))

@@ -1,6 +1,6 @@
 """Unit tests of the homes of the architecture issue, without `Trainer.fit`.
 
-checks (argument validation), schedules.RoundPlan (the round plan), measure (isolation),
+checks (argument validation), plan.RoundPlan (the round plan), measure (isolation),
 fairness_data (the fairness-data path), history (the file) and callbacks.events (the
 pruner protocol). The record itself: tests/test_records.py.
 """
@@ -30,8 +30,9 @@ from lightning_fairprune.history import (
     to_plain,
 )
 from lightning_fairprune.measure import isolated, loader_generators, prepare_batch
+from lightning_fairprune.plan import RoundPlan
 from lightning_fairprune.records import record_scalars
-from lightning_fairprune.schedules import RoundPlan, schedule_values
+from lightning_fairprune.schedules import schedule_values
 
 
 # ------------------------------------------------------------------ checks

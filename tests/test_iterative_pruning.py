@@ -17,6 +17,8 @@ from torch import nn
 
 from lightning_fairprune.callbacks.events import PruningEvent
 from lightning_fairprune.callbacks.pruning import IterativePruning
+from lightning_fairprune.callbacks.training import weight_decays
+from lightning_fairprune.pruning import masks_to_state
 
 PRUNABLE = ["features.0.weight", "features.2.weight", "fc.weight"]
 
@@ -259,7 +261,7 @@ def test_undecayed_weight_decay_per_parameter_and_warning(tmp_path):
 
     class Decays(Callback):
         def on_pruning_round(self, trainer, pl_module, event):
-            self.decays = pruning._weight_decays(trainer, _prunable(pl_module))
+            self.decays = weight_decays(trainer, _prunable(pl_module), None, "undecayed")
 
     pruning = IterativePruning(0.3, criterion="undecayed", start=1)
     spy = Decays()
@@ -272,8 +274,8 @@ def test_bf16_mixed_gradient_criterion(tmp_path):
     n = _num_prunable(model)
     pruning = IterativePruning(0.7, schedule="geometric", rate=0.5, criterion="gradient")
     _fit(tmp_path, model, [pruning], max_epochs=4, precision="bf16-mixed")
-    assert pruning.num_rounds == 2
-    assert pruning.targets == pytest.approx([0.5, 0.7])
+    assert pruning.plan.num_rounds == 2
+    assert pruning.plan.targets == pytest.approx([0.5, 0.7])
     assert _zeros(model) == _expected_zeros(0.7, n)
     for name, p in _prunable(model).items():
         assert torch.all(p[~pruning.masks[name]] == 0)
@@ -297,9 +299,9 @@ def test_callable_schedule_open_ended(tmp_path):
     n = _num_prunable(model)
     pruning = IterativePruning(schedule=lambda epoch: min(0.2 * epoch, 0.5), frequency=2, start=0)
     _fit(tmp_path, model, [pruning], max_epochs=5)
-    assert pruning.num_rounds is None
+    assert pruning.plan.num_rounds is None
     assert [h["epoch"] for h in pruning.history] == [0, 2, 4]
-    assert [h["sparsity"] for h in pruning.history] == [
+    assert [h["realized_sparsity"] for h in pruning.history] == [
         _expected_zeros(t, n) / n for t in (0.0, 0.4, 0.5)
     ]
 
@@ -374,8 +376,9 @@ def test_resume_mid_schedule_equals_uninterrupted(tmp_path):
     state = torch.load(path, weights_only=True)
     saved = state["callbacks"][pruning_a.state_key]
     assert saved["rounds_done"] == 2
-    assert set(saved["masks"]) == set(PRUNABLE)
-    assert saved["masks"]["fc.weight"].dtype == torch.bool
+    assert set(saved["masks"]) == set(PRUNABLE)  # the one checkpoint form: packed, 1 bit
+    assert saved["masks"]["fc.weight"]["bits"].dtype == torch.uint8
+    assert saved["masks"]["fc.weight"]["bits"].numel() == 32 * 256 // 8
 
     model_b = SmallCNN()
     model_b.load_state_dict(init_state)  # overwritten by the checkpoint anyway
@@ -393,7 +396,11 @@ def test_resume_mid_schedule_equals_uninterrupted(tmp_path):
     assert [h["epoch"] for h in pruning_b.history] == [0, 1, 2, 3]
     for name in PRUNABLE:
         assert torch.equal(pruning_a.masks[name], pruning_b.masks[name])
-        assert torch.equal(pruning_a._rewind_weights[name], pruning_b._rewind_weights[name])
+        rewind_a, rewind_b = (
+            pruning_a.mask_state.rewind_weights,
+            pruning_b.mask_state.rewind_weights,
+        )
+        assert torch.equal(rewind_a[name], rewind_b[name])
     for (name, a), b in zip(
         model_a.state_dict().items(), model_b.state_dict().values(), strict=True
     ):
@@ -405,7 +412,7 @@ def test_checkpoint_masks_must_fit(tmp_path):
     pruning = IterativePruning(0.5, start=0)
     _fit(tmp_path, model, [pruning], max_epochs=1)
     state = pruning.state_dict()
-    state["masks"]["fc.weight"] = torch.ones(3, 3, dtype=torch.bool)
+    state["masks"].update(masks_to_state({"fc.weight": torch.ones(3, 3, dtype=torch.bool)}))
     fresh = IterativePruning(0.5)
     fresh.setup(pl.Trainer(**quiet_trainer_kwargs(tmp_path)), SmallCNN(), "fit")
     with pytest.raises(ValueError, match=r"checkpoint masks do not fit.*fc\.weight.*\(32, 256\)"):

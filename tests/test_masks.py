@@ -2,19 +2,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import lightning_fairprune.pruning.masks as masks_mod
-from lightning_fairprune.pruning.masks import (
+import lightning_fairprune.pruning.select as masks_mod
+from lightning_fairprune.pruning import (
     MaskEnforcer,
     apply_masks,
     check_masks_fit,
-    full_masks,
     global_masks,
     layerwise_masks,
     load_masks,
+    masks_from_state,
     masks_to_state,
     num_to_prune,
     realized_sparsity,
@@ -22,6 +23,7 @@ from lightning_fairprune.pruning.masks import (
     sparsity_report,
     zero_pruned_optimizer_state,
 )
+from lightning_fairprune.pruning.select import full_masks
 
 
 def reference_masks(scores, sparsity, current=None):
@@ -192,7 +194,7 @@ def test_apply_masks_in_place():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_apply_masks_equals_masked_fill_bit_for_bit(dtype, monkeypatch):
-    import lightning_fairprune.pruning.masks as masks_module
+    import lightning_fairprune.pruning.enforce as masks_module
 
     monkeypatch.setattr(masks_module, "_AND_CHUNK", 7)  # chunk edges inside every tensor
     gen = torch.Generator().manual_seed(0)
@@ -324,8 +326,16 @@ def test_save_load_roundtrip(tmp_path):
     for n in m:
         assert loaded[n].dtype == torch.bool
         assert torch.equal(loaded[n], m[n])
+    # the checkpoint form: packed 1 bit per weight (numpy.packbits layout), restored bitwise
     state = masks_to_state(m)
-    assert state["b"].data_ptr() != m["b"].data_ptr()
+    assert state["a.weight"]["shape"] == [5, 4]
+    assert state["b"]["bits"].numel() == 1
+    flat = m["a.weight"].reshape(-1).numpy()
+    assert state["a.weight"]["bits"].tolist() == np.packbits(flat).tolist()
+    restored = masks_from_state(state)
+    assert all(torch.equal(restored[n], m[n]) for n in m)
+    with pytest.raises(ValueError, match="mask state of 'b'"):
+        masks_from_state({"b": m["b"]})
     torch.save({"a": torch.ones(2)}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="bool tensors"):
         load_masks(tmp_path / "bad.pt")

@@ -34,7 +34,7 @@ def test_protected_attribute_example(tmp_path, monkeypatch):
     assert all(r["group_names"] == names for r in history)
     # one dense epoch, then rounds spread over the rest (cubic, no num_rounds); the model is
     # pruned after training, never at step 0
-    assert pruning.event_points == [1, 2, 3]
+    assert pruning.plan.event_points == [1, 2, 3]
     assert pruning.history[0]["global_step"] > 0
     assert history[-1]["sparsity"] == pytest.approx(0.9, abs=1e-4)
     # the kept checkpoint is the best measured epoch by worst-group accuracy

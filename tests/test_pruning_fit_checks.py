@@ -309,7 +309,7 @@ def test_the_default_start_prunes_after_one_epoch_of_training(tmp_path):
     assert epoch_plan.history[0]["global_step"] == 3
     trainer = _trainer(tmp_path, [step_plan], max_epochs=3, limit_train_batches=4)
     trainer.fit(SmallCNN(), datamodule=_dm())
-    assert step_plan.event_points == [4, 7]  # one epoch = 4 optimizer steps
+    assert step_plan.plan.event_points == [4, 7]  # one epoch = 4 optimizer steps
     assert [h["global_step"] for h in step_plan.history] == [4, 7]
 
 
@@ -319,7 +319,7 @@ def test_a_round_before_any_training_step_warns_unless_the_model_is_pretrained(t
     with pytest.warns(UserWarning, match="runs before any optimizer step of the fit"):
         _trainer(tmp_path, [IterativePruning(0.5, start=0)]).fit(SmallCNN(), datamodule=_dm())
     pretrained = IterativePruning(0.5, pretrained=True)
-    assert pretrained.start == 0
+    assert pretrained.plan.start == 0
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         _trainer(tmp_path, [pretrained]).fit(SmallCNN(), datamodule=_dm())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -14,7 +13,7 @@ from torch import nn
 
 from lightning_fairprune import FairnessMonitor, IterativePruning
 from lightning_fairprune.history import read_history
-from lightning_fairprune.pruning.masks import global_masks
+from lightning_fairprune.pruning import global_masks
 from lightning_fairprune.report import load_runs
 
 
@@ -252,7 +251,7 @@ def test_resume_with_a_new_final_sparsity_continues_from_the_saved_round(tmp_pat
     with pytest.warns(UserWarning, match="written with final sparsity 0.5.*targets 0.8"):
         trainer.fit(SmallCNN(), datamodule=DigitsDataModule(n=200, batch_size=40), ckpt_path=path)
     # the two saved rounds are kept; only the third ran (at epoch 2), to the new target
-    assert [h["round"] for h in pruning.history] == [0, 1, 2]
+    assert [h["round_index"] for h in pruning.history] == [0, 1, 2]
     assert pruning.history[:2] == first.history
     assert pruning.history[2]["epoch"] == 2
     assert pruning.current_sparsity == pytest.approx(0.8, abs=1e-4)
@@ -273,29 +272,6 @@ def test_resume_with_a_target_below_the_reached_sparsity_is_a_clear_error(tmp_pa
         trainer.fit(SmallCNN(), datamodule=DigitsDataModule(n=200, batch_size=40), ckpt_path=path)
 
 
-def test_checkpoint_written_under_the_old_state_key_is_found(tmp_path):
-    path, _first = _fit_and_checkpoint(tmp_path, 0.5)
-    checkpoint = torch.load(path, weights_only=True)
-    states = checkpoint["callbacks"]
-    new_key = next(k for k in states if k.startswith("IterativePruning"))
-    old_key = "IterativePruning{'final_sparsity': 0.5, 'schedule': 'geometric', 'num_rounds': 3}"
-    states[old_key] = states.pop(new_key)
-    legacy = tmp_path / "legacy.ckpt"
-    torch.save(checkpoint, legacy)
-    pruning = IterativePruning(0.5, num_rounds=3, start=0)
-    trainer = pl.Trainer(
-        max_epochs=3,
-        limit_train_batches=2,
-        callbacks=[pruning],
-        **quiet_trainer_kwargs(tmp_path / "b"),
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(SmallCNN(), datamodule=DigitsDataModule(n=200, batch_size=40), ckpt_path=legacy)
-    assert [h["round"] for h in pruning.history] == [0, 1, 2]
-    assert pruning.current_sparsity == pytest.approx(0.5, abs=1e-4)
-
-
 # ------------------------------------------------------------------ bug 6: step schedule
 def test_step_schedule_that_cannot_finish_within_max_epochs_warns(tmp_path):
     # 160 training samples / 40 = 4 optimizer steps per epoch, 2 epochs = 8 steps: rounds at
@@ -309,12 +285,12 @@ def test_step_schedule_that_cannot_finish_within_max_epochs_warns(tmp_path):
 
 def test_gradual_schedule_without_num_rounds_spreads_over_max_epochs(tmp_path):
     pruning = IterativePruning(0.6, schedule="cubic", start=0)
-    assert pruning.num_rounds is None
+    assert pruning.plan.num_rounds is None
     trainer = pl.Trainer(
         max_epochs=4, limit_train_batches=1, callbacks=[pruning], **quiet_trainer_kwargs(tmp_path)
     )
     trainer.fit(SmallCNN(), datamodule=DigitsDataModule(n=200, batch_size=40))
     # ceil(0.75 * 4) - 1 = 2: rounds at epochs 0, 1, 2, epoch 3 is left for fine-tuning
-    assert pruning.event_points == [0, 1, 2]
+    assert pruning.plan.event_points == [0, 1, 2]
     assert [h["epoch"] for h in pruning.history] == [0, 1, 2]
     assert pruning.current_sparsity == pytest.approx(0.6, abs=1e-4)

@@ -1,7 +1,7 @@
 """Pruning and diagnostics on FSDP2-sharded parameters (2 real CPU processes, gloo).
 
-References: the unsharded cores (`global_masks`, `layerwise_masks`) on the full tensors put
-together from the shards, numpy.packbits for the packing, and plain loops.
+References: the same selection (`global_masks`, `layerwise_masks`) on one process on the full
+tensors put together from the shards, numpy.packbits for the packing, and plain loops.
 """
 
 from __future__ import annotations
@@ -14,21 +14,15 @@ import pytest
 import torch
 from _ddp import run_ddp
 
-from lightning_fairprune.pruning.masks import (
+from lightning_fairprune.distributed import shard_spec
+from lightning_fairprune.pruning import (
     global_masks,
     layerwise_masks,
-    pack_mask,
-    radix_select,
-    unpack_mask,
-)
-from lightning_fairprune.pruning.sharded import (
-    load_sharded_mask_state,
+    masks_from_state,
     shard_full_masks,
-    shard_spec,
-    sharded_global_masks,
-    sharded_layerwise_masks,
-    sharded_mask_state,
 )
+from lightning_fairprune.pruning.mask_io import pack_mask, unpack_mask
+from lightning_fairprune.pruning.select import radix_select
 
 HERE = Path(__file__).parent
 NAMES = ["0.weight", "2.weight", "4.weight", "0.bias"]
@@ -84,6 +78,13 @@ def test_sharded_selection_equals_unsharded(core_run: tuple[list[dict], Path]) -
     total = sum(s.numel() for s in scores.values())
     for r in ranks:
         assert r["sparsity_b"] == math.floor(0.7 * total + 0.5) / total
+    # the random criterion's full-shape scores, distributed like the parameters
+    from lightning_fairprune.pruning.criteria import random_scores
+
+    ref = global_masks(random_scores(scores, seed=5), 0.5)
+    got = _assemble(ranks, lambda r: r["random"], shapes)
+    for n in NAMES:
+        assert torch.equal(got[n].bool(), ref[n]), n
 
 
 def test_sharded_gradient_scores_select_like_unsharded(core_run: tuple[list[dict], Path]) -> None:
@@ -127,10 +128,7 @@ def test_enforcement_on_local_shards(core_run: tuple[list[dict], Path]) -> None:
         assert r["enforce"]["kept_nonzero"] > 0
 
 
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_checkpoint_forms_restore_on_one_process(core_run: tuple[list[dict], Path]) -> None:
-    import torch.distributed.checkpoint as dcp
-
     ranks, out = core_run
     shapes = {n: ranks[0]["specs"][n][0] for n in NAMES}
     expected = _assemble(ranks, lambda r: r["magnitude"]["b"], shapes)
@@ -140,16 +138,12 @@ def test_checkpoint_forms_restore_on_one_process(core_run: tuple[list[dict], Pat
     for n in NAMES:
         assert torch.equal(full[n], expected[n])
         assert ranks[1]["full_hash"][n] == expected[n].reshape(-1).int().tolist()
-    # sharded form: packed rows, 1 bit per weight (+ row padding)
-    for n in ["0.weight", "2.weight"]:
-        cols = shapes[n][1]
-        local_rows = ranks[0]["specs"][n][3] // cols
-        assert ranks[0]["packed_local_bytes"][n] == local_rows * math.ceil(cols / 8)
-    # world size 2 -> 1: DCP reshards into full-shape targets on one process
-    params = {n: torch.zeros(shapes[n]) for n in NAMES}
-    state = sharded_mask_state({n: torch.ones(shapes[n], dtype=torch.bool) for n in NAMES}, params)
-    dcp.load({"masks": state}, checkpoint_id=str(out / "dcp"))
-    restored = load_sharded_mask_state(state, params)
+    # the checkpoint form: packed 1 bit per weight, the same on every rank; written by 2
+    # processes, restored on one
+    for r in ranks:
+        for n in NAMES:
+            assert r["packed_bytes"][n] == math.ceil(math.prod(shapes[n]) / 8)
+    restored = masks_from_state(torch.load(out / "state.pt", weights_only=True))
     for n in NAMES:
         assert torch.equal(restored[n], expected[n]), n
 
@@ -175,20 +169,34 @@ def test_pack_mask_rejects_bad_input() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:.*already pruned")
-def test_one_process_equals_unsharded_with_ties() -> None:
+def test_replicas_over_a_process_group_select_like_one_process(tmp_path: Path) -> None:
+    # with `group`, plain tensors are replicas and the selection runs its collective path
+    # (all-reduced histograms, stored ties fixed up by the tie table, or counted first)
+    import torch.distributed as dist
+
+    import lightning_fairprune.pruning.select as select_module
+
     g = torch.Generator().manual_seed(3)
     scores = {
         "a": torch.randint(0, 5, (7, 9), generator=g).float(),
         "b": torch.randint(0, 5, (11,), generator=g).float(),
     }
     current = global_masks(scores, 0.3)
-    for s in (0.0, 0.31, 0.5, 0.9):
-        ref = global_masks(scores, s, current_masks=current)
-        got = sharded_global_masks(scores, s, current_masks=current)
-        assert all(torch.equal(got[n], ref[n]) for n in scores)
-        ref = layerwise_masks(scores, s)
-        got = sharded_layerwise_masks(scores, s)
-        assert all(torch.equal(got[n], ref[n]) for n in scores)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD
+        for limit in (select_module._MAX_STORED_TIES, 0):
+            select_module._MAX_STORED_TIES = limit
+            for s in (0.0, 0.31, 0.5, 0.9):
+                ref = global_masks(scores, s, current_masks=current)
+                got = global_masks(scores, s, current_masks=current, group=group)
+                assert all(torch.equal(got[n], ref[n]) for n in scores)
+                ref = layerwise_masks(scores, s)
+                got = layerwise_masks(scores, s, group=group)
+                assert all(torch.equal(got[n], ref[n]) for n in scores)
+    finally:
+        select_module._MAX_STORED_TIES = 1 << 22
+        dist.destroy_process_group()
 
 
 def test_radix_select_joins_reduction_without_local_candidates() -> None:
@@ -252,7 +260,7 @@ def test_empty_and_whole_shards_join_every_collective(tmp_path: Path) -> None:
         assert r["sparsity_75"] == sparsities[1]
         assert r["layerwise"] == flat(ref_layer)
         assert r["counts"] == {n: [int((~m).sum()), m.numel()] for n, m in ref_layer.items()}
-        assert r["dcp_equal"]
+        assert r["state_equal"]
         assert r["bad_import"] == (
             "IterativePruning: the imported masks do not fit the model: Expected the mask of "
             "'0.weight' to have shape (4, 6), but got (2, 6)"
@@ -270,7 +278,7 @@ def test_shard_spec_and_full_masks_validation() -> None:
     with pytest.raises(ValueError, match="Expected the full mask of 'w'"):
         shard_full_masks({"w": torch.ones(3, dtype=torch.bool)}, {"w": torch.zeros(2)})
     with pytest.raises(ValueError, match="Expected `current_masks` to cover exactly"):
-        sharded_global_masks({"w": torch.ones(2)}, 0.5, current_masks={})
+        global_masks({"w": torch.ones(2)}, 0.5, current_masks={})
 
 
 # ------------------------------------------------------------------ the callback
@@ -308,8 +316,8 @@ def test_iterative_pruning_under_model_parallel_strategy(tmp_path: Path) -> None
     for r in ranks:
         assert r["sparsity"] == single["sparsity"] == math.floor(0.8 * total + 0.5) / total
         assert r["pruned_nonzero"] == 0
-        # checkpoint state: packed full masks (1 bit per weight), restored bitwise
-        assert r["state_keys"] == ["masks", "packed_masks"]
+        # checkpoint state: the one form, packed full masks (1 bit per weight), restored bitwise
+        assert r["state_keys"] == ["masks"]
         assert r["packed_bytes"] == sum(math.ceil(w.numel() / 8) for w in weights.values())
         assert r["restored_equal"]
         assert r["restored_sparsity"] == r["sparsity"]
@@ -341,12 +349,18 @@ def test_iterative_pruning_under_model_parallel_strategy(tmp_path: Path) -> None
         assert exported[n].shape == exported_single[n].shape
 
 
-def test_sharded_selection_rejects_nan_scores() -> None:
+def test_selection_rejects_nan_scores_on_both_paths(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
     scores = {"w": torch.tensor([0.5, float("nan"), 0.1, 0.2])}
-    with pytest.raises(ValueError, match="Expected scores without NaN"):
-        sharded_global_masks(scores, 0.5)
-    with pytest.raises(ValueError, match="Expected scores without NaN"):
-        global_masks(scores, 0.5)  # the unsharded reference raises alike
+    with pytest.raises(ValueError, match="Expected scores without NaN, but the score of 'w'"):
+        global_masks(scores, 0.5)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="Expected scores without NaN"):
+            global_masks(scores, 0.5, group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_checkpoint_and_resume_under_model_parallel_strategy(tmp_path: Path) -> None:

@@ -20,8 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_fairprune import compact, load_compact, model_cost
-from lightning_fairprune.pruning.masks import num_to_prune
 from lightning_fairprune.pruning.nm import nm_masks
+from lightning_fairprune.pruning.select import num_to_prune
 from lightning_fairprune.pruning.structured import (
     ChannelGroup,
     channel_groups,

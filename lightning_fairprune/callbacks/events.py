@@ -19,7 +19,7 @@ Other callbacks find the pruner through the declared, runtime-checkable `Pruner`
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
@@ -29,6 +29,7 @@ __all__ = [
     "PruningEvent",
     "PruningListener",
     "ScheduledPruner",
+    "announce",
     "find_pruner",
     "pruned_parameter_sets",
     "pruning_has_started",
@@ -55,6 +56,13 @@ class PruningEvent:
             (empty in ``on_before_pruning_round``).
         rewound: whether the surviving weights were rewound (lottery-ticket style) in this
             round (always ``False`` in ``on_before_pruning_round``).
+        scheduled: whether the round is one of the schedule's (``False`` for an extra
+            ``prune_now(sparsity=...)`` round).
+        structure: what the round prunes: ``"weight"``, ``"channel"`` or ``"n:m"``.
+        cost: ``{"params", "flops"}`` of one forward pass of the pruned model after the round
+            (channels: of its compact copy; `lightning_fairprune.cost.pruned_cost`), or
+            ``None`` when not measured (no example input).
+        previous_cost: the same before the round.
 
     Example:
         >>> event = PruningEvent(round_index=0, num_rounds=3, target_sparsity=0.5,
@@ -75,12 +83,97 @@ class PruningEvent:
     realized_sparsity: float | None = None
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     rewound: bool = False
+    scheduled: bool = True
+    structure: str = "weight"
+    cost: dict[str, int] | None = None
+    previous_cost: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the event as a dict of plain Python values."""
         out = asdict(self)
         out["parameter_names"] = list(self.parameter_names)
         return out
+
+    def metrics(self) -> dict[str, float]:
+        """The scalars a logger records for the round (``fairprune/...``).
+
+        Example:
+            >>> event = PruningEvent(0, 1, 0.5, 0.0, 1, 10, "magnitude", ("w",),
+            ...                      realized_sparsity=0.5, layer_sparsity={"w": 0.5})
+            >>> event.metrics()["fairprune/sparsity/w"]
+            0.5
+        """
+        out = {
+            "fairprune/sparsity": float(self.realized_sparsity or 0.0),
+            "fairprune/target_sparsity": float(self.target_sparsity),
+            "fairprune/round": float(self.round_index + 1),
+        }
+        out.update(
+            {f"fairprune/pruned_{k}": float(v) for k, v in self.cost_at("after_round").items()}
+        )
+        out.update({f"fairprune/sparsity/{k}": float(v) for k, v in self.layer_sparsity.items()})
+        return out
+
+    def cost_at(self, moment: str) -> dict[str, int]:
+        """``{"params", "flops"}`` of the model at a monitor moment (empty if not measured).
+
+        ``"dense"``/``"before_round"``: the model before the round; any later moment
+        (``"after_round"``, ``"periodic"``, ``"end"``): the pruned model.
+
+        Example:
+            >>> event = PruningEvent(0, 1, 0.5, 0.0, 1, 10, "magnitude",
+            ...                      cost={"params": 10, "flops": 40},
+            ...                      previous_cost={"params": 20, "flops": 80})
+            >>> event.cost_at("dense"), event.cost_at("after_round")
+            ({'params': 20, 'flops': 80}, {'params': 10, 'flops': 40})
+        """
+        cost = self.previous_cost if moment in ("dense", "before_round") else self.cost
+        return {k: int(v) for k, v in (cost or {}).items()}
+
+    def summary(self, interval: str) -> str:
+        """One line describing the round (``verbose`` output).
+
+        Example:
+            >>> PruningEvent(0, 1, 0.5, 0.0, 1, 10, "magnitude", realized_sparsity=0.5).summary(
+            ...     "epoch")
+            'IterativePruning: round 1 at epoch 1: sparsity 0.5000 (target 0.5000)'
+        """
+        at = self.epoch if interval == "epoch" else self.global_step
+        return (
+            f"IterativePruning: round {self.round_index + 1} at {interval} {at}: sparsity "
+            f"{self.realized_sparsity or 0.0:.4f} (target {self.target_sparsity:.4f})"
+        )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> PruningEvent:
+        """The event of `to_dict` (unknown keys ignored).
+
+        Example:
+            >>> event = PruningEvent(0, 1, 0.5, 0.0, 1, 10, "magnitude", ("w",))
+            >>> PruningEvent.from_dict(event.to_dict()) == event
+            True
+        """
+        names = {f.name for f in fields(cls)}
+        kept = {k: v for k, v in values.items() if k in names}
+        kept["parameter_names"] = tuple(kept.get("parameter_names", ()))
+        kept["layer_sparsity"] = dict(kept.get("layer_sparsity", {}))
+        return cls(**kept)
+
+
+def announce(trainer: Any, pl_module: Any, hook: str, event: PruningEvent, sender: Any) -> None:
+    """Call ``hook(trainer, pl_module, event)`` on every callback but ``sender`` defining it.
+
+    Example:
+        >>> class Spy:
+        ...     def on_pruning_round(self, trainer, pl_module, event): print(event.round_index)
+        >>> class T: callbacks = [Spy()]
+        >>> announce(T(), None, "on_pruning_round", PruningEvent(2, 3, 0.5, 0.3, 1, 9, "m"), None)
+        2
+    """
+    for callback in list(getattr(trainer, "callbacks", None) or []):
+        fn = getattr(callback, hook, None)
+        if callback is not sender and callable(fn):
+            fn(trainer, pl_module, event)
 
 
 class PruningListener:

@@ -252,6 +252,7 @@ class FairnessMonitor(Callback):
         """Forget what belongs to one fit (the measurement cache, what was logged, said...)."""
         self._cache: tuple[tuple[int, ...], Record] | None = None
         self._rounds_heard = 0  # pruning rounds announced: the weights changed
+        self._last_event: PruningEvent | None = None  # the latest round (the model's cost)
         self._logged: tuple[int, set[str]] = (-1, set())
         self._monitored: list[str] = []  # this monitor's keys that others read
         self._at_validation = False
@@ -423,6 +424,7 @@ class FairnessMonitor(Callback):
     ) -> None:
         """Measure the immediate damage of the round, with its predicted excessive loss."""
         self._rounds_heard += 1  # new weights: nothing measured before is reused
+        self._last_event = event
         try:
             self.measure(trainer, pl_module, "after_round", event)
         finally:
@@ -584,7 +586,7 @@ class FairnessMonitor(Callback):
             sparsity=self._sparsity(trainer, model, moment, event),
             dense=self._dense,
             monitor=self.name,
-            event=event,
+            event=event if event is not None else self._last_event,  # its cost: the model now
         )
 
     def _snapshot(self, model: nn.Module) -> None:

@@ -1,104 +1,72 @@
-"""Plain-torch pruning core: criteria -> scores, scores -> masks, parameter selection."""
+"""Plain-torch pruning core: criteria -> scores, structures -> masks, enforcement, mask state.
+
+Selection (`global_masks`, `layerwise_masks`) takes plain tensors and FSDP2 DTensors alike;
+criteria are objects in one registry (`CRITERIA`, `register`); `MaskState` keeps masks,
+counts and rewind weights of a run with sharding hidden.
+"""
 
 from __future__ import annotations
 
 from lightning_fairprune.pruning.criteria import (
     CRITERIA,
-    NEEDS_GRADIENTS,
+    Criterion,
+    CriterionContext,
+    ScoreCriterion,
     compute_scores,
-    gradient_scores,
-    magnitude_scores,
-    random_scores,
-    undecayed_scores,
+    register,
 )
-from lightning_fairprune.pruning.fair_criteria import (
-    FAIR_CRITERIA,
-    MinimaxResult,
-    fair_masks,
-    fairgrape_masks,
-    fairprune_masks,
-    forecast_group_damage,
-    worst_group_masks,
-)
-from lightning_fairprune.pruning.masks import (
+from lightning_fairprune.pruning.enforce import (
     MaskEnforcer,
     apply_masks,
-    check_masks_fit,
-    full_masks,
-    global_masks,
-    layerwise_masks,
-    load_masks,
-    local_tensor,
-    masks_to_state,
-    num_to_prune,
-    pack_mask,
-    realized_sparsity,
-    save_masks,
-    sparsity_report,
-    unpack_mask,
     zero_pruned_optimizer_state,
 )
-from lightning_fairprune.pruning.selection import find_classifier, select_parameters
-from lightning_fairprune.pruning.sharded import (
-    ShardSpec,
+from lightning_fairprune.pruning.fair_criteria import fair_masks
+from lightning_fairprune.pruning.mask_io import (
     gather_full_masks,
-    gather_full_tensors,
-    is_sharded,
-    load_sharded_mask_state,
+    load_masks,
+    masks_from_state,
+    masks_to_state,
+    save_masks,
     shard_full_masks,
-    shard_full_tensors,
-    shard_spec,
-    sharded_counts,
-    sharded_global_masks,
-    sharded_layerwise_masks,
-    sharded_mask_state,
-    sharded_realized_sparsity,
+)
+from lightning_fairprune.pruning.select import (
+    check_masks_fit,
+    global_masks,
+    layerwise_masks,
+    num_to_prune,
+)
+from lightning_fairprune.pruning.selection import select_parameters
+from lightning_fairprune.pruning.state import (
+    MaskState,
+    mask_counts,
+    realized_sparsity,
+    sparsity_report,
 )
 
 __all__ = [
     "CRITERIA",
-    "FAIR_CRITERIA",
-    "NEEDS_GRADIENTS",
+    "Criterion",
+    "CriterionContext",
     "MaskEnforcer",
-    "MinimaxResult",
-    "ShardSpec",
+    "MaskState",
+    "ScoreCriterion",
     "apply_masks",
     "check_masks_fit",
     "compute_scores",
     "fair_masks",
-    "fairgrape_masks",
-    "fairprune_masks",
-    "find_classifier",
-    "forecast_group_damage",
-    "full_masks",
     "gather_full_masks",
-    "gather_full_tensors",
     "global_masks",
-    "gradient_scores",
-    "is_sharded",
     "layerwise_masks",
     "load_masks",
-    "load_sharded_mask_state",
-    "local_tensor",
-    "magnitude_scores",
+    "mask_counts",
+    "masks_from_state",
     "masks_to_state",
     "num_to_prune",
-    "pack_mask",
-    "random_scores",
     "realized_sparsity",
+    "register",
     "save_masks",
     "select_parameters",
     "shard_full_masks",
-    "shard_full_tensors",
-    "shard_spec",
-    "sharded_counts",
-    "sharded_global_masks",
-    "sharded_layerwise_masks",
-    "sharded_mask_state",
-    "sharded_realized_sparsity",
     "sparsity_report",
-    "undecayed_scores",
-    "unpack_mask",
-    "worst_group_masks",
     "zero_pruned_optimizer_state",
 ]

@@ -1,8 +1,14 @@
-"""Pruning criteria: per-weight scores; the weights with the lowest scores are pruned.
+"""Pruning criteria as objects in one registry: each declares what it needs and makes masks.
 
-Every criterion maps ``params: dict[str, Tensor]`` (FQN -> weight) to a dict of score
-tensors of the same shapes. Scores are non-negative; the mask builders in
-:mod:`lightning_fairprune.pruning.masks` threshold on ``abs(score)`` in any case.
+A criterion is an object of the `Criterion` protocol. It declares what a round must supply
+(``needs_gradients``, ``needs_weight_decay``, ``needs_group_statistics``, its curvatures,
+``supports_sharding``, the dataclass of its typed options) and turns a `CriterionContext` into
+masks: score criteria produce per-weight scores (``scores(ctx)``) and let the structure
+select (``ctx.select``); others (the fairness-aware ones) choose the units themselves
+(``masks(ctx)``). The context supplies the expensive inputs lazily: gradients, weight decays
+and per-group statistics are computed the first time the criterion asks for them. Callers
+(`IterativePruning`) look criteria up in `CRITERIA` and never test their names, so a new
+criterion is one file: a class and a `register` call.
 
 =============  ============================  ==================================
 name           score                         needs
@@ -14,33 +20,310 @@ random         ``U(0, 1)``, seeded           a seed
 =============  ============================  ==================================
 
 ``g`` is the gradient of the task loss only (no weight-decay term); with ``ε = 0`` the
-undecayed criterion equals the gradient criterion.
+undecayed criterion equals the gradient criterion. The fairness-aware criteria (fairgrape,
+fairprune, worst_group) are registered by :mod:`lightning_fairprune.pruning.fair_criteria`.
+A user callable ``fn(params, grads) -> scores`` is wrapped by `resolve_criterion`.
+
+Example:
+    >>> params = {"w": torch.tensor([0.5, -2.0, 0.1, 1.0])}
+    >>> ctx = CriterionContext(params, 0.5)
+    >>> CRITERIA["magnitude"].masks(ctx)["w"].tolist()
+    [False, True, False, True]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+from typing_extensions import override
+
+from lightning_fairprune.distributed import is_sharded
+from lightning_fairprune.pruning.structured import Structure
+from lightning_fairprune.pruning.units import UNITS, Units, WeightUnits
 
 __all__ = [
     "CRITERIA",
-    "NEEDS_GRADIENTS",
+    "Criterion",
+    "CriterionContext",
     "CriterionFn",
+    "ScoreCriterion",
+    "check_curvature",
+    "check_support",
     "compute_scores",
     "gradient_scores",
     "magnitude_scores",
+    "make_options",
+    "optimizer_weight_decays",
     "random_scores",
+    "register",
+    "resolve_criterion",
     "undecayed_scores",
 ]
 
 CriterionFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor] | None], dict[str, Tensor]]
 """A user criterion: ``fn(params, grads) -> scores`` (``grads`` may be ``None``)."""
 
-NEEDS_GRADIENTS: frozenset[str] = frozenset({"gradient", "undecayed"})
-"""Names of the built-in criteria that need the task-loss gradient."""
+
+# ----------------------------------------------------------------------------- the context
+
+
+class CriterionContext:
+    """What one pruning round offers a criterion; the expensive inputs come lazily, once.
+
+    Args:
+        params: FQN -> parameter to mask (plain tensors or FSDP2 DTensors).
+        target: cumulative target sparsity of the round, in ``[0, 1)``.
+        scope: ``"global"`` or ``"layerwise"``.
+        current_masks: masks of earlier rounds (``True`` = kept), or ``None``.
+        seed: seed of this round (the random criterion).
+        options: the criterion's typed options (``None`` for criteria without options).
+        curvature: per-group curvature the statistics carry (``"fisher"``, ``"hutchinson"``,
+            ``"none"``).
+        units: the structure's units (default: single weights, `WeightUnits`).
+        gradients: ``() -> {FQN: task-loss gradient}``.
+        weight_decays: ``() -> ε`` (a float, or per FQN).
+        group_statistics: ``() -> GroupStatistics`` of the per-group data.
+        distribute: ``scores -> scores`` laid out like the parameters (sharded runs).
+        owner: how messages name the caller.
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, Tensor],
+        target: float,
+        *,
+        scope: str = "global",
+        current_masks: Mapping[str, Tensor] | None = None,
+        seed: int = 0,
+        options: Any = None,
+        curvature: str = "none",
+        units: Units | None = None,
+        gradients: Callable[[], Mapping[str, Tensor]] | None = None,
+        weight_decays: Callable[[], float | Mapping[str, float]] | None = None,
+        group_statistics: Callable[[], Any] | None = None,
+        distribute: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
+        owner: str = "the criterion",
+    ) -> None:
+        self.params = params
+        self.target = target
+        self.scope = scope
+        self.current_masks = current_masks or None
+        self.seed = seed
+        self.options = options
+        self.curvature = curvature
+        self.units: Units = units if units is not None else WeightUnits()
+        self.owner = owner
+        self._suppliers = {
+            "gradients": gradients,
+            "weight_decays": weight_decays if weight_decays is not None else (lambda: 0.0),
+            "group_statistics": group_statistics,
+        }
+        self._distribute = distribute
+        self._cache: dict[str, Any] = {}
+
+    def _get(self, key: str, what: str) -> Any:
+        if key not in self._cache:
+            supplier = self._suppliers[key]
+            if supplier is None:
+                raise ValueError(f"Expected {what} for {self.owner}, but got None")
+            self._cache[key] = supplier()
+        return self._cache[key]
+
+    def gradients(self) -> Mapping[str, Tensor]:
+        """FQN -> task-loss gradient (computed on first use)."""
+        return self._get("gradients", "`grads` (the task-loss gradients)")
+
+    def weight_decays(self) -> float | Mapping[str, float]:
+        """The weight decay ε, one float or per FQN (0.0 unless supplied)."""
+        return self._get("weight_decays", "weight decays")
+
+    def group_statistics(self) -> Any:
+        """Per-group statistics of the fairness data (`GroupStatistics`, on first use)."""
+        return self._get("group_statistics", "per-group statistics (`group_data`)")
+
+    def select(self, scores: Mapping[str, Tensor], reduction: str = "l1") -> dict[str, Tensor]:
+        """Masks of the round from per-parameter scores, through the structure's units.
+
+        Args:
+            scores: FQN -> score of the parameter's shape (``abs(score)`` ranks weights).
+            reduction: how a channel's entries make its score (``"l2"``, ``"l1"``, ``"sum"``).
+
+        Returns:
+            FQN -> bool mask (``True`` = kept) of every masked parameter.
+        """
+        if self._distribute is not None:
+            scores = self._distribute(scores)
+        units = self.units
+        keep = units.select(
+            units.reduce(scores, reduction),
+            self.target,
+            self.scope,
+            units.current(self.current_masks),
+        )
+        return units.expand(keep)
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+@runtime_checkable
+class Criterion(Protocol):
+    """A pruning criterion: what it needs, and how it makes a round's masks.
+
+    Attributes:
+        name: registry key.
+        needs_gradients: asks ``ctx.gradients()`` (task-loss gradients of training batches).
+        needs_weight_decay: asks ``ctx.weight_decays()``.
+        needs_group_statistics: asks ``ctx.group_statistics()`` (per-group data needed).
+        default_curvature: the curvature of the statistics unless the user picks one.
+        curvatures: the curvatures it accepts.
+        supports_sharding: works on FSDP2-sharded parameters.
+        structures: the structures it works with (``"weight"``, ``"channel"``, ``"nm"``).
+        options_type: dataclass of its typed options (``None``: it takes none).
+    """
+
+    name: str
+    needs_gradients: bool
+    needs_weight_decay: bool
+    needs_group_statistics: bool
+    default_curvature: str
+    curvatures: tuple[str, ...]
+    supports_sharding: bool
+    structures: tuple[str, ...]
+    options_type: type | None
+
+    def make_options(self, options: Mapping[str, Any] | None) -> Any:
+        """Typed options from keyword options (unknown names and bad values refused)."""
+        ...
+
+    def check_options(self, options: Any, num_groups: int) -> None:
+        """Check the options against the data (e.g. group ids), at fit start."""
+        ...
+
+    def masks(self, ctx: CriterionContext) -> dict[str, Tensor]:
+        """The round's masks (``True`` = kept) of every parameter of ``ctx.params``."""
+        ...
+
+
+class ScoreCriterion:
+    """Base of the criteria that score weights and let the structure select.
+
+    Subclasses set the class attributes they need and implement :meth:`scores`.
+    """
+
+    name = ""
+    needs_gradients = False
+    needs_weight_decay = False
+    needs_group_statistics = False
+    default_curvature = "none"
+    curvatures: tuple[str, ...] = ("none",)
+    supports_sharding = True
+    structures: tuple[str, ...] = ("weight", "channel", "nm")
+    options_type: type | None = None
+    reduction = "l1"
+    """How a channel's entries make its score (``"l2"`` norm, ``"l1"`` sum of abs)."""
+
+    def make_options(self, options: Mapping[str, Any] | None) -> Any:
+        """Typed options (`make_options` with `options_type`)."""
+        return make_options(self.name, self.options_type, options)
+
+    def check_options(self, options: Any, num_groups: int) -> None:
+        """Nothing to check against the data by default."""
+        return None
+
+    def scores(self, ctx: CriterionContext) -> dict[str, Tensor]:
+        """FQN -> score of every parameter of ``ctx.params`` (``abs(score)`` ranks)."""
+        raise NotImplementedError
+
+    def masks(self, ctx: CriterionContext) -> dict[str, Tensor]:
+        """The scores, selected by the structure (``ctx.select``)."""
+        return ctx.select(self.scores(ctx), self.reduction)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def check_curvature(criterion: Criterion, curvature: str | None, group_data: object = None) -> str:
+    """The curvature of ``criterion``'s statistics: given, else its default; checked.
+
+    ``curvature`` and ``group_data`` are only for criteria that need per-group statistics.
+
+    Example:
+        >>> check_curvature(CRITERIA["magnitude"], None)
+        'none'
+        >>> check_curvature(CRITERIA["magnitude"], "fisher")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `group_data` and `curvature` only with a fairness-aware criterion ...
+    """
+    if not criterion.needs_group_statistics and (curvature, group_data) != (None, None):
+        fair = [n for n, c in CRITERIA.items() if c.needs_group_statistics]
+        raise ValueError(
+            "Expected `group_data` and `curvature` only with a fairness-aware criterion (one "
+            f"that needs per-group statistics: {fair}), but got criterion={criterion.name!r}"
+        )
+    value = criterion.default_curvature if curvature is None else curvature
+    if value not in criterion.curvatures:
+        allowed = " or ".join(repr(c) for c in criterion.curvatures)
+        raise ValueError(
+            f"Expected `curvature` {allowed} with criterion={criterion.name!r}, but got {value!r}"
+        )
+    return value
+
+
+def check_support(
+    criterion: Criterion, structure: Structure, params: Mapping[str, Tensor] | None = None
+) -> None:
+    """Refuse a criterion on a structure it does not work with, or on sharded ``params``.
+
+    Example:
+        >>> from lightning_fairprune.pruning.structured import parse_structure
+        >>> check_support(CRITERIA["worst_group"], parse_structure("2:4"))
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected criterion='worst_group' with a structure among ('weight', 'channel'), but got structure='2:4'
+    """  # noqa: E501
+    if structure.kind not in criterion.structures:
+        raise ValueError(
+            f"Expected criterion={criterion.name!r} with a structure among "
+            f"{criterion.structures}, but got structure={str(structure)!r}"
+        )
+    refused = [] if criterion.supports_sharding else [f"criterion={criterion.name!r}"]
+    if not UNITS[structure.kind].supports_sharding:
+        refused.append(f"structure={str(structure)!r}")
+    if refused and params is not None and is_sharded(params):
+        raise ValueError(
+            f"Expected {' with '.join(refused)} on unsharded parameters: it does not support "
+            "FSDP2-sharded models; use structure='weight' with e.g. 'magnitude', 'gradient', "
+            "'undecayed' or 'random'"
+        )
+
+
+def make_options(name: str, options_type: type | None, options: Mapping[str, Any] | None) -> Any:
+    """Typed options of a criterion from keyword options, names checked first.
+
+    Example:
+        >>> make_options("magnitude", None, {"beta": 1})
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected options of 'magnitude' among [], but got ['beta']
+    """
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"Expected `criterion_options` to be a mapping, but got {options!r}")
+    options = dict(options or {})
+    allowed = [] if options_type is None else [f.name for f in dataclasses.fields(options_type)]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"Expected options of {name!r} among {sorted(allowed)}, but got {unknown}")
+    return None if options_type is None else options_type(**options)
+
+
+# ----------------------------------------------------------------------------- score functions
 
 
 def _check_grads(
@@ -71,7 +354,7 @@ def magnitude_scores(params: Mapping[str, Tensor], copy: bool = True) -> dict[st
     Args:
         params: FQN -> weight.
         copy: if ``False``, return the detached weights themselves instead of ``abs(θ)``
-            (no extra memory; valid because the mask builders threshold on ``abs(score)``).
+            (no extra memory; valid because the selection ranks ``abs(score)``).
 
     Returns:
         FQN -> score tensor.
@@ -168,7 +451,8 @@ def random_scores(params: Mapping[str, Tensor], seed: int = 0) -> dict[str, Tens
     """Random criterion: uniform scores from a seeded CPU generator.
 
     The generator runs on the CPU and walks the parameters in the mapping's order, so the
-    scores are identical on every process and every device for the same seed.
+    scores are identical on every process and every device for the same seed (full-shape
+    scores, also for sharded parameters).
 
     Args:
         params: FQN -> weight.
@@ -191,13 +475,99 @@ def random_scores(params: Mapping[str, Tensor], seed: int = 0) -> dict[str, Tens
     }
 
 
-CRITERIA: dict[str, Callable[..., dict[str, Tensor]]] = {
-    "magnitude": magnitude_scores,
-    "gradient": gradient_scores,
-    "undecayed": undecayed_scores,
-    "random": random_scores,
-}
-"""Built-in criteria by name."""
+def optimizer_weight_decays(optimizers: Any, params: Mapping[str, Tensor]) -> dict[str, float]:
+    """ε per parameter: the ``weight_decay`` of the optimizer param group holding it (else 0).
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> optimizer_weight_decays([torch.optim.SGD([w], lr=0.1, weight_decay=0.01)], {"w": w})
+        {'w': 0.01}
+    """
+    by_id = {id(p): name for name, p in params.items()}
+    decays = dict.fromkeys(params, 0.0)
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            value = float(group.get("weight_decay", 0.0) or 0.0)
+            for p in group["params"]:
+                name = by_id.get(id(p))
+                if name is not None:
+                    decays[name] = value
+    return decays
+
+
+# ----------------------------------------------------------------------------- the criteria
+
+
+class Magnitude(ScoreCriterion):
+    """``abs(θ)``; a channel's score is the L2 norm of its coupled entries."""
+
+    name = "magnitude"
+    reduction = "l2"
+
+    @override
+    def scores(self, ctx: CriterionContext) -> dict[str, Tensor]:
+        return magnitude_scores(ctx.params)
+
+    @override
+    def masks(self, ctx: CriterionContext) -> dict[str, Tensor]:
+        with torch.no_grad():  # the weights themselves rank: no copy of the scores
+            return ctx.select(magnitude_scores(ctx.params, copy=False), self.reduction)
+
+
+class Gradient(ScoreCriterion):
+    """``abs(θ · g)``."""
+
+    name = "gradient"
+    needs_gradients = True
+
+    @override
+    def scores(self, ctx: CriterionContext) -> dict[str, Tensor]:
+        return gradient_scores(ctx.params, ctx.gradients())
+
+
+class Undecayed(ScoreCriterion):
+    """``abs(-θ · g + ε · θ²)`` (Good et al., 2022)."""
+
+    name = "undecayed"
+    needs_gradients = True
+    needs_weight_decay = True
+
+    @override
+    def scores(self, ctx: CriterionContext) -> dict[str, Tensor]:
+        return undecayed_scores(ctx.params, ctx.gradients(), ctx.weight_decays())
+
+
+class Random(ScoreCriterion):
+    """Seeded uniform scores (the same on every process)."""
+
+    name = "random"
+
+    @override
+    def scores(self, ctx: CriterionContext) -> dict[str, Tensor]:
+        return random_scores(ctx.params, ctx.seed)
+
+
+class CallableCriterion(ScoreCriterion):
+    """A user callable ``fn(params, grads) -> scores`` as a criterion.
+
+    Args:
+        fn: the callable (``grads`` is ``None`` unless it needs gradients).
+        needs_gradients: whether it needs the task-loss gradients (default: ``fn``'s
+            attribute ``needs_gradients`` if present, else ``False``).
+    """
+
+    def __init__(
+        self, fn: Callable[..., Mapping[str, Tensor]], needs_gradients: bool | None
+    ) -> None:
+        self.fn = fn
+        self.name = str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "criterion"))
+        flag = getattr(fn, "needs_gradients", False) if needs_gradients is None else needs_gradients
+        self.needs_gradients = bool(flag)
+
+    @override
+    def scores(self, ctx: CriterionContext) -> dict[str, Tensor]:
+        grads = ctx.gradients() if self.needs_gradients else None
+        return _check_scores(self.fn(dict(ctx.params), grads), ctx.params, self.name)
 
 
 def _check_scores(scores: object, params: Mapping[str, Tensor], name: str) -> dict[str, Tensor]:
@@ -230,6 +600,96 @@ def _check_scores(scores: object, params: Mapping[str, Tensor], name: str) -> di
     return out
 
 
+# ----------------------------------------------------------------------------- the registry
+
+CRITERIA: dict[str, Criterion] = {}
+"""Registered criteria by name (built-ins, the fairness-aware ones, and `register`\\ ed ones)."""
+
+
+def register(criterion: Criterion, *, replace: bool = False) -> Criterion:
+    """Add a criterion to `CRITERIA` under its ``name`` (then usable by name everywhere).
+
+    Args:
+        criterion: an object of the `Criterion` protocol.
+        replace: allow replacing a registered criterion of the same name.
+
+    Returns:
+        The criterion.
+
+    Example:
+        >>> class Squares(ScoreCriterion):
+        ...     name = "squares_example"
+        ...     def scores(self, ctx):
+        ...         return {n: p.detach() ** 2 for n, p in ctx.params.items()}
+        >>> _ = register(Squares())
+        >>> "squares_example" in CRITERIA
+        True
+    """
+    if not isinstance(criterion, Criterion):
+        raise TypeError(
+            "Expected `criterion` to implement the Criterion protocol (name, needs_*, "
+            f"make_options, check_options, masks), but got {type(criterion).__name__}"
+        )
+    name = criterion.name
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"Expected the criterion's `name` to be a non-empty str, but got {name!r}")
+    if name in CRITERIA and not replace and CRITERIA[name] is not criterion:
+        raise ValueError(
+            f"Expected a new criterion name, but {name!r} is registered already "
+            "(pass replace=True to replace it)"
+        )
+    CRITERIA[name] = criterion
+    return criterion
+
+
+for _builtin in (Magnitude(), Gradient(), Undecayed(), Random()):
+    register(_builtin)
+
+
+def resolve_criterion(
+    criterion: str | Criterion | Callable[..., Mapping[str, Tensor]],
+    needs_gradients: bool | None = None,
+) -> Criterion:
+    """The criterion object of a name, a `Criterion`, or a user callable (wrapped).
+
+    Args:
+        criterion: a name in `CRITERIA`, a `Criterion` object, or ``fn(params, grads)``.
+        needs_gradients: only with a callable: whether it needs the gradients.
+
+    Raises:
+        ValueError: an unknown name, or ``needs_gradients`` with anything but a callable.
+        TypeError: anything else.
+
+    Example:
+        >>> resolve_criterion("magnitude").name
+        'magnitude'
+        >>> resolve_criterion(lambda p, g: p, needs_gradients=True).needs_gradients
+        True
+    """
+    if isinstance(criterion, str):
+        if criterion not in CRITERIA:
+            raise ValueError(
+                f"Expected `criterion` to be one of {tuple(CRITERIA)} or a callable, but got "
+                f"{criterion!r}"
+            )
+        found: Criterion = CRITERIA[criterion]
+    elif isinstance(criterion, Criterion):
+        found = criterion
+    elif callable(criterion):
+        return CallableCriterion(criterion, needs_gradients)
+    else:
+        raise TypeError(
+            f"Expected `criterion` to be one of {tuple(CRITERIA)} or a callable, but got "
+            f"{criterion!r} of type {type(criterion).__name__}"
+        )
+    if needs_gradients is not None:
+        raise ValueError(
+            "Expected `needs_gradients` only with a callable `criterion`, but got "
+            f"needs_gradients={needs_gradients!r} with criterion={found.name!r}"
+        )
+    return found
+
+
 def compute_scores(
     criterion: str | CriterionFn,
     params: Mapping[str, Tensor],
@@ -237,13 +697,13 @@ def compute_scores(
     weight_decay: float | Mapping[str, float] = 0.0,
     seed: int = 0,
 ) -> dict[str, Tensor]:
-    """Scores of a named criterion or a user callable.
+    """Scores of a registered score criterion or a user callable.
 
     Args:
-        criterion: ``"magnitude"``, ``"gradient"``, ``"undecayed"``, ``"random"`` or a
-            callable ``fn(params, grads) -> dict[str, Tensor]``.
+        criterion: a name of a score criterion (``"magnitude"``, ``"gradient"``,
+            ``"undecayed"``, ``"random"``, ...) or a callable ``fn(params, grads) -> scores``.
         params: FQN -> weight.
-        grads: FQN -> task-loss gradient; required for ``"gradient"`` and ``"undecayed"``.
+        grads: FQN -> task-loss gradient; required by the criteria that need gradients.
         weight_decay: ``ε`` for ``"undecayed"``.
         seed: seed for ``"random"``.
 
@@ -261,29 +721,20 @@ def compute_scores(
         >>> compute_scores(lambda p, g: {"w": p["w"] ** 2}, params)["w"]
         tensor([ 1., 16.])
     """
-    if isinstance(criterion, str):
-        key = criterion.strip().lower()
-        if key not in CRITERIA:
-            raise ValueError(
-                f"Expected `criterion` to be one of {sorted(CRITERIA)} or a callable, "
-                f"but got {criterion!r}"
-            )
-        if key in NEEDS_GRADIENTS and grads is None:
-            raise ValueError(
-                f"Expected `grads` for criterion {key!r} (it needs the task-loss gradient), "
-                "but got None"
-            )
-        if key == "magnitude":
-            return magnitude_scores(params)
-        if key == "gradient":
-            return gradient_scores(params, grads)
-        if key == "undecayed":
-            return undecayed_scores(params, grads, weight_decay)
-        return random_scores(params, seed)
-    if callable(criterion):
-        name = getattr(criterion, "__name__", repr(criterion))
-        return _check_scores(criterion(params, grads), params, name)
-    raise TypeError(
-        f"Expected `criterion` to be a string in {sorted(CRITERIA)} or a callable, "
-        f"but got {criterion!r}"
+    found = resolve_criterion(
+        criterion.strip().lower() if isinstance(criterion, str) else criterion
     )
+    scores = getattr(found, "scores", None)
+    if scores is None:
+        raise ValueError(
+            f"Expected a score criterion, but {found.name!r} makes masks itself (use its masks)"
+        )
+    ctx = CriterionContext(
+        params,
+        0.0,
+        seed=seed,
+        gradients=None if grads is None else (lambda: grads),
+        weight_decays=lambda: weight_decay,
+        owner=f"criterion {found.name!r}",
+    )
+    return scores(ctx)

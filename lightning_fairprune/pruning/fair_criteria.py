@@ -21,15 +21,20 @@ worst_group    ours: per-group forecasts ``Δ_{a,i} = max(0, −ḡ_{a,i}θ_i + 
 ``ḡ_a`` is the gradient of group a's *mean* loss, ``h_a`` a diagonal curvature of that loss
 (the per-group empirical Fisher diagonal, or the Hutchinson estimate of the Hessian diagonal).
 
-**Statistics are sums.** `~lightning_fairprune.diagnostics.group_statistics` (the diagnostics'
-pass engine) returns per-group sums (gradients, curvature, losses, counts) over the samples it
-saw; `GroupStatistics.reduce` sums them across processes (pass an all-reduce). With
-all-reduced statistics, identical weights and identical current masks, every criterion is a
-deterministic function of its inputs, so every process computes the same masks (no broadcast
-needed). Masks are built by
-:func:`~lightning_fairprune.pruning.masks.global_masks` /
-:func:`~lightning_fairprune.pruning.masks.layerwise_masks`: exactly ``round(s · N)`` pruned
+**Statistics are sums.** `group_statistics` returns per-group sums (gradients, curvature,
+losses, counts) over the samples it saw; `GroupStatistics.reduce` sums them across processes
+(pass an all-reduce). With all-reduced statistics, identical weights and identical current
+masks, every criterion is a deterministic function of its inputs, so every process computes
+the same masks (no broadcast needed). Masks are built by
+:func:`~lightning_fairprune.pruning.select.global_masks` /
+:func:`~lightning_fairprune.pruning.select.layerwise_masks`: exactly ``round(s · N)`` pruned
 weights (globally or per layer), already-pruned weights stay pruned, ties by flat index.
+
+**Measurement without disturbing training.** `group_statistics` runs inside
+`measuring`, a small local context (eval mode, gradients enabled outside inference mode,
+selected parameters requiring grad, and afterwards the modules' modes, buffers,
+``requires_grad`` flags, ``.grad`` and the torch RNG state restored). It is kept isolated so
+that a shared measurement context can replace it.
 
 Differences from the authors' code:
 
@@ -47,7 +52,6 @@ Differences from the authors' code:
   groups' saliencies; with G = 2 both reduce to the paper's ``S_0 − β S_1``.
 
 Example:
-    >>> from lightning_fairprune.diagnostics import group_statistics
     >>> _ = torch.manual_seed(0)
     >>> model = torch.nn.Linear(4, 3)
     >>> x, y = torch.randn(30, 4), torch.arange(30) % 3
@@ -60,22 +64,30 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_fairprune.checks import check_bool, check_choice, check_int, check_real
 from lightning_fairprune.diagnostics.statistics import GroupStatistics
-from lightning_fairprune.pruning.masks import global_masks, layerwise_masks, num_to_prune
+from lightning_fairprune.pruning.criteria import CRITERIA, CriterionContext, make_options, register
+from lightning_fairprune.pruning.select import num_to_prune
+from lightning_fairprune.pruning.units import Units
 
 __all__ = [
     "FAIR_CRITERIA",
-    "FAIR_CRITERION_OPTIONS",
     "SCOPES",
+    "FairGRAPE",
+    "FairGRAPEOptions",
+    "FairPrune",
+    "FairPruneOptions",
     "MinimaxResult",
-    "check_fair_options",
+    "WorstGroup",
+    "WorstGroupOptions",
     "fair_masks",
     "fairgrape_importance",
     "fairgrape_masks",
@@ -86,14 +98,6 @@ __all__ = [
     "worst_group_masks",
 ]
 
-FAIR_CRITERIA: tuple[str, ...] = ("fairgrape", "fairprune", "worst_group")
-"""Names accepted by `fair_masks`."""
-FAIR_CRITERION_OPTIONS: dict[str, frozenset[str]] = {
-    "fairgrape": frozenset({"batch"}),
-    "fairprune": frozenset({"beta", "worst", "others"}),
-    "worst_group": frozenset({"iterations", "eta", "clip", "swaps"}),
-}
-"""The keyword options each fairness-aware criterion accepts (`fair_masks`' ``**options``)."""
 SCOPES: tuple[str, ...] = ("global", "layerwise")
 """Mask scopes."""
 
@@ -107,8 +111,7 @@ def _check_inputs(
         raise ValueError(f"Expected `params` to be a non-empty dict of tensors, but got {params!r}")
     if not isinstance(stats, GroupStatistics):
         raise TypeError(f"Expected `stats` to be GroupStatistics, but got {type(stats).__name__}")
-    if scope not in SCOPES:
-        raise ValueError(f"Expected `scope` to be one of {SCOPES}, but got {scope!r}")
+    check_choice(scope, "scope", SCOPES)
     missing = [n for n in params if n not in stats.grad_sums]
     if missing:
         raise ValueError(f"Expected `stats` to hold statistics for {missing}, but they are missing")
@@ -121,23 +124,12 @@ def _check_inputs(
     return {n: p.detach() for n, p in params.items()}
 
 
-def _select(
-    scores: Mapping[str, Tensor],
-    sparsity: float,
-    current: Mapping[str, Tensor] | None,
-    scope: str,
-) -> dict[str, Tensor]:
-    if scope == "global":
-        return global_masks(scores, sparsity, current)
-    return layerwise_masks(scores, sparsity, current)
-
-
 def _rank_scores(keys: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Scores whose order is the order of ``keys`` (lowest first), ties by flat index.
 
-    The score of a weight is its 1-based position in a stable ascending sort of all keys
-    (float64: exact up to 2**53 weights), so the mask builders prune by ``keys`` with the
-    same tie rule as theirs.
+    The score of a unit is its 1-based position in a stable ascending sort of all keys
+    (float64: exact up to 2**53 units), so the selection prunes by ``keys`` with the same
+    tie rule as theirs.
     """
     flat = torch.cat([k.reshape(-1).to(torch.float64) for k in keys.values()])
     order = torch.sort(flat, stable=True).indices
@@ -151,27 +143,135 @@ def _rank_scores(keys: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _check_float(name: str, value: object, lo: float | None = None) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or (lo is not None and value < lo)
-    ):
-        bound = "" if lo is None else f" >= {lo}"
-        raise ValueError(f"Expected `{name}` to be a finite float{bound}, but got {value!r}")
-    return float(value)
+@dataclass
+class _Round:
+    """One round's selection over the structure's units (weights or channels)."""
+
+    units: Units
+    target: float
+    scope: str
+    current: dict[str, Tensor] | None  # kept units of earlier rounds
+
+    def select(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return self.units.select(scores, self.target, self.scope, self.current)
+
+    def candidates(self, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Units not pruned yet, shaped like ``values[n][0]``."""
+        if self.current is None:
+            return {
+                n: torch.ones(v.shape[1:], dtype=torch.bool, device=v.device)
+                for n, v in values.items()
+            }
+        return {n: self.current[n].to(v.device).bool() for n, v in values.items()}
+
+    def unflatten(self, flat: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        start = 0
+        for n, v in like.items():
+            size = math.prod(v.shape[1:])
+            out[n] = flat[start : start + size].reshape(v.shape[1:]).to(v.device)
+            start += size
+        return out
 
 
-def _candidates(params: Mapping[str, Tensor], current: Mapping[str, Tensor] | None) -> dict:
-    if current is None:
-        return {
-            n: torch.ones(p.shape, dtype=torch.bool, device=p.device) for n, p in params.items()
-        }
-    return {n: current[n].to(p.device).bool() for n, p in params.items()}
+class _FairCriterion:
+    """Base of the fairness-aware criteria: per-group statistics -> units -> masks.
+
+    A criterion computes per-group values of every weight (``[G, *shape]``), the structure
+    reduces them to its units (a channel's value is the sum over its coupled entries), and
+    the criterion's rule picks the units to prune with the structure's exact counts.
+    """
+
+    name = ""
+    needs_gradients = False
+    needs_weight_decay = False
+    needs_group_statistics = True
+    default_curvature = "fisher"
+    curvatures: tuple[str, ...] = ("fisher", "hutchinson")
+    supports_sharding = False
+    structures: tuple[str, ...] = ("weight", "channel")  # rules that rank units, exact counts
+    options_type: type | None = None
+
+    def make_options(self, options: Mapping[str, Any] | None) -> Any:
+        """Typed options (`make_options` with `options_type`)."""
+        return make_options(self.name, self.options_type, options)
+
+    def check_options(self, options: Any, num_groups: int) -> None:
+        """Nothing to check against the number of groups by default."""
+        return None
+
+    value_fn: Callable[[Mapping[str, Tensor], GroupStatistics], dict[str, Tensor]]
+
+    def values(
+        self, params: Mapping[str, Tensor], stats: GroupStatistics, options: Any
+    ) -> dict[str, Tensor]:
+        """Per-group values of every weight, FQN -> ``[G, *shape]`` (``value_fn``)."""
+        return type(self).value_fn(params, stats)
+
+    def choose(
+        self, values: dict[str, Tensor], stats: GroupStatistics, rnd: _Round, options: Any
+    ) -> dict[str, Tensor]:
+        """The kept units of the round from their per-group values."""
+        raise NotImplementedError
+
+    def _prepare(
+        self, ctx: CriterionContext, options: Any
+    ) -> tuple[dict[str, Tensor], GroupStatistics, _Round]:
+        units = ctx.units
+        if not units.exact_counts:
+            raise ValueError(
+                f"Expected structure 'weight' or 'channel' with criterion={self.name!r} (it "
+                f"ranks units with exact counts), but got structure {units.kind!r}"
+            )
+        stats = ctx.group_statistics()
+        params = _check_inputs(ctx.params, stats, ctx.scope)
+        rnd = _Round(units, ctx.target, ctx.scope, units.current(ctx.current_masks))
+        return units.reduce(self.values(params, stats, options), "sum"), stats, rnd
+
+    def masks(self, ctx: CriterionContext) -> dict[str, Tensor]:
+        """Masks of every parameter of ``ctx.params`` (``True`` = kept)."""
+        options = ctx.options if ctx.options is not None else self.make_options(None)
+        with torch.no_grad():
+            values, stats, rnd = self._prepare(ctx, options)
+            return ctx.units.expand(self.choose(values, stats, rnd, options))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def _context(
+    params: Mapping[str, Tensor],
+    stats: GroupStatistics,
+    sparsity: float,
+    current_masks: Mapping[str, Tensor] | None,
+    scope: str,
+    options: Any,
+) -> CriterionContext:
+    return CriterionContext(
+        params,
+        sparsity,
+        scope=scope,
+        current_masks=current_masks,
+        options=options,
+        group_statistics=lambda: stats,
+    )
 
 
 # --------------------------------------------------------------------------- FairGRAPE
+
+
+@dataclass(frozen=True)
+class FairGRAPEOptions:
+    """Options of ``"fairgrape"``.
+
+    Attributes:
+        batch: weights (units) kept per choice of group (their ``para_batch``), >= 1.
+    """
+
+    batch: int = 1
+
+    def __post_init__(self) -> None:
+        check_int(self.batch, "batch", 1)
 
 
 def fairgrape_importance(params: Mapping[str, Tensor], stats: GroupStatistics) -> dict[str, Tensor]:
@@ -231,6 +331,45 @@ def _greedy_keep(importance: Tensor, n_keep: int, batch: int) -> list[int]:
     return out
 
 
+class FairGRAPE(_FairCriterion):
+    """FairGRAPE (Lin et al., 2022): keep units so each group keeps its importance share.
+
+    See `fairgrape_masks`.
+    """
+
+    name = "fairgrape"
+    default_curvature = "none"
+    curvatures = ("fisher", "hutchinson", "none")
+    options_type = FairGRAPEOptions
+    value_fn = fairgrape_importance
+
+    @override
+    def choose(
+        self, values: dict[str, Tensor], stats: GroupStatistics, rnd: _Round, options: Any
+    ) -> dict[str, Tensor]:
+        cand = rnd.candidates(values)
+        g = stats.num_groups
+        parts = [list(values)] if rnd.scope == "global" else [[n] for n in values]
+        scores = {
+            n: torch.zeros(v.shape[1:], dtype=torch.float64, device=v.device)
+            for n, v in values.items()
+        }
+        for names in parts:
+            total = sum(math.prod(values[n].shape[1:]) for n in names)
+            n_keep = total - num_to_prune(rnd.target, total)
+            imp = torch.cat([values[n].reshape(g, -1) for n in names], dim=1)
+            cmask = torch.cat([cand[n].reshape(-1).cpu() for n in names])
+            idx = cmask.nonzero().flatten()
+            order = _greedy_keep(
+                imp[:, idx.to(imp.device)], min(n_keep, idx.numel()), options.batch
+            )
+            flat = torch.zeros(total, dtype=torch.float64)
+            kept = idx[torch.tensor(order, dtype=torch.long)]
+            flat[kept] = torch.arange(len(order), 0, -1, dtype=torch.float64)
+            scores.update(rnd.unflatten(flat, {n: values[n] for n in names}))
+        return rnd.select(scores)
+
+
 def fairgrape_masks(
     params: Mapping[str, Tensor],
     stats: GroupStatistics,
@@ -265,35 +404,31 @@ def fairgrape_masks(
         >>> fairgrape_masks({"w": torch.ones(3)}, s, 1 / 3)["w"].tolist()
         [True, True, False]
     """
-    w = _check_inputs(params, stats, scope)
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"Expected `batch` to be an int >= 1, but got {batch!r}")
-    importance = fairgrape_importance(w, stats)
-    cand = _candidates(w, current_masks)
-    g = stats.num_groups
-    groups_of_names = [list(w)] if scope == "global" else [[n] for n in w]
-    scores: dict[str, Tensor] = {
-        n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in w.items()
-    }
-    for names in groups_of_names:
-        total = sum(w[n].numel() for n in names)
-        n_keep = total - num_to_prune(sparsity, total)
-        imp = torch.cat([importance[n].reshape(g, -1) for n in names], dim=1)
-        cmask = torch.cat([cand[n].reshape(-1).cpu() for n in names])
-        idx = cmask.nonzero().flatten()
-        order = _greedy_keep(imp[:, idx.to(imp.device)], min(n_keep, idx.numel()), batch)
-        flat = torch.zeros(total, dtype=torch.float64)
-        kept = idx[torch.tensor(order, dtype=torch.long)]
-        flat[kept] = torch.arange(len(order), 0, -1, dtype=torch.float64)
-        start = 0
-        for n in names:
-            k = w[n].numel()
-            scores[n] = flat[start : start + k].reshape(w[n].shape).to(w[n].device)
-            start += k
-    return _select(scores, sparsity, current_masks, scope)
+    options = FairGRAPEOptions(batch)
+    return FAIRGRAPE.masks(_context(params, stats, sparsity, current_masks, scope, options))
 
 
 # --------------------------------------------------------------------------- FairPrune
+
+
+@dataclass(frozen=True)
+class FairPruneOptions:
+    """Options of ``"fairprune"``.
+
+    Attributes:
+        beta: trade-off β >= 0 of ``S_rest − β · S_worst``.
+        worst: id of the worst-served group (``None``: the highest mean loss).
+        others: ``"mean"`` (count-weighted) or ``"max"`` over the other groups.
+    """
+
+    beta: float = 0.5
+    worst: int | None = None
+    others: str = "mean"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "beta", check_real(self.beta, "beta", low=0.0))
+        check_int(self.worst, "worst", 0, allow_none=True)
+        check_choice(self.others, "others", ("mean", "max"))
 
 
 def _worst_group(stats: GroupStatistics, worst: int | None) -> int:
@@ -322,6 +457,44 @@ def fairprune_saliency(params: Mapping[str, Tensor], stats: GroupStatistics) -> 
     """
     curv = stats.curvature_means()
     return {n: 0.5 * curv[n] * p.detach().to(curv[n].dtype) ** 2 for n, p in params.items()}
+
+
+class FairPrune(_FairCriterion):
+    """FairPrune (Wu et al., 2022): prune what the well-served groups need, the worst not.
+
+    See `fairprune_masks`.
+    """
+
+    name = "fairprune"
+    options_type = FairPruneOptions
+    value_fn = fairprune_saliency
+
+    @override
+    def check_options(self, options: Any, num_groups: int) -> None:
+        if options is not None and options.worst is not None and options.worst >= num_groups:
+            raise ValueError(
+                f"Expected `worst` to be a group id in [0, {num_groups}), but got {options.worst!r}"
+            )
+
+    @override
+    def choose(
+        self, values: dict[str, Tensor], stats: GroupStatistics, rnd: _Round, options: Any
+    ) -> dict[str, Tensor]:
+        bad = _worst_group(stats, options.worst)
+        counts = stats.counts.to(torch.float64)
+        rest = [a for a in range(stats.num_groups) if a != bad and float(counts[a]) > 0]
+        keys: dict[str, Tensor] = {}
+        for n, s in values.items():
+            if not rest:
+                s_rest = torch.zeros_like(s[0])
+            elif options.others == "mean":
+                wts = counts[rest].to(s.device)
+                wts = wts / wts.sum()
+                s_rest = (s[rest] * wts.reshape(-1, *([1] * (s.dim() - 1)))).sum(0)
+            else:
+                s_rest = s[rest].amax(0)
+            keys[n] = -(s_rest - options.beta * s[bad])  # largest priority pruned first
+        return rnd.select(_rank_scores(keys))
 
 
 def fairprune_masks(
@@ -362,30 +535,34 @@ def fairprune_masks(
         >>> fairprune_masks({"w": torch.ones(3)}, s, 1 / 3, beta=1.0)["w"].tolist()
         [False, True, True]
     """
-    w = _check_inputs(params, stats, scope)
-    beta = _check_float("beta", beta, 0.0)
-    if others not in ("mean", "max"):
-        raise ValueError(f"Expected `others` to be 'mean' or 'max', but got {others!r}")
-    bad = _worst_group(stats, worst)
-    sal = fairprune_saliency(w, stats)
-    counts = stats.counts.to(torch.float64)
-    rest = [a for a in range(stats.num_groups) if a != bad and float(counts[a]) > 0]
-    keys: dict[str, Tensor] = {}
-    for n, s in sal.items():
-        if not rest:
-            s_rest = torch.zeros_like(s[0])
-        elif others == "mean":
-            wts = counts[rest].to(s.device)
-            wts = wts / wts.sum()
-            s_rest = (s[rest] * wts.reshape(-1, *([1] * (s.dim() - 1)))).sum(0)
-        else:
-            s_rest = s[rest].amax(0)
-        priority = s_rest - beta * s[bad]
-        keys[n] = -priority  # lowest key pruned first
-    return _select(_rank_scores(keys), sparsity, current_masks, scope)
+    options = FairPruneOptions(beta, worst, others)
+    return FAIRPRUNE.masks(_context(params, stats, sparsity, current_masks, scope, options))
 
 
 # --------------------------------------------------------------------------- worst group
+
+
+@dataclass(frozen=True)
+class WorstGroupOptions:
+    """Options of ``"worst_group"`` (see `worst_group_masks`).
+
+    Attributes:
+        iterations: multiplicative-weights iterations (>= 1).
+        eta: step size (``None``: ``sqrt(8 ln(G) / iterations)``, at least 0.1).
+        clip: clip the forecasts at 0.
+        swaps: rounds of the 1-exchange local search (0 = off).
+    """
+
+    iterations: int = 100
+    eta: float | None = None
+    clip: bool = True
+    swaps: int = 10
+
+    def __post_init__(self) -> None:
+        check_int(self.iterations, "iterations", 1)
+        object.__setattr__(self, "eta", check_real(self.eta, "eta", low=0.0, allow_none=True))
+        check_bool(self.clip, "clip")
+        check_int(self.swaps, "swaps", 0)
 
 
 def worst_group_forecasts(
@@ -465,6 +642,89 @@ class MinimaxResult:
     iterations: int
 
 
+class WorstGroup(_FairCriterion):
+    """Ours: minimax over per-group second-order damage forecasts (see `worst_group_masks`).
+
+    On channel units the forecast of a channel is the sum of its entries' forecasts, and the
+    local search never leaves a channel group without a kept channel.
+    """
+
+    name = "worst_group"
+    options_type = WorstGroupOptions
+
+    @override
+    def values(
+        self, params: Mapping[str, Tensor], stats: GroupStatistics, options: Any
+    ) -> dict[str, Tensor]:
+        return worst_group_forecasts(params, stats, clip=options.clip)
+
+    @override
+    def masks(self, ctx: CriterionContext) -> dict[str, Tensor]:
+        return ctx.units.expand(self.minimax(ctx).masks)
+
+    def minimax(self, ctx: CriterionContext) -> MinimaxResult:
+        """The full result of the round, with unit masks (weights: the masks)."""
+        options = ctx.options if ctx.options is not None else WorstGroupOptions()
+        with torch.no_grad():
+            values, stats, rnd = self._prepare(ctx, options)
+            return self._minimax(values, stats.num_groups, rnd, options)
+
+    def _minimax(
+        self, deltas: dict[str, Tensor], g: int, rnd: _Round, options: WorstGroupOptions
+    ) -> MinimaxResult:
+        iterations = options.iterations
+        eta = options.eta
+        if eta is None:
+            eta = max(0.1, math.sqrt(8.0 * math.log(max(g, 2)) / iterations))
+        cand = rnd.candidates(deltas)
+        flat_d = torch.cat([deltas[n].reshape(g, -1) for n in deltas], dim=1)  # [G, N]
+        flat_c = torch.cat([cand[n].reshape(-1) for n in deltas]).to(flat_d.device)
+        weights = torch.full((g,), 1.0 / g, dtype=torch.float64, device=flat_d.device)
+        best: tuple[float, dict[str, Tensor], Tensor, Tensor] | None = None
+        lower = -math.inf
+        for _ in range(iterations):
+            masks = rnd.select(rnd.unflatten((weights[:, None] * flat_d).sum(0), deltas))
+            flat_m = torch.cat([masks[n].reshape(-1) for n in deltas]).to(flat_d.device)
+            damage = (flat_d * (flat_c & ~flat_m)).sum(1)
+            value = float(damage.max())
+            lower = max(lower, float((weights * damage).sum()))
+            if best is None or value < best[0]:
+                best = (value, masks, damage.clone(), weights.clone())
+            if value <= 0:
+                break
+            weights = weights * torch.exp(eta * damage / value)
+            weights = weights / weights.sum()
+        assert best is not None
+        masks, damage = best[1], best[2]
+        if options.swaps > 0:
+            layer_ids = torch.cat(
+                [
+                    torch.full((math.prod(v.shape[1:]),), i, dtype=torch.long)
+                    for i, v in enumerate(deltas.values())
+                ]
+            ).to(flat_d.device)
+            flat_m = torch.cat([masks[n].reshape(-1) for n in deltas]).to(flat_d.device)
+            keep_one = rnd.units.keep_one and rnd.scope == "global"
+            newly, damage = _swap_search(
+                flat_d,
+                flat_c,
+                flat_c & ~flat_m,
+                damage,
+                layer_ids,
+                rnd.scope,
+                options.swaps,
+                keep_one=keep_one,
+            )
+            masks = rnd.unflatten(flat_c & ~newly, deltas)
+        return MinimaxResult(
+            masks=masks,
+            damage=damage.cpu(),
+            lower_bound=lower,
+            weights=best[3].cpu(),
+            iterations=iterations,
+        )
+
+
 def worst_group_masks(
     params: Mapping[str, Tensor],
     stats: GroupStatistics,
@@ -513,62 +773,9 @@ def worst_group_masks(
         >>> res.masks["w"].tolist(), res.damage.tolist()  # one weight of each group
         ([False, True, False, True], [1.0, 1.5])
     """
-    w = _check_inputs(params, stats, scope)
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"Expected `iterations` to be an int >= 1, but got {iterations!r}")
-    g = stats.num_groups
-    if eta is None:
-        eta = max(0.1, math.sqrt(8.0 * math.log(max(g, 2)) / iterations))
-    eta = _check_float("eta", eta, 0.0)
-    deltas = worst_group_forecasts(w, stats, clip=clip)
-    cand = _candidates(w, current_masks)
-    flat_d = torch.cat([deltas[n].reshape(g, -1) for n in w], dim=1)  # [G, N]
-    flat_c = torch.cat([cand[n].reshape(-1) for n in w]).to(flat_d.device)
-    weights = torch.full((g,), 1.0 / g, dtype=torch.float64, device=flat_d.device)
-    best: tuple[float, dict[str, Tensor], Tensor, Tensor] | None = None
-    lower = -math.inf
-    for _ in range(iterations):
-        combined = (weights[:, None] * flat_d).sum(0)
-        scores: dict[str, Tensor] = {}
-        start = 0
-        for n, p in w.items():
-            scores[n] = combined[start : start + p.numel()].reshape(p.shape).to(p.device)
-            start += p.numel()
-        masks = _select(scores, sparsity, current_masks, scope)
-        flat_m = torch.cat([masks[n].reshape(-1) for n in w]).to(flat_d.device)
-        newly = flat_c & ~flat_m
-        damage = (flat_d * newly).sum(1)
-        value = float(damage.max())
-        lower = max(lower, float((weights * damage).sum()))
-        if best is None or value < best[0]:
-            best = (value, masks, damage.clone(), weights.clone())
-        top = float(damage.max())
-        if top <= 0:
-            break
-        weights = weights * torch.exp(eta * damage / top)
-        weights = weights / weights.sum()
-    assert best is not None
-    masks, damage = best[1], best[2]
-    if swaps > 0:
-        layer_ids = torch.cat(
-            [torch.full((p.numel(),), i, dtype=torch.long) for i, p in enumerate(w.values())]
-        ).to(flat_d.device)
-        flat_m = torch.cat([masks[n].reshape(-1) for n in w]).to(flat_d.device)
-        newly = flat_c & ~flat_m
-        newly, damage = _swap_search(flat_d, flat_c, newly, damage, layer_ids, scope, swaps)
-        flat_m = flat_c & ~newly
-        masks = {}
-        start = 0
-        for n, p in w.items():
-            masks[n] = flat_m[start : start + p.numel()].reshape(p.shape).to(p.device)
-            start += p.numel()
-    return MinimaxResult(
-        masks=masks,
-        damage=damage.cpu(),
-        lower_bound=lower,
-        weights=best[3].cpu(),
-        iterations=iterations,
-    )
+    options = WorstGroupOptions(iterations, eta, clip, swaps)
+    ctx = _context(params, stats, sparsity, current_masks, scope, options)
+    return WORST_GROUP.minimax(ctx)
 
 
 def _swap_search(
@@ -580,13 +787,15 @@ def _swap_search(
     scope: str,
     swaps: int,
     width: int = 64,
+    keep_one: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Local search: exchange one pruned and one kept weight while the worst damage drops.
+    """Local search: exchange one pruned and one kept unit while the worst damage drops.
 
-    Candidates: the ``width`` weights pruned this round with the largest forecast for the
+    Candidates: the ``width`` units pruned this round with the largest forecast for the
     currently worst group, and the ``width`` kept candidates with the smallest one (same layer
     when layerwise). The best pair by the resulting ``max_a D_a`` is applied if it improves;
-    ties by the lowest flat indices. The pruned count never changes.
+    ties by the lowest flat indices. The pruned count never changes; with ``keep_one`` no
+    layer loses its last kept unit.
     """
     newly = newly.clone()
     damage = damage.clone()
@@ -602,9 +811,12 @@ def _swap_search(
         i = in_idx[torch.sort(row[in_idx], stable=True).indices[:width]]
         trial = damage[None, None, :] - delta[:, o].t()[:, None, :] + delta[:, i].t()[None, :, :]
         value = trial.amax(2)  # [len(o), len(i)]
-        if scope == "layerwise":
-            same = layer_ids[o][:, None] == layer_ids[i][None, :]
-            value = torch.where(same, value, torch.full_like(value, math.inf))
+        same = layer_ids[o][:, None] == layer_ids[i][None, :]
+        invalid = ~same if scope == "layerwise" else torch.zeros_like(same)
+        if keep_one:  # pruning a layer's last kept unit needs one back from the same layer
+            kept = torch.bincount(layer_ids[in_idx], minlength=int(layer_ids.max()) + 1)
+            invalid |= (kept[layer_ids[i]] <= 1)[None, :] & ~same
+        value = torch.where(invalid, torch.full_like(value, math.inf), value)
         flat_best = int(torch.argmin(value.reshape(-1)))
         a, b = divmod(flat_best, value.shape[1])
         if not float(value[a, b]) < current * (1 - 1e-12) - 1e-15:
@@ -615,7 +827,13 @@ def _swap_search(
     return newly, damage
 
 
-# --------------------------------------------------------------------------- dispatch
+# --------------------------------------------------------------------------- registry
+
+FAIRGRAPE = register(FairGRAPE())
+FAIRPRUNE = register(FairPrune())
+WORST_GROUP = register(WorstGroup())
+FAIR_CRITERIA: tuple[str, ...] = (FAIRGRAPE.name, FAIRPRUNE.name, WORST_GROUP.name)
+"""Names of the fairness-aware criteria (registered in `CRITERIA`)."""
 
 
 def fair_masks(
@@ -627,7 +845,7 @@ def fair_masks(
     scope: str = "global",
     **options: Any,
 ) -> dict[str, Tensor]:
-    """Masks of a fairness-aware criterion by name (the entry point for pruning callbacks).
+    """Masks of a fairness-aware criterion by name, from given statistics.
 
     Args:
         name: one of `FAIR_CRITERIA`.
@@ -637,8 +855,8 @@ def fair_masks(
         sparsity: target cumulative sparsity in ``[0, 1)``.
         current_masks: masks of earlier rounds (``True`` = kept); never un-pruned.
         scope: ``"global"`` or ``"layerwise"``.
-        **options: criterion options: ``batch`` (fairgrape); ``beta``, ``worst``, ``others``
-            (fairprune); ``iterations``, ``eta``, ``clip``, ``swaps`` (worst_group).
+        **options: the criterion's options (`FairGRAPEOptions`, `FairPruneOptions`,
+            `WorstGroupOptions`).
 
     Returns:
         FQN -> bool mask with exactly ``round(s·N)`` pruned weights (per layer when
@@ -653,70 +871,8 @@ def fair_masks(
         >>> fair_masks("fairprune", {"w": torch.ones(2)}, s, 0.5, beta=0.0)["w"].sum().item()
         1
     """
-    key = _option_names(name, options)
-    if key == "fairgrape":
-        return fairgrape_masks(params, stats, sparsity, current_masks, scope, **options)
-    if key == "fairprune":
-        return fairprune_masks(params, stats, sparsity, current_masks, scope, **options)
-    return worst_group_masks(params, stats, sparsity, current_masks, scope, **options).masks
-
-
-def _option_names(name: str, options: Mapping[str, Any]) -> str:
-    """The criterion's key, after checking that every option name is one it accepts."""
-    key = name.strip().lower() if isinstance(name, str) else name
-    if key not in FAIR_CRITERION_OPTIONS:
+    if name not in FAIR_CRITERIA:
         raise ValueError(f"Expected `name` to be one of {FAIR_CRITERIA}, but got {name!r}")
-    allowed = FAIR_CRITERION_OPTIONS[key]
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ValueError(f"Expected options of {key!r} among {sorted(allowed)}, but got {unknown}")
-    return key
-
-
-def _is_id(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def check_fair_options(
-    name: str, options: Mapping[str, Any], num_groups: int | None = None
-) -> None:
-    """Check a fairness-aware criterion's options (names and values) without any model.
-
-    The option names are checked against `FAIR_CRITERION_OPTIONS`, and the values by running
-    the criterion once on a tiny synthetic problem with ``num_groups`` groups (four weights,
-    half of them pruned): whatever `fair_masks` would refuse at a pruning round is refused
-    here, with the same message. Pruning callbacks call it at construction (``num_groups``
-    unknown: as many groups as a given ``worst`` needs) and again at fit start, when the
-    number of groups is known (FairPrune's ``worst`` must name one of them).
-
-    Args:
-        name: one of `FAIR_CRITERIA`.
-        options: the keyword options.
-        num_groups: number of groups G of the data the criterion will see (``None``: not
-            known yet).
-
-    Raises:
-        ValueError: an unknown criterion or option name, or a bad option value.
-
-    Example:
-        >>> check_fair_options("fairprune", {"beta": 0.5})
-        >>> check_fair_options("fairprune", {"betta": 0.5})
-        Traceback (most recent call last):
-        ...
-        ValueError: Expected options of 'fairprune' among ['beta', 'others', 'worst'], but got ['betta']
-        >>> check_fair_options("fairprune", {"worst": 3}, num_groups=2)
-        Traceback (most recent call last):
-        ...
-        ValueError: Expected `worst` to be a group id in [0, 2), but got 3
-    """  # noqa: E501
-    key = _option_names(name, options)
-    worst = options.get("worst")
-    g = num_groups if num_groups is not None else max(2, worst + 1 if _is_id(worst) else 2)
-    grads = {"w": torch.arange(g * 4, dtype=torch.float64).reshape(g, 4) - g * 2}
-    stats = GroupStatistics(
-        grads,
-        torch.ones(g, dtype=torch.float64),
-        torch.ones(g, dtype=torch.float64),
-        curvature_sums={"w": torch.ones(g, 4, dtype=torch.float64)},
-    )
-    fair_masks(key, {"w": torch.tensor([1.0, -2.0, 3.0, -4.0])}, stats, 0.5, **options)
+    criterion = CRITERIA[name]
+    typed = criterion.make_options(options)
+    return criterion.masks(_context(params, stats, sparsity, current_masks, scope, typed))

@@ -1,7 +1,7 @@
 """Structured pruning cores: whole channels with everything coupled to them, and N:M patterns.
 
 **Structures.** :func:`parse_structure` reads the ``structure`` argument: ``"weight"``
-(individual weights, :mod:`lightning_fairprune.pruning.masks`), ``"channel"`` (whole output
+(individual weights, :mod:`lightning_fairprune.pruning.select`), ``"channel"`` (whole output
 channels of Conv/Linear layers, this module) or ``"n:m"`` such as ``"2:4"`` (at most ``n``
 non-zeros in every ``m`` consecutive input weights, :mod:`lightning_fairprune.pruning.nm`).
 
@@ -68,7 +68,7 @@ from torch.utils._pytree import tree_leaves
 
 from lightning_fairprune.checks import check_bool, check_choice, check_sparsity
 from lightning_fairprune.measure import isolated
-from lightning_fairprune.pruning.masks import num_to_prune
+from lightning_fairprune.pruning.select import num_to_prune
 from lightning_fairprune.pruning.selection import TypeSpec, select_parameters
 
 __all__ = [
