@@ -23,7 +23,8 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from lightning_fairprune import FairnessMonitor, IterativePruning, compact, load_compact, model_cost
-from lightning_fairprune.pruning import CRITERIA, CriterionContext, GroupStatistics
+from lightning_fairprune.diagnostics import GroupStatistics
+from lightning_fairprune.pruning import CRITERIA, CriterionContext
 from lightning_fairprune.pruning.criteria import check_support
 from lightning_fairprune.pruning.structured import (
     channel_groups,
