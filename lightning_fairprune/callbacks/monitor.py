@@ -49,7 +49,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_fairprune import logging as fp_logging
+import lightning_fairprune.logging as fp_logging
 from lightning_fairprune.callbacks.events import PruningEvent, find_pruner, schedule_complete
 from lightning_fairprune.checks import check_bool, check_choice, check_instance, check_int
 from lightning_fairprune.diagnostics.sharded_pass import GATE_MEMORY
