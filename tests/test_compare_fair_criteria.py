@@ -128,8 +128,8 @@ def test_loop_equals_the_callbacks(name, timing):
         num_sanity_val_steps=0,
     )
     trainer.fit(module, loader)
-    assert pruning.targets == pytest.approx([t for _, t in plan])
-    assert pruning.event_points == [k for k, _ in plan]
+    assert pruning.plan.targets == pytest.approx([t for _, t in plan])
+    assert pruning.plan.event_points == [k for k, _ in plan]
     assert st.step == trainer.global_step == until
     for (n1, p1), (n2, p2) in zip(
         st.model.named_parameters(), module.net.named_parameters(), strict=True

@@ -249,29 +249,32 @@ def test_a_new_field_is_one_declaration(tmp_path, monkeypatch):
 
     @dataclass(kw_only=True)
     class Extended(records.Record):
-        flops: int | None = field(
+        latency: float | None = field(
             default=None,
-            metadata=records.view(scalar="value", from_event=lambda e, m: e.flops_at(m)),
+            metadata=records.view(
+                scalar="value", from_event=lambda e, m: e.cost_at(m).get("latency")
+            ),
         )
         margin: list | None = field(
             default=None, metadata=records.view(scalar="per_group", table=True)
         )
 
     monkeypatch.setattr(records, "Record", Extended)
-    event = SimpleNamespace(flops_at=lambda moment: {"dense": 80, "after_round": 40}[moment])
+    costs = {"dense": {"latency": 80}, "after_round": {"latency": 40}}
+    event = SimpleNamespace(cost_at=lambda moment: costs[moment])
     m = SimpleNamespace(accuracy=0.75, mean_loss=torch.tensor([0.1, 0.9]))
     dense = make_record(m, _metrics([4, 2], [4, 4]), RecordContext("dense", event=event))
-    assert dense.flops == 80
+    assert dense.latency == 80
     after = restamp(dense, RecordContext("after_round", event=event))
-    assert after.flops == 40
-    assert restamp(dense, RecordContext("end")).flops is None  # no event at this moment
+    assert after.latency == 40
+    assert restamp(dense, RecordContext("end")).latency is None  # no event at this moment
     after.margin = [0.5, -0.25]
     file = HistoryFile(tmp_path / "h.jsonl")
     file.write([after.to_dict()])
     (line,) = read_history(file.path)
     assert Extended.from_dict(line) == after
     scalars = record_scalars(line)
-    assert scalars["fairprune/flops"] == 40
+    assert scalars["fairprune/latency"] == 40
     assert (scalars["fairprune/margin/g0"], scalars["fairprune/margin/g1"]) == (0.5, -0.25)
     columns, rows = group_table(line)
     assert [row[columns.index("margin")] for row in rows] == [0.5, -0.25]

@@ -30,12 +30,13 @@ def test_structured_example(tmp_path, monkeypatch):
     cost = model_cost(compact_model, example_input)
     assert pruning.history[-1]["cost"] == cost == result["costs"]["compact"]
     assert cost["params"] <= 0.30 * result["costs"]["dense"]["params"]
-    # the monitor's records carry the pruner's cost; the end record has none (no event)
+    # every monitor record carries the cost of the model it measured
     after = [r for r in monitor.history if r["moment"] == "after_round"]
     assert [r["flops"] for r in after] == [h["cost"]["flops"] for h in pruning.history]
     assert monitor.history[0]["flops"] == pruning.history[0]["previous_cost"]["flops"]
     assert monitor.history[-1]["moment"] == "end"
-    assert monitor.history[-1]["flops"] is None
+    # the end record measured the model as the last round left it
+    assert monitor.history[-1]["flops"] == pruning.history[-1]["cost"]["flops"]
     # W&B offline: FLOPs and the worst group's accuracy, to plot one against the other
     run = read_wandb_run(next(tmp_path.rglob("wandb")))
     flops = [row["fairprune/flops"] for row in run.rows_with("fairprune/flops")]

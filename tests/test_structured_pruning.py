@@ -93,7 +93,7 @@ def test_channel_pruning_in_a_fit_is_consistent_compacts_and_reports_its_cost(tm
     pruning = IterativePruning(
         0.5, structure="channel", num_rounds=2, start=1, compact_path=path, example_input=EXAMPLE
     )
-    monitor = FairnessMonitor(num_probes=0, log=False)
+    monitor = FairnessMonitor(num_probes=0)
     logger = Scalars()
     _fit(tmp_path, model, [pruning, monitor], logger=logger)
     keep = _consistent(model, pruning.masks)

@@ -52,6 +52,7 @@ Differences from the authors' code:
   groups' saliencies; with G = 2 both reduce to the paper's ``S_0 − β S_1``.
 
 Example:
+    >>> from lightning_fairprune.diagnostics.statistics import group_statistics
     >>> _ = torch.manual_seed(0)
     >>> model = torch.nn.Linear(4, 3)
     >>> x, y = torch.randn(30, 4), torch.arange(30) % 3
