@@ -51,6 +51,7 @@ import logging
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +68,32 @@ from structured import ResNetMNIST
 from lightning_fairprune import FairnessMonitor, IterativePruning, model_cost
 from lightning_fairprune.compare import RunCurve, curve_at, run_curve
 from lightning_fairprune.history import read_history
+from lightning_fairprune.losses import GroupWeightedLoss, inverse_frequency_weights
 from lightning_fairprune.paired import paired_difference
 from lightning_fairprune.report import compare_recipes
 
-ARMS = {"weight": 0.99, "channel": 0.9}  # final sparsity: of the weights / of the channels
+
+@dataclass(frozen=True)
+class Arm:
+    """How one arm prunes (``final``: of the weights / of the channels) and fine-tunes."""
+
+    structure: str
+    final: float
+    weighted: bool = False  # GroupWeightedLoss(inverse-frequency) instead of cross-entropy
+
+
+ARMS = {
+    "weight": Arm("weight", 0.99),
+    "channel": Arm("channel", 0.9),
+    "weight+weighted": Arm("weight", 0.99, weighted=True),
+    "channel+weighted": Arm("channel", 0.9, weighted=True),
+}
+PAIRS = (  # (candidate, baseline): channel - weight, and what the weighted loss changes
+    ("channel", "weight"),
+    ("channel+weighted", "channel"),
+    ("channel+weighted", "weight"),
+    ("weight+weighted", "weight"),
+)
 FLOPS_LEVELS = (0.3, 0.1, 0.05, 0.02)  # fractions of the dense FLOPs
 GROUP_NAMES = {"thickness": ["thin", "medium", "thick"], "mnist": [str(d) for d in range(10)]}
 METRIC = "worst_group_accuracy"
@@ -79,9 +102,16 @@ METRIC = "worst_group_accuracy"
 class Net(ResNetMNIST):
     """The example's residual CNN (16-32-64, BatchNorm, projection skips) with a stride-2 stem."""
 
-    def __init__(self, width: int = 16) -> None:
+    def __init__(self, width: int = 16, group_weights: torch.Tensor | None = None) -> None:
         super().__init__(width)
         self.stem[0] = nn.Conv2d(1, width, 3, 2, 1, bias=False)  # 14x14 maps: 4x fewer FLOPs
+        self.group_loss = None if group_weights is None else GroupWeightedLoss(group_weights)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.group_loss is None:
+            return super().training_step(batch, batch_idx)
+        x, y, g = batch
+        return self.group_loss(self(x), y, g)
 
 
 def layer_flops(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
@@ -145,15 +175,18 @@ def run_seed(dataset: str, seed: int, cfg: dict, out: Path) -> dict:
     if sum(flops.values()) != model_cost(dense, example)["flops"]:
         raise RuntimeError("layer_flops disagrees with model_cost")
     result: dict[str, Any] = {"dataset": dataset, "seed": seed, "dense_flops": sum(flops.values())}
-    for arm, final in ARMS.items():
-        model = Net()
-        model.load_state_dict(dense.state_dict())
+    weights = inverse_frequency_weights(torch.bincount(data["g_tr"], minlength=data["num_groups"]))
+    for arm in cfg["arms"]:
+        spec = ARMS[arm]
+        model = Net(group_weights=weights if spec.weighted else None)
+        model.load_state_dict(dense.state_dict(), strict=False)  # the loss has no state
         pl.seed_everything(seed, verbose=False)
         history = out / "runs" / f"{dataset}-{arm}-{seed}.jsonl"
         history.parent.mkdir(parents=True, exist_ok=True)
         history.unlink(missing_ok=True)
         every = cfg["finetune_epochs"]
-        pruning = IterativePruning(final, structure=arm, scope="layerwise", num_rounds=6, start=0,
+        pruning = IterativePruning(spec.final, structure=spec.structure, scope="layerwise",
+                                   num_rounds=6, start=0,
                                    frequency=every, pretrained=True,
                                    example_input=example)  # fmt: skip
         test = DataLoader(tensors["te"], batch_size=500)
@@ -163,13 +196,13 @@ def run_seed(dataset: str, seed: int, cfg: dict, out: Path) -> dict:
                                   every_n_epochs=None, history_path=str(history),
                                   log=False)  # fmt: skip
         _trainer(6 * every, [pruning, monitor]).fit(model, loader(seed + 1000))
-        weights = dict(model.named_parameters())
+        named = dict(model.named_parameters())
         result[arm] = {
             "history": str(history),
             "pruned": pruning.parameter_names,
             "sparsity": pruning.current_sparsity,
             # the density of every pruned weight at the end (checks the layerwise assumption)
-            "density": {n: float((weights[n] != 0).float().mean()) for n in pruning.masks},
+            "density": {n: float((named[n] != 0).float().mean()) for n in pruning.masks},
         }
     result["layer_flops"] = flops
     return result
@@ -180,7 +213,7 @@ def flops_curve(run: dict, arm: str, metric: str) -> RunCurve:
     records = read_history(run[arm]["history"])
     curve = run_curve(records, metric)
     dense_flops = run["dense_flops"]
-    if arm == "weight":
+    if ARMS[arm].structure == "weight":
         removed = [1.0 - sparse_kernel_flops(run["layer_flops"], run[arm]["pruned"], s) /
                    dense_flops for s in curve.sparsity]  # fmt: skip
     else:
@@ -189,48 +222,53 @@ def flops_curve(run: dict, arm: str, metric: str) -> RunCurve:
     return RunCurve(removed, curve.accuracy, curve.value)
 
 
-def matched_flops(runs: list[dict], metric: str) -> list[dict]:
-    """Channel - weight of ``metric`` at each level of `FLOPS_LEVELS` (paired, Bonferroni)."""
+def matched_flops(runs: list[dict], metric: str, cand: str, base: str) -> list[dict]:
+    """``cand - base`` of ``metric`` at each level of `FLOPS_LEVELS` (paired, Bonferroni)."""
     rows = []
     for level in FLOPS_LEVELS:
         points = {arm: [curve_at(flops_curve(r, arm, metric), "sparsity", 1.0 - level)
-                        for r in runs] for arm in ARMS}  # fmt: skip
+                        for r in runs] for arm in (cand, base)}  # fmt: skip
         if any(p is None for ps in points.values() for p in ps):
             rows.append({"flops": level, "missing": True})
             continue
         row: dict[str, Any] = {"flops": level, "n": len(runs)}
         for what in ("value", "accuracy"):
-            ch = [p[what] for p in points["channel"]]
-            wt = [p[what] for p in points["weight"]]
-            diff = paired_difference(ch, wt, comparisons=len(FLOPS_LEVELS))
-            row[what] = {"channel": sum(ch) / len(ch), "weight": sum(wt) / len(wt), **diff}
+            c = [p[what] for p in points[cand]]
+            b = [p[what] for p in points[base]]
+            diff = paired_difference(c, b, comparisons=len(FLOPS_LEVELS))
+            row[what] = {"cand": sum(c) / len(c), "base": sum(b) / len(b), **diff}
         rows.append(row)
     return rows
 
 
-def matched_accuracy(runs: list[dict], metric: str) -> dict:
-    """`compare_recipes` at three accuracy levels every run of both arms reaches."""
-    curves = [run_curve(read_history(r[arm]["history"]), metric) for r in runs for arm in ARMS]
+def accuracy_levels(runs: list[dict], arms: list[str], metric: str) -> list[float]:
+    """Three accuracy levels every run of every arm reaches."""
+    curves = [run_curve(read_history(r[arm]["history"]), metric) for r in runs for arm in arms]
     low = max(min(c.accuracy) for c in curves)
     high = min(max(c.accuracy) for c in curves)
-    levels = [low + f * (high - low) for f in (0.0, 0.5, 0.9)]
+    return [low + f * (high - low) for f in (0.0, 0.5, 0.9)]
+
+
+def matched_accuracy(runs: list[dict], metric: str, cand: str, base: str, levels) -> dict:
+    """`compare_recipes` of ``cand`` against ``base`` at the accuracy ``levels``."""
     table = compare_recipes(
-        {arm: [r[arm]["history"] for r in runs] for arm in ("weight", "channel")},
-        metric=metric, baseline="weight", at="accuracy", level=levels,
+        {arm: [r[arm]["history"] for r in runs] for arm in (base, cand)},
+        metric=metric, baseline=base, at="accuracy", level=levels,
     )  # fmt: skip
-    return {"levels": levels, "rows": [dict(row) for row in table.rows],
-            "table": table.table(markdown=True)}  # fmt: skip
+    return {"rows": [dict(row) for row in table.rows], "table": table.table(markdown=True)}
 
 
 def analyse(runs: list[dict]) -> dict:
     out: dict[str, Any] = {}
     for dataset in sorted({r["dataset"] for r in runs}):
         sub = sorted((r for r in runs if r["dataset"] == dataset), key=lambda r: r["seed"])
-        out[dataset] = {
-            "seeds": len(sub),
-            "flops": matched_flops(sub, METRIC),
-            "accuracy": matched_accuracy(sub, METRIC),
-        }
+        arms = [arm for arm in ARMS if all(arm in r for r in sub)]
+        levels = accuracy_levels(sub, arms, METRIC)
+        out[dataset] = {"seeds": len(sub), "arms": arms, "levels": levels, "pairs": [
+            {"cand": cand, "base": base, "flops": matched_flops(sub, METRIC, cand, base),
+             "accuracy": matched_accuracy(sub, METRIC, cand, base, levels)}
+            for cand, base in PAIRS if cand in arms and base in arms
+        ]}  # fmt: skip
     return out
 
 
@@ -242,23 +280,26 @@ def _fmt(d: dict) -> str:
 def report(analysis: dict) -> str:
     lines = []
     for dataset, res in analysis.items():
-        lines.append(f"\n## {dataset} ({res['seeds']} seeds): channel - weight\n")
-        lines.append(
-            "| FLOPs kept | worst group: channel / weight | difference [CI] p (channel wins/n) "
-            "| accuracy: channel / weight | difference [CI] |"
-        )
-        lines.append("|---|---|---|---|---|")
-        for row in res["flops"]:
-            if row.get("missing"):
-                lines.append(f"| {row['flops']:.2f} | not reached by every run | | | |")
-                continue
-            v, a = row["value"], row["accuracy"]
-            ci = f"{a['delta']:+.3f} [{a['ci_low']:+.3f}, {a['ci_high']:+.3f}]"
-            worst = f"{v['channel']:.3f} / {v['weight']:.3f}"
-            acc = f"{a['channel']:.3f} / {a['weight']:.3f}"
-            lines.append(f"| {row['flops']:.2f} | {worst} | {_fmt(v)} | {acc} | {ci} |")
-        lines.append(f"\nMatched accuracy (levels {res['accuracy']['levels']}):\n")
-        lines.append(res["accuracy"]["table"])
+        lines.append(f"\n# {dataset} ({res['seeds']} seeds)")
+        for pair in res["pairs"]:
+            cand, base = pair["cand"], pair["base"]
+            lines.append(f"\n## {cand} - {base}\n")
+            lines.append(
+                f"| FLOPs kept | worst group: {cand} / {base} | difference [CI] p (wins/n) "
+                f"| accuracy: {cand} / {base} | difference [CI] |"
+            )
+            lines.append("|---|---|---|---|---|")
+            for row in pair["flops"]:
+                if row.get("missing"):
+                    lines.append(f"| {row['flops']:.2f} | not reached by every run | | | |")
+                    continue
+                v, a = row["value"], row["accuracy"]
+                ci = f"{a['delta']:+.3f} [{a['ci_low']:+.3f}, {a['ci_high']:+.3f}]"
+                worst = f"{v['cand']:.3f} / {v['base']:.3f}"
+                acc = f"{a['cand']:.3f} / {a['base']:.3f}"
+                lines.append(f"| {row['flops']:.2f} | {worst} | {_fmt(v)} | {acc} | {ci} |")
+            lines.append(f"\nMatched accuracy (levels {[round(x, 4) for x in res['levels']]}):\n")
+            lines.append(pair["accuracy"]["table"])
     return "\n".join(lines)
 
 
@@ -274,6 +315,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="+", default=["thickness"], choices=sorted(GROUP_NAMES))
     p.add_argument("--seeds", type=int, default=12)
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--dense-epochs", type=int, default=8)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="2 seeds, 400 images, 1 epoch per round")
@@ -289,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     raw = out / "runs.json"
     cfg = {"quick": args.quick, "dense_epochs": 40 if args.quick else args.dense_epochs,
            "finetune_epochs": 3 if args.quick else 2, "seeds": 2 if args.quick else args.seeds,
-           "datasets": args.datasets}  # fmt: skip
+           "datasets": args.datasets, "arms": args.arms}  # fmt: skip
     t0 = time.time()
     if args.analyse_only:
         saved = json.loads(raw.read_text())

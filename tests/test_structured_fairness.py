@@ -63,12 +63,22 @@ def test_quick_study_pairs_seeds_and_reads_flops_from_the_compact_model(quick):
 def test_quick_study_matches_flops_by_interpolation_and_accuracy_via_compare_recipes(quick):
     res = quick["analysis"]["thickness"]
     assert res["seeds"] == 2
+    assert res["arms"] == list(study.ARMS)
+    assert [(p["cand"], p["base"]) for p in res["pairs"]] == list(study.PAIRS)
     runs = sorted(quick["runs"], key=lambda r: r["seed"])
-    for row in res["flops"]:
+    # every arm of a seed starts from the same dense model: identical dense records
+    for run in runs:
+        dense = [
+            next(r for r in read_history(run[arm]["history"]) if r["moment"] == "dense")
+            for arm in study.ARMS
+        ]
+        assert len({(d["accuracy"], d["fairness"]["worst_group_accuracy"]) for d in dense}) == 1
+    pair = res["pairs"][0]
+    for row in pair["flops"]:
         if row.get("missing"):
             continue
         # a naive reference: linear interpolation in FLOPs removed, per seed, then the mean
-        for arm in ("channel", "weight"):
+        for key, arm in (("cand", pair["cand"]), ("base", pair["base"])):
             values = []
             for run in runs:
                 c = study.flops_curve(run, arm, study.METRIC)
@@ -78,9 +88,9 @@ def test_quick_study_matches_flops_by_interpolation_and_accuracy_via_compare_rec
                     if x0 <= target <= x1:
                         values.append(y0 + (y1 - y0) * (target - x0) / (x1 - x0))
                         break
-            assert row["value"][arm] == pytest.approx(sum(values) / len(values))
-    assert [r["recipe"] for r in res["accuracy"]["rows"]][:1] == ["weight"]
-    assert "channel" in res["accuracy"]["table"]
+            assert row["value"][key] == pytest.approx(sum(values) / len(values))
+    assert [r["recipe"] for r in pair["accuracy"]["rows"]][:1] == ["weight"]
+    assert "channel" in pair["accuracy"]["table"]
 
 
 def test_compact_model_of_the_study_net_computes_the_masked_one():
