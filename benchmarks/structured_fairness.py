@@ -88,11 +88,13 @@ ARMS = {
     "weight+weighted": Arm("weight", 0.99, weighted=True),
     "channel+weighted": Arm("channel", 0.9, weighted=True),
 }
-PAIRS = (  # (candidate, baseline): channel - weight, and what the weighted loss changes
+PAIRS = (  # (candidate, baseline): channel - weight without and with the weighted loss, and
+    # what the weighted loss changes for each structure
     ("channel", "weight"),
+    ("channel+weighted", "weight+weighted"),
     ("channel+weighted", "channel"),
-    ("channel+weighted", "weight"),
     ("weight+weighted", "weight"),
+    ("channel+weighted", "weight"),
 )
 FLOPS_LEVELS = (0.3, 0.1, 0.05, 0.02)  # fractions of the dense FLOPs
 GROUP_NAMES = {"thickness": ["thin", "medium", "thick"], "mnist": [str(d) for d in range(10)]}
