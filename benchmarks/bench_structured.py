@@ -40,6 +40,9 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from structured import Block  # the example's ResNet basic block
 
 from lightning_fairprune.compact import compact
 from lightning_fairprune.cost import model_cost
@@ -54,24 +57,6 @@ from lightning_fairprune.pruning.structured import (
 
 
 # ----------------------------------------------------------------------------- models
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
 class ResNet(nn.Module):
     """CIFAR ResNet (3x3 stem, no max-pool): ``blocks=(2, 2, 2, 2)``, widths 64..512 = ResNet-18."""
 
@@ -82,7 +67,7 @@ class ResNet(nn.Module):
         layers, cin = [], widths[0]
         for i, (n, w) in enumerate(zip(blocks, widths, strict=True)):
             for b in range(n):
-                layers.append(BasicBlock(cin, w, 2 if (b == 0 and i > 0) else 1))
+                layers.append(Block(cin, w, 2 if (b == 0 and i > 0) else 1))
                 cin = w
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(cin, classes)

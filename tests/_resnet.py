@@ -6,30 +6,16 @@ batches takes well under a second.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-class Block(nn.Module):
-    """A ResNet basic block; a 1x1 conv + BN on the skip path when the shape changes."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.skip = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.skip = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.skip(x))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from structured import Block  # the example's ResNet basic block, shared
 
 
 class TinyResNet(pl.LightningModule):

@@ -13,9 +13,14 @@ import numpy as np
 import pytest
 import torch
 from _ddp import run_ddp
-from _models import DigitsDataModule, SmallCNN, digits_tensors, quiet_trainer_kwargs
+from _models import (
+    CaptureLogger,
+    DigitsDataModule,
+    SmallCNN,
+    digits_tensors,
+    quiet_trainer_kwargs,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from sklearn.metrics import accuracy_score, recall_score
 from torch import nn
 from torch.func import functional_call
@@ -77,33 +82,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class CaptureLogger(Logger):
-    """A Lightning logger that keeps every `log_metrics` call."""
-
-    def __init__(self, save_dir: str) -> None:
-        super().__init__()
-        self._save_dir = save_dir
-        self.rows: list[tuple[int, dict]] = []
-
-    @property
-    def name(self) -> str:
-        return "capture"
-
-    @property
-    def version(self) -> str:
-        return "0"
-
-    @property
-    def save_dir(self) -> str:
-        return self._save_dir
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append((step, dict(metrics)))
 
 
 class WeightSpy(Callback):

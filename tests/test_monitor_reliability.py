@@ -16,9 +16,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from _models import DigitsDataModule, SmallCNN, digits_tensors, quiet_trainer_kwargs
+from _models import (
+    CaptureLogger,
+    DigitsDataModule,
+    SmallCNN,
+    digits_tensors,
+    quiet_trainer_kwargs,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fairprune import FairnessMonitor, IterativePruning
@@ -44,33 +49,6 @@ def lightning_caplog(caplog):
         logger.removeHandler(caplog.handler)
         logger.propagate = propagate
         logger.setLevel(level)
-
-
-class CaptureLogger(Logger):
-    """A Lightning logger that keeps every `log_metrics` call."""
-
-    def __init__(self, save_dir: str) -> None:
-        super().__init__()
-        self._save_dir = save_dir
-        self.rows: list[tuple[int, dict]] = []
-
-    @property
-    def name(self) -> str:
-        return "capture"
-
-    @property
-    def version(self) -> str:
-        return "0"
-
-    @property
-    def save_dir(self) -> str:
-        return self._save_dir
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append((step, dict(metrics)))
 
 
 class StepCounter(Callback):
