@@ -47,3 +47,17 @@ class TinyResNet(pl.LightningModule):
         if self.optimizer == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.lr)
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
+
+
+class WithEmbedding(pl.LightningModule):
+    """An unsupported layer (Embedding) coupled to prunable channels by a residual addition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.proj = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        return self.fc(torch.relu(h + self.proj(h)).mean(1))

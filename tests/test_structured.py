@@ -393,19 +393,8 @@ def test_model_outputs_are_never_pruned():
 
 # ------------------------------------------------------------------ errors
 def test_unsupported_layer_coupled_to_pruned_channels_is_named():
-    class WithEmbedding(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(10, 8)
-            self.proj = nn.Linear(8, 8)
-            self.fc = nn.Linear(8, 2)
-
-        def forward(self, tokens):
-            h = self.emb(tokens)
-            return self.fc(torch.relu(h + self.proj(h)).mean(1))
-
     with pytest.raises(TypeError, match=r"module 'emb' of type Embedding is coupled"):
-        channel_groups(WithEmbedding(), torch.randint(0, 10, (2, 5)))
+        channel_groups(_resnet.WithEmbedding(), torch.randint(0, 10, (2, 5)))
 
     class LayerScale(nn.Module):
         def __init__(self):

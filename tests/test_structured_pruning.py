@@ -17,7 +17,7 @@ import pytest
 import torch
 from _ddp import run_ddp
 from _models import DigitsDataModule, SmallCNN, quiet_trainer_kwargs
-from _resnet import TinyResNet
+from _resnet import TinyResNet, WithEmbedding
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch import nn
@@ -272,17 +272,6 @@ def test_structure_arguments_are_checked_at_construction_and_fit_start(tmp_path)
     finally:
         dist.destroy_process_group()
     check_support(CRITERIA["magnitude"], parse_structure("channel"), {"w": torch.zeros(2)})
-
-    class WithEmbedding(pl.LightningModule):  # an unsupported layer coupled to channels
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(10, 8)
-            self.proj = nn.Linear(8, 8)
-            self.fc = nn.Linear(8, 2)
-
-        def forward(self, tokens):
-            h = self.emb(tokens)
-            return self.fc(torch.relu(h + self.proj(h)).mean(1))
 
     pruning = IterativePruning(0.5, structure="channel", example_input=torch.zeros(1, 3).long())
     with pytest.raises(TypeError, match=r"module 'emb' of type Embedding is coupled"):
