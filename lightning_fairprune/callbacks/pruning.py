@@ -404,8 +404,9 @@ class IterativePruning(Callback):
 
     # ------------------------------------------------------------------ rounds
     def _run_due_rounds(self, trainer: pl.Trainer, pl_module: pl.LightningModule, now: int) -> None:
-        self._params(pl_module)
+        # called every step with interval="step": look the parameters up only when needed
         if is_int(self.rewind) and self.mask_state.rewind_weights is None and now == self.rewind:
+            self._params(pl_module)
             self.mask_state.capture_rewind()
         while self.plan.due(now):
             self._prune(trainer, pl_module, self.plan.next_target(), True)
